@@ -1,0 +1,201 @@
+"""Commands that work on adapter files alone, without loading a model: combine, extract,
+inspect, similarity."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import click
+
+from lora_arith.cli import main
+
+_SPEC_HELP = "PATH[:WEIGHT] — a PEFT adapter directory or .safetensors file, with an optional weight (default 1.0, may be negative)."
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def _human(size: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def _progress_wanted() -> bool:
+    return click.get_text_stream("stderr").isatty()
+
+
+def _compression_options(command):
+    options = [
+        click.option(
+            "--method",
+            type=click.Choice(["cat", "svd"]),
+            default="cat",
+            show_default=True,
+            help="cat: exact sum by concatenating factors (ranks add up). svd: optimal rank reduction by QR + SVD of a small core.",
+        ),
+        click.option(
+            "--rank",
+            type=int,
+            default=None,
+            help="With --method svd: rank of every output module (default: the largest input rank).",
+        ),
+        click.option(
+            "--energy",
+            type=float,
+            default=None,
+            help="With --method svd: per module, the smallest rank keeping at least this fraction (0-1] of the squared Frobenius norm.",
+        ),
+        click.option(
+            "--dtype",
+            type=click.Choice(["fp32", "bf16", "fp16"]),
+            default=None,
+            help="Output dtype (default: the inputs' dtype).",
+        ),
+        click.option("--allow-base-mismatch", is_flag=True, help="Combine adapters that name different base models."),
+        click.option("-f", "--force", is_flag=True, help="Overwrite OUT if it exists."),
+        click.option(
+            "-o",
+            "--output",
+            "output",
+            required=True,
+            type=click.Path(path_type=Path),
+            help="Output: a directory (PEFT adapter) or a file ending in .safetensors (single-file form).",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _run_combination(specs, output, method, rank, energy, dtype, allow_base_mismatch, force) -> None:
+    from lora_arith.adapter_io import DTYPES, prepare_output
+    from lora_arith.combine import combine, parse_spec
+
+    parsed = [parse_spec(s) if isinstance(s, str) else s for s in specs]
+    prepare_output(output, force, [Path(s.path) for s in parsed])
+    result = combine(
+        parsed,
+        method=method,
+        rank=rank,
+        energy=energy,
+        dtype=DTYPES[dtype] if dtype else None,
+        allow_base_mismatch=allow_base_mismatch,
+        progress=_progress_wanted(),
+    )
+    written = result.save(output, force=force)
+
+    ranks = Counter(m.rank for m in result.modules)
+    rank_text = ", ".join(f"{r}×{n}" for r, n in sorted(ranks.items()))
+    inputs = " + ".join(f"{s.weight:g}·{s.path}" for s in parsed)
+    click.echo(f"combined {inputs}")
+    click.echo(f"  method {method}; {len(result.modules)} modules; ranks (rank×modules): {rank_text}")
+    if result.max_relative_error is not None:
+        errors = [m.relative_error for m in result.modules]
+        click.echo(f"  relative error per module: max {max(errors):.3e}, mean {sum(errors) / len(errors):.3e}")
+    if result.partial_modules:
+        click.echo(f"  {len(result.partial_modules)} modules are missing from some inputs and count as zero there")
+    click.echo(f"  wrote {written} ({_human(_size(written))}, {str(result.dtype).removeprefix('torch.')})")
+
+
+@main.command()
+@click.argument("specs", nargs=-1, required=True, metavar="SPEC...")
+@_compression_options
+def combine(specs, output, method, rank, energy, dtype, allow_base_mismatch, force) -> None:
+    """Write the weighted sum Σ wᵢ·ΔWᵢ of adapters as a new adapter.
+
+    Each SPEC is PATH[:WEIGHT]: a PEFT adapter directory, an adapter_model.safetensors
+    with its adapter_config.json beside it, or a single self-describing .safetensors
+    file. WEIGHT defaults to 1.0 and may be negative; the last colon splits path and
+    weight. The base model is never loaded.
+
+    \b
+    Example:
+      lora-arith combine helpful.safetensors:0.8 harmless.safetensors:0.5 -o mix/
+    """
+    _run_combination(specs, output, method, rank, energy, dtype, allow_base_mismatch, force)
+
+
+@main.command()
+@click.argument("positive", metavar="POS")
+@click.argument("negative", metavar="NEG")
+@_compression_options
+def extract(positive, negative, output, method, rank, energy, dtype, allow_base_mismatch, force) -> None:
+    """Write the preference vector φ = ΔW(POS) − ΔW(NEG).
+
+    POS is the adapter trained on the preference pairs, NEG the one trained on the same
+    pairs with chosen and rejected swapped. The difference is exact by default
+    (--method cat, rank = rank(POS) + rank(NEG)).
+    """
+    from lora_arith.combine import AdapterSpec
+
+    specs = [AdapterSpec(positive, 1.0), AdapterSpec(negative, -1.0)]
+    _run_combination(specs, output, method, rank, energy, dtype, allow_base_mismatch, force)
+
+
+@main.command()
+@click.argument("adapter", metavar="ADAPTER")
+def inspect(adapter) -> None:
+    """Show an adapter's modules, shapes, ranks, dtype, scaling, norms and base model."""
+    from lora_arith.adapter_io import open_adapter
+    from lora_arith.analysis import module_norms
+
+    opened = open_adapter(adapter)
+    norms = module_norms(opened)
+    click.echo(f"adapter     {opened.label}")
+    click.echo(f"base model  {opened.base_model or 'unknown'}")
+    click.echo(f"modules     {len(opened.modules)}; dtype {str(opened.dtype).removeprefix('torch.')}")
+    click.echo(f"rsLoRA      {bool(opened.config.get('use_rslora'))}; fan_in_fan_out {bool(opened.config.get('fan_in_fan_out'))}")
+    click.echo(f"total norm  {sum(n * n for n in norms.values()) ** 0.5:.4g}")
+    if opened.ignored_keys:
+        click.echo(f"ignored     {len(opened.ignored_keys)} saved base-layer weights (not deltas)")
+    recipe = opened.recipe
+    if recipe:
+        parts = " + ".join(f"{item['weight']:g}·{item['path']}" for item in recipe.get("inputs", []))
+        click.echo(f"recipe      {recipe.get('method')}: {parts}")
+    width = max(len(name) for name in opened.modules)
+    click.echo("")
+    click.echo(f"{'module'.ljust(width)}  {'kind':9}  {'shape':>13}  {'rank':>4}  {'scaling':>8}  {'norm':>10}")
+    for name, info in opened.modules.items():
+        shape = f"{info.shape[0]}×{info.shape[1]}"
+        click.echo(
+            f"{name.ljust(width)}  {info.kind:9}  {shape:>13}  {info.rank:>4}  {info.scaling:>8.4g}  {norms[name]:>10.4g}"
+        )
+
+
+def _matrix_lines(labels: list[str], matrix) -> list[str]:
+    width = max(len(label) for label in labels)
+    header = " " * width + "".join(f"  {i:>7}" for i in range(1, len(labels) + 1))
+    rows = [header]
+    for i, label in enumerate(labels):
+        rows.append(label.ljust(width) + "".join(f"  {float(matrix[i, j]):>7.4f}" for j in range(len(labels))))
+    return rows
+
+
+@main.command()
+@click.argument("adapters", nargs=-1, required=True, metavar="A B [C...]")
+def similarity(adapters) -> None:
+    """Cosine similarity of the adapters' deltas, overall and per module type.
+
+    Computed exactly from the factors: ⟨B₁A₁, B₂A₂⟩ = Σ (B₁ᵀB₂) ∘ (A₁A₂ᵀ).
+    """
+    from lora_arith.adapter_io import open_adapter
+    from lora_arith.analysis import similarity as compute_similarity
+    from lora_arith.errors import LoraArithError
+
+    if len(adapters) < 2:
+        raise LoraArithError("similarity needs at least two adapters")
+    opened = [open_adapter(path) for path in adapters]
+    result = compute_similarity(opened, progress=_progress_wanted())
+    labels = [f"{i}: {label}" for i, label in enumerate(result.labels, 1)]
+    click.echo("overall")
+    click.echo("\n".join(_matrix_lines(labels, result.overall)))
+    for module_type, matrix in result.by_module_type.items():
+        click.echo(f"\n{module_type}")
+        click.echo("\n".join(_matrix_lines(labels, matrix)))

@@ -1,0 +1,265 @@
+"""Weighted combination of adapters, module by module, on the low-rank factors.
+
+``combine`` opens every input lazily, checks them against each other (base model,
+shapes, ranks), then for each module reads only that module's factors from each input,
+sums them exactly by concatenation and, with ``method="svd"``, compresses the sum
+optimally. Peak memory stays near the largest module plus the output.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from lora_arith import __version__
+from lora_arith.adapter_io import (
+    DTYPES,
+    AdapterFile,
+    ModuleInfo,
+    factor_tensors,
+    open_adapter,
+    prepare_output,
+    save_adapter,
+    unit_scaling_config,
+)
+from lora_arith.errors import LoraArithError
+from lora_arith.factors import LowRankDelta, compress, weighted_sum
+
+METHODS = ("cat", "svd")
+# Config fields that say which modules are targeted; carried over when all inputs agree.
+_TARGETING_FIELDS = ("layers_to_transform", "layers_pattern", "exclude_modules")
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """An adapter reference with its weight, parsed from ``PATH[:WEIGHT]``."""
+
+    path: str
+    weight: float = 1.0
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.weight:g}"
+
+
+def parse_spec(text: str) -> AdapterSpec:
+    """Parse ``PATH[:WEIGHT]``; the last colon splits the path from the weight.
+
+    A weight may be negative (``a.safetensors:-1``) and defaults to 1.0. If the text after
+    the last colon is not a number, the whole text is taken as a path only when such a path
+    exists; otherwise the weight is reported as unparsable.
+    """
+    path, colon, weight_text = text.rpartition(":")
+    if not colon:
+        return AdapterSpec(text)
+    try:
+        weight = float(weight_text)
+    except ValueError:
+        if os.path.exists(text):
+            return AdapterSpec(text)
+        raise LoraArithError(f"cannot parse the weight {weight_text!r} in {text!r} (expected PATH[:WEIGHT])") from None
+    if not math.isfinite(weight):
+        raise LoraArithError(f"the weight in {text!r} must be a finite number")
+    if not path:
+        raise LoraArithError(f"{text!r} has a weight but no path")
+    return AdapterSpec(path, weight)
+
+
+@dataclass(frozen=True)
+class ModuleResult:
+    """How one output module was made."""
+
+    name: str
+    rank: int
+    inputs_present: int
+    relative_error: float | None = None
+
+
+@dataclass
+class Combination:
+    """The combined adapter, held in memory until :meth:`save`."""
+
+    deltas: dict[str, LowRankDelta]
+    kinds: dict[str, str]
+    config: dict[str, Any]
+    recipe: dict[str, Any]
+    dtype: torch.dtype
+    modules: list[ModuleResult] = field(default_factory=list)
+    input_count: int = 0
+
+    @property
+    def partial_modules(self) -> list[str]:
+        """Modules that only some inputs have (the others contribute zero)."""
+        return [m.name for m in self.modules if m.inputs_present < self.input_count]
+
+    @property
+    def max_relative_error(self) -> float | None:
+        """The largest per-module relative error of the compression, or None for ``cat``."""
+        errors = [m.relative_error for m in self.modules if m.relative_error is not None]
+        return max(errors) if errors else None
+
+    def tensors(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The PEFT state-dict tensors, in ``dtype`` (default: the inputs' dtype)."""
+        return factor_tensors(self.deltas, self.kinds, dtype or self.dtype)
+
+    def save(self, path: str | os.PathLike[str], *, force: bool = False, dtype: torch.dtype | None = None) -> Path:
+        """Write a PEFT directory, or the single-file form if ``path`` ends in ``.safetensors``."""
+        inputs = [Path(item["path"]) for item in self.recipe["inputs"]]
+        prepare_output(path, force, inputs)
+        return save_adapter(path, self.tensors(dtype), self.config, self.recipe, force=force)
+
+
+def _check_bases(adapters: Sequence[AdapterFile], allow_mismatch: bool) -> str | None:
+    bases = {a.base_model for a in adapters if a.base_model}
+    if len(bases) > 1 and not allow_mismatch:
+        listing = ", ".join(f"{a.label} → {a.base_model}" for a in adapters if a.base_model)
+        raise LoraArithError(f"adapters are for different base models ({listing}); pass --allow-base-mismatch to combine anyway")
+    return next((a.base_model for a in adapters if a.base_model), None)
+
+
+def _module_union(adapters: Sequence[AdapterFile]) -> dict[str, ModuleInfo]:
+    union: dict[str, tuple[ModuleInfo, str]] = {}
+    for adapter in adapters:
+        for name, info in adapter.modules.items():
+            if name not in union:
+                union[name] = (info, adapter.label)
+                continue
+            seen, label = union[name]
+            if (seen.shape, seen.kind) != (info.shape, info.kind):
+                raise LoraArithError(
+                    f"module {name} has shape {seen.shape} in {label} but {info.shape} in {adapter.label}"
+                )
+    return {name: union[name][0] for name in sorted(union)}
+
+
+def _target_modules(adapters: Sequence[AdapterFile], modules: Iterable[str]) -> Any:
+    targets = [a.config.get("target_modules") for a in adapters]
+    if all(isinstance(t, (list, tuple)) for t in targets):
+        return sorted({name for t in targets for name in t})
+    if all(t == targets[0] for t in targets) and targets[0]:
+        return targets[0]
+    return sorted({name.rsplit(".", 1)[-1] for name in modules})
+
+
+def _output_template(adapters: Sequence[AdapterFile], base_model: str | None, modules: Iterable[str]) -> dict[str, Any]:
+    fan_in_fan_out = {bool(a.config.get("fan_in_fan_out", False)) for a in adapters}
+    if len(fan_in_fan_out) > 1:
+        raise LoraArithError("the adapters disagree on fan_in_fan_out, so they are not for the same base layers")
+    template: dict[str, Any] = {
+        "base_model_name_or_path": base_model,
+        "task_type": adapters[0].config.get("task_type"),
+        "target_modules": _target_modules(adapters, modules),
+        "fan_in_fan_out": fan_in_fan_out.pop(),
+    }
+    for name in _TARGETING_FIELDS + ("revision",):
+        values = [a.config.get(name) for a in adapters]
+        if values[0] is not None and all(v == values[0] for v in values):
+            template[name] = values[0]
+    return template
+
+
+def _output_dtype(adapters: Sequence[AdapterFile], dtype: torch.dtype | str | None) -> torch.dtype:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise LoraArithError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    if dtype is not None:
+        return dtype
+    dtypes = Counter(a.dtype for a in adapters)
+    return max(dtypes, key=lambda d: (torch.finfo(d).bits, dtypes[d]))
+
+
+def _check_rank(modules: dict[str, ModuleInfo], rank: int | None) -> None:
+    if rank is None:
+        return
+    if rank < 1:
+        raise LoraArithError(f"--rank must be at least 1, got {rank}")
+    for name, info in modules.items():
+        if rank > min(info.shape):
+            raise LoraArithError(
+                f"--rank {rank} is larger than module {name} allows (its delta is {info.shape[0]}×{info.shape[1]})"
+            )
+
+
+def combine(
+    specs: Sequence[AdapterSpec | str],
+    *,
+    method: str = "cat",
+    rank: int | None = None,
+    energy: float | None = None,
+    dtype: torch.dtype | str | None = None,
+    allow_base_mismatch: bool = False,
+    progress: bool = False,
+) -> Combination:
+    """Combine adapters into ``Σ wᵢ ΔWᵢ`` per module.
+
+    Args:
+        specs: ``AdapterSpec`` objects or ``"PATH[:WEIGHT]"`` strings.
+        method: ``"cat"`` (exact; ranks add up) or ``"svd"`` (optimal rank reduction).
+        rank: with ``svd``, the rank of every output module. Defaults to the largest input rank.
+        energy: with ``svd``, instead of ``rank``: the smallest per-module rank keeping this
+            fraction of the squared Frobenius norm.
+        dtype: output dtype (``torch.dtype`` or ``"fp32"``/``"bf16"``/``"fp16"``); defaults to the inputs'.
+        allow_base_mismatch: combine adapters that name different base models.
+        progress: show a progress bar over modules.
+
+    Modules present in only some adapters are combined as a union (missing = zero).
+    """
+    if not specs:
+        raise LoraArithError("give at least one adapter")
+    if method not in METHODS:
+        raise LoraArithError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "cat" and (rank is not None or energy is not None):
+        raise LoraArithError("--rank and --energy need --method svd")
+    if rank is not None and energy is not None:
+        raise LoraArithError("give --rank or --energy, not both")
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise LoraArithError(f"--energy must be in (0, 1], got {energy}")
+
+    specs = [parse_spec(s) if isinstance(s, str) else s for s in specs]
+    adapters = [open_adapter(spec.path) for spec in specs]
+    base_model = _check_bases(adapters, allow_base_mismatch)
+    modules = _module_union(adapters)
+    if method == "svd" and rank is None and energy is None:
+        rank = max(info.rank for a in adapters for info in a.modules.values())
+        rank = min(rank, min(min(info.shape) for info in modules.values()))
+    _check_rank(modules, rank)
+    out_dtype = _output_dtype(adapters, dtype)
+
+    deltas: dict[str, LowRankDelta] = {}
+    results: list[ModuleResult] = []
+    names = list(modules)
+    if progress:
+        from tqdm import tqdm
+
+        names = tqdm(names, desc="combining", unit="module", leave=False)
+    for name in names:
+        present = [(a, s.weight) for a, s in zip(adapters, specs) if name in a.modules]
+        summed = weighted_sum([a.delta(name) for a, _ in present], [w for _, w in present])
+        if method == "svd":
+            compressed = compress(summed, rank=rank, energy=energy)
+            deltas[name] = compressed.delta
+            results.append(ModuleResult(name, compressed.rank, len(present), compressed.relative_error))
+        else:
+            deltas[name] = summed
+            results.append(ModuleResult(name, summed.rank, len(present)))
+
+    kinds = {name: info.kind for name, info in modules.items()}
+    config = unit_scaling_config({r.name: r.rank for r in results}, _output_template(adapters, base_model, modules))
+    recipe = {
+        "tool": "lora-arith",
+        "version": __version__,
+        "method": method,
+        "rank": rank,
+        "energy": energy,
+        "inputs": [
+            {"path": spec.path, "weight": spec.weight, "sha256": adapter.sha256, "base_model": adapter.base_model}
+            for spec, adapter in zip(specs, adapters)
+        ],
+    }
+    return Combination(deltas, kinds, config, recipe, out_dtype, results, len(adapters))

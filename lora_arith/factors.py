@@ -1,0 +1,205 @@
+"""Exact arithmetic on low-rank deltas, done on the factors alone.
+
+A module's delta is ``ΔW = B @ A`` with ``B`` of shape ``(out, r)`` and ``A`` of shape
+``(r, in)``; any adapter scaling is already folded into the factors. Nothing here builds
+the dense ``out × in`` matrix except :func:`to_dense`, which exists for checks and tests.
+
+All results are computed in fp32 (the small cores in fp64) and are deterministic,
+including the signs of singular vectors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+
+__all__ = [
+    "LowRankDelta",
+    "Compression",
+    "weighted_sum",
+    "compress",
+    "inner",
+    "frobenius_norm",
+    "cosine",
+    "to_dense",
+]
+
+
+@dataclass(frozen=True)
+class LowRankDelta:
+    """A weight delta ``B @ A`` kept as its two factors.
+
+    Attributes:
+        B: the "up" factor, shape ``(out_features, rank)``.
+        A: the "down" factor, shape ``(rank, in_features)``.
+    """
+
+    B: torch.Tensor
+    A: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.B.dim() != 2 or self.A.dim() != 2 or self.B.shape[1] != self.A.shape[0]:
+            raise ValueError(
+                f"factors do not chain: B {tuple(self.B.shape)} @ A {tuple(self.A.shape)}"
+            )
+
+    @property
+    def rank(self) -> int:
+        """The inner dimension of the factors (an upper bound on the true rank)."""
+        return self.A.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The shape ``(out, in)`` of the dense delta."""
+        return (self.B.shape[0], self.A.shape[1])
+
+    def scaled(self, weight: float) -> "LowRankDelta":
+        """Return ``weight · ΔW`` (the weight goes into ``B``; negative weights are fine)."""
+        return LowRankDelta(self.B * weight, self.A)
+
+    def __neg__(self) -> "LowRankDelta":
+        return self.scaled(-1.0)
+
+    def __add__(self, other: "LowRankDelta") -> "LowRankDelta":
+        return weighted_sum([self, other], [1.0, 1.0])
+
+    def __sub__(self, other: "LowRankDelta") -> "LowRankDelta":
+        return weighted_sum([self, other], [1.0, -1.0])
+
+    def __mul__(self, weight: float) -> "LowRankDelta":
+        return self.scaled(weight)
+
+    __rmul__ = __mul__
+
+
+@dataclass(frozen=True)
+class Compression:
+    """The outcome of :func:`compress` for one module.
+
+    Attributes:
+        delta: the rank-``rank`` factors.
+        rank: the rank that was kept.
+        relative_error: ``‖ΔW − ΔW_k‖_F / ‖ΔW‖_F`` (0 for a zero delta).
+        singular_values: every singular value of ``ΔW`` (fp64, descending).
+    """
+
+    delta: LowRankDelta
+    rank: int
+    relative_error: float
+    singular_values: torch.Tensor
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float32)
+
+
+def weighted_sum(deltas: Sequence[LowRankDelta], weights: Iterable[float]) -> LowRankDelta:
+    """Return ``Σ wᵢ ΔWᵢ`` exactly, by concatenation: ``B = [w₁B₁ | w₂B₂ | …]``, ``A = [A₁; A₂; …]``.
+
+    The rank of the result is the sum of the input ranks; use :func:`compress` to reduce it.
+    """
+    weights = list(weights)
+    if len(deltas) != len(weights) or not deltas:
+        raise ValueError("weighted_sum needs one weight per delta and at least one delta")
+    shapes = {d.shape for d in deltas}
+    if len(shapes) != 1:
+        raise ValueError(f"deltas have different shapes: {sorted(shapes)}")
+    B = torch.cat([_fp32(d.B) * float(w) for d, w in zip(deltas, weights)], dim=1)
+    A = torch.cat([_fp32(d.A) for d in deltas], dim=0)
+    return LowRankDelta(B, A)
+
+
+def _deterministic_signs(U: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip singular-vector pairs so that each left singular vector (a column of ``U``, in the
+    full output space) has its largest-magnitude entry positive."""
+    if U.numel() == 0:
+        return U, Vh
+    pivot = U.abs().argmax(dim=0)
+    signs = torch.sign(U[pivot, torch.arange(U.shape[1])])
+    signs[signs == 0] = 1
+    return U * signs, Vh * signs[:, None]
+
+
+def _rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:
+    energies = singular_values.square()
+    total = energies.sum()
+    if total <= 0:
+        return 0
+    kept = torch.cumsum(energies, 0) / total
+    # Tolerate round-off: a rank whose kept fraction is within 1e-12 of the target qualifies.
+    return int((kept < energy - 1e-12).sum().item()) + 1
+
+
+def compress(
+    delta: LowRankDelta,
+    rank: int | None = None,
+    energy: float | None = None,
+) -> Compression:
+    """Return the optimal (Eckart–Young) low-rank approximation of ``delta`` without forming ``ΔW``.
+
+    ``B = Q_B R_B`` and ``Aᵀ = Q_A R_A`` are reduced by QR; the small core ``R_B R_Aᵀ`` is
+    decomposed by SVD, ``U S Vᵀ``; the result is ``B' = Q_B U_k √S_k`` and ``A' = √S_k V_kᵀ Q_Aᵀ``.
+
+    Args:
+        delta: the delta to compress.
+        rank: keep exactly this many singular values (capped at the exact rank of the factors).
+            Must not exceed ``min(out, in)``.
+        energy: instead of ``rank``, keep the smallest rank whose singular values hold at least
+            this fraction of ``‖ΔW‖_F²`` (0 < energy ≤ 1).
+
+    Exactly one of ``rank`` and ``energy`` must be given. The kept rank is at least 1, so that
+    the result is a valid LoRA module even for a zero delta.
+    """
+    if (rank is None) == (energy is None):
+        raise ValueError("give exactly one of rank and energy")
+    out_features, in_features = delta.shape
+    if rank is not None and not 1 <= rank <= min(out_features, in_features):
+        raise ValueError(
+            f"rank {rank} is outside 1..{min(out_features, in_features)} for a {out_features}×{in_features} module"
+        )
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise ValueError(f"energy must be in (0, 1], got {energy}")
+
+    Q_B, R_B = torch.linalg.qr(_fp32(delta.B))
+    Q_A, R_A = torch.linalg.qr(_fp32(delta.A).T)
+    core = R_B.double() @ R_A.double().T
+    U, S, Vh = torch.linalg.svd(core)
+
+    k = rank if rank is not None else _rank_for_energy(S, energy)
+    k = max(1, min(k, S.numel()))
+    left, right = _deterministic_signs(Q_B @ U[:, :k].float(), Vh[:k].float() @ Q_A.T)
+    root = S[:k].sqrt().float()
+    B_k = left * root
+    A_k = root[:, None] * right
+
+    total = S.square().sum()
+    dropped = S[k:].square().sum()
+    relative_error = float((dropped / total).sqrt()) if total > 0 else 0.0
+    return Compression(LowRankDelta(B_k, A_k), k, relative_error, S)
+
+
+def inner(a: LowRankDelta, b: LowRankDelta) -> float:
+    """Frobenius inner product ``⟨B₁A₁, B₂A₂⟩ = Σ (B₁ᵀB₂) ∘ (A₁A₂ᵀ)``, from the factors (fp64)."""
+    if a.shape != b.shape:
+        raise ValueError(f"deltas have different shapes: {a.shape} and {b.shape}")
+    left = a.B.double().T @ b.B.double()
+    right = a.A.double() @ b.A.double().T
+    return float((left * right).sum())
+
+
+def frobenius_norm(delta: LowRankDelta) -> float:
+    """``‖B A‖_F`` from the factors."""
+    return max(inner(delta, delta), 0.0) ** 0.5
+
+
+def cosine(a: LowRankDelta, b: LowRankDelta) -> float:
+    """Cosine similarity of two deltas as flattened matrices (0 if either is zero)."""
+    denominator = frobenius_norm(a) * frobenius_norm(b)
+    return inner(a, b) / denominator if denominator > 0 else 0.0
+
+
+def to_dense(delta: LowRankDelta) -> torch.Tensor:
+    """The dense ``out × in`` matrix ``B @ A`` in fp32. For checks and small modules only."""
+    return _fp32(delta.B) @ _fp32(delta.A)
