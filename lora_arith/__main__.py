@@ -1,0 +1,5 @@
+"""``python -m lora_arith`` runs the CLI."""
+
+from lora_arith.cli import main
+
+main()
