@@ -17,8 +17,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -28,6 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lora_arith.atomic import atomic_output
 from lora_arith.errors import LoraArithError
 from lora_arith.factors import LowRankDelta
 from lora_arith.model_card import model_card
@@ -347,35 +346,6 @@ def _metadata(config: Mapping[str, Any], recipe: Mapping[str, Any] | None, singl
     return metadata
 
 
-def prepare_output(path: str | os.PathLike[str], force: bool, inputs: list[Path] = ()) -> Path:
-    """Check that ``path`` may be written: refuse an existing one without ``force``, and
-    refuse one that is an input (inputs are never modified)."""
-    path = Path(path)
-    resolved = path.resolve()
-    for source in inputs:
-        source = Path(source).resolve()
-        if resolved == source or resolved in source.parents:
-            raise LoraArithError(f"output {path} would overwrite an input")
-    if path.exists() and not force:
-        raise LoraArithError(f"output {path} exists; pass --force to overwrite it")
-    if not path.parent.resolve().is_dir():
-        raise LoraArithError(f"output directory {path.parent} does not exist")
-    return path
-
-
-def _replace(temporary: Path, final: Path) -> None:
-    """Move ``temporary`` onto ``final`` (an old ``final`` is removed only after the move is ready)."""
-    if final.is_dir() and not final.is_symlink():
-        trash = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, trash)
-        os.replace(temporary, final)
-        shutil.rmtree(trash)
-    else:
-        if temporary.is_dir() and final.exists():
-            final.unlink()
-        os.replace(temporary, final)
-
-
 def save_adapter(
     path: str | os.PathLike[str],
     tensors: Mapping[str, torch.Tensor],
@@ -389,28 +359,15 @@ def save_adapter(
     else a PEFT directory (weights, ``adapter_config.json``, a README model card and
     ``extra_files``). Nothing is left behind if writing fails.
     """
-    path = prepare_output(path, force)
-    single_file = path.suffix == ".safetensors"
+    single_file = Path(path).suffix == ".safetensors"
     metadata = _metadata(config, recipe, single_file)
-    if single_file:
-        handle, temporary_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(handle)
-        temporary = Path(temporary_name)
-        try:
+    with atomic_output(path, directory=not single_file, force=force) as temporary:
+        if single_file:
             save_file(dict(tensors), temporary, metadata=metadata)
-            _replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)
-        return path
-
-    temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        save_file(dict(tensors), temporary / WEIGHTS_NAME, metadata=metadata)
-        (temporary / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        (temporary / "README.md").write_text(model_card(config, recipe))
-        for name, text in (extra_files or {}).items():
-            (temporary / name).write_text(text)
-        _replace(temporary, path)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
-    return path
+        else:
+            save_file(dict(tensors), temporary / WEIGHTS_NAME, metadata=metadata)
+            (temporary / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            (temporary / "README.md").write_text(model_card(config, recipe))
+            for name, text in (extra_files or {}).items():
+                (temporary / name).write_text(text)
+    return Path(path)

@@ -24,10 +24,10 @@ from lora_arith.adapter_io import (
     ModuleInfo,
     factor_tensors,
     open_adapter,
-    prepare_output,
     save_adapter,
     unit_scaling_config,
 )
+from lora_arith.atomic import check_output
 from lora_arith.errors import LoraArithError
 from lora_arith.factors import LowRankDelta, compress, weighted_sum
 
@@ -110,7 +110,7 @@ class Combination:
     def save(self, path: str | os.PathLike[str], *, force: bool = False, dtype: torch.dtype | None = None) -> Path:
         """Write a PEFT directory, or the single-file form if ``path`` ends in ``.safetensors``."""
         inputs = [Path(item["path"]) for item in self.recipe["inputs"]]
-        prepare_output(path, force, inputs)
+        check_output(path, force, inputs)
         return save_adapter(path, self.tensors(dtype), self.config, self.recipe, force=force)
 
 
@@ -118,7 +118,9 @@ def _check_bases(adapters: Sequence[AdapterFile], allow_mismatch: bool) -> str |
     bases = {a.base_model for a in adapters if a.base_model}
     if len(bases) > 1 and not allow_mismatch:
         listing = ", ".join(f"{a.label} → {a.base_model}" for a in adapters if a.base_model)
-        raise LoraArithError(f"adapters are for different base models ({listing}); pass --allow-base-mismatch to combine anyway")
+        raise LoraArithError(
+            f"adapters are for different base models ({listing}); pass --allow-base-mismatch to combine anyway"
+        )
     return next((a.base_model for a in adapters if a.base_model), None)
 
 

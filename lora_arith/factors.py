@@ -41,9 +41,7 @@ class LowRankDelta:
 
     def __post_init__(self) -> None:
         if self.B.dim() != 2 or self.A.dim() != 2 or self.B.shape[1] != self.A.shape[0]:
-            raise ValueError(
-                f"factors do not chain: B {tuple(self.B.shape)} @ A {tuple(self.A.shape)}"
-            )
+            raise ValueError(f"factors do not chain: B {tuple(self.B.shape)} @ A {tuple(self.A.shape)}")
 
     @property
     def rank(self) -> int:

@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 import torch
+from conftest import LLAMA_TARGETS, make_adapter, peft_deltas
 from safetensors.torch import load_file, save_file
 
-from conftest import LLAMA_TARGETS, make_adapter, peft_deltas
 from lora_arith.adapter_io import CONFIG_METADATA_KEY, open_adapter, save_adapter
 from lora_arith.combine import combine
 from lora_arith.errors import LoraArithError
@@ -121,7 +121,10 @@ def test_save_single_file_and_directory_round_trip(adapter_factory, tmp_path):
 def test_save_refuses_existing_output_without_force(tmp_path):
     target = tmp_path / "x.safetensors"
     target.write_text("keep me")
-    tensors = {"base_model.model.m.lora_A.weight": torch.ones(1, 2), "base_model.model.m.lora_B.weight": torch.ones(2, 1)}
+    tensors = {
+        "base_model.model.m.lora_A.weight": torch.ones(1, 2),
+        "base_model.model.m.lora_B.weight": torch.ones(2, 1),
+    }
     with pytest.raises(LoraArithError, match="--force"):
         save_adapter(target, tensors, {"r": 1, "lora_alpha": 1})
     assert target.read_text() == "keep me"

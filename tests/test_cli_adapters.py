@@ -149,7 +149,8 @@ def test_shape_conflict_names_the_module(adapter_factory, tiny_gpt2, tmp_path):
     # Rename b's GPT-2 module onto a Llama module name with a different shape.
     weights = b / "adapter_model.safetensors"
     tensors = {
-        k.replace("transformer.h.0.mlp.c_fc", "model.layers.0.self_attn.q_proj"): v for k, v in load_file(weights).items()
+        k.replace("transformer.h.0.mlp.c_fc", "model.layers.0.self_attn.q_proj"): v
+        for k, v in load_file(weights).items()
     }
     save_file(tensors, weights)
     config = json.loads((b / "adapter_config.json").read_text())

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
+from conftest import dense_patched_model, load_base, logits, peft_deltas
 
-from conftest import load_base, logits, dense_patched_model, peft_deltas
 from lora_arith.adapter_io import open_adapter
 from lora_arith.analysis import similarity
 from lora_arith.combine import AdapterSpec, combine, parse_spec
@@ -61,7 +61,14 @@ def test_output_config_and_recipe(tmp_path, varied_adapters, tiny_llama):
     assert config["rank_pattern"] == {} and config["alpha_pattern"] == {}
     assert config["base_model_name_or_path"] == str(tiny_llama)
     assert set(config["target_modules"]) == {
-        "q_proj", "v_proj", "down_proj", "o_proj", "gate_proj", "up_proj", "k_proj", "embed_tokens"
+        "q_proj",
+        "v_proj",
+        "down_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "k_proj",
+        "embed_tokens",
     }
     recipe = open_adapter(out).recipe
     assert recipe["method"] == "svd" and recipe["rank"] == 2

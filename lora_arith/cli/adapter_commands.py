@@ -75,11 +75,12 @@ def _compression_options(command):
 
 
 def _run_combination(specs, output, method, rank, energy, dtype, allow_base_mismatch, force) -> None:
-    from lora_arith.adapter_io import DTYPES, prepare_output
+    from lora_arith.adapter_io import DTYPES
+    from lora_arith.atomic import check_output
     from lora_arith.combine import combine, parse_spec
 
     parsed = [parse_spec(s) if isinstance(s, str) else s for s in specs]
-    prepare_output(output, force, [Path(s.path) for s in parsed])
+    check_output(output, force, [Path(s.path) for s in parsed])
     result = combine(
         parsed,
         method=method,
@@ -151,7 +152,9 @@ def inspect(adapter) -> None:
     click.echo(f"adapter     {opened.label}")
     click.echo(f"base model  {opened.base_model or 'unknown'}")
     click.echo(f"modules     {len(opened.modules)}; dtype {str(opened.dtype).removeprefix('torch.')}")
-    click.echo(f"rsLoRA      {bool(opened.config.get('use_rslora'))}; fan_in_fan_out {bool(opened.config.get('fan_in_fan_out'))}")
+    click.echo(
+        f"rsLoRA      {bool(opened.config.get('use_rslora'))}; fan_in_fan_out {bool(opened.config.get('fan_in_fan_out'))}"
+    )
     click.echo(f"total norm  {sum(n * n for n in norms.values()) ** 0.5:.4g}")
     if opened.ignored_keys:
         click.echo(f"ignored     {len(opened.ignored_keys)} saved base-layer weights (not deltas)")
