@@ -1,0 +1,346 @@
+"""Commands that load the base model and mix adapters at run time: generate, chat, eval, sweep."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from lora_arith.cli import main
+
+
+_adapter_option = click.option(
+    "--adapter",
+    "adapters",
+    multiple=True,
+    metavar="SPEC",
+    help="PATH[:WEIGHT] of an adapter to mix in at run time (repeatable; weight defaults to 1.0).",
+)
+
+
+def _model_options(command):
+    options = [
+        click.option(
+            "--base",
+            default=None,
+            help="Base model: a local directory or a Hub id. Default: the embedded SmolLM2-135M-Instruct.",
+        ),
+        click.option("--4bit", "quantize_4bit", is_flag=True, help="Load the base in 4-bit NF4 (bitsandbytes)."),
+        click.option("--batch-size", default=16, show_default=True, help="Prompts generated together."),
+        click.option("--max-new-tokens", default=128, show_default=True, help="Tokens generated per prompt at most."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _progress_wanted() -> bool:
+    return sys.stderr.isatty()
+
+
+def _mixer(base, adapter_specs, quantize_4bit):
+    """A PreferenceMixer with each ``PATH[:WEIGHT]`` spec attached under its file stem."""
+    from lora_arith.combine import parse_spec
+    from lora_arith.mixing import PreferenceMixer, adapter_names
+
+    named = adapter_names([parse_spec(s) for s in adapter_specs])
+    mixer = PreferenceMixer(base, {name: spec.path for name, spec in named.items()}, quantize_4bit=quantize_4bit)
+    if named:
+        mixer.set(**{name: spec.weight for name, spec in named.items()})
+    return mixer
+
+
+def _read_prompts(path: Path) -> list:
+    from lora_arith.errors import LoraArithError
+
+    prompts = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                prompts.append(json.loads(line)["prompt"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise LoraArithError(f"{path}:{number}: expected a JSON object with a 'prompt'") from None
+    return prompts
+
+
+@main.command()
+@click.argument("prompt", required=False)
+@click.option(
+    "--prompts",
+    "prompts_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="JSONL file with a 'prompt' per line.",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write JSONL lines {prompt, completion} here (default: stdout).",
+)
+@click.option("--temperature", default=0.0, show_default=True, help="Sampling temperature; 0 means greedy.")
+@click.option("--seed", default=0, show_default=True, help="Random seed for sampling.")
+@click.option("-f", "--force", is_flag=True, help="Overwrite --out if it exists.")
+@_adapter_option
+@_model_options
+def generate(
+    prompt, prompts_file, out, temperature, seed, force, base, adapters, quantize_4bit, batch_size, max_new_tokens
+):
+    """Generate replies with adapters mixed at run time.
+
+    Give one PROMPT, or --prompts FILE.jsonl. Prompts go through the base's chat template.
+
+    \b
+    Example:
+      lora-arith generate --adapter adapters/helpful.safetensors:1 \\
+          --adapter adapters/harmless.safetensors:0.5 "How do I kill a Python process?"
+    """
+    from lora_arith.atomic import atomic_output
+    from lora_arith.errors import LoraArithError
+
+    if (prompt is None) == (prompts_file is None):
+        raise LoraArithError("give either a PROMPT or --prompts FILE")
+    prompts = [prompt] if prompt is not None else _read_prompts(prompts_file)
+    if out is not None:
+        from lora_arith.atomic import check_output
+
+        check_output(out, force)
+    mixer = _mixer(base, adapters, quantize_4bit)
+    completions = mixer.generate(
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        temperature=temperature,
+        seed=seed,
+        progress=_progress_wanted(),
+    )
+    lines = [json.dumps({"prompt": p, "completion": c}, ensure_ascii=False) for p, c in zip(prompts, completions)]
+    if out is None:
+        if prompt is not None:
+            click.echo(completions[0])
+        else:
+            click.echo("\n".join(lines))
+        return
+    with atomic_output(out, directory=False, force=force) as temporary:
+        temporary.write_text("\n".join(lines) + "\n")
+    click.echo(f"wrote {len(lines)} completions to {out}", err=True)
+
+
+def _parse_set_command(text: str) -> dict[str, float]:
+    from lora_arith.errors import LoraArithError
+
+    weights = {}
+    for item in text.split():
+        name, equals, value = item.partition("=")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise LoraArithError(f"cannot read {item!r}; use /set NAME=WEIGHT ...") from None
+        if not equals:
+            raise LoraArithError(f"cannot read {item!r}; use /set NAME=WEIGHT ...")
+    return weights
+
+
+CHAT_HELP = "commands: /set NAME=WEIGHT ... (move the dials), /weights, /reset (forget the conversation), /quit"
+
+
+@main.command()
+@click.option("--temperature", default=0.0, show_default=True, help="Sampling temperature; 0 means greedy.")
+@_adapter_option
+@_model_options
+def chat(temperature, base, adapters, quantize_4bit, batch_size, max_new_tokens):
+    """Chat interactively; move the preference dials mid-conversation with /set.
+
+    \b
+    Example:
+      lora-arith chat --adapter adapters/helpful.safetensors --adapter adapters/harmless.safetensors
+      > /set helpful=0.8 harmless=0.5
+    """
+    from lora_arith.errors import LoraArithError
+
+    mixer = _mixer(base, adapters, quantize_4bit)
+    messages: list[dict[str, str]] = []
+    interactive = sys.stdin.isatty()
+    click.echo(f"adapters: {mixer.weights or 'none'}; {CHAT_HELP}")
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            messages.clear()
+            click.echo("(conversation cleared)")
+            continue
+        if line == "/weights":
+            click.echo(f"weights: {mixer.weights}")
+            continue
+        if line.startswith("/set"):
+            try:
+                click.echo(f"weights: {mixer.set(**_parse_set_command(line[4:]))}")
+            except LoraArithError as error:
+                click.echo(f"Error: {error}")
+            continue
+        if line.startswith("/"):
+            click.echo(CHAT_HELP)
+            continue
+        messages.append({"role": "user", "content": line})
+        reply = mixer.generate([list(messages)], max_new_tokens=max_new_tokens, temperature=temperature)[0]
+        messages.append({"role": "assistant", "content": reply})
+        click.echo(f"assistant: {reply}")
+
+
+def _eval_options(command):
+    options = [
+        click.option(
+            "--prompts",
+            "prompt_files",
+            multiple=True,
+            type=click.Path(exists=True, dir_okay=False),
+            help="JSONL with 'prompt' and boolean 'should_refuse' (XSTest style). Repeatable.",
+        ),
+        click.option(
+            "--pairs",
+            "pair_files",
+            multiple=True,
+            help="Preference-pair JSONL (prompt/chosen/rejected) for reward accuracy and log-prob margin. Repeatable.",
+        ),
+        click.option("--beta", default=0.1, show_default=True, help="DPO β for the implicit reward."),
+        click.option("--limit", type=int, default=None, help="Use only the first N prompts and N pairs of each kind."),
+        click.option(
+            "-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output directory."
+        ),
+        click.option("-f", "--force", is_flag=True, help="Overwrite the output directory if it exists."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _load_eval_inputs(prompt_files, pair_files, limit):
+    from lora_arith.data import load_pairs
+    from lora_arith.errors import LoraArithError
+    from lora_arith.evaluation import load_eval_prompts
+
+    if not prompt_files and not pair_files:
+        raise LoraArithError("give --prompts and/or --pairs")
+    prompts = load_eval_prompts(prompt_files) if prompt_files else []
+    pairs = load_pairs(list(pair_files))[0] if pair_files else []
+    if limit is not None:
+        prompts = _balanced_head(prompts, limit)
+        pairs = pairs[:limit]
+    return prompts, pairs
+
+
+def _balanced_head(prompts, limit):
+    """The first ``limit`` should-refuse prompts and the first ``limit`` others."""
+    unsafe = [p for p in prompts if p.should_refuse][:limit]
+    safe = [p for p in prompts if not p.should_refuse][:limit]
+    return unsafe + safe
+
+
+@main.command("eval")
+@_eval_options
+@_adapter_option
+@_model_options
+def evaluate_command(
+    prompt_files, pair_files, beta, limit, out, force, base, adapters, quantize_4bit, batch_size, max_new_tokens
+):
+    """Measure refusal, over-refusal and DPO metrics of the base with adapters mixed in.
+
+    Writes OUT/results.json, OUT/summary.md and OUT/completions.jsonl. The refusal
+    detector is documented in lora_arith/refusal.py.
+    """
+    from lora_arith.atomic import atomic_output, check_output
+    from lora_arith.evaluation import evaluate, summary_table
+
+    check_output(out, force)
+    prompts, pairs = _load_eval_inputs(prompt_files, pair_files, limit)
+    mixer = _mixer(base, adapters, quantize_4bit)
+    result = evaluate(
+        mixer.model,
+        mixer.tokenizer,
+        prompts,
+        pairs,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        beta=beta,
+        progress=_progress_wanted(),
+    )
+    label = " + ".join(f"{w:g}·{n}" for n, w in mixer.weights.items()) or "base"
+    completions = result.pop("completions", [])
+    table = summary_table({label: result})
+    with atomic_output(out, directory=True, force=force) as temporary:
+        (temporary / "results.json").write_text(
+            json.dumps({"model": label, "weights": mixer.weights, **result}, indent=1)
+        )
+        (temporary / "summary.md").write_text(table + "\n")
+        (temporary / "completions.jsonl").write_text(
+            "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in completions)
+        )
+    click.echo(table)
+
+
+@main.command()
+@click.option(
+    "--vector",
+    "vectors",
+    multiple=True,
+    required=True,
+    metavar="NAME=PATH",
+    help="A preference vector to sweep (repeatable).",
+)
+@click.option("--grid", default="-1,-0.5,0,0.5,1", show_default=True, help="Weights η tried for every vector.")
+@_eval_options
+@_model_options
+def sweep(
+    vectors, grid, prompt_files, pair_files, beta, limit, out, force, base, quantize_4bit, batch_size, max_new_tokens
+):
+    """Evaluate every combination of weights over the grid; write CSV, JSON and heatmaps.
+
+    The base is loaded once and reused for every grid point; only the weights change.
+
+    \b
+    Example:
+      lora-arith sweep --vector helpful=adapters/helpful.safetensors \\
+          --vector harmless=adapters/harmless.safetensors --grid=-1,-0.5,0,0.5,1 \\
+          --prompts ../shared/data/eval/xstest_prompts.jsonl -o sweep/
+    """
+    from lora_arith.atomic import atomic_output, check_output
+    from lora_arith.errors import LoraArithError
+    from lora_arith.evaluation import evaluate
+    from lora_arith.mixing import PreferenceMixer
+    from lora_arith.sweep import parse_grid, run_sweep, write_sweep
+
+    named = {}
+    for item in vectors:
+        name, equals, path = item.partition("=")
+        if not equals or not name or not path:
+            raise LoraArithError(f"cannot read --vector {item!r}; use NAME=PATH")
+        if name in named:
+            raise LoraArithError(f"--vector {name} is given twice")
+        named[name] = path
+    values = parse_grid(grid)
+    check_output(out, force)
+    prompts, pairs = _load_eval_inputs(prompt_files, pair_files, limit)
+    mixer = PreferenceMixer(base, named, quantize_4bit=quantize_4bit)
+
+    def evaluate_point(current):
+        return evaluate(
+            current.model,
+            current.tokenizer,
+            prompts,
+            pairs,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            beta=beta,
+        )
+
+    rows = run_sweep(mixer, values, evaluate_point, progress=_progress_wanted())
+    with atomic_output(out, directory=True, force=force) as temporary:
+        written = write_sweep(rows, mixer.names, temporary)
+    click.echo(f"evaluated {len(rows)} grid points; wrote {', '.join(p.name for p in written)} to {out}")
