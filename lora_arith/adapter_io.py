@@ -33,6 +33,7 @@ from lora_arith.model_card import model_card
 
 CONFIG_METADATA_KEY = "lora_arith.adapter_config"
 RECIPE_METADATA_KEY = "lora_arith.recipe"
+TRAINING_METADATA_KEY = "lora_arith.training"
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
@@ -209,6 +210,12 @@ class AdapterFile:
         raw = self.metadata.get(RECIPE_METADATA_KEY)
         return json.loads(raw) if raw else None
 
+    @property
+    def training(self) -> dict[str, Any] | None:
+        """How the adapter (or the inputs of its recipe) was trained, if recorded."""
+        raw = self.metadata.get(TRAINING_METADATA_KEY)
+        return json.loads(raw) if raw else None
+
     @cached_property
     def sha256(self) -> str:
         """The sha256 of the weights file."""
@@ -337,12 +344,15 @@ def unit_scaling_config(ranks: Mapping[str, int], template: Mapping[str, Any]) -
     return config
 
 
-def _metadata(config: Mapping[str, Any], recipe: Mapping[str, Any] | None, single_file: bool) -> dict[str, str]:
+def _metadata(
+    config: Mapping[str, Any], recipe: Mapping[str, Any] | None, training: Mapping[str, Any] | None, single_file: bool
+) -> dict[str, str]:
     metadata = {"format": "pt"}
     if single_file:
         metadata[CONFIG_METADATA_KEY] = json.dumps(config, sort_keys=True)
-    if recipe is not None:
-        metadata[RECIPE_METADATA_KEY] = json.dumps(recipe, sort_keys=True)
+    for key, value in ((RECIPE_METADATA_KEY, recipe), (TRAINING_METADATA_KEY, training)):
+        if value is not None:
+            metadata[key] = json.dumps(value, sort_keys=True)
     return metadata
 
 
@@ -352,22 +362,25 @@ def save_adapter(
     config: Mapping[str, Any],
     recipe: Mapping[str, Any] | None = None,
     *,
+    training: Mapping[str, Any] | None = None,
     force: bool = False,
     extra_files: Mapping[str, str] | None = None,
 ) -> Path:
     """Write an adapter atomically: the single-file form if ``path`` ends in ``.safetensors``,
     else a PEFT directory (weights, ``adapter_config.json``, a README model card and
-    ``extra_files``). Nothing is left behind if writing fails.
+    ``extra_files``). ``recipe`` (the arithmetic) and ``training`` (how the inputs were
+    trained) go into the safetensors metadata and the model card. Nothing is left behind if
+    writing fails.
     """
     single_file = Path(path).suffix == ".safetensors"
-    metadata = _metadata(config, recipe, single_file)
+    metadata = _metadata(config, recipe, training, single_file)
     with atomic_output(path, directory=not single_file, force=force) as temporary:
         if single_file:
             save_file(dict(tensors), temporary, metadata=metadata)
         else:
             save_file(dict(tensors), temporary / WEIGHTS_NAME, metadata=metadata)
             (temporary / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            (temporary / "README.md").write_text(model_card(config, recipe))
+            (temporary / "README.md").write_text(model_card(config, recipe, training))
             for name, text in (extra_files or {}).items():
                 (temporary / name).write_text(text)
     return Path(path)

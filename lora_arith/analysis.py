@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 from lora_arith.adapter_io import AdapterFile
-from lora_arith.factors import frobenius_norm, inner
+from lora_arith.factors import frobenius_norm, inner, single_threaded
 
 
 @dataclass(frozen=True)
@@ -43,16 +43,17 @@ def similarity(adapters: Sequence[AdapterFile], progress: bool = False) -> Simil
         from tqdm import tqdm
 
         names = tqdm(names, desc="similarity", unit="module", leave=False)
-    for name in names:
-        deltas = {i: a.delta(name) for i, a in enumerate(adapters) if name in a.modules}
-        gram = torch.zeros(count, count, dtype=torch.float64)
-        for i in deltas:
-            for j in deltas:
-                if j >= i:
-                    gram[i, j] = gram[j, i] = inner(deltas[i], deltas[j])
-        overall += gram
-        module_type = name.rsplit(".", 1)[-1]
-        by_type[module_type] = by_type.get(module_type, torch.zeros_like(gram)) + gram
+    with single_threaded():
+        for name in names:
+            deltas = {i: a.delta(name) for i, a in enumerate(adapters) if name in a.modules}
+            gram = torch.zeros(count, count, dtype=torch.float64)
+            for i in deltas:
+                for j in deltas:
+                    if j >= i:
+                        gram[i, j] = gram[j, i] = inner(deltas[i], deltas[j])
+            overall += gram
+            module_type = name.rsplit(".", 1)[-1]
+            by_type[module_type] = by_type.get(module_type, torch.zeros_like(gram)) + gram
     return Similarity(
         labels=[a.label for a in adapters],
         overall=_cosines(overall),
@@ -62,4 +63,5 @@ def similarity(adapters: Sequence[AdapterFile], progress: bool = False) -> Simil
 
 def module_norms(adapter: AdapterFile) -> dict[str, float]:
     """The Frobenius norm of each module's delta (scaling included)."""
-    return {name: frobenius_norm(adapter.delta(name)) for name in adapter.modules}
+    with single_threaded():
+        return {name: frobenius_norm(adapter.delta(name)) for name in adapter.modules}

@@ -29,7 +29,7 @@ from lora_arith.adapter_io import (
 )
 from lora_arith.atomic import check_output
 from lora_arith.errors import LoraArithError
-from lora_arith.factors import LowRankDelta, compress, weighted_sum
+from lora_arith.factors import LowRankDelta, compress, single_threaded, weighted_sum
 
 METHODS = ("cat", "svd")
 # Config fields that say which modules are targeted; carried over when all inputs agree.
@@ -240,16 +240,17 @@ def combine(
         from tqdm import tqdm
 
         names = tqdm(names, desc="combining", unit="module", leave=False)
-    for name in names:
-        present = [(a, s.weight) for a, s in zip(adapters, specs) if name in a.modules]
-        summed = weighted_sum([a.delta(name) for a, _ in present], [w for _, w in present])
-        if method == "svd":
-            compressed = compress(summed, rank=rank, energy=energy)
-            deltas[name] = compressed.delta
-            results.append(ModuleResult(name, compressed.rank, len(present), compressed.relative_error))
-        else:
-            deltas[name] = summed
-            results.append(ModuleResult(name, summed.rank, len(present)))
+    with single_threaded():
+        for name in names:
+            present = [(a, s.weight) for a, s in zip(adapters, specs) if name in a.modules]
+            summed = weighted_sum([a.delta(name) for a, _ in present], [w for _, w in present])
+            if method == "svd":
+                compressed = compress(summed, rank=rank, energy=energy)
+                deltas[name] = compressed.delta
+                results.append(ModuleResult(name, compressed.rank, len(present), compressed.relative_error))
+            else:
+                deltas[name] = summed
+                results.append(ModuleResult(name, summed.rank, len(present)))
 
     kinds = {name: info.kind for name, info in modules.items()}
     config = unit_scaling_config({r.name: r.rank for r in results}, _output_template(adapters, base_model, modules))

@@ -10,8 +10,10 @@ including the signs of singular vectors.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 
@@ -24,7 +26,36 @@ __all__ = [
     "frobenius_norm",
     "cosine",
     "to_dense",
+    "single_threaded",
 ]
+
+_F = TypeVar("_F", bound=Callable)
+
+
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run torch on one thread for the duration.
+
+    The work here is many small LAPACK/BLAS calls (thin QR, r×r SVDs, tall-skinny matmuls).
+    Spreading each over threads costs more than it saves, and on a busy machine OpenMP's
+    barriers make it dramatically slower (measured: a 14336×32 QR took 0.28 s on two busy
+    cores and 3 ms on one).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _on_one_thread(function: _F) -> _F:
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with single_threaded():
+            return function(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -93,6 +124,7 @@ def _fp32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32)
 
 
+@_on_one_thread
 def weighted_sum(deltas: Sequence[LowRankDelta], weights: Iterable[float]) -> LowRankDelta:
     """Return ``Σ wᵢ ΔWᵢ`` exactly, by concatenation: ``B = [w₁B₁ | w₂B₂ | …]``, ``A = [A₁; A₂; …]``.
 
@@ -130,6 +162,7 @@ def _rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:
     return int((kept < energy - 1e-12).sum().item()) + 1
 
 
+@_on_one_thread
 def compress(
     delta: LowRankDelta,
     rank: int | None = None,
@@ -178,6 +211,7 @@ def compress(
     return Compression(LowRankDelta(B_k, A_k), k, relative_error, S)
 
 
+@_on_one_thread
 def inner(a: LowRankDelta, b: LowRankDelta) -> float:
     """Frobenius inner product ``⟨B₁A₁, B₂A₂⟩ = Σ (B₁ᵀB₂) ∘ (A₁A₂ᵀ)``, from the factors (fp64)."""
     if a.shape != b.shape:
