@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from lora_arith.atomic import atomic_output
 from lora_arith.errors import LoraArithError
 from lora_arith.factors import LowRankDelta
+from lora_arith.hub import resolve
 from lora_arith.model_card import model_card
 
 CONFIG_METADATA_KEY = "lora_arith.adapter_config"
@@ -273,9 +274,10 @@ def _read_metadata(weights: Path, label: str) -> dict[str, str]:
 
 def open_adapter(path: str | os.PathLike[str]) -> AdapterFile:
     """Open an adapter in any accepted form: a PEFT directory, a weights file with its
-    ``adapter_config.json`` beside it, or a single self-describing ``.safetensors`` file."""
-    path = Path(path)
+    ``adapter_config.json`` beside it, or a single self-describing ``.safetensors`` file —
+    locally, or as a Hub reference ``org/name[@revision][/subfolder]`` (see :mod:`lora_arith.hub`)."""
     label = str(path)
+    path = resolve(label)
     if path.is_dir():
         weights, config_file = path / WEIGHTS_NAME, path / CONFIG_NAME
         if not weights.is_file():
