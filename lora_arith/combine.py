@@ -82,7 +82,10 @@ class ModuleResult:
 
 @dataclass
 class Combination:
-    """The combined adapter, held in memory until :meth:`save`."""
+    """The combined adapter, held in memory until :meth:`save`.
+
+    ``training`` carries the inputs' recorded training summaries (by input path) into the output.
+    """
 
     deltas: dict[str, LowRankDelta]
     kinds: dict[str, str]
@@ -91,6 +94,7 @@ class Combination:
     dtype: torch.dtype
     modules: list[ModuleResult] = field(default_factory=list)
     input_count: int = 0
+    training: dict[str, Any] | None = None
 
     @property
     def partial_modules(self) -> list[str]:
@@ -111,7 +115,7 @@ class Combination:
         """Write a PEFT directory, or the single-file form if ``path`` ends in ``.safetensors``."""
         inputs = [Path(item["path"]) for item in self.recipe["inputs"]]
         check_output(path, force, inputs)
-        return save_adapter(path, self.tensors(dtype), self.config, self.recipe, force=force)
+        return save_adapter(path, self.tensors(dtype), self.config, self.recipe, training=self.training, force=force)
 
 
 def _check_bases(adapters: Sequence[AdapterFile], allow_mismatch: bool) -> str | None:
@@ -265,4 +269,5 @@ def combine(
             for spec, adapter in zip(specs, adapters)
         ],
     }
-    return Combination(deltas, kinds, config, recipe, out_dtype, results, len(adapters))
+    training = {spec.path: adapter.training for spec, adapter in zip(specs, adapters) if adapter.training}
+    return Combination(deltas, kinds, config, recipe, out_dtype, results, len(adapters), training or None)

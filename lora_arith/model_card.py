@@ -18,17 +18,41 @@ def _recipe_section(recipe: Mapping[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _run_lines(run: Mapping[str, Any]) -> list[str]:
+    lines = []
+    for item in run.get("data", []):
+        where = item.get("file") or item.get("hub_dataset") or item.get("spec")
+        sha = f" (sha256 `{item['sha256']}`)" if item.get("sha256") else ""
+        count = f", {item['pairs']} pairs" if "pairs" in item else ""
+        lines.append(f"- data: `{item.get('spec', where)}`{count}{sha}")
+    if "swap" in run:
+        lines.append(f"- chosen/rejected swapped: {run['swap']}")
+    for key, value in sorted((run.get("hyperparameters") or {}).items()):
+        lines.append(f"- {key}: {value}")
+    for key, value in sorted((run.get("final_metrics") or {}).items()):
+        lines.append(f"- final {key}: {value}")
+    return lines
+
+
+def _runs(training: Mapping[str, Any], name: str = "") -> list[tuple[str, Mapping[str, Any]]]:
+    """The training runs in ``training``: one run (it has ``data``), or runs nested by name
+    (a vector's ``positive``/``negative`` runs, the inputs of a combination)."""
+    if "data" in training:
+        return [(name, training)]
+    runs = []
+    for key, value in training.items():
+        if isinstance(value, Mapping):
+            runs += _runs(value, f"{name} / {key}" if name else key)
+    return runs
+
+
 def _training_section(training: Mapping[str, Any]) -> list[str]:
     lines = ["## Training", ""]
-    for item in training.get("data", []):
-        lines.append(f"- data: `{item['path']}` (sha256 `{item['sha256']}`)")
-    if "swap" in training:
-        lines.append(f"- chosen/rejected swapped: {training['swap']}")
-    for key, value in sorted((training.get("hyperparameters") or {}).items()):
-        lines.append(f"- {key}: {value}")
-    for key, value in sorted((training.get("final_metrics") or {}).items()):
-        lines.append(f"- final {key}: {value}")
-    return lines + [""]
+    for name, run in _runs(training):
+        if name:
+            lines += [f"### {name}", ""]
+        lines += _run_lines(run) + [""]
+    return lines
 
 
 def model_card(

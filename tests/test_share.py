@@ -40,14 +40,16 @@ def test_model_card_includes_training_data_and_metrics():
     from lora_arith.model_card import model_card
 
     training = {
-        "data": [{"path": "pairs.jsonl", "sha256": "ab" * 32}],
+        "data": [{"spec": "pairs.jsonl", "file": "/data/pairs.jsonl", "pairs": 10, "sha256": "ab" * 32}],
         "swap": False,
         "hyperparameters": {"beta": 0.1, "lr": 5e-4},
         "final_metrics": {"rewards/accuracies": 0.9},
     }
     card = model_card({"base_model_name_or_path": "org/base", "r": 8}, None, training, license="mit")
-    assert "license: mit" in card and "pairs.jsonl" in card and "ab" * 32 in card
+    assert "license: mit" in card and "pairs.jsonl`, 10 pairs" in card and "ab" * 32 in card
     assert "beta: 0.1" in card and "rewards/accuracies: 0.9" in card
+    vector = model_card({"r": 16}, None, {"positive": training, "negative": {**training, "swap": True}})
+    assert "### positive" in vector and "### negative" in vector and "swapped: True" in vector
 
 
 @pytest.mark.parametrize(
