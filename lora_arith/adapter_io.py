@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 from lora_arith.atomic import atomic_output
 from lora_arith.errors import LoraArithError
-from lora_arith.factors import LowRankDelta
+from lora_arith.factors import LowRankDelta, single_threaded
 from lora_arith.hub import resolve
 from lora_arith.model_card import model_card
 
@@ -310,10 +310,11 @@ def factor_tensors(
 ) -> dict[str, torch.Tensor]:
     """The PEFT state-dict tensors for ``deltas`` (scaling already folded in), cast to ``dtype``."""
     tensors: dict[str, torch.Tensor] = {}
-    for module, delta in deltas.items():
-        b_part, a_part = _FACTOR_KEYS[kinds[module]]
-        tensors[f"{KEY_PREFIX}{module}.{b_part}"] = delta.B.to(dtype).contiguous()
-        tensors[f"{KEY_PREFIX}{module}.{a_part}"] = delta.A.to(dtype).contiguous()
+    with single_threaded():  # hundreds of small casts: threads only add overhead
+        for module, delta in deltas.items():
+            b_part, a_part = _FACTOR_KEYS[kinds[module]]
+            tensors[f"{KEY_PREFIX}{module}.{b_part}"] = delta.B.to(dtype).contiguous()
+            tensors[f"{KEY_PREFIX}{module}.{a_part}"] = delta.A.to(dtype).contiguous()
     return tensors
 
 
