@@ -210,7 +210,8 @@ def _eval_options(command):
             help="Preference-pair JSONL (prompt/chosen/rejected) for reward accuracy and log-prob margin. Repeatable.",
         ),
         click.option("--beta", default=0.1, show_default=True, help="DPO β for the implicit reward."),
-        click.option("--limit", type=int, default=None, help="Use only the first N prompts and N pairs of each kind."),
+        click.option("--limit", type=int, default=None, help="Use only the first N should-refuse and N other prompts."),
+        click.option("--max-pairs", type=int, default=None, help="Use only the first N pairs of each --pairs file."),
         click.option(
             "-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output directory."
         ),
@@ -221,7 +222,7 @@ def _eval_options(command):
     return command
 
 
-def _load_eval_inputs(prompt_files, pair_files, limit):
+def _load_eval_inputs(prompt_files, pair_files, limit, max_pairs):
     from lora_arith.data import load_pairs
     from lora_arith.errors import LoraArithError
     from lora_arith.evaluation import load_eval_prompts
@@ -229,10 +230,9 @@ def _load_eval_inputs(prompt_files, pair_files, limit):
     if not prompt_files and not pair_files:
         raise LoraArithError("give --prompts and/or --pairs")
     prompts = load_eval_prompts(prompt_files) if prompt_files else []
-    pairs = load_pairs(list(pair_files))[0] if pair_files else []
     if limit is not None:
         prompts = _balanced_head(prompts, limit)
-        pairs = pairs[:limit]
+    pairs = [pair for path in pair_files for pair in load_pairs([path])[0][:max_pairs]]
     return prompts, pairs
 
 
@@ -248,7 +248,18 @@ def _balanced_head(prompts, limit):
 @_adapter_option
 @_model_options
 def evaluate_command(
-    prompt_files, pair_files, beta, limit, out, force, base, adapters, quantize_4bit, batch_size, max_new_tokens
+    prompt_files,
+    pair_files,
+    beta,
+    limit,
+    max_pairs,
+    out,
+    force,
+    base,
+    adapters,
+    quantize_4bit,
+    batch_size,
+    max_new_tokens,
 ):
     """Measure refusal, over-refusal and DPO metrics of the base with adapters mixed in.
 
@@ -259,7 +270,7 @@ def evaluate_command(
     from lora_arith.evaluation import evaluate, summary_table
 
     check_output(out, force)
-    prompts, pairs = _load_eval_inputs(prompt_files, pair_files, limit)
+    prompts, pairs = _load_eval_inputs(prompt_files, pair_files, limit, max_pairs)
     mixer = _mixer(base, adapters, quantize_4bit)
     result = evaluate(
         mixer.model,
@@ -298,7 +309,19 @@ def evaluate_command(
 @_eval_options
 @_model_options
 def sweep(
-    vectors, grid, prompt_files, pair_files, beta, limit, out, force, base, quantize_4bit, batch_size, max_new_tokens
+    vectors,
+    grid,
+    prompt_files,
+    pair_files,
+    beta,
+    limit,
+    max_pairs,
+    out,
+    force,
+    base,
+    quantize_4bit,
+    batch_size,
+    max_new_tokens,
 ):
     """Evaluate every combination of weights over the grid; write CSV, JSON and heatmaps.
 
@@ -326,7 +349,7 @@ def sweep(
         named[name] = path
     values = parse_grid(grid)
     check_output(out, force)
-    prompts, pairs = _load_eval_inputs(prompt_files, pair_files, limit)
+    prompts, pairs = _load_eval_inputs(prompt_files, pair_files, limit, max_pairs)
     mixer = PreferenceMixer(base, named, quantize_4bit=quantize_4bit)
 
     def evaluate_point(current):

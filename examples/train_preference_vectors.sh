@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Reproduce the shipped preference vectors adapters/harmless.safetensors and
+# adapters/helpful.safetensors (and the mixed-data baseline used in the README) on a CPU.
+#
+#   bash examples/train_preference_vectors.sh            # from the repository root
+#
+# Each preference is two DPO runs (on the pairs, then swapped) of 30 steps × 8 pairs on the
+# 4-bit default base, 128 tokens, LoRA r 8 on all linear layers; then φ = Δ+ − Δ−.
+# The two vectors train side by side, one core each. On this project's 2-vCPU machine this
+# took about 18 min per pair of runs (see adapters/README.md).
+# Templated pairs (refusal:/answer: specs) are written from templates, not labelled by people.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA="${DATA:-../shared/data}"
+OUT="${OUT:-adapters}"
+export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
+
+HARMLESS=(--data "$DATA/harmless/xstest_unsafe_pairs.jsonl"
+          --data "refusal:$DATA/harmless/advbench_behaviors.jsonl"
+          --data "refusal:$DATA/harmless/donotanswer_prompts.jsonl"
+          --data "$DATA/harmless/hh_harmless_pairs.jsonl")
+HELPFUL=(--data "$DATA/helpful/xstest_safe_pairs.jsonl"
+         --data "$DATA/helpful/general_pairs.jsonl"
+         --data "answer:$DATA/helpful/alpaca_demo.jsonl")
+SETTINGS=(--max-steps 30 --batch-size 4 --grad-accum 2 --max-length 128 --lr 5e-4
+          --rank 8 --alpha 16 --beta 0.1 --seed 0)
+VECTOR=(--method svd --vector-rank 8 --dtype bf16 --force)
+
+lora-arith vector "${HARMLESS[@]}" "${SETTINGS[@]}" "${VECTOR[@]}" -o "$OUT/harmless.safetensors" &
+lora-arith vector "${HELPFUL[@]}" "${SETTINGS[@]}" "${VECTOR[@]}" -o "$OUT/helpful.safetensors" &
+wait
+
+# The baseline: one DPO adapter on the union of both data sets, as many pairs (2 × 240) as the
+# two positive runs saw together.
+lora-arith train "${HARMLESS[@]}" "${HELPFUL[@]}" "${SETTINGS[@]}" --max-steps 60 --force -o "$OUT/runs/baseline-union"
