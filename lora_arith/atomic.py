@@ -28,6 +28,12 @@ def check_output(path: str | os.PathLike[str], force: bool, inputs: list[Path] =
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _move_into_place(temporary: Path, final: Path) -> None:
     if final.is_dir() and not final.is_symlink():
         trash = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -56,6 +62,7 @@ def atomic_output(path: str | os.PathLike[str], *, directory: bool, force: bool 
         temporary = Path(name)
     try:
         yield temporary
+        temporary.chmod((0o777 if directory else 0o666) & ~_umask())  # mkstemp/mkdtemp made it private
         _move_into_place(temporary, path)
     finally:
         if temporary.is_dir():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -116,6 +117,10 @@ def test_save_single_file_and_directory_round_trip(adapter_factory, tmp_path):
     single = combination.save(tmp_path / "out.safetensors")
     assert load_file(single).keys() == load_file(directory / "adapter_model.safetensors").keys()
     assert not list(tmp_path.glob(".*tmp"))  # no temporary leftovers
+    mask = os.umask(0)
+    os.umask(mask)
+    assert single.stat().st_mode & 0o777 == 0o666 & ~mask  # ordinary permissions, not mkstemp's 0600
+    assert directory.stat().st_mode & 0o777 == 0o777 & ~mask
 
 
 def test_save_refuses_existing_output_without_force(tmp_path):
