@@ -32,7 +32,7 @@ for config in "${@:-base helpful harmless both baseline sweep}"; do
       baseline) evaluate baseline --adapter adapters/baseline-union.safetensors ;;
       sweep)    lora-arith sweep --vector helpful=adapters/helpful.safetensors \
                   --vector harmless=adapters/harmless.safetensors --grid=-1,-0.5,0,0.5,1 \
-                  "${PROMPTS[@]}" --limit 40 --max-new-tokens 32 --batch-size 16 -o "$RESULTS/sweep" --force ;;
+                  "${PROMPTS[@]}" --limit 30 --max-new-tokens 24 --batch-size 20 -o "$RESULTS/sweep" --force ;;
       *) echo "unknown config $item" >&2; exit 2 ;;
     esac
   done
