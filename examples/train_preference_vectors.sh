@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the shipped preference vectors adapters/harmless.safetensors and
-# adapters/helpful.safetensors (and the mixed-data baseline used in the README) on a CPU.
+# adapters/helpful.safetensors, and the mixed-data baseline adapters/baseline-union.safetensors
+# used in the README, on a CPU.
 #
 #   bash examples/train_preference_vectors.sh            # from the repository root
 #
@@ -32,4 +33,6 @@ wait
 
 # The baseline: one DPO adapter on the union of both data sets, as many pairs (2 × 240) as the
 # two positive runs saw together.
-lora-arith train "${HARMLESS[@]}" "${HELPFUL[@]}" "${SETTINGS[@]}" --max-steps 60 --force -o "$OUT/runs/baseline-union"
+RUNS="$(mktemp -d)"
+lora-arith train "${HARMLESS[@]}" "${HELPFUL[@]}" "${SETTINGS[@]}" --max-steps 60 -o "$RUNS/baseline-union"
+lora-arith combine "$RUNS/baseline-union/baseline-union.safetensors" --dtype bf16 -o "$OUT/baseline-union.safetensors" --force

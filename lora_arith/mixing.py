@@ -49,9 +49,9 @@ def attach_adapter(model, name: str, path: str | Path):
     state = {k: v for k, v in load_file(opened.weights_path).items() if k not in opened.ignored_keys}
     device = next(model.parameters()).device
     result = set_peft_model_state_dict(model, {k: v.to(device) for k, v in state.items()}, adapter_name=name)
-    missing_lora = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
-    if missing_lora:
-        raise LoraArithError(f"{path}: {len(missing_lora)} tensors match no module of the base, e.g. {missing_lora[0]}")
+    unmatched = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if unmatched:
+        raise LoraArithError(f"{path}: {len(unmatched)} tensors match no module of the base, e.g. {unmatched[0]}")
     model.eval()
     return model
 

@@ -33,5 +33,10 @@ def main() -> None:
     """
 
 
+def progress_wanted() -> bool:
+    """Show progress bars only when stderr is a terminal."""
+    return sys.stderr.isatty()
+
+
 # Importing a command module registers its commands on ``main``.
 from lora_arith.cli import adapter_commands, model_commands, share_commands, train_commands  # noqa: E402,F401

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from lora_arith.cli import main
+from lora_arith.cli import main, progress_wanted
 
 _SPEC_HELP = "PATH[:WEIGHT] — a PEFT adapter directory or .safetensors file, with an optional weight (default 1.0, may be negative)."
 
@@ -25,10 +25,6 @@ def _human(size: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     raise AssertionError("unreachable")
-
-
-def _progress_wanted() -> bool:
-    return click.get_text_stream("stderr").isatty()
 
 
 def _compression_options(command):
@@ -88,7 +84,7 @@ def _run_combination(specs, output, method, rank, energy, dtype, allow_base_mism
         energy=energy,
         dtype=DTYPES[dtype] if dtype else None,
         allow_base_mismatch=allow_base_mismatch,
-        progress=_progress_wanted(),
+        progress=progress_wanted(),
     )
     written = result.save(output, force=force)
 
@@ -195,7 +191,7 @@ def similarity(adapters) -> None:
     if len(adapters) < 2:
         raise LoraArithError("similarity needs at least two adapters")
     opened = [open_adapter(path) for path in adapters]
-    result = compute_similarity(opened, progress=_progress_wanted())
+    result = compute_similarity(opened, progress=progress_wanted())
     labels = [f"{i}: {label}" for i, label in enumerate(result.labels, 1)]
     click.echo("overall")
     click.echo("\n".join(_matrix_lines(labels, result.overall)))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from lora_arith.cli import main
+from lora_arith.cli import main, progress_wanted
 
 
 _adapter_option = click.option(
@@ -34,10 +34,6 @@ def _model_options(command):
     for option in reversed(options):
         command = option(command)
     return command
-
-
-def _progress_wanted() -> bool:
-    return sys.stderr.isatty()
 
 
 def _mixer(base, adapter_specs, quantize_4bit):
@@ -112,7 +108,7 @@ def generate(
         batch_size=batch_size,
         temperature=temperature,
         seed=seed,
-        progress=_progress_wanted(),
+        progress=progress_wanted(),
     )
     lines = [json.dumps({"prompt": p, "completion": c}, ensure_ascii=False) for p, c in zip(prompts, completions)]
     if out is None:
@@ -280,7 +276,7 @@ def evaluate_command(
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         beta=beta,
-        progress=_progress_wanted(),
+        progress=progress_wanted(),
     )
     label = " + ".join(f"{w:g}·{n}" for n, w in mixer.weights.items()) or "base"
     completions = result.pop("completions", [])
@@ -363,7 +359,7 @@ def sweep(
             beta=beta,
         )
 
-    rows = run_sweep(mixer, values, evaluate_point, progress=_progress_wanted())
+    rows = run_sweep(mixer, values, evaluate_point, progress=progress_wanted())
     with atomic_output(out, directory=True, force=force) as temporary:
         written = write_sweep(rows, mixer.names, temporary)
     click.echo(f"evaluated {len(rows)} grid points; wrote {', '.join(p.name for p in written)} to {out}")
