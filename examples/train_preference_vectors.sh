@@ -7,8 +7,8 @@
 #
 # Each preference is two DPO runs (on the pairs, then swapped) of 30 steps × 8 pairs on the
 # 4-bit default base, 128 tokens, LoRA r 8 on all linear layers; then φ = Δ+ − Δ−.
-# The two vectors train side by side, one core each. On this project's 2-vCPU machine this
-# took about 18 min per pair of runs (see adapters/README.md).
+# The two vectors train side by side, one core each; on this project's 2-vCPU machine a run
+# took 17-30 minutes (see adapters/README.md).
 # Templated pairs (refusal:/answer: specs) are written from templates, not labelled by people.
 set -euo pipefail
 cd "$(dirname "$0")/.."
