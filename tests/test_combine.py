@@ -91,7 +91,6 @@ def test_energy_is_per_module(tmp_path, adapter_factory):
     a, b = adapter_factory(r=4), adapter_factory(r=4)
     result = combine([str(a), str(b)], method="svd", energy=0.9)
     assert all(m.relative_error**2 <= 0.1 + 1e-6 for m in result.modules)
-    assert len({m.rank for m in result.modules}) >= 1
     full = combine([str(a), str(b)], method="svd", energy=1.0)
     assert max(m.relative_error for m in full.modules) < 1e-5
 

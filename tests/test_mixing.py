@@ -162,6 +162,7 @@ def test_eval_command(chat_base, two_adapters, eval_files, tmp_path):
     assert len((out / "completions.jsonl").read_text().splitlines()) == 2
     assert "refusal (unsafe)" in (out / "summary.md").read_text()
     base_only = run("eval", "--base", chat_base, "--pairs", pairs, "-o", tmp_path / "base-eval")
+    assert base_only.exit_code == 0, base_only.output
     assert json.loads((tmp_path / "base-eval" / "results.json").read_text())["pairs"]["reward_accuracy"] is None
 
 
