@@ -18,6 +18,7 @@ cd "$(dirname "$0")/.."
 DATA="${DATA:-../shared/data}"
 OUT="${OUT:-adapters}"
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
+mkdir -p "$OUT"
 
 HARMLESS=(--data "$DATA/harmless/xstest_unsafe_pairs.jsonl"
           --data "refusal:$DATA/harmless/advbench_behaviors.jsonl"
@@ -28,9 +29,13 @@ SETTINGS=(--max-steps 30 --batch-size 4 --grad-accum 2 --max-length 128 --lr 5e-
           --rank 8 --alpha 16 --beta 0.1 --seed 0)
 VECTOR=(--method svd --vector-rank 8 --dtype bf16 --force)
 
+trap 'kill $(jobs -p) 2>/dev/null || true' EXIT   # stop the other run if one fails
 lora-arith vector "${HARMLESS[@]}" "${SETTINGS[@]}" "${VECTOR[@]}" -o "$OUT/harmless.safetensors" &
+harmless=$!
 lora-arith vector "${HELPFUL[@]}" "${SETTINGS[@]}" "${VECTOR[@]}" -o "$OUT/helpful.safetensors" &
-wait
+helpful=$!
+wait "$harmless"
+wait "$helpful"
 
 # The baseline: one DPO adapter on the union of both data sets, as many pairs (2 × 240) as the
 # two positive runs saw together.
