@@ -74,7 +74,10 @@ def refusal_metrics(items: Sequence[EvalPrompt], completions: Sequence[str]) -> 
 
 def pair_metrics(model, tokenizer, pairs: Sequence[Any], *, beta: float = 0.1, batch_size: int = 8) -> dict[str, Any]:
     """Implicit-reward accuracy (reference: the model with its adapters disabled) and the mean
-    log-prob margin of chosen over rejected. For a model without adapters the accuracy is None."""
+    log-prob margin of chosen over rejected, overall and per pair file (``by_file``). For a model
+    without adapters the accuracy is None."""
+    import torch
+
     from lora_arith.generation import reply_logprobs
 
     prompts = [pair.prompt for pair in pairs]
@@ -83,20 +86,32 @@ def pair_metrics(model, tokenizer, pairs: Sequence[Any], *, beta: float = 0.1, b
         return reply_logprobs(model, tokenizer, prompts, replies, batch_size=batch_size)
 
     chosen, rejected = logprobs([p.chosen for p in pairs]), logprobs([p.rejected for p in pairs])
-    result: dict[str, Any] = {
-        "n_pairs": len(pairs),
-        "logprob_margin": float((chosen - rejected).mean()),
-        "reward_accuracy": None,
-        "reward_margin": None,
-    }
+    rewards = None
     disable = getattr(model, "disable_adapter", None)
     if disable is not None:
         with disable():
             ref_chosen, ref_rejected = logprobs([p.chosen for p in pairs]), logprobs([p.rejected for p in pairs])
         rewards = beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
-        result["reward_accuracy"] = float((rewards > 0).double().mean())
-        result["reward_margin"] = float(rewards.mean())
-    return result
+
+    def summarise(rows: list[int]) -> dict[str, Any]:
+        index = torch.tensor(rows)
+        picked = None if rewards is None else rewards[index]
+        return {
+            "n_pairs": len(rows),
+            "logprob_margin": float((chosen[index] - rejected[index]).mean()),
+            "reward_accuracy": None if picked is None else float((picked > 0).double().mean()),
+            "reward_margin": None if picked is None else float(picked.mean()),
+        }
+
+    files: dict[str, list[int]] = {}
+    for row, pair in enumerate(pairs):
+        files.setdefault(pair_file(pair.source), []).append(row)
+    return {**summarise(list(range(len(pairs)))), "by_file": {name: summarise(rows) for name, rows in files.items()}}
+
+
+def pair_file(source: str) -> str:
+    """The file (or Hub dataset) a pair came from, from its ``FILE:LINE`` source."""
+    return source.rsplit(":", 1)[0]
 
 
 def evaluate(

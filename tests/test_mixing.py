@@ -138,6 +138,8 @@ def eval_files(tmp_path):
 
 def test_eval_command(chat_base, two_adapters, eval_files, tmp_path):
     prompts, pairs = eval_files
+    more_pairs = tmp_path / "more_pairs.jsonl"
+    more_pairs.write_text('{"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "No."}\n')
     out = tmp_path / "eval"
     result = run(
         "eval",
@@ -149,6 +151,8 @@ def test_eval_command(chat_base, two_adapters, eval_files, tmp_path):
         prompts,
         "--pairs",
         pairs,
+        "--pairs",
+        more_pairs,
         "-o",
         out,
         "--max-new-tokens",
@@ -159,6 +163,10 @@ def test_eval_command(chat_base, two_adapters, eval_files, tmp_path):
     assert results["prompts"]["n_unsafe"] == 1 and results["prompts"]["n_safe"] == 1
     assert 0.0 <= results["pairs"]["reward_accuracy"] <= 1.0
     assert isinstance(results["pairs"]["logprob_margin"], float)
+    by_file = results["pairs"]["by_file"]
+    assert {name: part["n_pairs"] for name, part in by_file.items()} == {str(pairs): 2, str(more_pairs): 1}
+    weighted = sum(part["n_pairs"] * part["logprob_margin"] for part in by_file.values()) / 3
+    assert weighted == pytest.approx(results["pairs"]["logprob_margin"])
     assert len((out / "completions.jsonl").read_text().splitlines()) == 2
     assert "refusal (unsafe)" in (out / "summary.md").read_text()
     base_only = run("eval", "--base", chat_base, "--pairs", pairs, "-o", tmp_path / "base-eval")
@@ -182,6 +190,8 @@ def test_sweep_2x2_writes_csv_json_and_heatmaps(chat_base, two_adapters, eval_fi
         prompts,
         "--pairs",
         pairs,
+        "--pairs",
+        more_pairs,
         "-o",
         out,
         "--max-new-tokens",
