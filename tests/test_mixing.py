@@ -190,8 +190,6 @@ def test_sweep_2x2_writes_csv_json_and_heatmaps(chat_base, two_adapters, eval_fi
         prompts,
         "--pairs",
         pairs,
-        "--pairs",
-        more_pairs,
         "-o",
         out,
         "--max-new-tokens",
