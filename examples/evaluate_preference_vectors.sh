@@ -3,9 +3,10 @@
 #
 #   bash examples/evaluate_preference_vectors.sh [CONFIG...]     # from the repository root
 #
-# CONFIG is any of: base helpful harmless both baseline sweep (default: all). Results go to
-# examples/results/<config>/ (results.json, summary.md, completions.jsonl) and
-# examples/results/sweep/ (sweep.csv, sweep.json, heatmap_*.png).
+# CONFIG is any of: base helpful harmless both baseline sweep pairs (default: all but pairs).
+# Results go to examples/results/<config>/ (results.json, summary.md, completions.jsonl),
+# examples/results/sweep/ (sweep.csv, sweep.json, heatmap_*.png) and, for pairs,
+# examples/results/pairs/<config>/ (the DPO metrics of every configuration per pair file).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${DATA:-../shared/data}"
@@ -17,23 +18,29 @@ PROMPTS=(--prompts "$DATA/eval/xstest_prompts.jsonl")
 PAIRS=(--pairs "$DATA/eval/xstest_safe_pairs.jsonl" --pairs "$DATA/eval/xstest_unsafe_pairs.jsonl" --max-pairs 50)
 GENERATION=(--max-new-tokens 40 --batch-size 16)
 
-evaluate() {  # NAME [--adapter SPEC]...
-  local name=$1; shift
-  lora-arith eval "$@" "${PROMPTS[@]}" "${PAIRS[@]}" "${GENERATION[@]}" -o "$RESULTS/$name" --force
+CONFIGS="base helpful harmless both baseline"
+
+adapters_of() {  # CONFIG: the --adapter options of one evaluated configuration
+  case $1 in
+    base)     ;;
+    helpful)  echo --adapter adapters/helpful.safetensors ;;
+    harmless) echo --adapter adapters/harmless.safetensors ;;
+    both)     echo --adapter adapters/helpful.safetensors:1 --adapter adapters/harmless.safetensors:1 ;;
+    baseline) echo --adapter adapters/baseline-union.safetensors ;;
+    *) echo "unknown config $1" >&2; return 2 ;;
+  esac
 }
 
-for config in "${@:-base helpful harmless both baseline sweep}"; do
-  for item in $config; do
-    case $item in
-      base)     evaluate base ;;
-      helpful)  evaluate helpful --adapter adapters/helpful.safetensors ;;
-      harmless) evaluate harmless --adapter adapters/harmless.safetensors ;;
-      both)     evaluate both --adapter adapters/helpful.safetensors:1 --adapter adapters/harmless.safetensors:1 ;;
-      baseline) evaluate baseline --adapter adapters/baseline-union.safetensors ;;
-      sweep)    lora-arith sweep --vector helpful=adapters/helpful.safetensors \
-                  --vector harmless=adapters/harmless.safetensors --grid=-1,-0.5,0,0.5,1 \
-                  "${PROMPTS[@]}" --limit 30 --max-new-tokens 24 --batch-size 20 -o "$RESULTS/sweep" --force ;;
-      *) echo "unknown config $item" >&2; exit 2 ;;
-    esac
-  done
+for item in ${@:-$CONFIGS sweep}; do
+  case $item in
+    sweep) lora-arith sweep --vector helpful=adapters/helpful.safetensors \
+             --vector harmless=adapters/harmless.safetensors --grid=-1,-0.5,0,0.5,1 \
+             "${PROMPTS[@]}" --limit 30 --max-new-tokens 24 --batch-size 20 -o "$RESULTS/sweep" --force ;;
+    pairs) mkdir -p "$RESULTS/pairs"
+           for config in $CONFIGS; do  # DPO metrics only, per pair file (results.json: pairs.by_file)
+             lora-arith eval $(adapters_of "$config") "${PAIRS[@]}" -o "$RESULTS/pairs/$config" --force
+           done ;;
+    *)     adapters="$(adapters_of "$item")"
+           lora-arith eval $adapters "${PROMPTS[@]}" "${PAIRS[@]}" "${GENERATION[@]}" -o "$RESULTS/$item" --force ;;
+  esac
 done
