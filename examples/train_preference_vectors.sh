@@ -8,7 +8,7 @@
 # Each preference is two DPO runs (on the pairs, then swapped) of 30 steps × 8 pairs on the
 # 4-bit default base, 128 tokens, LoRA r 8 on all linear layers; then φ = Δ+ − Δ−.
 # The two vectors train side by side, one core each; on this project's 2-vCPU machine a run
-# took 10-14 minutes, both vectors 27 minutes and the baseline about 25 more (see adapters/README.md for the full timing).
+# took 10-14 minutes, both vectors 27 minutes and the baseline 25 more (see adapters/README.md for the full timing).
 # Templated pairs (refusal: specs) are written from templates, not labelled by people.
 # Left out on purpose (measured in adapters/README.md): the HH harmless pairs, whose chosen replies
 # are mostly evasive rather than refusals, and answer-vs-refusal pairs templated on Alpaca, which
