@@ -12,7 +12,7 @@
 # Templated pairs (refusal: specs) are written from templates, not labelled by people.
 # Left out on purpose (measured in adapters/README.md): the HH harmless pairs, whose chosen replies
 # are mostly evasive rather than refusals, and answer-vs-refusal pairs templated on Alpaca, which
-# taught the model never to refuse.
+# most likely taught the model never to refuse (both were dropped at once).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${DATA:-../shared/data}"

@@ -99,6 +99,11 @@ class PreferencePair:
         """Whether one side of the pair was written from a template rather than by a person or model."""
         return self.source.startswith(TEMPLATED_SOURCE_PREFIX)
 
+    @property
+    def origin(self) -> str:
+        """The file (or Hub dataset) the pair came from: ``source`` without its line or row number."""
+        return self.source.rsplit(":", 1)[0]
+
     def swapped(self) -> PreferencePair:
         """The same pair with ``chosen`` and ``rejected`` exchanged."""
         return replace(self, chosen=self.rejected, rejected=self.chosen)

@@ -105,13 +105,8 @@ def pair_metrics(model, tokenizer, pairs: Sequence[Any], *, beta: float = 0.1, b
 
     files: dict[str, list[int]] = {}
     for row, pair in enumerate(pairs):
-        files.setdefault(pair_file(pair.source), []).append(row)
+        files.setdefault(pair.origin, []).append(row)
     return {**summarise(list(range(len(pairs)))), "by_file": {name: summarise(rows) for name, rows in files.items()}}
-
-
-def pair_file(source: str) -> str:
-    """The file (or Hub dataset) a pair came from, from its ``FILE:LINE`` source."""
-    return source.rsplit(":", 1)[0]
 
 
 def evaluate(
