@@ -9,6 +9,12 @@ import pytest
 NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "preference_vectors.ipynb"
 
 
+def test_notebook_is_valid_nbformat():
+    import nbformat
+
+    nbformat.validate(nbformat.read(NOTEBOOK, as_version=4))
+
+
 @pytest.mark.base
 def test_notebook_runs():
     import nbformat
