@@ -35,7 +35,7 @@ for item in ${@:-$CONFIGS sweep}; do
   case $item in
     sweep) lora-arith sweep --vector helpful=adapters/helpful.safetensors \
              --vector harmless=adapters/harmless.safetensors --grid=-1,-0.5,0,0.5,1 \
-             "${PROMPTS[@]}" --limit 30 --max-new-tokens 24 --batch-size 20 -o "$RESULTS/sweep" --force ;;
+             "${PROMPTS[@]}" --max-new-tokens 24 --batch-size 20 -o "$RESULTS/sweep" --force ;;
     pairs) mkdir -p "$RESULTS/pairs"
            for config in $CONFIGS; do  # DPO metrics only, per pair file (results.json: pairs.by_file)
              lora-arith eval $(adapters_of "$config") "${PAIRS[@]}" -o "$RESULTS/pairs/$config" --force
