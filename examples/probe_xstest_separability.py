@@ -19,35 +19,43 @@ A linear probe on frozen features is a hint, not a bound, on what a LoRA fine-tu
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 from lora_arith.base_model import chat_prompt, load_base
+from lora_arith.data import load_pairs
+from lora_arith.evaluation import load_eval_prompts
 
 MAX_PROMPT_CHARS = 400
 
+XSTEST_SOURCES = (("harmless/xstest_unsafe_pairs.jsonl", 1), ("helpful/xstest_safe_pairs.jsonl", 0))
+"""The XSTest train half, as (data spec relative to the data folder, is_unsafe)."""
 
-def read_prompts(path: Path, label: int) -> list[tuple[str, int]]:
-    """The single-turn prompts of a JSONL file (short ones only), each with ``label``."""
-    rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+TEMPLATED_SOURCES = (
+    ("refusal:harmless/advbench_behaviors.jsonl", 1),
+    ("refusal:harmless/donotanswer_prompts.jsonl", 1),
+    ("helpful/general_pairs.jsonl", 0),
+    ("answer:helpful/alpaca_demo.jsonl", 0),
+)
+"""The other prompt sources of the shipped vectors (and Alpaca), as (data spec, is_unsafe)."""
+
+
+def source_prompts(data: Path, spec: str, label: int) -> list[tuple[str, int]]:
+    """The short single-turn prompts of one data spec, read with the recipe's own loader."""
+    kind, _, relative = spec.rpartition(":")
+    pairs, _ = load_pairs([f"{kind}:{data / relative}" if kind else str(data / relative)])
     return [
-        (row["prompt"], label)
-        for row in rows
-        if isinstance(row["prompt"], str) and len(row["prompt"]) < MAX_PROMPT_CHARS
+        (pair.prompt, label)
+        for pair in pairs
+        if isinstance(pair.prompt, str) and len(pair.prompt) < MAX_PROMPT_CHARS
     ]
 
 
 def training_prompts(data: Path, add_templated_sources: bool) -> list[tuple[str, int]]:
     """Unique (prompt, is_unsafe) pairs to fit the probe on; never the eval half."""
-    labelled = read_prompts(data / "harmless/xstest_unsafe_pairs.jsonl", 1)
-    labelled += read_prompts(data / "helpful/xstest_safe_pairs.jsonl", 0)
-    if add_templated_sources:
-        labelled += read_prompts(data / "harmless/advbench_behaviors.jsonl", 1)
-        labelled += read_prompts(data / "harmless/donotanswer_prompts.jsonl", 1)
-        labelled += read_prompts(data / "helpful/general_pairs.jsonl", 0)
-        labelled += read_prompts(data / "helpful/alpaca_demo.jsonl", 0)
+    sources = XSTEST_SOURCES + (TEMPLATED_SOURCES if add_templated_sources else ())
+    labelled = [item for spec, label in sources for item in source_prompts(data, spec, label)]
     return sorted(dict(labelled).items(), key=lambda item: len(item[0]))
 
 
@@ -89,18 +97,14 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/data"))
     parser.add_argument("--add-templated-sources", action="store_true")
     args = parser.parse_args()
-    torch.manual_seed(0)
 
     train = training_prompts(args.data, args.add_templated_sources)
-    evaluation = [
-        (row["prompt"], int(row["should_refuse"]))
-        for row in map(json.loads, (args.data / "eval/xstest_prompts.jsonl").read_text().splitlines())
-    ]
+    evaluation = load_eval_prompts([args.data / "eval/xstest_prompts.jsonl"])
     model, tokenizer = load_base(None, quantize_4bit=False)
     train_states = last_token_states(model, tokenizer, [prompt for prompt, _ in train])
-    eval_states = last_token_states(model, tokenizer, [prompt for prompt, _ in evaluation])
+    eval_states = last_token_states(model, tokenizer, [item.prompt for item in evaluation])
     train_labels = torch.tensor([label for _, label in train], dtype=torch.float32)
-    eval_unsafe = torch.tensor([label for _, label in evaluation]).bool()
+    eval_unsafe = torch.tensor([item.should_refuse for item in evaluation])
 
     unsafe_count = int(train_labels.sum())
     print(f"train: {len(train)} prompts ({unsafe_count} unsafe); eval: {len(evaluation)} prompts")
