@@ -317,4 +317,4 @@ def test_vector_end_to_end_then_extract_combine_and_load_into_peft(tiny_chat, pa
     result = CliRunner().invoke(main, ["combine", f"{vector}:0.5", f"{extracted}:0.5", "-o", str(mix)])
     assert result.exit_code == 0, result.output
     model = PeftModel.from_pretrained(load_base(str(tiny_chat), quantize_4bit=False)[0], str(mix))
-    assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[-1] == model.config.vocab_size
+    assert model(input_ids=torch.tensor([[1, 2, 3]], device=model.device)).logits.shape[-1] == model.config.vocab_size
