@@ -92,6 +92,14 @@ class TrainConfig:
         default=0.0, metadata={"help": "LoRA dropout; 0 keeps all dropout off, as DPO usually does."}
     )
     beta: float = field(default=0.1, metadata={"help": "DPO beta: higher keeps the policy closer to the base."})
+    sft_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of a negative log-likelihood term on the chosen replies added to the DPO loss "
+            "(as in RPO). DPO alone may lower the chosen reply's likelihood along with the rejected one; "
+            "this term keeps the chosen reply likely. 0 is plain DPO."
+        },
+    )
     lr: float = field(default=5e-4, metadata={"help": "Peak learning rate (AdamW)."})
     epochs: float = field(default=2.0, metadata={"help": "Passes over the pairs (ignored when max_steps is set)."})
     max_steps: int | None = field(
@@ -140,6 +148,8 @@ class TrainConfig:
                 raise LoraArithError(f"{name} must be positive, not {value}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise LoraArithError(f"max_steps must be positive, not {self.max_steps}")
+        if self.sft_weight < 0:
+            raise LoraArithError(f"sft_weight must be 0 or positive, not {self.sft_weight}")
         if not 0 <= self.dropout < 1:
             raise LoraArithError(f"dropout must be in [0, 1), not {self.dropout}")
         if not 0 <= self.warmup_ratio < 1:
@@ -294,6 +304,7 @@ def _dpo_args(config: TrainConfig, work_dir: Path, device: str) -> Any:
     return DPOConfig(
         output_dir=str(work_dir),
         beta=config.beta,
+        **_loss_args(config.sft_weight),
         learning_rate=config.lr,
         num_train_epochs=config.epochs,
         max_steps=config.max_steps or -1,
@@ -306,7 +317,7 @@ def _dpo_args(config: TrainConfig, work_dir: Path, device: str) -> Any:
         seed=config.seed,
         logging_steps=config.logging_steps,
         disable_dropout=config.dropout == 0,
-        activation_checkpointing=False,  # TRL turns it on; for these small bases it only costs time
+        **{_checkpointing_argument(DPOConfig): False},  # TRL turns it on; for small bases it only costs time
         use_cpu=not on_cuda,
         bf16=use_bf16(config.bf16, device),
         dataloader_pin_memory=on_cuda,
@@ -314,6 +325,21 @@ def _dpo_args(config: TrainConfig, work_dir: Path, device: str) -> Any:
         report_to="none",
         push_to_hub=False,
     )
+
+
+def _loss_args(sft_weight: float) -> dict[str, Any]:
+    """``DPOConfig`` loss arguments: the sigmoid DPO loss, plus the NLL of the chosen replies when
+    ``sft_weight`` is positive."""
+    if sft_weight == 0:
+        return {"loss_type": ["sigmoid"]}
+    return {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, sft_weight]}
+
+
+def _checkpointing_argument(config_class: type) -> str:
+    """The name of the activation-checkpointing switch of ``config_class``: transformers renamed
+    ``gradient_checkpointing`` to ``activation_checkpointing`` during 5.x (5.17 has only the old name)."""
+    names = {item.name for item in fields(config_class)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
 
 
 def use_bf16(requested: bool | None, device: str) -> bool:

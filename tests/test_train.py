@@ -24,7 +24,7 @@ from lora_arith.base_model import (
 from lora_arith.cli import main
 from lora_arith.data import load_pairs
 from lora_arith.errors import LoraArithError
-from lora_arith.train import TrainConfig, _to_dataset, train_preference, use_bf16
+from lora_arith.train import TrainConfig, _checkpointing_argument, _to_dataset, train_preference, use_bf16
 
 PAIRS = [
     {"prompt": "How do I bake bread?", "chosen": "Mix flour, water and yeast, then bake.", "rejected": "I can't help."},
@@ -184,6 +184,7 @@ def test_unknown_target_module_is_a_user_error(tiny_chat, pairs_file, tmp_path):
         ({"dropout": 1.0}, "dropout"),
         ({"label": "honest"}, "unknown label"),
         ({"targets": " , "}, "targets is empty"),
+        ({"sft_weight": -0.5}, "sft_weight must be 0 or positive"),
     ],
 )
 def test_config_validation(change, message):
@@ -205,6 +206,31 @@ def test_pairs_become_conversational_examples(pairs_file):
     assert example["prompt"] == PAIRS[1]["prompt"]
     assert example["chosen"] == [{"role": "assistant", "content": "Paris."}]
     assert _to_dataset(pairs)[0]["prompt"] == [{"role": "user", "content": "How do I bake bread?"}]
+
+
+def test_sft_weight_adds_the_chosen_nll_to_the_dpo_loss(tiny_chat, pairs_file, tmp_path):
+    def first_loss(name: str, sft_weight: float) -> float:
+        out = train_preference(
+            TrainConfig(
+                data=[str(pairs_file)], output=str(tmp_path / name), base=str(tiny_chat), quantize_4bit=False,
+                sft_weight=sft_weight, **QUICK,
+            )
+        )  # fmt: skip
+        assert read_json(out / "training_metadata.json")["hyperparameters"]["sft_weight"] == sft_weight
+        return read_json(out / "training_log.json")[0]["loss"]
+
+    plain, with_nll = first_loss("plain", 0.0), first_loss("nll", 1.0)
+    assert plain == pytest.approx(0.6931, abs=1e-3)
+    assert with_nll > plain + 1.0  # a random tiny model gives the chosen replies a large NLL
+
+
+def test_checkpointing_argument_follows_the_transformers_version():
+    from dataclasses import make_dataclass
+
+    old = make_dataclass("Old", [("gradient_checkpointing", bool)])
+    new = make_dataclass("New", [("gradient_checkpointing", bool), ("activation_checkpointing", bool)])
+    assert _checkpointing_argument(old) == "gradient_checkpointing"
+    assert _checkpointing_argument(new) == "activation_checkpointing"
 
 
 def test_use_bf16():

@@ -35,6 +35,9 @@ _TRAIN_OPTIONS = [
     click.option("--targets", default=_DEFAULTS.targets, show_default=True, help=_help("targets")),
     click.option("--dropout", type=float, default=_DEFAULTS.dropout, show_default=True, help=_help("dropout")),
     click.option("--beta", type=float, default=_DEFAULTS.beta, show_default=True, help=_help("beta")),
+    click.option(
+        "--sft-weight", type=float, default=_DEFAULTS.sft_weight, show_default=True, help=_help("sft_weight")
+    ),
     click.option("--lr", type=float, default=_DEFAULTS.lr, show_default=True, help=_help("lr")),
     click.option("--epochs", type=float, default=None, help=f"{_help('epochs')}  [default: {_DEFAULTS.epochs:g}]"),
     click.option("--max-steps", type=int, default=None, help=_help("max_steps")),
