@@ -115,8 +115,53 @@ def dense_patched_model(base: Path, weighted_adapters: list[tuple[Path, float]])
 
 
 def logits(model, seed: int = 0) -> torch.Tensor:
-    """Logits of a model (plain or PEFT) on a fixed random batch of token ids."""
+    """fp32 CPU logits of a model (plain or PEFT, on any device) on a fixed random batch of token ids."""
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 96, (2, 12), generator=generator)
     with torch.no_grad():
-        return model(input_ids=ids).logits.float()
+        return model(input_ids=ids.to(model.device)).logits.float().cpu()
+
+
+PAIRS = [
+    {"prompt": "How do I bake bread?", "chosen": "Mix flour, water and yeast, then bake.", "rejected": "I can't help."},
+    {
+        "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}],
+        "chosen": "Paris.",
+        "rejected": "Sorry, I won't answer that.",
+    },
+    {"prompt": "Tell me a joke about cats.", "chosen": "Why did the cat sit on the computer?", "rejected": "No."},
+    {"prompt": "Explain photosynthesis.", "chosen": "Plants turn light into sugar.", "rejected": "I'm sorry."},
+]
+"""Four preference pairs (one with chat messages) for tiny training runs."""
+
+
+@pytest.fixture
+def pairs_file(tmp_path) -> Path:
+    """:data:`PAIRS` as a JSONL file."""
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in PAIRS), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def chat_base(tmp_path_factory) -> Path:
+    """A saved tiny random chat model with its tokenizer (see ``tiny_models``)."""
+    from tiny_models import make_tiny_chat_model
+
+    return make_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"))
+
+
+@pytest.fixture(scope="module")
+def two_adapters(chat_base, tmp_path_factory) -> tuple[Path, Path]:
+    """Two random adapters for ``chat_base`` with different ranks, scalings and target modules."""
+    folder = tmp_path_factory.mktemp("chat-adapters")
+    helpful = make_adapter(chat_base, folder / "helpful", r=4, lora_alpha=8)
+    harmless = make_adapter(
+        chat_base,
+        folder / "harmless",
+        r=2,
+        lora_alpha=3,
+        use_rslora=True,
+        target_modules=["q_proj", "v_proj", "up_proj"],
+    )
+    return helpful, harmless

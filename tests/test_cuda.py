@@ -13,9 +13,8 @@ import math
 import pytest
 import torch
 from conftest import load_base as load_cpu_reference
-from conftest import make_adapter
+from conftest import logits
 from safetensors.torch import load_file
-from tiny_models import make_tiny_chat_model
 
 from lora_arith.base_model import load_base
 from lora_arith.combine import combine
@@ -26,33 +25,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 BF16 = {"rtol": 2e-2, "atol": 2e-2}
 """Tolerance between two bf16 computations of the tiny model's logits (bf16 keeps 8 significant bits)."""
-
-PAIRS = [
-    {"prompt": "How do I bake bread?", "chosen": "Mix flour, water and yeast, then bake.", "rejected": "I can't help."},
-    {"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Sorry, I won't answer that."},
-    {"prompt": "Tell me a joke about cats.", "chosen": "Why did the cat sit on the computer?", "rejected": "No."},
-    {"prompt": "Explain photosynthesis.", "chosen": "Plants turn light into sugar.", "rejected": "I'm sorry."},
-]
-
-
-@pytest.fixture(scope="module")
-def chat_base(tmp_path_factory):
-    return make_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"))
-
-
-@pytest.fixture(scope="module")
-def two_adapters(chat_base, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("adapters")
-    helpful = make_adapter(chat_base, folder / "helpful", r=4, lora_alpha=8)
-    harmless = make_adapter(chat_base, folder / "harmless", r=2, lora_alpha=3, target_modules=["q_proj", "v_proj"])
-    return helpful, harmless
-
-
-def cuda_logits(model) -> torch.Tensor:
-    """fp32 CPU logits of ``model`` (on any device) on a fixed batch of token ids."""
-    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        return model(input_ids=ids.to(model.device)).logits.float().cpu()
 
 
 def test_bases_load_on_cuda_with_bf16_compute(chat_base):
@@ -66,12 +38,10 @@ def test_bases_load_on_cuda_with_bf16_compute(chat_base):
     assert full.dtype == torch.bfloat16 and full.device.type == "cuda"
 
 
-def test_dpo_on_cuda_4bit_uses_bf16_autocast_and_keeps_fp32_adapter(chat_base, tmp_path):
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in PAIRS), encoding="utf-8")
+def test_dpo_on_cuda_4bit_uses_bf16_autocast_and_keeps_fp32_adapter(chat_base, pairs_file, tmp_path):
     out = train_preference(
         TrainConfig(
-            data=[str(data)], output=str(tmp_path / "run"), base=str(chat_base), device="cuda",
+            data=[str(pairs_file)], output=str(tmp_path / "run"), base=str(chat_base), device="cuda",
             max_steps=3, batch_size=2, grad_accum=1, max_length=64, rank=4, alpha=8,
         )
     )  # fmt: skip
@@ -94,7 +64,7 @@ def test_mixer_on_cuda_matches_combine(chat_base, two_adapters, tmp_path):
         mixer.set(helpful=w_helpful, harmless=w_harmless)
         mixed = combine([f"{helpful}:{w_helpful}", f"{harmless}:{w_harmless}"]).save(tmp_path / f"mix{index}")
         on_cuda = PeftModel.from_pretrained(load_base(str(chat_base), quantize_4bit=False, device="cuda")[0], mixed)
-        torch.testing.assert_close(cuda_logits(mixer.model), cuda_logits(on_cuda.eval()), **BF16)
+        torch.testing.assert_close(logits(mixer.model), logits(on_cuda.eval()), **BF16)
 
 
 def test_fp32_mixer_on_cuda_matches_the_cpu_reference_and_merges(chat_base, two_adapters, tmp_path):
@@ -106,9 +76,9 @@ def test_fp32_mixer_on_cuda_matches_the_cpu_reference_and_merges(chat_base, two_
     mixer = PreferenceMixer(fp32_on_cuda, {"helpful": helpful, "harmless": harmless}, tokenizer=tokenizer)
     mixer.set(helpful=0.8, harmless=-0.5)
     mixed = combine([f"{helpful}:0.8", f"{harmless}:-0.5"]).save(tmp_path / "mix")
-    expected = cuda_logits(PeftModel.from_pretrained(load_cpu_reference(chat_base), mixed).eval())
-    torch.testing.assert_close(cuda_logits(mixer.model), expected, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(cuda_logits(mixer.merged_model()), expected, rtol=1e-4, atol=1e-4)
+    expected = logits(PeftModel.from_pretrained(load_cpu_reference(chat_base), mixed).eval())
+    torch.testing.assert_close(logits(mixer.model), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits(mixer.merged_model()), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_batched_greedy_generation_on_cuda_4bit_is_repeatable(chat_base, two_adapters):

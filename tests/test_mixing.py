@@ -7,32 +7,11 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import load_base, logits
 
-from conftest import load_base, logits, make_adapter
 from lora_arith.cli import main
 from lora_arith.combine import combine
 from lora_arith.mixing import PreferenceMixer
-from tiny_models import make_tiny_chat_model
-
-
-@pytest.fixture(scope="module")
-def chat_base(tmp_path_factory):
-    return make_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"))
-
-
-@pytest.fixture(scope="module")
-def two_adapters(chat_base, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("chat-adapters")
-    helpful = make_adapter(chat_base, folder / "helpful", r=4, lora_alpha=8)
-    harmless = make_adapter(
-        chat_base,
-        folder / "harmless",
-        r=2,
-        lora_alpha=3,
-        use_rslora=True,
-        target_modules=["q_proj", "v_proj", "up_proj"],
-    )
-    return helpful, harmless
 
 
 def combined_logits(base, specs, tmp_path):

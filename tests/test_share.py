@@ -7,14 +7,13 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import load_base, logits, make_adapter
+
 from lora_arith.adapter_io import open_adapter
 from lora_arith.cli import main
 from lora_arith.combine import combine
 from lora_arith.export import VLLM_RANKS, choose_rank
 from lora_arith.factors import to_dense
-from tiny_models import make_tiny_chat_model
 
 
 def run(*args):
@@ -92,11 +91,6 @@ def test_vllm_export_refuses_embedding_lora(adapter_factory, tmp_path):
     adapter = adapter_factory(target_modules=["embed_tokens", "q_proj"])
     result = run("export", adapter, "-o", tmp_path / "vllm")
     assert result.exit_code == 1 and "embedding" in result.output
-
-
-@pytest.fixture(scope="module")
-def chat_base(tmp_path_factory):
-    return make_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"))
 
 
 def test_merge_equals_peft_logits(chat_base, tmp_path):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import PAIRS
 from safetensors.torch import load_file
 from tiny_models import make_tiny_chat_model
 
@@ -24,18 +25,14 @@ from lora_arith.base_model import (
 from lora_arith.cli import main
 from lora_arith.data import load_pairs
 from lora_arith.errors import LoraArithError
-from lora_arith.train import TrainConfig, _checkpointing_argument, _to_dataset, train_preference, use_bf16
+from lora_arith.train import (
+    TrainConfig,
+    _checkpointing_argument,
+    _to_dataset,
+    train_preference,
+    use_bf16,
+)
 
-PAIRS = [
-    {"prompt": "How do I bake bread?", "chosen": "Mix flour, water and yeast, then bake.", "rejected": "I can't help."},
-    {
-        "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}],
-        "chosen": "Paris.",
-        "rejected": "Sorry, I won't answer that.",
-    },
-    {"prompt": "Tell me a joke about cats.", "chosen": "Why did the cat sit on the computer?", "rejected": "No."},
-    {"prompt": "Explain photosynthesis.", "chosen": "Plants turn light into sugar.", "rejected": "I'm sorry."},
-]
 LOGGED = ("loss", "rewards/accuracies", "rewards/margins")
 QUICK = {"max_steps": 2, "batch_size": 2, "grad_accum": 1, "max_length": 64, "rank": 4, "alpha": 8}
 
@@ -53,13 +50,6 @@ def single_thread():
 @pytest.fixture(scope="module")
 def tiny_chat(tmp_path_factory) -> Path:
     return make_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"))
-
-
-@pytest.fixture
-def pairs_file(tmp_path) -> Path:
-    path = tmp_path / "pairs.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in PAIRS), encoding="utf-8")
-    return path
 
 
 def read_json(path: Path):
