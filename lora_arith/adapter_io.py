@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
@@ -201,6 +201,11 @@ class AdapterFile:
     # -- public API ------------------------------------------------------------------------
 
     @property
+    def sources(self) -> list[Path]:
+        """The local files and folders this adapter is read from, which an output must not touch."""
+        return adapter_sources(self.weights_path)
+
+    @property
     def base_model(self) -> str | None:
         """``base_model_name_or_path`` from the config, if any."""
         return self.config.get("base_model_name_or_path")
@@ -270,6 +275,27 @@ def _read_metadata(weights: Path, label: str) -> dict[str, str]:
             return dict(handle.metadata() or {})
     except Exception as error:
         raise LoraArithError(f"{label}: not a readable safetensors file ({_first_line(error)})") from None
+
+
+def adapter_sources(path: str | os.PathLike[str]) -> list[Path]:
+    """The local files and folders an adapter at ``path`` (a local spec path) is read from:
+    a folder; or a weights file, with its folder when it is a PEFT folder's
+    ``adapter_model.safetensors``, and an ``adapter_config.json`` beside it. Empty for a Hub
+    reference."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        return []
+    if path.is_dir():
+        return [path]
+    sources = [path, path.parent / CONFIG_NAME]
+    if path.name == WEIGHTS_NAME:
+        sources.append(path.parent)
+    return [p for p in sources if p.exists()]
+
+
+def output_kind(path: str | os.PathLike[str]) -> str:
+    """How :func:`save_adapter` writes ``path``: ``"file"`` (single-file form) or ``"adapter"`` (a PEFT folder)."""
+    return "file" if Path(path).suffix == ".safetensors" else "adapter"
 
 
 def open_adapter(path: str | os.PathLike[str]) -> AdapterFile:
@@ -368,16 +394,18 @@ def save_adapter(
     training: Mapping[str, Any] | None = None,
     force: bool = False,
     extra_files: Mapping[str, str] | None = None,
+    inputs: Sequence[str | os.PathLike[str]] = (),
 ) -> Path:
     """Write an adapter atomically: the single-file form if ``path`` ends in ``.safetensors``,
     else a PEFT directory (weights, ``adapter_config.json``, a README model card and
     ``extra_files``). ``recipe`` (the arithmetic) and ``training`` (how the inputs were
     trained) go into the safetensors metadata and the model card. Nothing is left behind if
-    writing fails.
+    writing fails. ``path`` may be an :class:`~lora_arith.atomic.Output` already checked;
+    otherwise it is checked here against ``inputs`` (see :func:`~lora_arith.atomic.check_output`).
     """
-    single_file = Path(path).suffix == ".safetensors"
+    single_file = output_kind(path) == "file"
     metadata = _metadata(config, recipe, training, single_file)
-    with atomic_output(path, directory=not single_file, force=force) as temporary:
+    with atomic_output(path, kind=output_kind(path), force=force, inputs=inputs) as temporary:
         if single_file:
             save_file(dict(tensors), temporary, metadata=metadata)
         else:

@@ -38,6 +38,7 @@ __all__ = [
     "default_base_dir",
     "resolve_base",
     "base_model_id",
+    "base_sources",
     "default_device",
     "load_base",
     "chat_prompt",
@@ -187,6 +188,15 @@ def base_model_id(base: str | None) -> str:
         return DEFAULT_BASE_ID
     path = Path(base).expanduser()
     return str(path.resolve()) if path.exists() else base
+
+
+def base_sources(base: str | None) -> list[Path]:
+    """The local folder a base is read from (the cache folder for the default base), which an
+    output must not touch; empty for a Hub id. Converts and downloads nothing."""
+    if _is_default(base):
+        return [cache_root() / CACHE_SUBDIR]
+    path = Path(base).expanduser()
+    return [path] if path.exists() else []
 
 
 def default_device() -> str:

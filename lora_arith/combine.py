@@ -27,7 +27,6 @@ from lora_arith.adapter_io import (
     save_adapter,
     unit_scaling_config,
 )
-from lora_arith.atomic import check_output
 from lora_arith.errors import LoraArithError
 from lora_arith.factors import LowRankDelta, compress, single_threaded, weighted_sum
 
@@ -95,6 +94,8 @@ class Combination:
     modules: list[ModuleResult] = field(default_factory=list)
     input_count: int = 0
     training: dict[str, Any] | None = None
+    sources: list[Path] = field(default_factory=list, repr=False)
+    """The local files and folders the inputs were read from; an output never touches them."""
 
     @property
     def partial_modules(self) -> list[str]:
@@ -113,9 +114,9 @@ class Combination:
 
     def save(self, path: str | os.PathLike[str], *, force: bool = False, dtype: torch.dtype | None = None) -> Path:
         """Write a PEFT directory, or the single-file form if ``path`` ends in ``.safetensors``."""
-        inputs = [Path(item["path"]) for item in self.recipe["inputs"]]
-        check_output(path, force, inputs)
-        return save_adapter(path, self.tensors(dtype), self.config, self.recipe, training=self.training, force=force)
+        return save_adapter(
+            path, self.tensors(dtype), self.config, self.recipe, training=self.training, force=force, inputs=self.sources
+        )
 
 
 def _check_bases(adapters: Sequence[AdapterFile], allow_mismatch: bool) -> str | None:
@@ -270,4 +271,5 @@ def combine(
         ],
     }
     training = {spec.path: adapter.training for spec, adapter in zip(specs, adapters) if adapter.training}
-    return Combination(deltas, kinds, config, recipe, out_dtype, results, len(adapters), training or None)
+    sources = [source for adapter in adapters for source in adapter.sources]
+    return Combination(deltas, kinds, config, recipe, out_dtype, results, len(adapters), training or None, sources)

@@ -108,5 +108,5 @@ def export_for_vllm(
         "rank": rank,
         "inputs": [{"path": str(adapter), "weight": 1.0, "sha256": opened.sha256}],
     }
-    path = save_adapter(output, tensors, config, recipe, training=opened.training, force=force)
+    path = save_adapter(output, tensors, config, recipe, training=opened.training, force=force, inputs=opened.sources)
     return Export(path, rank, padded, compressed)

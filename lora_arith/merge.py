@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from lora_arith.atomic import atomic_output, check_output
+from lora_arith.atomic import atomic_output, check_output, removed_on_signal
 from lora_arith.errors import LoraArithError
 
 REQUANTIZE_WARNING = (
@@ -25,17 +25,19 @@ def merge_adapters(
     quantize_4bit: bool = False,
     requantize: bool = False,
     force: bool = False,
+    device: str = "cpu",
 ) -> Path:
     """Fold ``Σ wᵢ ΔWᵢ`` of the adapter specs (``PATH[:WEIGHT]``) into the base and save the model
     with its tokenizer to ``output``, loadable with ``AutoModelForCausalLM.from_pretrained``.
 
     The merge is done in full precision. ``quantize_4bit`` then stores the result in NF4, which
-    is refused unless ``requantize`` acknowledges the rounding loss.
+    is refused unless ``requantize`` acknowledges the rounding loss. ``device`` is where the base
+    is loaded and the merge computed.
     """
     import torch
 
-    from lora_arith.adapter_io import DTYPES
-    from lora_arith.base_model import load_base
+    from lora_arith.adapter_io import DTYPES, adapter_sources
+    from lora_arith.base_model import base_sources, load_base
     from lora_arith.combine import parse_spec
     from lora_arith.mixing import PreferenceMixer, adapter_names
 
@@ -43,28 +45,28 @@ def merge_adapters(
         raise LoraArithError(REQUANTIZE_WARNING)
     if not specs:
         raise LoraArithError("give at least one --adapter to merge")
-    check_output(output, force)
     named = adapter_names([parse_spec(s) for s in specs])
-    model, tokenizer = load_base(base, quantize_4bit=False, device="cpu")
+    inputs = base_sources(base) + [p for s in named.values() for p in adapter_sources(s.path)]
+    output = check_output(output, force=force, inputs=inputs, kind="model")
+    model, tokenizer = load_base(base, quantize_4bit=False, device=device)
     mixer = PreferenceMixer(model, {n: s.path for n, s in named.items()}, tokenizer=tokenizer)
     mixer.set(**{n: s.weight for n, s in named.items()})
     merged = mixer.merged_model().to(DTYPES[dtype] if not quantize_4bit else torch.float32)
-    with atomic_output(output, directory=True, force=force) as temporary:
+    with atomic_output(output) as temporary:
         if quantize_4bit:
             _save_requantized(merged, tokenizer, temporary)
         else:
             merged.save_pretrained(temporary)
             tokenizer.save_pretrained(temporary)
-    return Path(output)
+    return output.path
 
 
 def _save_requantized(model, tokenizer, folder: Path) -> None:
-    import tempfile
-
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    with tempfile.TemporaryDirectory(dir=folder.parent) as full_precision:
+    # Beside the output's temporary, named after it, so a kill leaves nothing unrecognisable behind.
+    with removed_on_signal(folder.with_name(folder.name + ".full-precision")) as full_precision:
         model.save_pretrained(full_precision)
         quantized = AutoModelForCausalLM.from_pretrained(
             full_precision,

@@ -8,10 +8,10 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from lora_arith.adapter_io import DTYPES
-from lora_arith.atomic import check_output
+from lora_arith.adapter_io import DTYPES, output_kind
+from lora_arith.atomic import atomic_output, check_output, removed_on_signal
 from lora_arith.combine import AdapterSpec, combine
-from lora_arith.train import TrainConfig, train_preference, training_summary
+from lora_arith.train import TrainConfig, train_preference, training_inputs, training_summary
 
 
 def train_vector(
@@ -30,10 +30,12 @@ def train_vector(
     The vector's metadata records both runs' training summaries. ``keep_runs`` names a folder
     to keep the two intermediate adapters in (as ``positive/`` and ``negative/``).
     """
-    check_output(output, force)
+    inputs = training_inputs(config)
+    output = check_output(output, force=force, inputs=inputs, kind=output_kind(output))
     if keep_runs is not None:
-        check_output(keep_runs, force)
-    with tempfile.TemporaryDirectory(prefix="lora-arith-vector-") as work:
+        keep_runs = check_output(keep_runs, force=force, inputs=[*inputs, output.path], kind="runs")
+        # (the output counts as an input here, so the two never overlap)
+    with tempfile.TemporaryDirectory(prefix="lora-arith-vector-") as work, removed_on_signal(Path(work)):
         runs = {}
         for name, swap in (("positive", False), ("negative", True)):
             runs[name] = train_preference(replace(config, output=str(Path(work) / name), swap=swap, overwrite=False))
@@ -45,9 +47,8 @@ def train_vector(
         for item, name in zip(result.recipe["inputs"], runs):
             item["path"] = f"{name} run"
         result.training = {name: training_summary(path) for name, path in runs.items()}
-        written = result.save(output, force=force, dtype=DTYPES[dtype] if dtype else None)
+        written = result.save(output, dtype=DTYPES[dtype] if dtype else None)
         if keep_runs is not None:
-            if Path(keep_runs).exists():
-                shutil.rmtree(keep_runs)
-            shutil.copytree(work, keep_runs)
+            with atomic_output(keep_runs) as folder:
+                shutil.copytree(work, folder, dirs_exist_ok=True)
     return written

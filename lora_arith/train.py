@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_arith import __version__
-from lora_arith.atomic import atomic_output, check_output
+from lora_arith.atomic import Output, atomic_output, check_output, removed_on_signal
 from lora_arith.data import (
     LABELS,
     LoadReport,
@@ -184,7 +184,7 @@ def train_preference(config: TrainConfig) -> Path:
 
     started = time.time()
     config.validate()
-    output = _prepare_output(Path(config.output).expanduser(), config.overwrite)
+    output = _prepare_output(config)
     pairs, report = load_pairs(
         config.data, label=config.label, swap=config.swap, skip_invalid=config.skip_invalid, seed=config.seed
     )
@@ -194,17 +194,18 @@ def train_preference(config: TrainConfig) -> Path:
     )
     _check_model(model, tokenizer, config)
     with tempfile.TemporaryDirectory(prefix="lora-arith-train-") as work_dir, _telemetry_disabled():
-        trainer = _make_trainer(config, model, tokenizer, _to_dataset(pairs), Path(work_dir), device)
-        trainer.train()
-    with atomic_output(output, directory=True, force=config.overwrite) as folder:
+        with removed_on_signal(Path(work_dir)):
+            trainer = _make_trainer(config, model, tokenizer, _to_dataset(pairs), Path(work_dir), device)
+            trainer.train()
+    with atomic_output(output) as folder:
         trainer.model.save_pretrained(folder, save_embedding_layers=False)
         _write_json(folder / TRAINING_LOG, _step_logs(trainer))
         info = _metadata(config, report, trainer, len(pairs), base_model_id(config.base), device, started)
         _write_json(folder / TRAINING_METADATA, info)
         from lora_arith.adapter_io import write_single_file
 
-        write_single_file(folder, folder / single_file_name(output), training=training_summary(folder))
-    return output
+        write_single_file(folder, folder / single_file_name(output.path), training=training_summary(folder))
+    return output.path
 
 
 FINAL_METRICS = ("loss", "rewards/accuracies", "rewards/margins")
@@ -223,15 +224,23 @@ def single_file_name(output: Path) -> str:
     return f"{output.name}.safetensors"
 
 
-def _prepare_output(output: Path, overwrite: bool) -> Path:
-    """Check ``output`` before the long part: refuse an existing one unless ``overwrite``, and
-    never replace a non-empty folder that is not an adapter. Creates missing parent folders."""
-    if overwrite and output.exists():
-        is_adapter = (output / "adapter_config.json").is_file()
-        if not output.is_dir() or (not is_adapter and any(output.iterdir())):
-            raise LoraArithError(f"output {output} exists and is not an adapter folder; not replacing it")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    return check_output(output, overwrite)
+def training_inputs(config: TrainConfig) -> list[Path]:
+    """The local files and folders a run reads (data files, the base), which its outputs must not touch."""
+    from lora_arith.base_model import base_sources
+
+    files = [spec_file(spec) for spec in config.data]
+    return [*(f for f in files if f is not None), *base_sources(config.base)]
+
+
+def _prepare_output(config: TrainConfig) -> Output:
+    """Check the output before the long part (see :func:`~lora_arith.atomic.check_output`): an
+    existing one is replaced only with ``overwrite``, and only an empty folder or an earlier
+    adapter folder. Missing parent folders are created when the adapter is written."""
+    if isinstance(config.output, Output):
+        return config.output
+    return check_output(
+        config.output, force=config.overwrite, inputs=training_inputs(config), kind="adapter", create_parents=True
+    )
 
 
 def _check_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: TrainConfig) -> None:

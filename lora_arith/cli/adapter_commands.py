@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from lora_arith.cli import main, progress_wanted
+from lora_arith.cli import force_option, main, output_option, progress_wanted
 
 _SPEC_HELP = "PATH[:WEIGHT] — a PEFT adapter directory or .safetensors file, with an optional weight (default 1.0, may be negative)."
 
@@ -55,14 +55,11 @@ def _compression_options(command):
             help="Output dtype (default: the inputs' dtype).",
         ),
         click.option("--allow-base-mismatch", is_flag=True, help="Combine adapters that name different base models."),
-        click.option("-f", "--force", is_flag=True, help="Overwrite OUT if it exists."),
-        click.option(
-            "-o",
-            "--output",
-            "output",
+        force_option(),
+        output_option(
+            "Output: a directory (PEFT adapter) or a file ending in .safetensors (single-file form).",
             required=True,
             type=click.Path(path_type=Path),
-            help="Output: a directory (PEFT adapter) or a file ending in .safetensors (single-file form).",
         ),
     ]
     for option in reversed(options):
@@ -71,12 +68,15 @@ def _compression_options(command):
 
 
 def _run_combination(specs, output, method, rank, energy, dtype, allow_base_mismatch, force) -> None:
-    from lora_arith.adapter_io import DTYPES
+    from lora_arith.adapter_io import DTYPES, adapter_sources, output_kind
     from lora_arith.atomic import check_output
     from lora_arith.combine import combine, parse_spec
 
     parsed = [parse_spec(s) if isinstance(s, str) else s for s in specs]
-    check_output(output, force, [Path(s.path) for s in parsed])
+    # Checked before the work, against the local inputs; Combination.save does not check again.
+    output = check_output(
+        output, force=force, kind=output_kind(output), inputs=[p for s in parsed for p in adapter_sources(s.path)]
+    )
     result = combine(
         parsed,
         method=method,
@@ -86,7 +86,7 @@ def _run_combination(specs, output, method, rank, energy, dtype, allow_base_mism
         allow_base_mismatch=allow_base_mismatch,
         progress=progress_wanted(),
     )
-    written = result.save(output, force=force)
+    written = result.save(output)
 
     ranks = Counter(m.rank for m in result.modules)
     rank_text = ", ".join(f"{r}×{n}" for r, n in sorted(ranks.items()))

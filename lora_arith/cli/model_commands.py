@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from lora_arith.cli import main, progress_wanted
+from lora_arith.cli import device_option, force_option, four_bit_option, main, output_option, progress_wanted
 
 
 _adapter_option = click.option(
@@ -27,7 +27,8 @@ def _model_options(command):
             default=None,
             help="Base model: a local directory or a Hub id. Default: the embedded SmolLM2-135M-Instruct.",
         ),
-        click.option("--4bit", "quantize_4bit", is_flag=True, help="Load the base in 4-bit NF4 (bitsandbytes)."),
+        four_bit_option(False, "Load the base in 4-bit NF4 (bitsandbytes)."),
+        device_option(),
         click.option("--batch-size", default=16, show_default=True, help="Prompts generated together."),
         click.option("--max-new-tokens", default=128, show_default=True, help="Tokens generated per prompt at most."),
     ]
@@ -36,16 +37,28 @@ def _model_options(command):
     return command
 
 
-def _mixer(base, adapter_specs, quantize_4bit):
+def _mixer(base, adapter_specs, quantize_4bit, device=None):
     """A PreferenceMixer with each ``PATH[:WEIGHT]`` spec attached under its file stem."""
     from lora_arith.combine import parse_spec
     from lora_arith.mixing import PreferenceMixer, adapter_names
 
     named = adapter_names([parse_spec(s) for s in adapter_specs])
-    mixer = PreferenceMixer(base, {name: spec.path for name, spec in named.items()}, quantize_4bit=quantize_4bit)
+    mixer = PreferenceMixer(
+        base, {name: spec.path for name, spec in named.items()}, quantize_4bit=quantize_4bit, device=device
+    )
     if named:
         mixer.set(**{name: spec.weight for name, spec in named.items()})
     return mixer
+
+
+def _model_inputs(base, adapter_specs, *files) -> list:
+    """The local inputs of a command that loads a model: the base, the adapters and ``files``."""
+    from lora_arith.adapter_io import adapter_sources
+    from lora_arith.base_model import base_sources
+    from lora_arith.combine import parse_spec
+
+    adapters = [p for spec in adapter_specs for p in adapter_sources(parse_spec(spec).path)]
+    return [*base_sources(base), *adapters, *(Path(f) for f in files if f is not None)]
 
 
 def _read_prompts(path: Path) -> list:
@@ -69,18 +82,29 @@ def _read_prompts(path: Path) -> list:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="JSONL file with a 'prompt' per line.",
 )
-@click.option(
-    "--out",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Write JSONL lines {prompt, completion} here (default: stdout).",
+@output_option(
+    "Write JSONL lines {prompt, completion} here (default: stdout).",
+    hidden_aliases=("--out",),
+    type=click.Path(path_type=Path),
 )
 @click.option("--temperature", default=0.0, show_default=True, help="Sampling temperature; 0 means greedy.")
 @click.option("--seed", default=0, show_default=True, help="Random seed for sampling.")
-@click.option("-f", "--force", is_flag=True, help="Overwrite --out if it exists.")
+@force_option("Replace the output file if it exists.")
 @_adapter_option
 @_model_options
 def generate(
-    prompt, prompts_file, out, temperature, seed, force, base, adapters, quantize_4bit, batch_size, max_new_tokens
+    prompt,
+    prompts_file,
+    output,
+    temperature,
+    seed,
+    force,
+    base,
+    adapters,
+    quantize_4bit,
+    device,
+    batch_size,
+    max_new_tokens,
 ):
     """Generate replies with adapters mixed at run time.
 
@@ -91,17 +115,15 @@ def generate(
       lora-arith generate --adapter adapters/helpful.safetensors:1 \\
           --adapter adapters/harmless.safetensors:0.5 "How do I kill a Python process?"
     """
-    from lora_arith.atomic import atomic_output
+    from lora_arith.atomic import atomic_output, check_output
     from lora_arith.errors import LoraArithError
 
     if (prompt is None) == (prompts_file is None):
         raise LoraArithError("give either a PROMPT or --prompts FILE")
+    if output is not None:
+        output = check_output(output, force=force, inputs=_model_inputs(base, adapters, prompts_file), kind="file")
     prompts = [prompt] if prompt is not None else _read_prompts(prompts_file)
-    if out is not None:
-        from lora_arith.atomic import check_output
-
-        check_output(out, force)
-    mixer = _mixer(base, adapters, quantize_4bit)
+    mixer = _mixer(base, adapters, quantize_4bit, device)
     completions = mixer.generate(
         prompts,
         max_new_tokens=max_new_tokens,
@@ -111,15 +133,15 @@ def generate(
         progress=progress_wanted(),
     )
     lines = [json.dumps({"prompt": p, "completion": c}, ensure_ascii=False) for p, c in zip(prompts, completions)]
-    if out is None:
+    if output is None:
         if prompt is not None:
             click.echo(completions[0])
         else:
             click.echo("\n".join(lines))
         return
-    with atomic_output(out, directory=False, force=force) as temporary:
-        temporary.write_text("\n".join(lines) + "\n")
-    click.echo(f"wrote {len(lines)} completions to {out}", err=True)
+    with atomic_output(output) as temporary:
+        temporary.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    click.echo(f"wrote {len(lines)} completions to {output}", err=True)
 
 
 def _parse_set_command(text: str) -> dict[str, float]:
@@ -144,7 +166,7 @@ CHAT_HELP = "commands: /set NAME=WEIGHT ... (move the dials), /weights, /reset (
 @click.option("--temperature", default=0.0, show_default=True, help="Sampling temperature; 0 means greedy.")
 @_adapter_option
 @_model_options
-def chat(temperature, base, adapters, quantize_4bit, batch_size, max_new_tokens):
+def chat(temperature, base, adapters, quantize_4bit, device, batch_size, max_new_tokens):
     """Chat interactively; move the preference dials mid-conversation with /set.
 
     \b
@@ -154,7 +176,7 @@ def chat(temperature, base, adapters, quantize_4bit, batch_size, max_new_tokens)
     """
     from lora_arith.errors import LoraArithError
 
-    mixer = _mixer(base, adapters, quantize_4bit)
+    mixer = _mixer(base, adapters, quantize_4bit, device)
     messages: list[dict[str, str]] = []
     interactive = sys.stdin.isatty()
     click.echo(f"adapters: {mixer.weights or 'none'}; {CHAT_HELP}")
@@ -208,10 +230,8 @@ def _eval_options(command):
         click.option("--beta", default=0.1, show_default=True, help="DPO β for the implicit reward."),
         click.option("--limit", type=int, default=None, help="Use only the first N should-refuse and N other prompts."),
         click.option("--max-pairs", type=int, default=None, help="Use only the first N pairs of each --pairs file."),
-        click.option(
-            "-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output directory."
-        ),
-        click.option("-f", "--force", is_flag=True, help="Overwrite the output directory if it exists."),
+        output_option("Output directory.", hidden_aliases=("--out",), required=True, type=click.Path(path_type=Path)),
+        force_option("Replace the output directory if it is an earlier output of this command (or empty)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -249,11 +269,12 @@ def evaluate_command(
     beta,
     limit,
     max_pairs,
-    out,
+    output,
     force,
     base,
     adapters,
     quantize_4bit,
+    device,
     batch_size,
     max_new_tokens,
 ):
@@ -265,9 +286,11 @@ def evaluate_command(
     from lora_arith.atomic import atomic_output, check_output
     from lora_arith.evaluation import evaluate, summary_table
 
-    check_output(out, force)
+    output = check_output(
+        output, force=force, inputs=_model_inputs(base, adapters, *prompt_files, *pair_files), kind="eval"
+    )
     prompts, pairs = _load_eval_inputs(prompt_files, pair_files, limit, max_pairs)
-    mixer = _mixer(base, adapters, quantize_4bit)
+    mixer = _mixer(base, adapters, quantize_4bit, device)
     result = evaluate(
         mixer.model,
         mixer.tokenizer,
@@ -281,7 +304,7 @@ def evaluate_command(
     label = " + ".join(f"{w:g}·{n}" for n, w in mixer.weights.items()) or "base"
     completions = result.pop("completions", [])
     table = summary_table({label: result})
-    with atomic_output(out, directory=True, force=force) as temporary:
+    with atomic_output(output) as temporary:
         (temporary / "results.json").write_text(
             json.dumps({"model": label, "weights": mixer.weights, **result}, indent=1)
         )
@@ -312,10 +335,11 @@ def sweep(
     beta,
     limit,
     max_pairs,
-    out,
+    output,
     force,
     base,
     quantize_4bit,
+    device,
     batch_size,
     max_new_tokens,
 ):
@@ -344,9 +368,10 @@ def sweep(
             raise LoraArithError(f"--vector {name} is given twice")
         named[name] = path
     values = parse_grid(grid)
-    check_output(out, force)
+    inputs = _model_inputs(base, named.values(), *prompt_files, *pair_files)
+    output = check_output(output, force=force, inputs=inputs, kind="sweep")
     prompts, pairs = _load_eval_inputs(prompt_files, pair_files, limit, max_pairs)
-    mixer = PreferenceMixer(base, named, quantize_4bit=quantize_4bit)
+    mixer = PreferenceMixer(base, named, quantize_4bit=quantize_4bit, device=device)
 
     def evaluate_point(current):
         return evaluate(
@@ -360,6 +385,6 @@ def sweep(
         )
 
     rows = run_sweep(mixer, values, evaluate_point, progress=progress_wanted())
-    with atomic_output(out, directory=True, force=force) as temporary:
+    with atomic_output(output) as temporary:
         written = write_sweep(rows, mixer.names, temporary)
-    click.echo(f"evaluated {len(rows)} grid points; wrote {', '.join(p.name for p in written)} to {out}")
+    click.echo(f"evaluated {len(rows)} grid points; wrote {', '.join(p.name for p in written)} to {output}")

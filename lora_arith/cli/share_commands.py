@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from lora_arith.cli import main
+from lora_arith.cli import device_option, force_option, four_bit_option, main, output_option
 
 
 @main.command()
@@ -39,10 +39,10 @@ def push(adapter, repo_id, private, revision, license_, dry_run):
 
 @main.command()
 @click.argument("adapter")
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output adapter folder.")
+@output_option("Output adapter folder.", required=True, type=click.Path(path_type=Path))
 @click.option("--for", "target", type=click.Choice(["vllm"]), default="vllm", show_default=True, help="Serving engine.")
 @click.option("--max-rank", type=int, default=None, help="Cap the uniform rank (compressing larger modules optimally).")
-@click.option("-f", "--force", is_flag=True, help="Overwrite the output if it exists.")
+@force_option()
 def export(adapter, output, target, max_rank, force):
     """Rewrite ADAPTER for a serving engine (vLLM: one rank from {8,16,32,64,128,256,320,512}).
 
@@ -71,14 +71,15 @@ def export(adapter, output, target, max_rank, force):
 @click.option(
     "--adapter", "adapters", multiple=True, required=True, metavar="SPEC", help="PATH[:WEIGHT] to merge (repeatable)."
 )
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output model folder.")
+@output_option("Output model folder.", required=True, type=click.Path(path_type=Path))
 @click.option(
     "--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True, help="Saved dtype."
 )
-@click.option("--4bit", "quantize_4bit", is_flag=True, help="Save the merged model in 4-bit NF4 (needs --requantize).")
+@four_bit_option(False, "Save the merged model in 4-bit NF4 (needs --requantize).")
 @click.option("--requantize", is_flag=True, help="Accept the rounding loss of re-quantizing merged weights to 4-bit.")
-@click.option("-f", "--force", is_flag=True, help="Overwrite the output if it exists.")
-def merge(base, adapters, output, dtype, quantize_4bit, requantize, force):
+@force_option()
+@device_option("Device to load the base on for merging: 'cpu' (default), 'cuda' or 'cuda:N'.")
+def merge(base, adapters, output, dtype, quantize_4bit, requantize, force, device):
     """Write a full model with the weighted adapter deltas merged into the base weights.
 
     The result loads with transformers' AutoModelForCausalLM.from_pretrained and gives the same
@@ -87,6 +88,13 @@ def merge(base, adapters, output, dtype, quantize_4bit, requantize, force):
     from lora_arith.merge import merge_adapters
 
     path = merge_adapters(
-        base, adapters, output, dtype=dtype, quantize_4bit=quantize_4bit, requantize=requantize, force=force
+        base,
+        adapters,
+        output,
+        dtype=dtype,
+        quantize_4bit=quantize_4bit,
+        requantize=requantize,
+        force=force,
+        device=device or "cpu",
     )
     click.echo(f"wrote merged model to {path}")

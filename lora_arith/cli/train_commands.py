@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from lora_arith.cli import main
+from lora_arith.cli import device_option, force_option, four_bit_option, main, output_option
 from lora_arith.data import LABELS
 from lora_arith.errors import LoraArithError
 from lora_arith.train import (
@@ -45,7 +45,8 @@ _TRAIN_OPTIONS = [
     click.option("--grad-accum", type=int, default=_DEFAULTS.grad_accum, show_default=True, help=_help("grad_accum")),
     click.option("--max-length", type=int, default=_DEFAULTS.max_length, show_default=True, help=_help("max_length")),
     click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True, help=_help("seed")),
-    click.option("--no-4bit", "no_4bit", is_flag=True, help="Load the base unquantized (fp32 on CPU, bf16 on CUDA)."),
+    four_bit_option(True, "Load the base in 4-bit NF4 (QLoRA); --no-4bit loads it unquantized (fp32 on CPU, bf16 on CUDA)."),
+    device_option(),
     click.option("--double-quant", is_flag=True, help=_help("double_quant")),
     click.option("--bf16/--no-bf16", default=None, help=_help("bf16") + "  [default: auto]"),
 ]
@@ -62,20 +63,19 @@ def _config(output: Path, swap: bool, force: bool, options: dict) -> TrainConfig
     """A :class:`TrainConfig` from the parsed training options."""
     if options["epochs"] is not None and options["max_steps"] is not None:
         raise LoraArithError("give either --epochs or --max-steps, not both")
-    if options["double_quant"] and options["no_4bit"]:
+    if options["double_quant"] and not options["quantize_4bit"]:
         raise LoraArithError("--double-quant needs the 4-bit base; drop --no-4bit")
     options = dict(options)
     options["data"] = list(options["data"])
     options["epochs"] = _DEFAULTS.epochs if options["epochs"] is None else options["epochs"]
-    options["quantize_4bit"] = not options.pop("no_4bit")
     return TrainConfig(output=str(output), swap=swap, overwrite=force, **options)
 
 
 @main.command("train")
 @_train_options
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help=_help("output"))
+@output_option(_help("output"), required=True, type=click.Path(path_type=Path))
 @click.option("--swap", is_flag=True, help=_help("swap"))
-@click.option("--force", is_flag=True, help="Replace the output folder if it already holds an adapter.")
+@force_option("Replace the output folder if it is empty or holds an earlier adapter.")
 def train_command(output: Path, swap: bool, force: bool, **options) -> None:
     """Train a preference as a LoRA adapter with DPO on the (4-bit) base.
 
@@ -92,12 +92,10 @@ def train_command(output: Path, swap: bool, force: bool, **options) -> None:
 
 @main.command("vector")
 @_train_options
-@click.option(
-    "-o",
-    "--output",
+@output_option(
+    "The preference vector: a .safetensors file (single-file form) or a PEFT folder.",
     required=True,
     type=click.Path(path_type=Path),
-    help="The preference vector: a .safetensors file (single-file form) or a PEFT folder.",
 )
 @click.option("--keep-runs", type=click.Path(path_type=Path), help="Keep the two DPO adapters in this folder.")
 @click.option(
@@ -114,7 +112,7 @@ def train_command(output: Path, swap: bool, force: bool, **options) -> None:
     default=None,
     help="Dtype of the written vector (default: the adapters').",
 )
-@click.option("--force", is_flag=True, help="Overwrite the output (and --keep-runs) if they exist.")
+@force_option("Replace the output (and --keep-runs) if they exist and are earlier outputs of this command.")
 def vector_command(output: Path, keep_runs, method, vector_rank, dtype, force, **options) -> None:
     """Run the whole recipe for one preference: DPO on the pairs (θ+), DPO on the pairs with
     chosen and rejected swapped (θ−), then write φ = Δ+ − Δ−.
