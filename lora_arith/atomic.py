@@ -134,13 +134,15 @@ def check_output(
     inputs: Iterable[str | os.PathLike[str]] = (),
     kind: str = "file",
     create_parents: bool = False,
+    outputs: Iterable[str | os.PathLike[str]] = (),
 ) -> Output:
     """Check that ``path`` may be written as an output of ``kind`` (see :data:`OUTPUT_KINDS`).
 
     Refuses an output that equals, contains or sits inside one of ``inputs`` (always, symlinks
     resolved); ``.``/``..`` and other nameless outputs; an existing output without ``force``,
     or with ``force`` one that is not a file, an empty folder or an earlier output of ``kind``;
-    and a missing parent folder unless ``create_parents``.
+    and a missing parent folder unless ``create_parents``. ``outputs`` are the run's other
+    outputs, which must not overlap this one either (existing or not).
 
     Returns:
         An :class:`Output` to hand to :func:`atomic_output` (or to any writer taking a path).
@@ -151,7 +153,7 @@ def check_output(
         raise ValueError(f"unknown output kind {kind!r}")
     text = os.fspath(path)
     given = Path(os.path.expanduser(text))
-    if given.name in ("", ".", "..") or text.rstrip("/").endswith(("/.", "/..")) or text in (".", ".."):
+    if given.name in ("", ".", ".."):
         raise LoraArithError(f"output {text!r} names no file or folder of its own; give it a name, e.g. -o out")
     resolved = _real(given)
     sources = tuple(_real(s) for s in inputs if s is not None and os.path.lexists(os.path.expanduser(os.fspath(s))))
@@ -159,6 +161,9 @@ def check_output(
         relation = _relation(resolved, source)
         if relation:
             raise LoraArithError(f"output {given} {relation}; inputs are never modified, not even with --force")
+    for other in outputs:
+        if _relation(resolved, _real(other)):
+            raise LoraArithError(f"output {given} overlaps the other output {other}; give them separate places")
     if os.path.lexists(given):
         if not force:
             raise LoraArithError(f"output {given} exists; pass --force to replace it")
@@ -246,7 +251,7 @@ def remove_stale_temporaries(final: Path) -> list[Path]:
     """Remove temporaries of ``final`` left by processes that are gone (killed, say, by SIGKILL).
 
     A temporary is stale when the process in its name is not running, or is a newer process
-    that got the same pid after the temporary was last written.
+    that got the same pid after the temporary was last written (its mtime).
     """
     removed = []
     try:
@@ -265,7 +270,7 @@ def remove_stale_temporaries(final: Path) -> list[Path]:
             stat = entry.lstat()
         except OSError:
             continue
-        if started is None or started > max(stat.st_mtime, stat.st_ctime) + 1:
+        if started is None or started > stat.st_mtime + 1:
             _remove(entry)
             removed.append(entry)
     return removed

@@ -33,8 +33,7 @@ def train_vector(
     inputs = training_inputs(config)
     output = check_output(output, force=force, inputs=inputs, kind=output_kind(output))
     if keep_runs is not None:
-        keep_runs = check_output(keep_runs, force=force, inputs=[*inputs, output.path], kind="runs")
-        # (the output counts as an input here, so the two never overlap)
+        keep_runs = check_output(keep_runs, force=force, inputs=inputs, kind="runs", outputs=[output.path])
     with tempfile.TemporaryDirectory(prefix="lora-arith-vector-") as work, removed_on_signal(Path(work)):
         runs = {}
         for name, swap in (("positive", False), ("negative", True)):
