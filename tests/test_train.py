@@ -125,6 +125,7 @@ def test_cli_refuses_existing_output_unless_forced(tiny_chat, pairs_file, tmp_pa
     out = tmp_path / "run"
     out.mkdir()
     (out / "adapter_config.json").write_text("{}")
+    (out / "adapter_model.safetensors").write_bytes(b"")  # an earlier adapter: --force may replace it
     base = ["train", "--data", str(pairs_file), "-o", str(out), "--base", str(tiny_chat), "--no-4bit"]
     result = CliRunner().invoke(main, base + ["--max-steps", "1"])
     assert result.exit_code == 1 and "exists" in result.output and "--force" in result.output
