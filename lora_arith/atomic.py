@@ -283,15 +283,17 @@ _lock = threading.RLock()
 
 
 def _on_signal(signum: int, frame) -> None:
+    previous = _previous_handlers.get(signum, signal.SIG_DFL)
+    if callable(previous):
+        # Python's SIGINT handler raises KeyboardInterrupt: the writers' own clean-up runs as it unwinds.
+        previous(signum, frame)
+        return
     for path in list(_live):
         _remove(path)
     _live.clear()
-    previous = _previous_handlers.get(signum, signal.SIG_DFL)
     _restore_handlers()
-    if callable(previous):
-        previous(signum, frame)  # Python's SIGINT handler raises KeyboardInterrupt
-    else:
-        signal.raise_signal(signum)  # the default action: die of this signal, as the caller expects
+    signal.signal(signum, signal.SIG_DFL)
+    signal.raise_signal(signum)  # the default action: die of this signal, as the caller expects
 
 
 def _install_handlers() -> None:
