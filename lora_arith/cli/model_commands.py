@@ -92,20 +92,7 @@ def _read_prompts(path: Path) -> list:
 @force_option("Replace the output file if it exists.")
 @_adapter_option
 @_model_options
-def generate(
-    prompt,
-    prompts_file,
-    output,
-    temperature,
-    seed,
-    force,
-    base,
-    adapters,
-    quantize_4bit,
-    device,
-    batch_size,
-    max_new_tokens,
-):
+def generate(prompt, prompts_file, output, temperature, seed, force, base, adapters, **model):
     """Generate replies with adapters mixed at run time.
 
     Give one PROMPT, or --prompts FILE.jsonl. Prompts go through the base's chat template.
@@ -123,11 +110,11 @@ def generate(
     if output is not None:
         output = check_output(output, force=force, inputs=_model_inputs(base, adapters, prompts_file), kind="file")
     prompts = [prompt] if prompt is not None else _read_prompts(prompts_file)
-    mixer = _mixer(base, adapters, quantize_4bit, device)
+    mixer = _mixer(base, adapters, model["quantize_4bit"], model["device"])
     completions = mixer.generate(
         prompts,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
+        max_new_tokens=model["max_new_tokens"],
+        batch_size=model["batch_size"],
         temperature=temperature,
         seed=seed,
         progress=progress_wanted(),
