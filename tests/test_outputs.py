@@ -477,8 +477,7 @@ def test_file_size_limit_is_a_one_line_error(adapter_factory, tmp_path, name):
         resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
 
     if name.endswith(".jsonl"):  # a plain Python write, not safetensors'
-        code = textwrap.dedent(
-            """
+        code = textwrap.dedent("""
             import sys
             import lora_arith.atomic as atomic
             from lora_arith.errors import LoraArithError
@@ -487,12 +486,15 @@ def test_file_size_limit_is_a_one_line_error(adapter_factory, tmp_path, name):
                     temporary.write_text("x" * 100000)
             except LoraArithError as error:
                 sys.exit(f"Error: {error}")
-            """
-        )
+            """)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
         env["PYTHONDONTWRITEBYTECODE"] = "1"
         completed = subprocess.run(
-            [sys.executable, "-c", code, str(tmp_path / name)], capture_output=True, text=True, env=env, preexec_fn=limit
+            [sys.executable, "-c", code, str(tmp_path / name)],
+            capture_output=True,
+            text=True,
+            env=env,
+            preexec_fn=limit,
         )
     else:
         completed = cli("combine", a, "-o", tmp_path / name, preexec_fn=limit, dont_write_bytecode=True)

@@ -53,12 +53,12 @@ class AliasOption(click.Option):
 
 def output_option(help: str, *, hidden_aliases=(), **kwargs):
     """``-o/--output``, the same spelling in every command that writes."""
-    return click.option(
-        "-o", "--output", "output", cls=AliasOption, hidden_aliases=hidden_aliases, help=help, **kwargs
-    )
+    return click.option("-o", "--output", "output", cls=AliasOption, hidden_aliases=hidden_aliases, help=help, **kwargs)
 
 
-def force_option(help: str = "Replace an existing output (only a file, an empty folder or an earlier output of the same kind)."):
+def force_option(
+    help: str = "Replace an existing output (only a file, an empty folder or an earlier output of the same kind).",
+):
     """``-f/--force``, the same spelling in every command that writes."""
     return click.option("-f", "--force", is_flag=True, help=help)
 
