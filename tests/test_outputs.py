@@ -347,8 +347,13 @@ main(sys.argv[2:], prog_name="lora-arith")
 """
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_and_hold(adapter: Path, out: Path, ready: Path) -> subprocess.Popen:
-    process = python(_HOLD, ready, "combine", adapter, "-o", out)
+    # a shell without job control starts background jobs with SIGINT ignored; a user's Ctrl-C is not
+    process = python(_HOLD, ready, "combine", adapter, "-o", out, preexec_fn=_default_sigint)
     deadline = time.monotonic() + 120
     while not ready.exists():
         assert process.poll() is None, process.communicate()
