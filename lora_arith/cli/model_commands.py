@@ -28,8 +28,16 @@ def _model_options(command):
             help="Base model: a local directory or a Hub id. Default: the embedded SmolLM2-135M-Instruct.",
         ),
         click.option("--4bit", "quantize_4bit", is_flag=True, help="Load the base in 4-bit NF4 (bitsandbytes)."),
-        click.option("--batch-size", default=16, show_default=True, help="Prompts generated together."),
-        click.option("--max-new-tokens", default=128, show_default=True, help="Tokens generated per prompt at most."),
+        click.option(
+            "--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Prompts generated together."
+        ),
+        click.option(
+            "--max-new-tokens",
+            type=click.IntRange(min=1),
+            default=128,
+            show_default=True,
+            help="Tokens generated per prompt at most.",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
@@ -46,19 +54,6 @@ def _mixer(base, adapter_specs, quantize_4bit):
     if named:
         mixer.set(**{name: spec.weight for name, spec in named.items()})
     return mixer
-
-
-def _read_prompts(path: Path) -> list:
-    from lora_arith.errors import LoraArithError
-
-    prompts = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                prompts.append(json.loads(line)["prompt"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise LoraArithError(f"{path}:{number}: expected a JSON object with a 'prompt'") from None
-    return prompts
 
 
 @main.command()
@@ -96,7 +91,12 @@ def generate(
 
     if (prompt is None) == (prompts_file is None):
         raise LoraArithError("give either a PROMPT or --prompts FILE")
-    prompts = [prompt] if prompt is not None else _read_prompts(prompts_file)
+    if prompt is not None:
+        prompts, sources = [prompt], ["PROMPT"]
+    else:
+        from lora_arith.data import load_prompts
+
+        prompts, sources = load_prompts(prompts_file)  # every line checked before any model loads
     if out is not None:
         from lora_arith.atomic import check_output
 
@@ -109,6 +109,7 @@ def generate(
         temperature=temperature,
         seed=seed,
         progress=progress_wanted(),
+        sources=sources,
     )
     lines = [json.dumps({"prompt": p, "completion": c}, ensure_ascii=False) for p, c in zip(prompts, completions)]
     if out is None:
