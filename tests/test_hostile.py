@@ -471,7 +471,7 @@ def test_blocked_inner_product_matches_the_dense_one():
 # -- §9 Unicode line breaks inside JSON strings ----------------------------------------------
 
 
-@pytest.mark.parametrize("separator", ["\u2028", "\u0085", "\u2029", "\x1c"])
+@pytest.mark.parametrize("separator", ["\u2028", "\u0085", "\u2029"])
 def test_prompt_files_split_on_newline_only(chat_base, tmp_path, separator):
     from lora_arith.evaluation import load_eval_prompts
 
@@ -489,13 +489,26 @@ def test_prompt_files_split_on_newline_only(chat_base, tmp_path, separator):
     assert [item.prompt for item in load_eval_prompts([evals])] == [prompt]
 
 
-@pytest.mark.parametrize("separator", ["\u2028", "\u0085"])
-def test_data_files_split_on_newline_only(tmp_path, separator):
-    from lora_arith.data import load_pairs, read_jsonl
-
+def _separated_rows(tmp_path: Path, separator: str) -> tuple[dict, Path]:
     row = {"prompt": f"a{separator}b", "chosen": f"yes{separator}indeed", "rejected": "no"}
     data = tmp_path / "pairs.jsonl"
     data.write_text(json.dumps(row, ensure_ascii=False) + "\r\n" + json.dumps(row, ensure_ascii=False), "utf-8")
+    return row, data
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u0085"])
+def test_data_files_split_on_newline_only(tmp_path, separator):
+    """(The pair loader already read files line by line; this keeps it so.)"""
+    from lora_arith.data import load_pairs
+
+    row, data = _separated_rows(tmp_path, separator)
     pairs, _ = load_pairs([str(data)])
     assert [(p.prompt, p.chosen) for p in pairs] == [(row["prompt"], row["chosen"])] * 2
-    assert [number for number, _ in read_jsonl(data)] == [1, 2]
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u0085"])
+def test_the_one_jsonl_reader_numbers_lines_split_on_newline_only(tmp_path, separator):
+    from lora_arith.data import read_jsonl
+
+    row, data = _separated_rows(tmp_path, separator)
+    assert list(read_jsonl(data)) == [(1, row), (2, row)]
