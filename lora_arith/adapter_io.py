@@ -32,7 +32,7 @@ from lora_arith.errors import LoraArithError, first_line
 from lora_arith.factors import LowRankDelta, single_threaded
 from lora_arith.hub import resolve
 from lora_arith.model_card import model_card
-from lora_arith.numerics import cast_finite, require_finite
+from lora_arith.numerics import DTYPE_HINT, cast_finite, require_finite
 
 CONFIG_METADATA_KEY = "lora_arith.adapter_config"
 RECIPE_METADATA_KEY = "lora_arith.recipe"
@@ -358,15 +358,18 @@ def open_adapter(path: str | os.PathLike[str]) -> AdapterFile:
 
 
 def factor_tensors(
-    deltas: Mapping[str, LowRankDelta], kinds: Mapping[str, str], dtype: torch.dtype
+    deltas: Mapping[str, LowRankDelta], kinds: Mapping[str, str], dtype: torch.dtype, hint: str = DTYPE_HINT
 ) -> dict[str, torch.Tensor]:
-    """The PEFT state-dict tensors for ``deltas`` (scaling already folded in), cast to ``dtype``."""
+    """The PEFT state-dict tensors for ``deltas`` (scaling already folded in), cast to ``dtype``.
+
+    Raises :class:`LoraArithError` naming the module if a factor is not finite or overflows
+    ``dtype`` (``hint`` says what to do about an overflow)."""
     tensors: dict[str, torch.Tensor] = {}
     with single_threaded():  # hundreds of small casts: threads only add overhead
         for module, delta in deltas.items():
             b_part, a_part = _FACTOR_KEYS[kinds[module]]
-            tensors[f"{KEY_PREFIX}{module}.{b_part}"] = cast_finite(delta.B, dtype, f"module {module}").contiguous()
-            tensors[f"{KEY_PREFIX}{module}.{a_part}"] = cast_finite(delta.A, dtype, f"module {module}").contiguous()
+            tensors[f"{KEY_PREFIX}{module}.{b_part}"] = cast_finite(delta.B, dtype, f"module {module}", hint).contiguous()
+            tensors[f"{KEY_PREFIX}{module}.{a_part}"] = cast_finite(delta.A, dtype, f"module {module}", hint).contiguous()
     return tensors
 
 

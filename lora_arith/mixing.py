@@ -9,7 +9,6 @@ re-merged or reloaded. The output of the model is then ``W x + Σ ηᵢ ΔWᵢ x
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -18,7 +17,7 @@ import torch
 
 from lora_arith.adapter_io import open_adapter
 from lora_arith.errors import LoraArithError, first_line
-from lora_arith.numerics import dtype_name
+from lora_arith.numerics import dtype_name, require_finite_number
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -93,8 +92,7 @@ def _model_dtype(model) -> torch.dtype:
 
 def _check_scale(label: str, peak: float, weight: float, dtype: torch.dtype) -> None:
     """Refuse a weight (or scaling) that makes the adapter's factors overflow ``dtype``."""
-    if not math.isfinite(weight):
-        raise LoraArithError(f"the weight of {label} is {weight}, not a finite number")
+    require_finite_number(weight, f"the weight of {label}")
     limit = torch.finfo(dtype).max
     if peak * abs(weight) > limit:
         raise LoraArithError(

@@ -13,7 +13,10 @@ import torch
 
 from lora_arith.errors import LoraArithError
 
-__all__ = ["require_finite", "cast_finite", "dtype_name"]
+__all__ = ["require_finite", "require_finite_number", "cast_finite", "dtype_name", "DTYPE_HINT"]
+
+DTYPE_HINT = "use --dtype fp32 or bf16"
+"""What to do about an fp16 overflow where the user chooses the output dtype."""
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -44,16 +47,16 @@ def require_finite_number(value: float, what: str) -> float:
     return value
 
 
-def cast_finite(tensor: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
-    """``tensor`` cast to ``dtype``, refusing values the cast turns into Inf (or that were not finite)."""
+def cast_finite(tensor: torch.Tensor, dtype: torch.dtype, what: str, hint: str = DTYPE_HINT) -> torch.Tensor:
+    """``tensor`` cast to ``dtype``, refusing values that are not finite or that the cast turns
+    into Inf (fp16 holds up to 65504). ``hint`` ends the message of an overflow."""
     require_finite(tensor, what)
     cast = tensor.to(dtype)
-    if cast.is_floating_point() and not bool(torch.isfinite(cast).all()):
+    if cast is not tensor and cast.is_floating_point() and not bool(torch.isfinite(cast).all()):
         peak = float(tensor.detach().abs().max())
         limit = torch.finfo(dtype).max
-        wider = "fp32 or bf16" if dtype == torch.float16 else "fp32"
         raise LoraArithError(
             f"{what} overflows {dtype_name(dtype)} (largest value {peak:.3g}, {dtype_name(dtype)} holds up to "
-            f"{limit:.3g}); use --dtype {wider}"
+            f"{limit:.3g}); {hint}"
         )
     return cast

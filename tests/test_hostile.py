@@ -114,6 +114,17 @@ def test_fp16_overflow_is_refused_and_names_the_module(tmp_path, method, weight)
     assert all(torch.isfinite(t).all() for t in load_file(out / "adapter_model.safetensors").values())
 
 
+def test_export_refuses_a_scaling_that_overflows_the_adapters_fp16(tmp_path):
+    tensors = {
+        f"base_model.model.{Q}.lora_B.weight": torch.ones(32, 4, dtype=torch.float16),
+        f"base_model.model.{Q}.lora_A.weight": torch.ones(4, 32, dtype=torch.float16),
+    }
+    adapter = write_adapter(tmp_path / "half", tensors=tensors, config={"lora_alpha": 4e5})  # scaling 1e5
+    out = tmp_path / "out"
+    assert_user_error(run("export", adapter, "-o", out), f"module {Q} overflows fp16", "convert it to fp32")
+    assert not out.exists()
+
+
 def test_generate_refuses_an_adapter_that_gives_nan_logits(chat_base, tmp_path):
     adapter = make_adapter(chat_base, tmp_path / "nan", r=2, lora_alpha=4, target_modules=["q_proj"])
     config = json.loads((adapter / "adapter_config.json").read_text())
@@ -466,6 +477,14 @@ def test_blocked_inner_product_matches_the_dense_one():
         )
         dense = float(((a.B.double() @ a.A.double()) * (b.B.double() @ b.A.double())).sum())
         assert inner(a, b) == pytest.approx(dense, rel=1e-10)
+
+
+def test_chat_reports_a_conversation_longer_than_the_context_and_goes_on(chat_base):
+    script = "bread " * 600 + "\nHi\n/quit\n"
+    result = run("chat", "--base", chat_base, "--max-new-tokens", "2", input=script)
+    assert result.exit_code == 0, result.output
+    assert "Error: " in result.output and "context of 512" in result.output
+    assert "assistant:" in result.output.split("context of 512", 1)[1]
 
 
 # -- §9 Unicode line breaks inside JSON strings ----------------------------------------------

@@ -29,7 +29,11 @@ def _model_options(command):
         ),
         click.option("--4bit", "quantize_4bit", is_flag=True, help="Load the base in 4-bit NF4 (bitsandbytes)."),
         click.option(
-            "--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Prompts generated together."
+            "--batch-size",
+            type=click.IntRange(min=1),
+            default=16,
+            show_default=True,
+            help="Prompts generated together.",
         ),
         click.option(
             "--max-new-tokens",
@@ -186,7 +190,12 @@ def chat(temperature, base, adapters, quantize_4bit, batch_size, max_new_tokens)
             click.echo(CHAT_HELP)
             continue
         messages.append({"role": "user", "content": line})
-        reply = mixer.generate([list(messages)], max_new_tokens=max_new_tokens, temperature=temperature)[0]
+        try:
+            reply = mixer.generate([list(messages)], max_new_tokens=max_new_tokens, temperature=temperature)[0]
+        except LoraArithError as error:  # e.g. the conversation outgrew the context: say so, keep chatting
+            messages.pop()
+            click.echo(f"Error: {error}")
+            continue
         messages.append({"role": "assistant", "content": reply})
         click.echo(f"assistant: {reply}")
 
