@@ -228,14 +228,16 @@ def inner(a: LowRankDelta, b: LowRankDelta) -> float:
         raise ValueError(f"deltas have different shapes: {a.shape} and {b.shape}")
     out_features, in_features = a.shape
     r1, r2 = a.rank, b.rank
-    B1, A1, B2, A2 = a.B.double(), a.A.double(), b.B.double(), b.A.double()
+    B1, A1 = a.B.double(), a.A.double()
+    B2, A2 = (B1, A1) if b is a else (b.B.double(), b.A.double())
     budget = max((out_features + in_features) * max(r1, r2), _MIN_BLOCK_ELEMENTS)
     total = torch.zeros((), dtype=torch.float64)
     if out_features * in_features * (r1 + r2) < (out_features + in_features) * r1 * r2:
         rows = max(1, budget // (2 * max(in_features, 1)))
         for start in range(0, out_features, rows):
             stop = start + rows
-            total += ((B1[start:stop] @ A1) * (B2[start:stop] @ A2)).sum()
+            left = B1[start:stop] @ A1
+            total += (left * (left if b is a else B2[start:stop] @ A2)).sum()
         return float(total)
     step1 = max(1, min(r1, budget // max(r2, 1)))
     step2 = max(1, min(r2, budget // step1))

@@ -477,6 +477,8 @@ def test_blocked_inner_product_matches_the_dense_one():
         )
         dense = float(((a.B.double() @ a.A.double()) * (b.B.double() @ b.A.double())).sum())
         assert inner(a, b) == pytest.approx(dense, rel=1e-10)
+        squared = float((a.B.double() @ a.A.double()).square().sum())
+        assert inner(a, a) == pytest.approx(squared, rel=1e-10)
 
 
 def test_chat_reports_a_conversation_longer_than_the_context_and_goes_on(chat_base):
