@@ -39,10 +39,19 @@ def check_prompt_lengths(
     context = context_length(model, tokenizer)
     if context is None:
         return
+    longest = max((len(token) for token in tokenizer.get_vocab()), default=1) or 1
     for index, text in enumerate(texts):
+        where = sources[index] if sources is not None else f"prompt {index + 1}"
+        # No token spells more than `longest` characters, so a text this long has at least
+        # len(text) / longest tokens: refuse it without tokenizing megabytes (twice the context
+        # leaves room for normalizers that drop characters).
+        if len(text) > 2 * context * longest:
+            raise LoraArithError(
+                f"{where}: the prompt is {len(text)} characters, at least {len(text) // longest} tokens; "
+                f"the model's context is {context} tokens"
+            )
         count = len(tokenizer(text, add_special_tokens=False)["input_ids"])
         if count + max_new_tokens > context:
-            where = sources[index] if sources is not None else f"prompt {index + 1}"
             raise LoraArithError(
                 f"{where}: the prompt is {count} tokens; with {max_new_tokens} new tokens that exceeds "
                 f"the model's context of {context} tokens"

@@ -392,6 +392,23 @@ def test_prompt_longer_than_the_context_is_refused_before_the_model_runs(chat_ba
     assert_user_error(result, f"{short}:1", "500 new tokens")
 
 
+def test_a_megabyte_prompt_is_refused_without_tokenizing_it(chat_base, tmp_path, monkeypatch):
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tokenize = PreTrainedTokenizerFast.__call__
+
+    def bounded(self, text, *args, **kwargs):
+        assert len(str(text)) < 100_000, "a megabyte prompt was tokenized"
+        return tokenize(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedTokenizerFast, "__call__", bounded)
+    monkeypatch.setattr(LlamaForCausalLM, "forward", lambda *a, **k: pytest.fail("the model ran"))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "bread " * 200_000}) + "\n")
+    result = run("generate", "--base", chat_base, "--prompts", prompts, "--max-new-tokens", "2")
+    assert_user_error(result, f"{prompts}:1", "1200", "characters, at least", "context is 512 tokens")
+
+
 @pytest.mark.parametrize(
     "line, fragment",
     [
