@@ -173,7 +173,7 @@ def resolve_base(base: str | None) -> str:
         return str(path.resolve())
     if path.exists():
         if path.suffix in _PICKLE_SUFFIXES:
-            raise LoraArithError(f"base model {base} is a pickle checkpoint; {_PICKLE_REFUSAL}")
+            raise LoraArithError(f"base model {base} is a file, a pickle checkpoint; {_PICKLE_REFUSAL}")
         raise LoraArithError(f"base model {base} is a file; pass the model's directory")
     if not _HUB_MODEL_ID.match(base) or any(part in (".", "..") for part in base.split("/")):
         raise LoraArithError(f"base model directory {base} does not exist")
