@@ -20,6 +20,9 @@ _adapter_option = click.option(
 )
 
 
+_POSITIVE = click.IntRange(min=1)
+
+
 def _model_options(command):
     options = [
         click.option(
@@ -28,19 +31,10 @@ def _model_options(command):
             help="Base model: a local directory or a Hub id. Default: the embedded SmolLM2-135M-Instruct.",
         ),
         click.option("--4bit", "quantize_4bit", is_flag=True, help="Load the base in 4-bit NF4 (bitsandbytes)."),
+        # at least 1 (click's usage error); 0 used to end in a traceback
+        click.option("--batch-size", type=_POSITIVE, default=16, show_default=True, help="Prompts generated together."),
         click.option(
-            "--batch-size",
-            type=click.IntRange(min=1),
-            default=16,
-            show_default=True,
-            help="Prompts generated together.",
-        ),
-        click.option(
-            "--max-new-tokens",
-            type=click.IntRange(min=1),
-            default=128,
-            show_default=True,
-            help="Tokens generated per prompt at most.",
+            "--max-new-tokens", type=_POSITIVE, default=128, show_default=True, help="Most tokens generated per prompt."
         ),
     ]
     for option in reversed(options):
