@@ -153,6 +153,14 @@ def test_mixer_set_refuses_nan_weights(two_adapters, chat_base):
     assert mixer.weights == {"helpful": 1.0}
 
 
+@pytest.mark.parametrize("grid", ["0,nan", "inf", "-1,-inf,1"])
+def test_sweep_grid_must_be_finite(grid):
+    from lora_arith.sweep import parse_grid
+
+    with pytest.raises(LoraArithError, match="not a finite number"):
+        parse_grid(grid)
+
+
 # -- §4 malformed factors ---------------------------------------------------------------------
 
 
