@@ -59,16 +59,16 @@ def _base_shape(module) -> tuple[int, int] | None:
 
 
 def _check_fits(model, opened, label: str) -> None:
-    """Refuse an adapter made for another base: a module it lacks, or one of another shape."""
+    """Refuse an adapter made for another base: a module of another shape. (A module the base
+    lacks is left to PEFT, which may map renamed keys, and to the unmatched-key check after it.)"""
     from peft import PeftModel
 
     base = model.base_model.model if isinstance(model, PeftModel) else model
     modules = dict(base.named_modules())
     for name, info in opened.modules.items():
-        module = modules.get(name)
-        if module is None:
-            raise LoraArithError(f"{label}: module {name} is not in the base model; is the adapter for another base?")
-        module = getattr(module, "base_layer", module)
+        if name not in modules:
+            continue
+        module = getattr(modules[name], "base_layer", modules[name])
         expected = _base_shape(module)
         if expected is not None and tuple(expected) != tuple(info.shape):
             raise LoraArithError(

@@ -312,6 +312,12 @@ def test_generate_with_an_adapter_for_another_base(adapter_factory, chat_base):
     assert_user_error(result, "another base", "in the base model")
 
 
+def test_generate_with_an_adapter_for_another_architecture(tiny_gpt2, chat_base, tmp_path):
+    other = make_adapter(tiny_gpt2, tmp_path / "gpt2", target_modules=["c_attn"], fan_in_fan_out=True)
+    result = run("generate", "--base", chat_base, "--adapter", other, "--max-new-tokens", "2", "Hi")
+    assert_user_error(result, "PEFT cannot attach this adapter", "c_attn")
+
+
 def test_mixer_leaves_the_model_untouched_when_an_adapter_does_not_fit(adapter_factory, chat_base):
     from lora_arith.mixing import attach_adapter
 
