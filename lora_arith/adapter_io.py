@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -27,10 +28,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lora_arith.atomic import atomic_output
-from lora_arith.errors import LoraArithError
+from lora_arith.errors import LoraArithError, first_line
 from lora_arith.factors import LowRankDelta, single_threaded
 from lora_arith.hub import resolve
 from lora_arith.model_card import model_card
+from lora_arith.numerics import DTYPE_HINT, cast_finite, require_finite
 
 CONFIG_METADATA_KEY = "lora_arith.adapter_config"
 RECIPE_METADATA_KEY = "lora_arith.recipe"
@@ -121,6 +123,8 @@ class AdapterFile:
         self.label = label
         self._check_config()
         self.modules, self._keys, self.ignored_keys = self._index_modules()
+        for key in (RECIPE_METADATA_KEY, TRAINING_METADATA_KEY):
+            self._metadata_object(key)  # a malformed block is refused now, not where it is first read
 
     # -- construction helpers -------------------------------------------------------------
 
@@ -133,14 +137,23 @@ class AdapterFile:
         if self.config.get("lora_bias"):
             raise LoraArithError(f"{self.label}: adapters with lora_bias=True are not a pure low-rank delta; refusing")
         for field in ("r", "lora_alpha"):
-            if not isinstance(self.config.get(field, 8), (int, float)):
+            value = self.config.get(field, 8)
+            if not _is_number(value):
                 raise LoraArithError(f"{self.label}: {field} in the config is not a number")
+            if not math.isfinite(value):
+                raise LoraArithError(f"{self.label}: {field} in the config is {value}, not a finite number")
+        for field in ("rank_pattern", "alpha_pattern"):
+            _check_pattern(self.config.get(field), f"{self.label}: {field} in the config")
 
     def _scaling(self, module: str, rank: int) -> float:
         alpha = pattern_value(self.config.get("alpha_pattern") or {}, module, self.config.get("lora_alpha", 8))
-        if self.config.get("use_rslora"):
-            return float(alpha) / rank**0.5
-        return float(alpha) / rank
+        scaling = float(alpha) / (rank**0.5 if self.config.get("use_rslora") else rank)
+        if not math.isfinite(scaling) or abs(scaling) > torch.finfo(torch.float32).max:
+            raise LoraArithError(
+                f"{self.label}: module {module} has scaling {scaling:g} (lora_alpha {alpha:g} / r {rank}), "
+                "which overflows fp32"
+            )
+        return scaling
 
     def _index_modules(self) -> tuple[dict[str, ModuleInfo], dict[str, tuple[str, str]], list[str]]:
         parts: dict[str, dict[str, str]] = {}
@@ -152,12 +165,23 @@ class AdapterFile:
                 shapes = {key: tuple(headers[key].get_shape()) for key in keys}
                 dtypes = {key: headers[key].get_dtype() for key in keys}
         except Exception as error:  # safetensors raises several types for bad files
-            raise LoraArithError(f"{self.label}: not a readable safetensors file ({_first_line(error)})") from None
+            raise LoraArithError(f"{self.label}: not a readable safetensors file ({first_line(error)})") from None
 
         for key in keys:
             match = _KEY_PATTERN.match(key)
             if match:
-                parts.setdefault(match["module"], {})[match["part"]] = key
+                found = parts.setdefault(match["module"], {})
+                if match["part"] in found:
+                    raise LoraArithError(
+                        f"{self.label}: module {match['module']} is stored twice, as {found[match['part']]} "
+                        f"and as {key}; refusing to pick one"
+                    )
+                found[match["part"]] = key
+                if dtypes[key] not in _FLOAT_DTYPES:
+                    raise LoraArithError(
+                        f"{self.label}: tensor {key} in {self.weights_path.name} has dtype {dtypes[key]}; "
+                        f"LoRA factors must be floating point ({', '.join(_FLOAT_DTYPES)})"
+                    )
                 continue
             if key.endswith("base_layer.weight"):
                 ignored.append(key)  # a saved copy of a base weight, not a delta
@@ -179,6 +203,8 @@ class AdapterFile:
                     f"{self.label}: module {module} has factors of shapes {b_shape} and {a_shape} that do not chain"
                 )
             rank = a_shape[0]
+            if rank == 0:
+                raise LoraArithError(f"{self.label}: module {module} has rank 0")
             configured = pattern_value(self.config.get("rank_pattern") or {}, module, self.config.get("r", 8))
             if configured != rank:
                 raise LoraArithError(
@@ -191,7 +217,7 @@ class AdapterFile:
                 shape=(b_shape[0], a_shape[1]),
                 rank=rank,
                 scaling=self._scaling(module, rank),
-                dtype=_torch_dtype(dtypes[b_key]),
+                dtype=_FLOAT_DTYPES[dtypes[b_key]],
             )
             factor_keys[module] = (b_key, a_key)
         if not modules:
@@ -210,17 +236,27 @@ class AdapterFile:
         """``base_model_name_or_path`` from the config, if any."""
         return self.config.get("base_model_name_or_path")
 
+    def _metadata_object(self, key: str) -> dict[str, Any] | None:
+        raw = self.metadata.get(key)
+        if not raw:
+            return None
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError as error:
+            raise LoraArithError(f"{self.label}: the {key} metadata is not valid JSON ({error.msg})") from None
+        if not isinstance(value, dict):
+            raise LoraArithError(f"{self.label}: the {key} metadata is not a JSON object")
+        return value
+
     @property
     def recipe(self) -> dict[str, Any] | None:
         """The recipe this toolkit wrote into the metadata, if the adapter came from it."""
-        raw = self.metadata.get(RECIPE_METADATA_KEY)
-        return json.loads(raw) if raw else None
+        return self._metadata_object(RECIPE_METADATA_KEY)
 
     @property
     def training(self) -> dict[str, Any] | None:
         """How the adapter (or the inputs of its recipe) was trained, if recorded."""
-        raw = self.metadata.get(TRAINING_METADATA_KEY)
-        return json.loads(raw) if raw else None
+        return self._metadata_object(TRAINING_METADATA_KEY)
 
     @cached_property
     def sha256(self) -> str:
@@ -244,26 +280,40 @@ class AdapterFile:
             A = handle.get_tensor(a_key).float()
         if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
             raise LoraArithError(f"{self.label}: module {module} has NaN or Inf values")
-        return LowRankDelta(B * info.scaling, A)
+        scaled = require_finite(
+            B * info.scaling, f"{self.label}: module {module}", f"its scaling {info.scaling:g} overflows fp32"
+        )
+        return LowRankDelta(scaled, A)
 
 
-def _torch_dtype(name: str) -> torch.dtype:
-    names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-    if name not in names:
-        raise LoraArithError(f"unsupported tensor dtype {name}")
-    return names[name]
+_FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+"""Safetensors dtype names of the factors we read, and their torch dtypes."""
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_pattern(patterns: Any, what: str) -> None:
+    """Refuse a ``rank_pattern``/``alpha_pattern`` that is not ``{regex: finite number}``."""
+    if patterns is None:
+        return
+    if not isinstance(patterns, dict):
+        raise LoraArithError(f"{what} must be a JSON object of pattern → number, not a {type(patterns).__name__}")
+    for key, value in patterns.items():
+        try:
+            re.compile(key)
+        except re.error as error:
+            raise LoraArithError(f"{what}: {key!r} is not a valid regular expression ({error})") from None
+        if not _is_number(value) or not math.isfinite(value):
+            raise LoraArithError(f"{what}: the value for {key!r} is {value!r}, not a finite number")
 
 
 def _read_json(path: Path, label: str) -> dict[str, Any]:
     try:
-        value = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise LoraArithError(f"{label}: cannot read {path.name} ({_first_line(error)})") from None
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise LoraArithError(f"{label}: cannot read {path.name} ({first_line(error)})") from None
     if not isinstance(value, dict):
         raise LoraArithError(f"{label}: {path.name} is not a JSON object")
     return value
@@ -274,7 +324,7 @@ def _read_metadata(weights: Path, label: str) -> dict[str, str]:
         with safe_open(weights, framework="pt") as handle:
             return dict(handle.metadata() or {})
     except Exception as error:
-        raise LoraArithError(f"{label}: not a readable safetensors file ({_first_line(error)})") from None
+        raise LoraArithError(f"{label}: not a readable safetensors file ({first_line(error)})") from None
 
 
 def adapter_sources(path: str | os.PathLike[str]) -> list[Path]:
@@ -322,6 +372,8 @@ def open_adapter(path: str | os.PathLike[str]) -> AdapterFile:
             config = json.loads(metadata[CONFIG_METADATA_KEY])
         except json.JSONDecodeError:
             raise LoraArithError(f"{label}: the embedded LoRA config is not valid JSON") from None
+        if not isinstance(config, dict):
+            raise LoraArithError(f"{label}: the embedded LoRA config is not a JSON object")
         return AdapterFile(weights, config, metadata, label)
     if config_file.is_file():
         return AdapterFile(weights, _read_json(config_file, label), metadata, label)
@@ -332,15 +384,18 @@ def open_adapter(path: str | os.PathLike[str]) -> AdapterFile:
 
 
 def factor_tensors(
-    deltas: Mapping[str, LowRankDelta], kinds: Mapping[str, str], dtype: torch.dtype
+    deltas: Mapping[str, LowRankDelta], kinds: Mapping[str, str], dtype: torch.dtype, hint: str = DTYPE_HINT
 ) -> dict[str, torch.Tensor]:
-    """The PEFT state-dict tensors for ``deltas`` (scaling already folded in), cast to ``dtype``."""
+    """The PEFT state-dict tensors for ``deltas`` (scaling already folded in), cast to ``dtype``.
+
+    Raises :class:`LoraArithError` naming the module if a factor is not finite or overflows
+    ``dtype`` (``hint`` says what to do about an overflow)."""
     tensors: dict[str, torch.Tensor] = {}
     with single_threaded():  # hundreds of small casts: threads only add overhead
         for module, delta in deltas.items():
             b_part, a_part = _FACTOR_KEYS[kinds[module]]
-            tensors[f"{KEY_PREFIX}{module}.{b_part}"] = delta.B.to(dtype).contiguous()
-            tensors[f"{KEY_PREFIX}{module}.{a_part}"] = delta.A.to(dtype).contiguous()
+            tensors[f"{KEY_PREFIX}{module}.{b_part}"] = cast_finite(delta.B, dtype, f"module {module}", hint).contiguous()
+            tensors[f"{KEY_PREFIX}{module}.{a_part}"] = cast_finite(delta.A, dtype, f"module {module}", hint).contiguous()
     return tensors
 
 

@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 
 from lora_arith.adapter_io import AdapterFile
+from lora_arith.errors import LoraArithError
 from lora_arith.factors import frobenius_norm, inner, single_threaded
 
 
@@ -39,6 +40,13 @@ def similarity(adapters: Sequence[AdapterFile], progress: bool = False) -> Simil
     names = sorted({name for adapter in adapters for name in adapter.modules})
     overall = torch.zeros(count, count, dtype=torch.float64)
     by_type: dict[str, torch.Tensor] = {}
+    for name in names:
+        shapes = {a.modules[name].shape for a in adapters if name in a.modules}
+        if len(shapes) > 1:
+            listing = ", ".join(f"{a.label} {a.modules[name].shape}" for a in adapters if name in a.modules)
+            raise LoraArithError(
+                f"module {name} has different shapes in the adapters ({listing}); are they for the same base?"
+            )
     if progress:
         from tqdm import tqdm
 

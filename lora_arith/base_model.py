@@ -170,12 +170,33 @@ def resolve_base(base: str | None) -> str:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise LoraArithError(f"base model directory {base} has no config.json")
+        _require_safetensors(path, base)
         return str(path.resolve())
     if path.exists():
+        if path.suffix in _PICKLE_SUFFIXES:
+            raise LoraArithError(f"base model {base} is a file, a pickle checkpoint; {_PICKLE_REFUSAL}")
         raise LoraArithError(f"base model {base} is a file; pass the model's directory")
-    if not _HUB_MODEL_ID.match(base):
+    if not _HUB_MODEL_ID.match(base) or any(part in (".", "..") for part in base.split("/")):
         raise LoraArithError(f"base model directory {base} does not exist")
     return base
+
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_PICKLE_REFUSAL = (
+    "pickle files can run arbitrary code when loaded, so lora-arith reads only safetensors weights "
+    "(convert the checkpoint to safetensors with a tool you trust)"
+)
+
+
+def _require_safetensors(path: Path, base: str) -> None:
+    """Refuse a local base whose weights are only pickles (``pytorch_model.bin``, ``*.pt``, ``*.ckpt``…),
+    without loading them."""
+    if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file():
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickles:
+        raise LoraArithError(f"base model directory {base} holds only pickle weights ({pickles[0]}); {_PICKLE_REFUSAL}")
+    raise LoraArithError(f"base model directory {base} has no .safetensors weights")
 
 
 def base_model_id(base: str | None) -> str:
@@ -212,7 +233,8 @@ def _load_kwargs(quantize_4bit: bool, double_quant: bool, device: str) -> dict[s
     from transformers import BitsAndBytesConfig
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": device}}
+    # Never unpickle weights: a pickle checkpoint can run code when loaded.
+    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": device}, "use_safetensors": True}
     if quantize_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,

@@ -29,6 +29,7 @@ from lora_arith.adapter_io import (
 )
 from lora_arith.errors import LoraArithError
 from lora_arith.factors import LowRankDelta, compress, single_threaded, weighted_sum
+from lora_arith.numerics import require_finite
 
 METHODS = ("cat", "svd")
 # Config fields that say which modules are targeted; carried over when all inputs agree.
@@ -144,13 +145,24 @@ def _module_union(adapters: Sequence[AdapterFile]) -> dict[str, ModuleInfo]:
     return {name: union[name][0] for name in sorted(union)}
 
 
+def _targeted(module: str, targets: Iterable[str]) -> bool:
+    """Whether PEFT's list matching (``name == t`` or ``name.endswith("." + t)``) targets ``module``."""
+    return any(module == t or module.endswith(f".{t}") for t in targets)
+
+
 def _target_modules(adapters: Sequence[AdapterFile], modules: Iterable[str]) -> Any:
+    """``target_modules`` for the output: the inputs' lists joined (or their common regex), plus
+    the type of every module that they do not cover, so that PEFT can load every tensor. A
+    missing or empty ``target_modules`` is thus derived from the tensors."""
+    modules = list(modules)
     targets = [a.config.get("target_modules") for a in adapters]
-    if all(isinstance(t, (list, tuple)) for t in targets):
-        return sorted({name for t in targets for name in t})
-    if all(t == targets[0] for t in targets) and targets[0]:
+    if all(isinstance(t, str) and t == targets[0] for t in targets) and targets[0]:
         return targets[0]
-    return sorted({name.rsplit(".", 1)[-1] for name in modules})
+    listed = {str(name) for t in targets if isinstance(t, (list, tuple)) for name in t}
+    if not all(isinstance(t, (list, tuple)) or not t for t in targets):
+        listed = set()  # regexes that disagree: name the module types instead
+    missing = {name.rsplit(".", 1)[-1] for name in modules if not _targeted(name, listed)}
+    return sorted(listed | missing)
 
 
 def _output_template(adapters: Sequence[AdapterFile], base_model: str | None, modules: Iterable[str]) -> dict[str, Any]:
@@ -249,8 +261,11 @@ def combine(
         for name in names:
             present = [(a, s.weight) for a, s in zip(adapters, specs) if name in a.modules]
             summed = weighted_sum([a.delta(name) for a, _ in present], [w for _, w in present])
+            require_finite(summed.B, f"module {name}", "the weighted sum overflows fp32; the weights are too large")
             if method == "svd":
                 compressed = compress(summed, rank=rank, energy=energy)
+                for factor in (compressed.delta.B, compressed.delta.A):
+                    require_finite(factor, f"module {name}", "the SVD overflowed fp32; the weights are too large")
                 deltas[name] = compressed.delta
                 results.append(ModuleResult(name, compressed.rank, len(present), compressed.relative_error))
             else:

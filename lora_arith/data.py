@@ -40,6 +40,9 @@ __all__ = [
     "load_pairs",
     "templated_pairs",
     "spec_file",
+    "read_jsonl",
+    "load_prompts",
+    "BadLine",
 ]
 
 Prompt = str | list[dict[str, str]]
@@ -154,10 +157,6 @@ class LoadReport:
         }
 
 
-class _BadRecord(ValueError):
-    """A row that cannot be turned into a pair; the caller adds the file and line."""
-
-
 def to_messages(prompt: Any) -> list[dict[str, str]]:
     """Return ``prompt`` as chat messages, checking it.
 
@@ -242,13 +241,28 @@ def _pair_from_record(record: Any, label: str | None, source: str) -> Preference
     return PreferencePair(prompt, chosen, rejected, source)
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+class BadLine(ValueError):
+    """A line of a JSON Lines file that is not valid JSON; :func:`read_jsonl` yields it in place of a record."""
+
+
+class _BadRecord(BadLine):
+    """A row that cannot be turned into a pair; the caller adds the file and line."""
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     """Yield ``(line_number, decoded_record)`` for the non-blank lines of a JSON Lines file.
 
-    An undecodable line yields a :class:`_BadRecord` instead of a record.
+    The one JSONL reader of the package (pairs, prompts, evaluation prompts). Lines are split
+    on ``\\n`` only, as JSON Lines prescribes: ``str.splitlines`` would also split inside JSON
+    strings at U+2028, U+0085 and other Unicode line breaks. The file must be UTF-8 (a BOM is
+    accepted). An undecodable line yields a :class:`BadLine` instead of a record.
+
+    Raises:
+        LoraArithError: if the file cannot be read or is not UTF-8.
     """
+    path = Path(path)
     try:
-        with path.open(encoding="utf-8") as lines:
+        with path.open(encoding="utf-8-sig", newline="\n") as lines:
             for number, line in enumerate(lines, 1):
                 if not line.strip():
                     continue
@@ -336,7 +350,7 @@ def templated_pairs(
     if kind not in TEMPLATE_KINDS:
         raise LoraArithError(f"unknown template kind {kind!r}; use one of {', '.join(TEMPLATE_KINDS)}")
     path = _existing_file(str(path))
-    return _collect(_read_jsonl(path), str(path), _templated_maker(kind, seed), skip_invalid)
+    return _collect(read_jsonl(path), str(path), _templated_maker(kind, seed), skip_invalid)
 
 
 def _existing_file(spec: str) -> Path:
@@ -401,7 +415,7 @@ def _load_spec(
 
     if _is_hub_id(spec):
         return _collect(_hub_rows(spec), spec, make_pair, skip_invalid)
-    return _collect(_read_jsonl(_existing_file(spec)), spec, make_pair, skip_invalid)
+    return _collect(read_jsonl(_existing_file(spec)), spec, make_pair, skip_invalid)
 
 
 def load_pairs(
@@ -458,3 +472,32 @@ def spec_file(spec: str) -> Path | None:
     if _is_hub_id(spec):
         return None
     return Path(spec).expanduser()
+
+
+def load_prompts(path: str | os.PathLike) -> tuple[list[Prompt], list[str]]:
+    """Read a JSON Lines file with a ``prompt`` (a string or chat messages) on every line.
+
+    Every line is checked before anything is returned, so a bad line deep in the file fails
+    before any model is loaded. Returns ``(prompts, sources)`` with sources ``FILE:LINE``.
+
+    Raises:
+        LoraArithError: for an unreadable file, a bad line (naming the file and line), or a
+            file without prompts.
+    """
+    prompts: list[Prompt] = []
+    sources: list[str] = []
+    for number, row in read_jsonl(path):
+        where = f"{path}:{number}"
+        if isinstance(row, BadLine):
+            raise LoraArithError(f"{where}: {row}")
+        if not isinstance(row, dict) or "prompt" not in row:
+            raise LoraArithError(f"{where}: expected a JSON object with a 'prompt'")
+        try:
+            to_messages(row["prompt"])
+        except ValueError as error:
+            raise LoraArithError(f"{where}: {error}") from None
+        prompts.append(row["prompt"])
+        sources.append(where)
+    if not prompts:
+        raise LoraArithError(f"{path}: no prompts in this file")
+    return prompts, sources

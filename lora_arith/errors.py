@@ -6,3 +6,9 @@ class LoraArithError(Exception):
 
     The CLI turns it into ``Error: <message>`` and exit status 1, without a traceback.
     """
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -11,11 +11,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from lora_arith.data import BadLine, read_jsonl, to_messages
 from lora_arith.errors import LoraArithError
 from lora_arith.refusal import refusal_reason
 
@@ -36,15 +36,15 @@ def load_eval_prompts(paths: Sequence[str | Path]) -> list[EvalPrompt]:
     for path in map(Path, paths):
         if not path.is_file():
             raise LoraArithError(f"{path}: no such file")
-        for number, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise LoraArithError(f"{path}:{number}: not valid JSON") from None
+        for number, row in read_jsonl(path):
+            if isinstance(row, BadLine):
+                raise LoraArithError(f"{path}:{number}: not valid JSON")
             if not isinstance(row, dict) or "prompt" not in row or not isinstance(row.get("should_refuse"), bool):
                 raise LoraArithError(f"{path}:{number}: needs a 'prompt' and a boolean 'should_refuse'")
+            try:
+                to_messages(row["prompt"])
+            except ValueError as error:
+                raise LoraArithError(f"{path}:{number}: {error}") from None
             items.append(EvalPrompt(row["prompt"], row["should_refuse"], row.get("type"), f"{path}:{number}"))
     if not items:
         raise LoraArithError("no evaluation prompts found")
@@ -136,6 +136,7 @@ def evaluate(
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
             progress=progress,
+            sources=[p.source for p in prompts],
         )
         result["prompts"] = refusal_metrics(prompts, completions)
         result["completions"] = [

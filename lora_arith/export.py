@@ -101,7 +101,8 @@ def export_for_vllm(
         "modules_to_save": None,
         "fan_in_fan_out": False,
     }
-    tensors = factor_tensors(deltas, {name: LINEAR for name in deltas}, opened.dtype)
+    hint = "its scaling, folded into the factors, does not fit the adapter's dtype; convert it to fp32 first"
+    tensors = factor_tensors(deltas, {name: LINEAR for name in deltas}, opened.dtype, hint)
     recipe = {
         "tool": "lora-arith",
         "method": "export-vllm",

@@ -211,14 +211,42 @@ def compress(
     return Compression(LowRankDelta(B_k, A_k), k, relative_error, S)
 
 
+_MIN_BLOCK_ELEMENTS = 1 << 16
+
+
 @_on_one_thread
 def inner(a: LowRankDelta, b: LowRankDelta) -> float:
-    """Frobenius inner product ``⟨B₁A₁, B₂A₂⟩ = Σ (B₁ᵀB₂) ∘ (A₁A₂ᵀ)``, from the factors (fp64)."""
+    """Frobenius inner product ``⟨B₁A₁, B₂A₂⟩``, from the factors (fp64).
+
+    Computed as ``Σ (B₁ᵀB₂) ∘ (A₁A₂ᵀ)``, which costs ``(out + in)·r₁·r₂``, or, when that is
+    dearer, as ``Σ (B₁A₁) ∘ (B₂A₂)`` over blocks of rows, which costs ``out·in·(r₁ + r₂)``.
+    Either way the work is split into blocks so that no temporary is larger than the factors
+    themselves: memory stays bounded by the module's size, also for ranks in the thousands
+    (whose ``r₁×r₂`` Gram matrices would otherwise take gigabytes).
+    """
     if a.shape != b.shape:
         raise ValueError(f"deltas have different shapes: {a.shape} and {b.shape}")
-    left = a.B.double().T @ b.B.double()
-    right = a.A.double() @ b.A.double().T
-    return float((left * right).sum())
+    out_features, in_features = a.shape
+    r1, r2 = a.rank, b.rank
+    B1, A1 = a.B.double(), a.A.double()
+    B2, A2 = (B1, A1) if b is a else (b.B.double(), b.A.double())
+    budget = max((out_features + in_features) * max(r1, r2), _MIN_BLOCK_ELEMENTS)
+    total = torch.zeros((), dtype=torch.float64)
+    if out_features * in_features * (r1 + r2) < (out_features + in_features) * r1 * r2:
+        rows = max(1, budget // (2 * max(in_features, 1)))
+        for start in range(0, out_features, rows):
+            stop = start + rows
+            left = B1[start:stop] @ A1
+            total += (left * (left if b is a else B2[start:stop] @ A2)).sum()
+        return float(total)
+    step1 = max(1, min(r1, budget // max(r2, 1)))
+    step2 = max(1, min(r2, budget // step1))
+    for i in range(0, r1, step1):
+        for j in range(0, r2, step2):
+            left = B1[:, i : i + step1].T @ B2[:, j : j + step2]
+            right = A1[i : i + step1] @ A2[j : j + step2].T
+            total += (left * right).sum()
+    return float(total)
 
 
 def frobenius_norm(delta: LowRankDelta) -> float:

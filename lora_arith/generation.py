@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from lora_arith.base_model import chat_prompt
+from lora_arith.errors import LoraArithError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -18,6 +19,55 @@ def end_of_turn_ids(tokenizer: "PreTrainedTokenizerBase") -> list[int]:
     vocabulary = tokenizer.get_vocab()
     ids.update(vocabulary[token] for token in ("<|im_end|>", "<|end|>", "<|eot_id|>") if token in vocabulary)
     return sorted(ids)
+
+
+def context_length(model, tokenizer) -> int | None:
+    """The most tokens the model attends to (``max_position_embeddings`` or the like), if known."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    return value if isinstance(value, int) and 0 < value < 10**7 else None
+
+
+def check_prompt_lengths(
+    model, tokenizer, texts: Sequence[str], max_new_tokens: int, sources: Sequence[str] | None = None
+) -> None:
+    """Refuse a templated prompt whose tokens plus ``max_new_tokens`` do not fit the model's context."""
+    context = context_length(model, tokenizer)
+    if context is None:
+        return
+    longest = max((len(token) for token in tokenizer.get_vocab()), default=1) or 1
+    for index, text in enumerate(texts):
+        where = sources[index] if sources is not None else f"prompt {index + 1}"
+        # No token spells more than `longest` characters, so a text this long has at least
+        # len(text) / longest tokens: refuse it without tokenizing megabytes (twice the context
+        # leaves room for normalizers that drop characters).
+        if len(text) > 2 * context * longest:
+            raise LoraArithError(
+                f"{where}: the prompt is {len(text)} characters, at least {len(text) // longest} tokens; "
+                f"the model's context is {context} tokens"
+            )
+        count = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if count + max_new_tokens > context:
+            raise LoraArithError(
+                f"{where}: the prompt is {count} tokens; with {max_new_tokens} new tokens that exceeds "
+                f"the model's context of {context} tokens"
+            )
+
+
+class _RequireFiniteLogits:
+    """A logits processor that stops generation when the logits hold NaN or +Inf (a weight or
+    scaling too large for the model's dtype), instead of letting it decode an empty reply."""
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if bool(torch.isnan(scores).any()) or bool(torch.isposinf(scores).any()):
+            raise LoraArithError(
+                "the model's logits are NaN or Inf: an adapter weight or scaling is too large for its dtype"
+            )
+        return scores
 
 
 def _batches(order: list[int], size: int):
@@ -40,13 +90,23 @@ def generate(
     temperature: float = 0.0,
     seed: int = 0,
     progress: bool = False,
+    sources: Sequence[str] | None = None,
 ) -> list[str]:
     """Complete each prompt (a string or chat messages) through the chat template.
 
     Prompts are batched by length with left padding; decoding is greedy unless
     ``temperature > 0``. Returns the completions in the prompts' order.
+
+    Every prompt is tokenized and checked against the model's context before the model runs:
+    one whose tokens plus ``max_new_tokens`` exceed it is refused, named by its entry in
+    ``sources`` (e.g. ``FILE:LINE``) or by its position.
     """
+    if batch_size < 1 or max_new_tokens < 1:
+        raise LoraArithError(f"batch_size and max_new_tokens must be at least 1, got {batch_size} and {max_new_tokens}")
+    from transformers import LogitsProcessorList
+
     texts = [chat_prompt(tokenizer, prompt) for prompt in prompts]
+    check_prompt_lengths(model, tokenizer, texts, max_new_tokens, sources)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     completions: list[str] = [""] * len(texts)
     stop_ids = end_of_turn_ids(tokenizer)
@@ -72,6 +132,7 @@ def generate(
                 max_new_tokens=max_new_tokens,
                 eos_token_id=stop_ids,
                 pad_token_id=tokenizer.pad_token_id,
+                logits_processor=LogitsProcessorList([_RequireFiniteLogits()]),
                 **sampling,
             )
             new_tokens = output[:, encoded["input_ids"].shape[1] :]

@@ -48,6 +48,9 @@ def parse_reference(text: str) -> HubReference | None:
     match = _REFERENCE.match(text)
     if not match:
         return None
+    for part in filter(None, (match["repo"], match["revision"], match["subpath"])):
+        if any(component in ("", ".", "..") for component in part.split("/")):
+            raise LoraArithError(f"{text}: not a valid Hub reference ('.', '..' and empty path components are refused)")
     return HubReference(match["repo"], match["revision"], match["subpath"])
 
 

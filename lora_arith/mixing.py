@@ -9,13 +9,15 @@ re-merged or reloaded. The output of the model is then ``W x + Σ ηᵢ ΔWᵢ x
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
 from lora_arith.adapter_io import open_adapter
-from lora_arith.errors import LoraArithError
+from lora_arith.errors import LoraArithError, first_line
+from lora_arith.numerics import dtype_name, require_finite_number
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -34,24 +36,94 @@ def lora_config_from(config: Mapping[str, Any]):
 def attach_adapter(model, name: str, path: str | Path):
     """Attach the adapter at ``path`` (any form :func:`open_adapter` reads) to ``model`` as
     ``name``. ``model`` may be a plain transformers model (it is wrapped) or a PeftModel.
-    Returns the PeftModel."""
+    Returns the PeftModel.
+
+    The adapter is checked before the model is touched: every module must exist in the base
+    with the adapter's shape, and its scaled factors must be finite in the model's dtype.
+    """
+    return _attach(model, name, open_adapter(path), str(path))
+
+
+def _base_shape(module) -> tuple[int, int] | None:
+    """The ``(rows, cols)`` of ``B @ A`` a LoRA on this base module must have, if known."""
+    from torch import nn
+
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return (module.out_features, module.in_features)
+    if isinstance(module, nn.Embedding):
+        return (module.embedding_dim, module.num_embeddings)
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:  # transformers' Conv1D: (in, out)
+        return (weight.shape[1], weight.shape[0])
+    return None
+
+
+def _check_fits(model, opened, label: str) -> None:
+    """Refuse an adapter made for another base: a module of another shape. (A module the base
+    lacks is left to PEFT, which may map renamed keys, and to the unmatched-key check after it.)"""
+    from peft import PeftModel
+
+    base = model.base_model.model if isinstance(model, PeftModel) else model
+    modules = dict(base.named_modules())
+    for name, info in opened.modules.items():
+        if name not in modules:
+            continue
+        module = getattr(modules[name], "base_layer", modules[name])
+        expected = _base_shape(module)
+        if expected is not None and tuple(expected) != tuple(info.shape):
+            raise LoraArithError(
+                f"{label}: module {name} is {info.shape[0]}×{info.shape[1]} in the adapter but "
+                f"{expected[0]}×{expected[1]} in the base model; the adapter was made for another base"
+            )
+
+
+def scaled_peak(opened) -> float:
+    """The largest ``|value|`` of any module's ``B`` with its scaling folded in (finite, checked)."""
+    peak = 0.0
+    for name in opened.modules:
+        peak = max(peak, float(opened.delta(name).B.abs().max()))
+    return peak
+
+
+def _model_dtype(model) -> torch.dtype:
+    dtypes = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    return dtypes[0] if dtypes else torch.float32
+
+
+def _check_scale(label: str, peak: float, weight: float, dtype: torch.dtype) -> None:
+    """Refuse a weight (or scaling) that makes the adapter's factors overflow ``dtype``."""
+    require_finite_number(weight, f"the weight of {label}")
+    limit = torch.finfo(dtype).max
+    if peak * abs(weight) > limit:
+        raise LoraArithError(
+            f"{label} at weight {weight:g} overflows {dtype_name(dtype)} (its largest scaled factor would be "
+            f"{peak * abs(weight):.3g}; {dtype_name(dtype)} holds up to {limit:.3g})"
+        )
+
+
+def _attach(model, name: str, opened, label: str, peak: float | None = None):
     from peft import PeftModel, get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    opened = open_adapter(path)
+    _check_fits(model, opened, label)
+    peak = scaled_peak(opened) if peak is None else peak
+    _check_scale(label, peak, 1.0, _model_dtype(model))
     config = lora_config_from(opened.config)
-    if isinstance(model, PeftModel):
-        if name in model.peft_config:
-            raise LoraArithError(f"an adapter named {name!r} is already attached")
-        model.add_adapter(name, config)
-    else:
-        model = get_peft_model(model, config, adapter_name=name)
+    try:
+        if isinstance(model, PeftModel):
+            if name in model.peft_config:
+                raise LoraArithError(f"an adapter named {name!r} is already attached")
+            model.add_adapter(name, config)
+        else:
+            model = get_peft_model(model, config, adapter_name=name)
+    except (ValueError, KeyError, TypeError) as error:
+        raise LoraArithError(f"{label}: PEFT cannot attach this adapter ({first_line(error)})") from None
     state = {k: v for k, v in load_file(opened.weights_path).items() if k not in opened.ignored_keys}
     device = next(model.parameters()).device
     result = set_peft_model_state_dict(model, {k: v.to(device) for k, v in state.items()}, adapter_name=name)
     unmatched = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
     if unmatched:
-        raise LoraArithError(f"{path}: {len(unmatched)} tensors match no module of the base, e.g. {unmatched[0]}")
+        raise LoraArithError(f"{label}: {len(unmatched)} tensors match no module of the base, e.g. {unmatched[0]}")
     model.eval()
     return model
 
@@ -103,8 +175,13 @@ class PreferenceMixer:
         else:
             model = base
         self.quantized = getattr(model, "hf_quantizer", None) is not None
+        self._peaks: dict[str, float] = {}
+        self._labels: dict[str, str] = {}
         for name, path in adapters.items():
-            model = attach_adapter(model, name, path)
+            opened = open_adapter(path)
+            self._labels[name], self._peaks[name] = str(path), scaled_peak(opened)
+            model = _attach(model, name, opened, str(path), self._peaks[name])
+        self._dtype = _model_dtype(model)
         self.model = model
         self.tokenizer = tokenizer
         self.names = list(adapters)
@@ -118,6 +195,8 @@ class PreferenceMixer:
         unknown = sorted(set(weights) - set(self.names))
         if unknown:
             raise LoraArithError(f"no adapter named {', '.join(unknown)}; attached: {', '.join(self.names)}")
+        for name, value in weights.items():
+            _check_scale(self._labels[name], self._peaks[name], float(value), self._dtype)
         self.weights.update({name: float(value) for name, value in weights.items()})
         for layer in self._lora_layers:
             for name in weights:
@@ -151,7 +230,9 @@ def adapter_names(specs) -> dict[str, Any]:
     ``harmless``…), adding ``-2``, ``-3`` to repeated stems. Returns name → spec."""
     named: dict[str, Any] = {}
     for spec in specs:
-        stem = Path(spec.path.rstrip("/")).name.removesuffix(".safetensors") or "adapter"
+        stem = Path(spec.path.rstrip("/")).name.removesuffix(".safetensors")
+        # PEFT keeps adapters in torch ModuleDicts, whose keys cannot hold dots (runs/mix-0.5).
+        stem = re.sub(r"[^\w-]", "_", stem) or "adapter"
         name, counter = stem, 2
         while name in named:
             name, counter = f"{stem}-{counter}", counter + 1

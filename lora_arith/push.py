@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_arith.adapter_io import CONFIG_NAME, WEIGHTS_NAME, open_adapter
-from lora_arith.errors import LoraArithError
+from lora_arith.errors import LoraArithError, first_line
 from lora_arith.model_card import model_card
 
 
@@ -51,6 +51,16 @@ def plan_upload(adapter: str | os.PathLike[str], license: str = "apache-2.0") ->
     return UploadPlan(copied, generated)
 
 
+def _network_errors(*errors: type[BaseException]) -> tuple[type[BaseException], ...]:
+    """``errors`` plus the base error of the HTTP client huggingface_hub uses (httpx's
+    ``HTTPError``: connection refused, DNS failure, timeouts), which is not an ``OSError``."""
+    try:
+        from huggingface_hub.utils import httpx
+    except ImportError:  # older huggingface_hub: requests, whose errors are OSErrors
+        return errors
+    return (*errors, httpx.HTTPError)
+
+
 def push(
     adapter: str | os.PathLike[str],
     repo_id: str,
@@ -81,6 +91,6 @@ def push(
                 revision=revision,
                 commit_message="Upload preference-vector adapter",
             )
-        except (HfHubHTTPError, OfflineModeIsEnabled, OSError) as error:
-            raise LoraArithError(f"upload to {repo_id} failed: {str(error).splitlines()[0]}") from None
+        except _network_errors(HfHubHTTPError, OfflineModeIsEnabled, OSError) as error:
+            raise LoraArithError(f"upload to {repo_id} failed: {first_line(error)}") from None
     return str(getattr(commit, "commit_url", commit))

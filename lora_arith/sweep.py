@@ -7,6 +7,7 @@ import csv
 import io
 import itertools
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -28,6 +29,8 @@ def parse_grid(text: str) -> list[float]:
         raise LoraArithError(f"cannot parse the grid {text!r}; expected numbers separated by commas") from None
     if not values:
         raise LoraArithError("the grid is empty")
+    if not all(math.isfinite(value) for value in values):
+        raise LoraArithError(f"the grid {text!r} holds a value that is not a finite number")
     return values
 
 

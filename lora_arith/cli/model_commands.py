@@ -20,6 +20,9 @@ _adapter_option = click.option(
 )
 
 
+_POSITIVE = click.IntRange(min=1)
+
+
 def _model_options(command):
     options = [
         click.option(
@@ -29,8 +32,11 @@ def _model_options(command):
         ),
         four_bit_option(False, "Load the base in 4-bit NF4 (bitsandbytes)."),
         device_option(),
-        click.option("--batch-size", default=16, show_default=True, help="Prompts generated together."),
-        click.option("--max-new-tokens", default=128, show_default=True, help="Tokens generated per prompt at most."),
+        # at least 1 (click's usage error); 0 used to end in a traceback
+        click.option("--batch-size", type=_POSITIVE, default=16, show_default=True, help="Prompts generated together."),
+        click.option(
+            "--max-new-tokens", type=_POSITIVE, default=128, show_default=True, help="Most tokens generated per prompt."
+        ),
     ]
     for option in reversed(options):
         command = option(command)
@@ -59,19 +65,6 @@ def _model_inputs(base, adapter_specs, *files) -> list:
 
     adapters = [p for spec in adapter_specs for p in adapter_sources(parse_spec(spec).path)]
     return [*base_sources(base), *adapters, *(Path(f) for f in files if f is not None)]
-
-
-def _read_prompts(path: Path) -> list:
-    from lora_arith.errors import LoraArithError
-
-    prompts = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                prompts.append(json.loads(line)["prompt"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise LoraArithError(f"{path}:{number}: expected a JSON object with a 'prompt'") from None
-    return prompts
 
 
 @main.command()
@@ -107,9 +100,14 @@ def generate(prompt, prompts_file, output, temperature, seed, force, base, adapt
 
     if (prompt is None) == (prompts_file is None):
         raise LoraArithError("give either a PROMPT or --prompts FILE")
+    if prompt is not None:
+        prompts, sources = [prompt], ["PROMPT"]
+    else:
+        from lora_arith.data import load_prompts
+
+        prompts, sources = load_prompts(prompts_file)  # every line checked before any model loads
     if output is not None:
         output = check_output(output, force=force, inputs=_model_inputs(base, adapters, prompts_file), kind="file")
-    prompts = [prompt] if prompt is not None else _read_prompts(prompts_file)
     mixer = _mixer(base, adapters, model["quantize_4bit"], model["device"])
     completions = mixer.generate(
         prompts,
@@ -118,6 +116,7 @@ def generate(prompt, prompts_file, output, temperature, seed, force, base, adapt
         temperature=temperature,
         seed=seed,
         progress=progress_wanted(),
+        sources=sources,
     )
     lines = [json.dumps({"prompt": p, "completion": c}, ensure_ascii=False) for p, c in zip(prompts, completions)]
     if output is None:
@@ -194,7 +193,12 @@ def chat(temperature, base, adapters, quantize_4bit, device, batch_size, max_new
             click.echo(CHAT_HELP)
             continue
         messages.append({"role": "user", "content": line})
-        reply = mixer.generate([list(messages)], max_new_tokens=max_new_tokens, temperature=temperature)[0]
+        try:
+            reply = mixer.generate([list(messages)], max_new_tokens=max_new_tokens, temperature=temperature)[0]
+        except LoraArithError as error:  # e.g. the conversation outgrew the context: say so, keep chatting
+            messages.pop()
+            click.echo(f"Error: {error}")
+            continue
         messages.append({"role": "assistant", "content": reply})
         click.echo(f"assistant: {reply}")
 

@@ -1,0 +1,62 @@
+"""Finiteness checks for scaled and cast results, so that NaN or Inf is never written.
+
+Used wherever numbers are scaled (adapter scalings, user weights) or cast to a narrower dtype
+(``--dtype fp16``) before they are written or attached to a model. The checks raise
+:class:`LoraArithError` naming what overflowed and why; :mod:`lora_arith.factors` stays pure.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lora_arith.errors import LoraArithError
+
+__all__ = ["require_finite", "require_finite_number", "cast_finite", "dtype_name", "DTYPE_HINT"]
+
+DTYPE_HINT = "use --dtype fp32 or bf16"
+"""What to do about an fp16 overflow where the user chooses the output dtype."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``fp32``, ``bf16``, ``fp16``, … for a torch dtype."""
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+    return names.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def require_finite(tensor: torch.Tensor, what: str, why: str = "") -> torch.Tensor:
+    """Return ``tensor`` unchanged if every value is finite, else raise :class:`LoraArithError`.
+
+    Args:
+        tensor: a floating-point tensor (integer tensors are always finite).
+        what: names the tensor for the user, e.g. ``"mix: module model.layers.0.q_proj"``.
+        why: an optional explanation appended to the message (e.g. the scaling that overflowed).
+    """
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        kind = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
+        raise LoraArithError(f"{what} has {kind} values" + (f" ({why})" if why else ""))
+    return tensor
+
+
+def require_finite_number(value: float, what: str) -> float:
+    """Return ``value`` as a float if it is finite, else raise :class:`LoraArithError`."""
+    value = float(value)
+    if not math.isfinite(value):
+        raise LoraArithError(f"{what} is {value}, not a finite number")
+    return value
+
+
+def cast_finite(tensor: torch.Tensor, dtype: torch.dtype, what: str, hint: str = DTYPE_HINT) -> torch.Tensor:
+    """``tensor`` cast to ``dtype``, refusing values that are not finite or that the cast turns
+    into Inf (fp16 holds up to 65504). ``hint`` ends the message of an overflow."""
+    require_finite(tensor, what)
+    cast = tensor.to(dtype)
+    if cast is not tensor and cast.is_floating_point() and not bool(torch.isfinite(cast).all()):
+        peak = float(tensor.detach().abs().max())
+        limit = torch.finfo(dtype).max
+        raise LoraArithError(
+            f"{what} overflows {dtype_name(dtype)} (largest value {peak:.3g}, {dtype_name(dtype)} holds up to "
+            f"{limit:.3g}); {hint}"
+        )
+    return cast
