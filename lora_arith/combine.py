@@ -30,6 +30,7 @@ from lora_arith.adapter_io import (
 from lora_arith.atomic import check_output
 from lora_arith.errors import LoraArithError
 from lora_arith.factors import LowRankDelta, compress, single_threaded, weighted_sum
+from lora_arith.privacy import public_name
 
 METHODS = ("cat", "svd")
 # Config fields that say which modules are targeted; carried over when all inputs agree.
@@ -95,6 +96,7 @@ class Combination:
     modules: list[ModuleResult] = field(default_factory=list)
     input_count: int = 0
     training: dict[str, Any] | None = None
+    input_paths: list[str] = field(default_factory=list)
 
     @property
     def partial_modules(self) -> list[str]:
@@ -113,8 +115,7 @@ class Combination:
 
     def save(self, path: str | os.PathLike[str], *, force: bool = False, dtype: torch.dtype | None = None) -> Path:
         """Write a PEFT directory, or the single-file form if ``path`` ends in ``.safetensors``."""
-        inputs = [Path(item["path"]) for item in self.recipe["inputs"]]
-        check_output(path, force, inputs)
+        check_output(path, force, [Path(p) for p in self.input_paths])
         return save_adapter(path, self.tensors(dtype), self.config, self.recipe, training=self.training, force=force)
 
 
@@ -265,9 +266,15 @@ def combine(
         "rank": rank,
         "energy": energy,
         "inputs": [
-            {"path": spec.path, "weight": spec.weight, "sha256": adapter.sha256, "base_model": adapter.base_model}
+            {
+                "path": public_name(spec.path),
+                "weight": spec.weight,
+                "sha256": adapter.sha256,
+                "base_model": public_name(adapter.base_model) if adapter.base_model else None,
+            }
             for spec, adapter in zip(specs, adapters)
         ],
     }
-    training = {spec.path: adapter.training for spec, adapter in zip(specs, adapters) if adapter.training}
-    return Combination(deltas, kinds, config, recipe, out_dtype, results, len(adapters), training or None)
+    training = {public_name(s.path): a.training for s, a in zip(specs, adapters) if a.training}
+    paths = [spec.path for spec in specs]
+    return Combination(deltas, kinds, config, recipe, out_dtype, results, len(adapters), training or None, paths)

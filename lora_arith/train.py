@@ -42,6 +42,7 @@ from lora_arith.data import (
     to_messages,
 )
 from lora_arith.errors import LoraArithError
+from lora_arith.privacy import public_name, scrub
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -407,11 +408,12 @@ def _data_entries(report: LoadReport) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"spec": spec, "pairs": rows, "skipped": report.skipped.get(spec, 0)}
         entry["templated"] = spec in report.templated
         if path is None:
-            entry["hub_dataset"] = spec
+            entry["hub_dataset"] = spec  # a Hub id: NAME[:CONFIG][@REV][:SPLIT]
         else:
             from lora_arith.adapter_io import sha256_of
 
-            entry |= {"file": str(path.resolve()), "sha256": sha256_of(path)}
+            entry |= {"file": path.name, "sha256": sha256_of(path)}
+            entry["spec"] = public_name(spec)
         entries.append(entry)
     return entries
 
@@ -470,5 +472,5 @@ def _metadata(
 
 
 def _write_json(path: Path, content: Any) -> None:
-    """Write ``content`` as indented JSON."""
-    path.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+    """Write ``content`` as indented JSON, local paths reduced to basenames."""
+    path.write_text(json.dumps(scrub(content), indent=2) + "\n", encoding="utf-8")

@@ -13,28 +13,57 @@ from lora_arith.cli import main
 @click.argument("adapter")
 @click.argument("repo_id")
 @click.option("--private", is_flag=True, help="Create the repository as private.")
-@click.option("--revision", default=None, help="Branch to upload to (created if missing).")
-@click.option("--license", "license_", default="apache-2.0", show_default=True, help="Licence named in the model card.")
+@click.option("--revision", default=None, help="Branch to upload to (created if missing); with --create-pr, the PR's base.")
+@click.option(
+    "--license",
+    "license_",
+    default=None,
+    help="Licence named in the model card (default: the base model's, from its card; left out if unknown).",
+)
+@click.option(
+    "--include",
+    "include",
+    multiple=True,
+    metavar="PATTERN",
+    help="Also upload the adapter folder's files matching this shell pattern (repeatable), e.g. 'training_log.json'.",
+)
+@click.option("--commit-message", default=None, help="Commit message (default: 'Upload preference-vector adapter').")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
 @click.option("--dry-run", is_flag=True, help="List the files and show the model card; touch no network.")
-def push(adapter, repo_id, private, revision, license_, dry_run):
+def push(adapter, repo_id, private, revision, license_, include, commit_message, create_pr, dry_run):
     """Upload ADAPTER to the Hugging Face Hub as REPO_ID, with a generated model card.
 
-    The card names the base model, the recipe (weights and the inputs' sha256), the training
-    data and metrics when recorded, the licence, and the tags peft, lora, preference-vector.
+    Only adapter_config.json, adapter_model.safetensors and README.md are uploaded (--include
+    adds more); local paths in the config, metadata and card are reduced to basenames. The card
+    (built with huggingface_hub's ModelCard) has library_name peft, pipeline_tag
+    text-generation, the base model and its base_model:adapter tag, Hub datasets, the licence,
+    the recipe (weights and the inputs' sha256) and the training data and metrics when recorded.
     Authentication is huggingface_hub's: HF_TOKEN or `hf auth login`.
     """
     from lora_arith.push import plan_upload
     from lora_arith.push import push as upload
 
     if dry_run:
-        plan = plan_upload(adapter, license_)
-        click.echo(f"would upload to {repo_id}{'@' + revision if revision else ''}{' (private)' if private else ''}:")
+        plan = plan_upload(adapter, license_, include)
+        where = f"{repo_id}{'@' + revision if revision else ''}{' (private)' if private else ''}"
+        click.echo(f"would {'open a pull request on' if create_pr else 'upload to'} {where}:")
         for name in plan.names:
-            click.echo(f"  {name}" + ("  (generated)" if name in plan.generated else ""))
+            note = "  (generated)" if name in plan.generated else "  (metadata without local paths)" if name in plan.rewritten else ""
+            click.echo(f"  {name}{note}")
         click.echo("\n--- README.md ---")
         click.echo(plan.generated["README.md"])
         return
-    click.echo(f"uploaded: {upload(adapter, repo_id, private=private, revision=revision, license=license_)}")
+    url = upload(
+        adapter,
+        repo_id,
+        private=private,
+        revision=revision,
+        license=license_,
+        include=include,
+        commit_message=commit_message,
+        create_pr=create_pr,
+    )
+    click.echo(f"{'pull request' if create_pr else 'uploaded'}: {url}")
 
 
 @main.command()
