@@ -205,6 +205,7 @@ def train_preference(config: TrainConfig) -> Path:
         from lora_arith.adapter_io import write_single_file
 
         write_single_file(folder, folder / single_file_name(output), training=training_summary(folder))
+        _write_model_card(folder)
     return output
 
 
@@ -217,6 +218,15 @@ def training_summary(run: Path) -> dict[str, Any]:
     log = json.loads((run / TRAINING_LOG).read_text())
     summary["final_metrics"] = {k: log[-1][k] for k in FINAL_METRICS if log and k in log[-1]}
     return summary
+
+
+def _write_model_card(folder: Path) -> None:
+    """Replace PEFT's generic README.md with this toolkit's card (base, data, settings, metrics)."""
+    from lora_arith.adapter_io import CONFIG_NAME, public_config
+    from lora_arith.model_card import model_card
+
+    config = public_config(json.loads((folder / CONFIG_NAME).read_text()))
+    (folder / "README.md").write_text(model_card(config, None, scrub(training_summary(folder))), encoding="utf-8")
 
 
 def single_file_name(output: Path) -> str:

@@ -67,32 +67,69 @@ def push(adapter, repo_id, private, revision, license_, include, commit_message,
 
 
 @main.command()
-@click.argument("adapter")
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output adapter folder.")
+@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER...")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Output adapter folder (with --mix: a folder holding one adapter folder per mix).",
+)
 @click.option("--for", "target", type=click.Choice(["vllm"]), default="vllm", show_default=True, help="Serving engine.")
-@click.option("--max-rank", type=int, default=None, help="Cap the uniform rank (compressing larger modules optimally).")
+@click.option(
+    "--max-rank",
+    type=int,
+    default=None,
+    help="Compress modules above this rank optimally, reporting the error (default: vLLM's largest, 512).",
+)
+@click.option(
+    "--mix",
+    "mixes",
+    multiple=True,
+    metavar="NAME=W1,W2,...",
+    help="Write OUT/NAME, the weighted sum of the ADAPTERs with one weight each (repeatable).",
+)
 @click.option("-f", "--force", is_flag=True, help="Overwrite the output if it exists.")
-def export(adapter, output, target, max_rank, force):
-    """Rewrite ADAPTER for a serving engine (vLLM: one rank from {8,16,32,64,128,256,320,512}).
+def export(adapters, output, target, max_rank, mixes, force):
+    """Rewrite ADAPTER for a serving engine (vLLM), or write one adapter per --mix of the ADAPTERs.
 
-    Smaller modules are padded with zeros (the delta is unchanged); larger ones are compressed
-    by optimal SVD truncation and the error is reported. Serve it with, for example:
+    Each module keeps its rank (vLLM serves any rank up to --max-lora-rank); only modules above
+    --max-rank are compressed, by optimal SVD truncation, and their error is reported. Scalings
+    are folded into the factors (lora_alpha = r); embedding LoRA is kept. Prints the smallest
+    --max-lora-rank that serves the result, and with --mix the vllm serve arguments. Example:
 
     \b
+      lora-arith export adapters/helpful adapters/harmless --mix balanced=1,1 \\
+          --mix safer=0.5,1 -o mixes/
       vllm serve HuggingFaceTB/SmolLM2-135M-Instruct --enable-lora \\
-          --lora-modules mix=OUT --max-lora-rank R
+          --lora-modules balanced=mixes/balanced safer=mixes/safer --max-lora-rank 16
     """
-    from lora_arith.export import export_for_vllm
+    from lora_arith.errors import LoraArithError
+    from lora_arith.export import export_for_vllm, export_mixes, lora_modules_line, parse_mix
 
-    result = export_for_vllm(adapter, output, max_rank=max_rank, force=force)
-    click.echo(f"wrote {result.path}: rank {result.rank} for every module (lora_alpha = r)")
-    if result.padded:
-        click.echo(f"  {len(result.padded)} modules padded with zeros (exact)")
-    if result.compressed:
-        click.echo(
-            f"  {len(result.compressed)} modules compressed; max relative error {max(result.compressed.values()):.3e}"
-        )
-    click.echo(f"  serve with --max-lora-rank {result.rank} or more")
+    if mixes:
+        parsed = dict(parse_mix(text, len(adapters)) for text in mixes)
+        if len(parsed) != len(mixes):
+            raise LoraArithError("each --mix needs its own NAME")
+        results = export_mixes(adapters, parsed, output, max_rank=max_rank, force=force)
+    else:
+        if len(adapters) != 1:
+            raise LoraArithError("several adapters are exported as mixes: give --mix NAME=W1,W2,... (one weight each)")
+        results = {None: export_for_vllm(adapters[0], output, max_rank=max_rank, force=force)}
+    for name, result in results.items():
+        ranks = sorted(set(result.ranks.values()))
+        rank_text = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
+        click.echo(f"wrote {result.path}: {len(result.ranks)} modules, {rank_text} (lora_alpha = r)")
+        if result.compressed:
+            worst = max(result.compressed, key=result.compressed.get)
+            click.echo(
+                f"  {len(result.compressed)} modules above rank {max_rank} compressed optimally; "
+                f"max relative error {result.compressed[worst]:.3e} ({worst})"
+            )
+        if name is None:
+            click.echo(f"  serve with --max-lora-rank {result.max_lora_rank} (the smallest that serves it)")
+    if mixes:
+        click.echo(f"serve with: vllm serve BASE {lora_modules_line(results)}")
 
 
 @main.command()
