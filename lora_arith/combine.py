@@ -120,7 +120,8 @@ class Combination:
 
 
 def _check_bases(adapters: Sequence[AdapterFile], allow_mismatch: bool) -> str | None:
-    bases = {a.base_model for a in adapters if a.base_model}
+    # a local base is recorded by folder name (older adapters: by absolute path); compare those alike
+    bases = {public_name(a.base_model) for a in adapters if a.base_model}
     if len(bases) > 1 and not allow_mismatch:
         listing = ", ".join(f"{a.label} → {a.base_model}" for a in adapters if a.base_model)
         raise LoraArithError(
