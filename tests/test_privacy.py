@@ -59,6 +59,7 @@ def test_no_written_file_or_card_holds_a_local_path(tmp_path_factory, pairs_file
     run("export", out / "run", other, "--mix", "a=1,1", "--mix", "b=1,-1", "-o", out / "mixes")
     run("convert", out / "mix.safetensors", "-o", out / "converted")
     run("convert", out / "phi", "-o", out / "phi.safetensors")
+    run("merge", "--base", base, "--adapter", f"{out / 'run'}:1", "-o", out / "merged")
     cards = out / "cards"
     cards.mkdir()
     for adapter in ("run", "mix", "mix.safetensors", "phi", "vllm", "converted"):
