@@ -24,7 +24,6 @@ from lora_arith.atomic import atomic_output, check_output
 from lora_arith.combine import AdapterSpec, combine
 from lora_arith.errors import LoraArithError
 from lora_arith.factors import compress, single_threaded
-from lora_arith.privacy import public_name
 
 VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 """The values vLLM accepts for ``--max-lora-rank``."""
@@ -102,7 +101,6 @@ def _write(
     template = {k: v for k, v in combination.config.items() if k not in ("rank_pattern", "alpha_pattern")}
     config = unit_scaling_config(ranks, template)
     recipe = dict(combination.recipe, method="export-vllm", max_rank=max_rank)
-    recipe["inputs"] = [dict(item, path=public_name(item["path"])) for item in recipe["inputs"]]
     if not checked:
         check_output(output, force, [Path(spec.path) for spec in specs])
     path = save_adapter(

@@ -4,8 +4,6 @@ free of the test's own temporary-folder path (issue 12 §4)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest

@@ -27,7 +27,6 @@ def test_shipped_vectors_are_small_self_describing_adapters():
 def test_shipped_adapters_are_peft_folders_without_local_paths(path):
     """What PeftModel.from_pretrained and vLLM read: a LoRA adapter_config.json and
     adapter_model.safetensors whose keys are PEFT's own (base_model.model.….lora_A/B.weight)."""
-    import json
 
     from peft import LoraConfig
     from safetensors import safe_open
