@@ -23,18 +23,18 @@ CONFIGS="base helpful harmless both baseline"
 adapters_of() {  # CONFIG: the --adapter options of one evaluated configuration
   case $1 in
     base)     ;;
-    helpful)  echo --adapter adapters/helpful.safetensors ;;
-    harmless) echo --adapter adapters/harmless.safetensors ;;
-    both)     echo --adapter adapters/helpful.safetensors:1 --adapter adapters/harmless.safetensors:1 ;;
-    baseline) echo --adapter adapters/baseline-union.safetensors ;;
+    helpful)  echo --adapter adapters/helpful ;;
+    harmless) echo --adapter adapters/harmless ;;
+    both)     echo --adapter adapters/helpful:1 --adapter adapters/harmless:1 ;;
+    baseline) echo --adapter adapters/baseline-union ;;
     *) echo "unknown config $1" >&2; return 2 ;;
   esac
 }
 
 for item in ${@:-$CONFIGS sweep}; do
   case $item in
-    sweep) lora-arith sweep --vector helpful=adapters/helpful.safetensors \
-             --vector harmless=adapters/harmless.safetensors --grid=-1,-0.5,0,0.5,1 \
+    sweep) lora-arith sweep --vector helpful=adapters/helpful \
+             --vector harmless=adapters/harmless --grid=-1,-0.5,0,0.5,1 \
              "${PROMPTS[@]}" --max-new-tokens 24 --batch-size 20 -o "$RESULTS/sweep" --force ;;
     pairs) mkdir -p "$RESULTS/pairs"
            for config in $CONFIGS; do  # DPO metrics only, per pair file (results.json: pairs.by_file)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Reproduce the shipped preference vectors adapters/harmless.safetensors and
-# adapters/helpful.safetensors, and the mixed-data baseline adapters/baseline-union.safetensors
+# Reproduce the shipped preference vectors adapters/harmless/ and
+# adapters/helpful/, and the mixed-data baseline adapters/baseline-union/ (PEFT adapter folders)
 # used in the README, on a CPU.
 #
 #   bash examples/train_preference_vectors.sh            # from the repository root
@@ -30,9 +30,9 @@ SETTINGS=(--max-steps 30 --batch-size 4 --grad-accum 2 --max-length 128 --lr 5e-
 VECTOR=(--method svd --vector-rank 8 --dtype bf16 --force)
 
 trap 'kill $(jobs -p) 2>/dev/null || true' EXIT   # stop the other run if one fails
-lora-arith vector "${HARMLESS[@]}" "${SETTINGS[@]}" "${VECTOR[@]}" -o "$OUT/harmless.safetensors" &
+lora-arith vector "${HARMLESS[@]}" "${SETTINGS[@]}" "${VECTOR[@]}" -o "$OUT/harmless" &
 harmless=$!
-lora-arith vector "${HELPFUL[@]}" "${SETTINGS[@]}" "${VECTOR[@]}" -o "$OUT/helpful.safetensors" &
+lora-arith vector "${HELPFUL[@]}" "${SETTINGS[@]}" "${VECTOR[@]}" -o "$OUT/helpful" &
 helpful=$!
 wait "$harmless"
 wait "$helpful"
@@ -41,4 +41,4 @@ wait "$helpful"
 # two positive runs saw together.
 RUNS="$(mktemp -d)"
 lora-arith train "${HARMLESS[@]}" "${HELPFUL[@]}" "${SETTINGS[@]}" --max-steps 60 -o "$RUNS/baseline-union"
-lora-arith combine "$RUNS/baseline-union/baseline-union.safetensors" --dtype bf16 -o "$OUT/baseline-union.safetensors" --force
+lora-arith combine "$RUNS/baseline-union/baseline-union.safetensors" --dtype bf16 -o "$OUT/baseline-union" --force

@@ -33,6 +33,7 @@ from lora_arith.factors import LowRankDelta, single_threaded
 from lora_arith.hub import resolve
 from lora_arith.model_card import model_card
 from lora_arith.numerics import DTYPE_HINT, cast_finite, require_finite
+from lora_arith.privacy import scrub
 
 CONFIG_METADATA_KEY = "lora_arith.adapter_config"
 RECIPE_METADATA_KEY = "lora_arith.recipe"
@@ -454,11 +455,13 @@ def save_adapter(
     """Write an adapter atomically: the single-file form if ``path`` ends in ``.safetensors``,
     else a PEFT directory (weights, ``adapter_config.json``, a README model card and
     ``extra_files``). ``recipe`` (the arithmetic) and ``training`` (how the inputs were
-    trained) go into the safetensors metadata and the model card. Nothing is left behind if
+    trained) go into the safetensors metadata and the model card, with every local path
+    reduced to its basename (:func:`lora_arith.privacy.scrub`). Nothing is left behind if
     writing fails. ``path`` may be an :class:`~lora_arith.atomic.Output` already checked;
     otherwise it is checked here against ``inputs`` (see :func:`~lora_arith.atomic.check_output`).
     """
     single_file = output_kind(path) == "file"
+    config, recipe, training = public_config(config), scrub(recipe), scrub(training)
     metadata = _metadata(config, recipe, training, single_file)
     with atomic_output(path, kind=output_kind(path), force=force, inputs=inputs) as temporary:
         if single_file:
@@ -472,6 +475,14 @@ def save_adapter(
     return Path(path)
 
 
+def public_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` with a local ``base_model_name_or_path`` reduced to its basename (a Hub id stays)."""
+    config = dict(config)
+    if isinstance(config.get("base_model_name_or_path"), str):
+        config["base_model_name_or_path"] = scrub(config["base_model_name_or_path"])
+    return config
+
+
 def write_single_file(
     adapter: str | os.PathLike[str], path: str | os.PathLike[str], *, training: Mapping[str, Any] | None = None
 ) -> Path:
@@ -480,3 +491,16 @@ def write_single_file(
     opened = open_adapter(adapter)
     tensors = {k: v for k, v in load_file(opened.weights_path).items() if k not in opened.ignored_keys}
     return save_adapter(path, tensors, opened.config, opened.recipe, training=training or opened.training)
+
+
+def convert_adapter(
+    adapter: str | os.PathLike[str], output: str | os.PathLike[str], *, force: bool = False
+) -> Path:
+    """Rewrite ``adapter`` in the other form, losslessly: a ``.safetensors`` ``output`` gets the
+    single-file form, anything else a PEFT folder (``adapter_config.json``,
+    ``adapter_model.safetensors``, a model card). Tensors (names, dtypes, values) and the LoRA
+    config are kept exactly; the recipe and training records are kept with local paths reduced
+    to basenames. Saved copies of base weights (not deltas) are dropped."""
+    opened = open_adapter(adapter)
+    tensors = {k: v for k, v in load_file(opened.weights_path).items() if k not in opened.ignored_keys}
+    return save_adapter(output, tensors, opened.config, opened.recipe, training=opened.training, force=force)

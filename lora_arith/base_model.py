@@ -202,13 +202,14 @@ def _require_safetensors(path: Path, base: str) -> None:
 def base_model_id(base: str | None) -> str:
     """The name adapters trained on ``base`` record as ``base_model_name_or_path``.
 
-    :data:`DEFAULT_BASE_ID` for the default base, the absolute path for a local directory,
-    the Hub id otherwise. It does not convert or download anything.
+    :data:`DEFAULT_BASE_ID` for the default base, the Hub id for a Hub model, and only the
+    folder's name for a local directory: adapters and their cards are shared, local paths are
+    not. It does not convert or download anything.
     """
     if _is_default(base):
         return DEFAULT_BASE_ID
     path = Path(base).expanduser()
-    return str(path.resolve()) if path.exists() else base
+    return path.resolve().name if path.exists() else base
 
 
 def base_sources(base: str | None) -> list[Path]:

@@ -30,6 +30,7 @@ from lora_arith.adapter_io import (
 from lora_arith.errors import LoraArithError
 from lora_arith.factors import LowRankDelta, compress, single_threaded, weighted_sum
 from lora_arith.numerics import require_finite
+from lora_arith.privacy import public_name
 
 METHODS = ("cat", "svd")
 # Config fields that say which modules are targeted; carried over when all inputs agree.
@@ -121,7 +122,8 @@ class Combination:
 
 
 def _check_bases(adapters: Sequence[AdapterFile], allow_mismatch: bool) -> str | None:
-    bases = {a.base_model for a in adapters if a.base_model}
+    # a local base is recorded by folder name (older adapters: by absolute path); compare those alike
+    bases = {public_name(a.base_model) for a in adapters if a.base_model}
     if len(bases) > 1 and not allow_mismatch:
         listing = ", ".join(f"{a.label} → {a.base_model}" for a in adapters if a.base_model)
         raise LoraArithError(
@@ -281,10 +283,15 @@ def combine(
         "rank": rank,
         "energy": energy,
         "inputs": [
-            {"path": spec.path, "weight": spec.weight, "sha256": adapter.sha256, "base_model": adapter.base_model}
+            {
+                "path": public_name(spec.path),
+                "weight": spec.weight,
+                "sha256": adapter.sha256,
+                "base_model": public_name(adapter.base_model) if adapter.base_model else None,
+            }
             for spec, adapter in zip(specs, adapters)
         ],
     }
-    training = {spec.path: adapter.training for spec, adapter in zip(specs, adapters) if adapter.training}
+    training = {public_name(s.path): a.training for s, a in zip(specs, adapters) if a.training}
     sources = [source for adapter in adapters for source in adapter.sources]
     return Combination(deltas, kinds, config, recipe, out_dtype, results, len(adapters), training or None, sources)

@@ -10,11 +10,15 @@ A *data spec* names where pairs come from. :func:`load_pairs` accepts:
   affirmative ``target`` as in AdvBench), templated into refusal-chosen vs compliance-rejected pairs.
 * ``answer:PATH`` — an instruction file with ``prompt`` and ``response`` (as in Alpaca), templated
   into answer-chosen vs refusal-rejected pairs.
-* ``NAMESPACE/NAME[:SPLIT]`` — a Hugging Face Hub dataset (split ``train`` by default), read with
-  :func:`datasets.load_dataset` when it is not an existing path and the Hub is not offline.
+* ``NAMESPACE/NAME[:CONFIG][@REV][:SPLIT]`` — a Hugging Face Hub dataset (split ``train`` by
+  default; a lone ``:PART`` is the split), read with :func:`datasets.load_dataset` when it is not
+  an existing path and the Hub is not offline.
 
 A ``prompt`` is either a string (one user turn) or a list of chat messages
-``[{"role": ..., "content": ...}, ...]`` that ends with a user turn.
+``[{"role": ..., "content": ...}, ...]`` that ends with a user turn. TRL's other preference
+formats are accepted too: conversational ``chosen``/``rejected`` message lists (after the
+prompt, one assistant turn each), and implicit-prompt rows without ``prompt`` whose ``chosen``
+and ``rejected`` start with the same turns (or text), split off with TRL's ``maybe_extract_prompt``.
 """
 
 from __future__ import annotations
@@ -56,7 +60,10 @@ TEMPLATE_KINDS = ("refusal", "answer")
 TEMPLATED_SOURCE_PREFIX = "templated:"
 
 _ROLES = {"system", "user", "assistant"}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")
+_HUB_ID = re.compile(
+    r"^(?P<name>[A-Za-z0-9][\w.-]*/[\w.-]+)(?::(?P<first>[\w.-]+))?"
+    r"(?:@(?P<revision>refs/pr/\d+|[\w.-]+(?:/[\w.-]+)*?))?(?::(?P<split>[\w.-]+))?$"
+)
 
 REFUSALS = (
     "I'm sorry, but I can't help with that.",
@@ -230,10 +237,53 @@ def _responses(record: dict[str, Any], label: str | None) -> tuple[str, str]:
     return responses[better], responses[1 - better]
 
 
+def _completion_text(value: Any, name: str) -> Any:
+    """A conversational ``chosen``/``rejected`` (after the prompt) as the text of its one assistant turn."""
+    if not isinstance(value, list):
+        return value
+    if len(value) != 1 or not isinstance(value[0], dict) or value[0].get("role") != "assistant":
+        raise _BadRecord(f"field {name!r} must be one assistant message after the prompt")
+    return value[0].get("content")
+
+
+def _trl_standard(record: dict[str, Any]) -> dict[str, Any]:
+    """A record in one of TRL's preference formats as ``{prompt, chosen, rejected}`` with string
+    replies: conversational ``chosen``/``rejected`` message lists, and implicit-prompt rows whose
+    prompt is the shared start of both (TRL's ``maybe_extract_prompt`` finds it)."""
+    chosen, rejected = record.get("chosen"), record.get("rejected")
+    conversational = isinstance(chosen, list) or isinstance(rejected, list)
+    if "prompt" in record and not conversational:
+        return record
+    if "chosen" not in record or "rejected" not in record:
+        return record  # the usual "missing field" errors follow
+    if conversational and not (isinstance(chosen, list) and isinstance(rejected, list) and chosen and rejected):
+        raise _BadRecord("conversational 'chosen' and 'rejected' must both be non-empty message lists")
+    from trl.data_utils import maybe_extract_prompt
+
+    if conversational and isinstance(record.get("prompt"), str):
+        record = {**record, "prompt": [{"role": "user", "content": record["prompt"]}]}
+    try:
+        extracted = maybe_extract_prompt(record)
+    except (TypeError, KeyError, IndexError, AttributeError) as error:
+        raise _BadRecord(f"cannot split the prompt from 'chosen'/'rejected' ({error})") from None
+    prompt = extracted.get("prompt")
+    if not prompt:
+        raise _BadRecord(
+            "missing field 'prompt', and 'chosen' and 'rejected' share no leading turns or text (an implicit prompt)"
+        )
+    extracted = {**record, **extracted}
+    extracted["chosen"] = _completion_text(extracted["chosen"], "chosen")
+    extracted["rejected"] = _completion_text(extracted["rejected"], "rejected")
+    return extracted
+
+
 def _pair_from_record(record: Any, label: str | None, source: str) -> PreferencePair:
-    """Turn one decoded record (a plain pair or a PKU-SafeRLHF record) into a checked pair."""
+    """Turn one decoded record (a plain pair, a TRL conversational or implicit-prompt pair, or a
+    PKU-SafeRLHF record) into a checked pair."""
     if not isinstance(record, dict):
         raise _BadRecord("a row must be a JSON object")
+    if "response_0" not in record:
+        record = _trl_standard(record)
     prompt = _prompt_field(record)
     chosen, rejected = _responses(record, label)
     if chosen.strip() == rejected.strip():
@@ -370,7 +420,7 @@ def _template_kind(spec: str) -> str | None:
 
 
 def _is_hub_id(spec: str) -> bool:
-    """Whether ``spec`` reads as a Hub dataset id (``NAMESPACE/NAME[:SPLIT]``) rather than a local file.
+    """Whether ``spec`` reads as a Hub dataset (``NAMESPACE/NAME[:CONFIG][@REV][:SPLIT]``) rather than a local file.
 
     Something that exists locally, or is named like a data file (``.jsonl`` / ``.json``), is a path.
     """
@@ -387,15 +437,40 @@ def _hub_offline() -> bool:
     )
 
 
+@dataclass(frozen=True)
+class HubDataset:
+    """A parsed Hub dataset spec ``NAME[:CONFIG][@REV][:SPLIT]``."""
+
+    name: str
+    config: str | None = None
+    revision: str | None = None
+    split: str = "train"
+
+
+def parse_hub_dataset(spec: str) -> HubDataset | None:
+    """Parse ``NAME[:CONFIG][@REV][:SPLIT]`` (``None`` if ``spec`` is not of that form).
+
+    ``NAME:CONFIG:SPLIT`` names both; a lone ``:PART`` is the split (``NAME:test``) unless a
+    revision follows it (``NAME:CONFIG@REV``). ``REV`` is a branch, tag, commit or ``refs/pr/N``.
+    """
+    match = _HUB_ID.match(spec)
+    if not match:
+        return None
+    first, split = match["first"], match["split"]
+    if first is not None and split is None and match["revision"] is None:
+        first, split = None, first
+    return HubDataset(match["name"], first, match["revision"], split or "train")
+
+
 def _hub_rows(spec: str) -> Iterator[tuple[int, Any]]:
     """Rows of a Hub dataset split, numbered from 1."""
     if _hub_offline():
         raise LoraArithError(f"{spec}: not a local file, and the Hub is offline (HF_HUB_OFFLINE is set)")
-    name, _, split = spec.partition(":")
+    hub = parse_hub_dataset(spec)
     try:
         import datasets
 
-        dataset = datasets.load_dataset(name, split=split or "train")
+        dataset = datasets.load_dataset(hub.name, hub.config, split=hub.split, revision=hub.revision)
     except Exception as error:  # any failure here (network, unknown id, bad split) is the user's to fix
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise LoraArithError(f"cannot load Hub dataset {spec!r}: {reason}") from None

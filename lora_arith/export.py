@@ -1,56 +1,110 @@
-"""Export for serving engines. vLLM wants one LoRA rank for every module, from a fixed set,
-``lora_alpha == r`` and a plain config; this module rewrites any adapter into that shape."""
+"""Export for serving engines.
+
+vLLM loads any PEFT LoRA folder whose modules have ranks up to its ``--max-lora-rank``, scales
+every module by the config's ``lora_alpha / r`` (it ignores ``rank_pattern``/``alpha_pattern``),
+loads embedding LoRA, and refuses DoRA, LoRA biases and ``modules_to_save``. So an export keeps
+each module's own rank (padding would only make files bigger), folds every scaling into the
+factors (``lora_alpha == r`` everywhere, so vLLM's one scaling is 1), compresses optimally only
+the modules above ``max_rank``, and reports the smallest ``--max-lora-rank`` that serves it.
+
+Several weightings of the same adapters (``mixes``) give one adapter each: the way per-user mixes
+are served side by side with ``vllm serve --enable-lora --lora-modules NAME=PATH ...``.
+"""
 
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from lora_arith.adapter_io import LINEAR, factor_tensors, open_adapter, save_adapter
+from lora_arith.adapter_io import adapter_sources, open_adapter, save_adapter, unit_scaling_config
+from lora_arith.atomic import atomic_output, check_output
+from lora_arith.combine import AdapterSpec, combine
 from lora_arith.errors import LoraArithError
-from lora_arith.factors import LowRankDelta, compress, single_threaded
+from lora_arith.factors import compress, single_threaded
 
 VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
-"""The LoRA ranks vLLM accepts (``--max-lora-rank`` must be at least the chosen one)."""
+"""The values vLLM accepts for ``--max-lora-rank``."""
+
+_MIX_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
 
 
 @dataclass(frozen=True)
 class Export:
-    """What :func:`export_for_vllm` wrote.
+    """What :func:`export_for_vllm` wrote for one adapter.
 
     Attributes:
         path: the written adapter folder.
-        rank: the uniform rank of every module.
-        padded: modules whose rank was raised with zero factors (their delta is unchanged).
-        compressed: modules whose rank was reduced by optimal SVD truncation, with the relative error of each.
+        ranks: every module's rank in the output.
+        compressed: modules whose rank was reduced by optimal SVD truncation (above
+            ``max_rank``), with the relative error of each; the others are exact.
     """
 
     path: Path
-    rank: int
-    padded: list[str]
+    ranks: dict[str, int]
     compressed: dict[str, float]
 
+    @property
+    def rank(self) -> int:
+        """The largest module rank."""
+        return max(self.ranks.values())
 
-def choose_rank(needed: int, max_rank: int | None) -> int:
-    """The smallest vLLM rank ≥ ``needed``, or the largest one ≤ ``max_rank`` when that is lower."""
-    if max_rank is not None and max_rank < VLLM_RANKS[0]:
-        raise LoraArithError(f"--max-rank must be at least {VLLM_RANKS[0]}, vLLM's smallest rank")
-    fitting = [r for r in VLLM_RANKS if r >= needed]
-    rank = fitting[0] if fitting else VLLM_RANKS[-1]
-    if max_rank is not None and rank > max_rank:
-        rank = max(r for r in VLLM_RANKS if r <= max_rank)
-    return rank
+    @property
+    def max_lora_rank(self) -> int:
+        """The smallest vLLM ``--max-lora-rank`` that serves this adapter."""
+        return serving_rank(self.rank)
 
 
-def _pad(delta: LowRankDelta, rank: int) -> LowRankDelta:
-    extra = rank - delta.rank
-    return LowRankDelta(
-        torch.cat([delta.B, delta.B.new_zeros(delta.B.shape[0], extra)], dim=1),
-        torch.cat([delta.A, delta.A.new_zeros(extra, delta.A.shape[1])], dim=0),
-    )
+def serving_rank(rank: int) -> int:
+    """The smallest value of vLLM's ``--max-lora-rank`` (:data:`VLLM_RANKS`) that is at least ``rank``."""
+    fitting = [r for r in VLLM_RANKS if r >= rank]
+    if not fitting:
+        raise LoraArithError(f"rank {rank} is above vLLM's largest --max-lora-rank ({VLLM_RANKS[-1]})")
+    return fitting[0]
+
+
+def parse_mix(text: str, count: int) -> tuple[str, list[float]]:
+    """Parse ``NAME=W1,W2,...`` with one weight per input adapter."""
+    name, sep, weights_text = text.partition("=")
+    if not sep or not _MIX_NAME.match(name):
+        raise LoraArithError(f"--mix {text!r}: expected NAME=W1,W2,... (NAME of letters, digits, '.', '_', '-')")
+    try:
+        weights = [float(w) for w in weights_text.split(",")]
+    except ValueError:
+        raise LoraArithError(f"--mix {text!r}: the weights must be numbers separated by commas") from None
+    if len(weights) != count:
+        raise LoraArithError(f"--mix {text!r}: {len(weights)} weights for {count} adapters; give one per adapter")
+    return name, weights
+
+
+def _check_vllm_compatible(adapters: Sequence[str]) -> None:
+    for adapter in adapters:
+        opened = open_adapter(adapter)
+        if opened.config.get("fan_in_fan_out"):
+            raise LoraArithError(f"{adapter}: vLLM needs nn.Linear layers; this adapter has fan_in_fan_out=True (Conv1D)")
+
+
+def _write(
+    specs: Sequence[AdapterSpec], output: Path, max_rank: int | None, force: bool, *, checked: bool = False
+) -> Export:
+    cap = VLLM_RANKS[-1] if max_rank is None else max_rank
+    combination = combine(list(specs), method="cat")
+    compressed: dict[str, float] = {}
+    with single_threaded():
+        for name, delta in combination.deltas.items():
+            if delta.rank > cap:
+                result = compress(delta, rank=min(cap, delta.B.shape[0], delta.A.shape[1]))
+                combination.deltas[name], compressed[name] = result.delta, result.relative_error
+    ranks = {name: delta.rank for name, delta in combination.deltas.items()}
+    template = {k: v for k, v in combination.config.items() if k not in ("rank_pattern", "alpha_pattern")}
+    config = unit_scaling_config(ranks, template)
+    recipe = dict(combination.recipe, method="export-vllm", max_rank=max_rank)
+    if not checked:
+        output = check_output(output, force=force, inputs=combination.sources, kind="adapter")
+    path = save_adapter(output, combination.tensors(), config, recipe, training=combination.training)
+    return Export(path, ranks, compressed)
 
 
 def export_for_vllm(
@@ -58,56 +112,52 @@ def export_for_vllm(
 ) -> Export:
     """Write ``adapter`` as a vLLM-ready PEFT folder at ``output``.
 
-    Every module gets the same rank from :data:`VLLM_RANKS`: the smallest that holds the
-    largest module rank, capped by ``max_rank``. Smaller modules are padded with zeros
-    (exact); larger ones are compressed optimally (reported). The scaling is folded into the
-    factors, so ``lora_alpha == r``; the config has no ``rank_pattern``/``alpha_pattern``.
+    Each module keeps its rank, except that modules above ``max_rank`` (default: vLLM's
+    largest, 512) are compressed optimally (QR + SVD of the small core) and reported. Scalings
+    are folded into the factors (``lora_alpha == r`` for every module); embedding LoRA is kept.
     """
     if Path(output).suffix == ".safetensors":
         raise LoraArithError("vLLM loads adapter folders: give -o a folder name, not a .safetensors file")
-    opened = open_adapter(adapter)
-    embedding = [name for name, info in opened.modules.items() if info.kind != LINEAR]
-    if embedding:
-        raise LoraArithError(f"vLLM export supports linear modules only; {embedding[0]} is an embedding LoRA")
-    if opened.config.get("fan_in_fan_out"):
-        raise LoraArithError("vLLM export needs nn.Linear layers; this adapter has fan_in_fan_out=True (Conv1D)")
-    rank = choose_rank(max(info.rank for info in opened.modules.values()), max_rank)
+    if max_rank is not None and max_rank < 1:
+        raise LoraArithError("--max-rank must be at least 1")
+    _check_vllm_compatible([str(adapter)])
+    return _write([AdapterSpec(str(adapter), 1.0)], Path(output), max_rank, force)
 
-    deltas: dict[str, LowRankDelta] = {}
-    padded: list[str] = []
-    compressed: dict[str, float] = {}
-    with single_threaded():
-        for name, info in opened.modules.items():
-            delta = opened.delta(name)
-            if info.rank > rank:
-                result = compress(delta, rank=min(rank, min(info.shape)))
-                delta, compressed[name] = result.delta, result.relative_error
-            if delta.rank < rank:
-                delta = _pad(delta, rank)
-                padded.append(name)
-            deltas[name] = delta
 
-    config = {
-        "peft_type": "LORA",
-        "task_type": opened.config.get("task_type") or "CAUSAL_LM",
-        "base_model_name_or_path": opened.base_model,
-        "r": rank,
-        "lora_alpha": rank,
-        "target_modules": sorted({info.module_type for info in opened.modules.values()}),
-        "bias": "none",
-        "lora_dropout": 0.0,
-        "use_rslora": False,
-        "use_dora": False,
-        "modules_to_save": None,
-        "fan_in_fan_out": False,
-    }
-    hint = "its scaling, folded into the factors, does not fit the adapter's dtype; convert it to fp32 first"
-    tensors = factor_tensors(deltas, {name: LINEAR for name in deltas}, opened.dtype, hint)
-    recipe = {
-        "tool": "lora-arith",
-        "method": "export-vllm",
-        "rank": rank,
-        "inputs": [{"path": str(adapter), "weight": 1.0, "sha256": opened.sha256}],
-    }
-    path = save_adapter(output, tensors, config, recipe, training=opened.training, force=force, inputs=opened.sources)
-    return Export(path, rank, padded, compressed)
+def export_mixes(
+    adapters: Sequence[str],
+    mixes: Mapping[str, Sequence[float]],
+    output: str | os.PathLike[str],
+    *,
+    max_rank: int | None = None,
+    force: bool = False,
+) -> dict[str, Export]:
+    """Write one vLLM-ready adapter per mix into the folder ``output`` (as ``output/NAME``).
+
+    ``mixes`` maps a name to one weight per adapter; each mix is the exact weighted sum of the
+    adapters (ranks add up), compressed optimally only where a module exceeds ``max_rank``.
+    """
+    if not mixes:
+        raise LoraArithError("no --mix given")
+    if max_rank is not None and max_rank < 1:
+        raise LoraArithError("--max-rank must be at least 1")
+    _check_vllm_compatible(adapters)
+    for name, weights in mixes.items():
+        if len(weights) != len(adapters):
+            raise LoraArithError(f"mix {name}: {len(weights)} weights for {len(adapters)} adapters")
+    sources = [source for adapter in adapters for source in adapter_sources(adapter)]
+    checked = check_output(output, force=force, inputs=sources, kind="folder")
+    exports: dict[str, Export] = {}
+    with atomic_output(checked) as folder:
+        for name, weights in mixes.items():
+            specs = [AdapterSpec(str(a), w) for a, w in zip(adapters, weights)]
+            written = _write(specs, folder / name, max_rank, force, checked=True)
+            exports[name] = Export(Path(output) / name, written.ranks, written.compressed)
+    return exports
+
+
+def lora_modules_line(exports: Mapping[str, Export]) -> str:
+    """The ``vllm serve`` arguments that serve ``exports`` side by side."""
+    modules = " ".join(f"{name}={export.path}" for name, export in exports.items())
+    rank = max(export.max_lora_rank for export in exports.values())
+    return f"--enable-lora --max-loras {len(exports)} --max-lora-rank {rank} --lora-modules {modules}"

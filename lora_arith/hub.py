@@ -5,11 +5,12 @@ Anywhere an adapter path is accepted, a Hub reference works too:
 * ``org/name`` — a PEFT adapter at the root of a model repository;
 * ``org/name/sub/folder`` — a PEFT adapter in a subfolder;
 * ``org/name/file.safetensors`` — a single-file adapter;
-* each with an optional ``@revision`` after the repository name (``org/name@v1/sub``).
+* each with an optional ``@revision`` after the repository name (``org/name@v1/sub``), including
+  a pull request's ``@refs/pr/N`` (``org/name@refs/pr/1/sub``).
 
 **A local path always wins:** a reference is looked up on the Hub only when no file or folder
 of that name exists locally and its first component is not a local folder (so a mistyped
-``adapters/helpfull.safetensors`` is reported as missing, not fetched). Downloads go through huggingface_hub's own ``hf_hub_download``, so
+``adapters/helpfull`` is reported as missing, not fetched). Downloads go through huggingface_hub's own ``hf_hub_download``, so
 its cache, ``HF_TOKEN``, ``HF_HOME`` and offline mode (``HF_HUB_OFFLINE=1``: resolve from the
 local cache only) all apply.
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 from lora_arith.errors import LoraArithError
 
 _REFERENCE = re.compile(
-    r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+?)(?:@(?P<revision>[\w./-]+?))?(?:/(?P<subpath>[\w./-]+))?$"
+    r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+?)(?:@(?P<revision>refs/pr/\d+|[\w./-]+?))?(?:/(?P<subpath>[\w./-]+))?$"
 )
 
 

@@ -139,8 +139,8 @@ class PreferenceMixer:
 
     Example::
 
-        mixer = PreferenceMixer(None, {"helpful": "adapters/helpful.safetensors",
-                                       "harmless": "adapters/harmless.safetensors"})
+        mixer = PreferenceMixer(None, {"helpful": "adapters/helpful",
+                                       "harmless": "adapters/harmless"})
         mixer.set(helpful=0.8, harmless=0.5)
         mixer.generate(["How do I kill a Python process?"])
 

@@ -1,8 +1,29 @@
-"""The README model card written beside every adapter this toolkit saves."""
+"""The README model card written beside every adapter this toolkit saves.
+
+The card is built with huggingface_hub's :class:`~huggingface_hub.ModelCard` and
+:class:`~huggingface_hub.ModelCardData`, so the Hub reads its metadata as it reads any PEFT
+adapter's: ``library_name: peft``, ``pipeline_tag: text-generation``, ``base_model`` with the
+``base_model:adapter:<id>`` tag, ``datasets`` when the training data came from the Hub, and a
+licence taken from the caller (``--license``) or from the base model's own card.
+"""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any, Mapping
+
+from lora_arith.privacy import public_name
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+KNOWN_LICENSES = {"HuggingFaceTB/SmolLM2-135M-Instruct": "apache-2.0"}
+"""Licences of bases whose card is known without network access (the embedded default base)."""
+
+
+def is_hub_id(name: Any) -> bool:
+    """Whether ``name`` reads as a Hub repository id (``org/name``) and is not a local path."""
+    return isinstance(name, str) and bool(_HUB_ID.match(name)) and not Path(name).exists()
 
 
 def _recipe_section(recipe: Mapping[str, Any]) -> list[str]:
@@ -14,17 +35,17 @@ def _recipe_section(recipe: Mapping[str, Any]) -> list[str]:
     lines = ["## Recipe", "", f"ΔW = Σ wᵢ ΔWᵢ, method {method}.", ""]
     lines += ["| input | weight | sha256 |", "| --- | --- | --- |"]
     for item in recipe.get("inputs", []):
-        lines.append(f"| `{item['path']}` | {item['weight']:g} | `{item['sha256']}` |")
+        lines.append(f"| `{public_name(item['path'])}` | {item['weight']:g} | `{item['sha256']}` |")
     return lines + [""]
 
 
 def _run_lines(run: Mapping[str, Any]) -> list[str]:
     lines = []
     for item in run.get("data", []):
-        where = item.get("file") or item.get("hub_dataset") or item.get("spec")
+        where = item.get("hub_dataset") or item.get("file") or item.get("spec")
         sha = f" (sha256 `{item['sha256']}`)" if item.get("sha256") else ""
         count = f", {item['pairs']} pairs" if "pairs" in item else ""
-        lines.append(f"- data: `{item.get('spec', where)}`{count}{sha}")
+        lines.append(f"- data: `{public_name(item.get('spec', where))}`{count}{sha}")
     if "swap" in run:
         lines.append(f"- chosen/rejected swapped: {run['swap']}")
     for key, value in sorted((run.get("hyperparameters") or {}).items()):
@@ -50,31 +71,76 @@ def _training_section(training: Mapping[str, Any]) -> list[str]:
     lines = ["## Training", ""]
     for name, run in _runs(training):
         if name:
-            lines += [f"### {name}", ""]
+            lines += [f"### {public_name(name)}", ""]
         lines += _run_lines(run) + [""]
     return lines
+
+
+def hub_datasets(training: Mapping[str, Any] | None) -> list[str]:
+    """The Hub dataset ids (without config, revision or split) the training data came from."""
+    names: list[str] = []
+    for _, run in _runs(training or {}):
+        for item in run.get("data", []):
+            dataset = item.get("hub_dataset")
+            if isinstance(dataset, str):
+                dataset = re.split(r"[:@]", dataset, maxsplit=1)[0]
+                if dataset not in names:
+                    names.append(dataset)
+    return names
+
+
+def base_license(base: str | None, *, online: bool = False) -> str | None:
+    """The licence of ``base``: known for the default base, read from a local folder's
+    ``README.md``, or (``online``) from the Hub card through huggingface_hub. ``None`` if unknown."""
+    if not base:
+        return None
+    if base in KNOWN_LICENSES:
+        return KNOWN_LICENSES[base]
+    from huggingface_hub import ModelCard
+
+    readme = Path(base).expanduser() / "README.md"
+    try:
+        if readme.is_file():
+            return ModelCard.load(readme).data.license
+        if online and is_hub_id(base):
+            return ModelCard.load(base).data.license
+    except Exception:  # no card, no network, unreadable card: the licence stays unknown
+        return None
+    return None
 
 
 def model_card(
     config: Mapping[str, Any],
     recipe: Mapping[str, Any] | None = None,
     training: Mapping[str, Any] | None = None,
-    license: str = "apache-2.0",
+    license: str | None = None,
 ) -> str:
     """A Hugging Face model card (README.md with YAML front matter) for an adapter.
 
-    It names the base model, the arithmetic recipe with the inputs' sha256, the training
-    data and metrics when known, the licence and the tags ``peft``, ``lora`` and
-    ``preference-vector``.
+    The metadata follows PEFT's own cards: ``library_name: peft``, ``pipeline_tag:
+    text-generation``, ``base_model`` and the ``base_model:adapter:<id>`` tag when the base is
+    a Hub id, ``datasets`` for Hub training data, and ``license`` (``license`` if given, else the
+    base's, else left out). The text names the recipe with the inputs' sha256 and the training
+    data and metrics when known. No local path is written: files are named by basename.
     """
+    from huggingface_hub import ModelCard, ModelCardData
+
     base = config.get("base_model_name_or_path")
-    lines = ["---", "library_name: peft", f"license: {license}"]
-    if base:
-        lines.append(f"base_model: {base}")
-    lines += ["tags:", "- peft", "- lora", "- preference-vector", "- lora-arith", "---", ""]
-    lines += ["# Preference-vector LoRA adapter", ""]
+    hub_base = base if is_hub_id(base) else None
+    tags = ["peft", "lora", "preference-vector", "lora-arith"]
+    if hub_base:
+        tags.insert(0, f"base_model:adapter:{hub_base}")
+    data = ModelCardData(
+        library_name="peft",
+        pipeline_tag="text-generation",
+        license=license or base_license(base),
+        base_model=hub_base,
+        datasets=hub_datasets(training) or None,
+        tags=tags,
+    )
+    lines = ["# Preference-vector LoRA adapter", ""]
     ranks = f"rank {config.get('r')}" + (" (per-module ranks in `rank_pattern`)" if config.get("rank_pattern") else "")
-    lines += [f"Base model: `{base or 'unknown'}`; {ranks}.", ""]
+    lines += [f"Base model: `{public_name(base) if base else 'unknown'}`; {ranks}.", ""]
     if recipe:
         lines += _recipe_section(recipe)
     if training:
@@ -90,4 +156,5 @@ def model_card(
         "Written by lora-arith.",
         "",
     ]
-    return "\n".join(lines)
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+    return str(card)

@@ -1,16 +1,30 @@
-"""Sharing adapters on the Hugging Face Hub with a generated model card."""
+"""Sharing adapters on the Hugging Face Hub with a generated model card.
+
+Only what an adapter repository needs is uploaded: ``adapter_config.json``,
+``adapter_model.safetensors`` and a generated ``README.md`` model card; ``include`` patterns add
+more files of an adapter folder. Nothing local leaks: paths in the config, the safetensors
+metadata and the card are reduced to basenames (see :mod:`lora_arith.privacy`).
+"""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
-from lora_arith.adapter_io import CONFIG_NAME, WEIGHTS_NAME, open_adapter
+from lora_arith.adapter_io import CONFIG_NAME, WEIGHTS_NAME, open_adapter, public_config
 from lora_arith.errors import LoraArithError, first_line
-from lora_arith.model_card import model_card
+from lora_arith.model_card import base_license, model_card
+from lora_arith.privacy import scrub
+
+UPLOADED = (CONFIG_NAME, WEIGHTS_NAME, "README.md")
+"""The files an adapter repository gets without ``--include``."""
+
+DEFAULT_COMMIT_MESSAGE = "Upload preference-vector adapter"
 
 
 @dataclass(frozen=True)
@@ -20,35 +34,90 @@ class UploadPlan:
     Attributes:
         copied: repository path → local file uploaded as is.
         generated: repository path → text written for the upload (the model card, and the
-            config of a single-file adapter).
+            config when the adapter's own has a local path or is embedded in a single file).
+        rewritten: repository path → weights file whose safetensors metadata must be rewritten
+            without local paths before upload (the tensors are unchanged).
     """
 
     copied: dict[str, Path]
     generated: dict[str, str]
+    rewritten: dict[str, Path]
 
     @property
     def names(self) -> list[str]:
         """Every repository path, sorted."""
-        return sorted({*self.copied, *self.generated})
+        return sorted({*self.copied, *self.generated, *self.rewritten})
 
 
-def plan_upload(adapter: str | os.PathLike[str], license: str = "apache-2.0") -> UploadPlan:
-    """The files :func:`push` uploads: a PEFT folder layout (``adapter_config.json``,
-    ``adapter_model.safetensors``, a generated ``README.md`` model card) plus any other files
-    of an adapter folder. A single-file adapter is uploaded in that layout, its config taken
-    from its metadata.
+def _metadata(weights: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(weights, framework="pt") as handle:
+        return dict(handle.metadata() or {})
+
+
+def _public_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """Safetensors metadata with local paths in its values reduced to basenames (values
+    without paths are kept byte for byte)."""
+    public = {}
+    for key, value in metadata.items():
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            public[key] = scrub(value)
+            continue
+        cleaned = scrub(parsed)
+        public[key] = value if cleaned == parsed else json.dumps(cleaned, sort_keys=True)
+    return public
+
+
+def _included(folder: Path, patterns: Sequence[str]) -> dict[str, Path]:
+    """Files of ``folder`` (relative names) that match any of ``patterns``."""
+    found: dict[str, Path] = {}
+    for path in sorted(folder.rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        if path.is_file() and any(fnmatch.fnmatch(name, pattern) for pattern in patterns):
+            found[name] = path
+    return found
+
+
+def plan_upload(
+    adapter: str | os.PathLike[str],
+    license: str | None = None,
+    include: Sequence[str] = (),
+    *,
+    online: bool = False,
+) -> UploadPlan:
+    """The files :func:`push` uploads: ``adapter_config.json``, ``adapter_model.safetensors``
+    and a generated ``README.md`` model card, plus the adapter folder's files that match an
+    ``include`` pattern (shell-style, relative to the folder). A single-file adapter is
+    uploaded in the same layout, its config taken from its metadata. The licence is ``license``,
+    else the base model's (``online``: also looked up on the Hub), else left out.
     """
     opened = open_adapter(adapter)
-    copied = {WEIGHTS_NAME: opened.weights_path}
-    source = opened.weights_path.parent if opened.weights_path.name == WEIGHTS_NAME else None
-    if source is not None:
-        for path in sorted(source.iterdir()):
-            if path.is_file() and path.name != "README.md" and not path.name.startswith("."):
-                copied.setdefault(path.name, path)
-    generated = {"README.md": model_card(opened.config, opened.recipe, opened.training, license=license)}
-    if CONFIG_NAME not in copied:
-        generated[CONFIG_NAME] = json.dumps(opened.config, indent=2, sort_keys=True) + "\n"
-    return UploadPlan(copied, generated)
+    copied: dict[str, Path] = {}
+    rewritten: dict[str, Path] = {}
+    metadata = _metadata(opened.weights_path)
+    if _public_metadata(metadata) == metadata:
+        copied[WEIGHTS_NAME] = opened.weights_path
+    else:
+        rewritten[WEIGHTS_NAME] = opened.weights_path
+    generated: dict[str, str] = {}
+    config_file = opened.weights_path.parent / CONFIG_NAME
+    public = public_config(opened.config)
+    if opened.weights_path.name == WEIGHTS_NAME and config_file.is_file() and public == opened.config:
+        copied[CONFIG_NAME] = config_file
+    else:
+        generated[CONFIG_NAME] = json.dumps(public, indent=2, sort_keys=True) + "\n"
+    if include:
+        if opened.weights_path.name != WEIGHTS_NAME:
+            raise LoraArithError("--include adds files of an adapter folder; this adapter is a single file")
+        for name, path in _included(opened.weights_path.parent, include).items():
+            if name not in UPLOADED:
+                copied[name] = path
+    license = license or base_license(opened.base_model, online=online)
+    generated["README.md"] = model_card(public, opened.recipe, opened.training, license=license)
+    return UploadPlan(copied, generated, rewritten)
 
 
 def _network_errors(*errors: type[BaseException]) -> tuple[type[BaseException], ...]:
@@ -67,30 +136,42 @@ def push(
     *,
     private: bool = False,
     revision: str | None = None,
-    license: str = "apache-2.0",
+    license: str | None = None,
+    include: Sequence[str] = (),
+    commit_message: str | None = None,
+    create_pr: bool = False,
 ) -> str:
-    """Upload the adapter with huggingface_hub's API (``HF_TOKEN`` or the saved login); returns the commit URL."""
+    """Upload the adapter with huggingface_hub's API (``HF_TOKEN`` or the saved login).
+
+    ``create_pr`` opens a pull request instead of committing to the branch. Returns the
+    commit URL, or the pull request's URL.
+    """
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+    from safetensors.torch import load_file, save_file
 
-    plan = plan_upload(adapter, license)
+    plan = plan_upload(adapter, license, include, online=True)
     api = HfApi()
     with tempfile.TemporaryDirectory() as staging:
         folder = Path(staging)
         for name, path in plan.copied.items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
             (folder / name).symlink_to(path.resolve())
+        for name, path in plan.rewritten.items():
+            save_file(load_file(path), folder / name, metadata=_public_metadata(_metadata(path)))
         for name, text in plan.generated.items():
             (folder / name).write_text(text)
         try:
             api.create_repo(repo_id, private=private, exist_ok=True)
-            if revision:
+            if revision and not create_pr:
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
             commit = api.upload_folder(
                 repo_id=repo_id,
                 folder_path=folder,
                 revision=revision,
-                commit_message="Upload preference-vector adapter",
+                commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
+                create_pr=create_pr,
             )
         except _network_errors(HfHubHTTPError, OfflineModeIsEnabled, OSError) as error:
             raise LoraArithError(f"upload to {repo_id} failed: {first_line(error)}") from None
-    return str(getattr(commit, "commit_url", commit))
+    return str(getattr(commit, "pr_url", None) or getattr(commit, "commit_url", commit))

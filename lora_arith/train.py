@@ -42,6 +42,7 @@ from lora_arith.data import (
     to_messages,
 )
 from lora_arith.errors import LoraArithError
+from lora_arith.privacy import public_name, scrub
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -205,6 +206,7 @@ def train_preference(config: TrainConfig) -> Path:
         from lora_arith.adapter_io import write_single_file
 
         write_single_file(folder, folder / single_file_name(output.path), training=training_summary(folder))
+        _write_model_card(folder)
     return output.path
 
 
@@ -217,6 +219,15 @@ def training_summary(run: Path) -> dict[str, Any]:
     log = json.loads((run / TRAINING_LOG).read_text())
     summary["final_metrics"] = {k: log[-1][k] for k in FINAL_METRICS if log and k in log[-1]}
     return summary
+
+
+def _write_model_card(folder: Path) -> None:
+    """Replace PEFT's generic README.md with this toolkit's card (base, data, settings, metrics)."""
+    from lora_arith.adapter_io import CONFIG_NAME, public_config
+    from lora_arith.model_card import model_card
+
+    config = public_config(json.loads((folder / CONFIG_NAME).read_text()))
+    (folder / "README.md").write_text(model_card(config, None, scrub(training_summary(folder))), encoding="utf-8")
 
 
 def single_file_name(output: Path) -> str:
@@ -416,11 +427,12 @@ def _data_entries(report: LoadReport) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"spec": spec, "pairs": rows, "skipped": report.skipped.get(spec, 0)}
         entry["templated"] = spec in report.templated
         if path is None:
-            entry["hub_dataset"] = spec
+            entry["hub_dataset"] = spec  # a Hub id: NAME[:CONFIG][@REV][:SPLIT]
         else:
             from lora_arith.adapter_io import sha256_of
 
-            entry |= {"file": str(path.resolve()), "sha256": sha256_of(path)}
+            entry |= {"file": path.name, "sha256": sha256_of(path)}
+            entry["spec"] = public_name(spec)
         entries.append(entry)
     return entries
 
@@ -479,5 +491,5 @@ def _metadata(
 
 
 def _write_json(path: Path, content: Any) -> None:
-    """Write ``content`` as indented JSON."""
-    path.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+    """Write ``content`` as indented JSON, local paths reduced to basenames."""
+    path.write_text(json.dumps(scrub(content), indent=2) + "\n", encoding="utf-8")

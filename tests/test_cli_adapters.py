@@ -203,3 +203,50 @@ def test_start_up_imports_stay_light():
     )
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert completed.stdout.splitlines() == ["", ""]  # --help: no torch; combine: no model libraries
+
+
+# ---- convert --------------------------------------------------------------------------------
+
+
+def test_convert_round_trip_is_bit_identical(adapter_factory, tmp_path):
+    from safetensors import safe_open
+
+    from lora_arith.adapter_io import open_adapter
+
+    a, b = adapter_factory(r=4), adapter_factory(r=2, target_modules=["q_proj", "embed_tokens"])
+    start = tmp_path / "mix"
+    assert run("combine", f"{a}:0.5", f"{b}:-1", "--dtype", "bf16", "-o", start).exit_code == 0  # rank_pattern, bf16
+    result = run("convert", start, "-o", tmp_path / "mix.safetensors")
+    assert result.exit_code == 0 and "single file" in result.output, result.output
+    assert run("convert", tmp_path / "mix.safetensors", "-o", tmp_path / "back").exit_code == 0
+    assert run("convert", tmp_path / "back", "-o", tmp_path / "again.safetensors").exit_code == 0
+
+    def raw(path):
+        with safe_open(path, framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}
+
+    original = raw(start / "adapter_model.safetensors")
+    for path in (tmp_path / "mix.safetensors", tmp_path / "back" / "adapter_model.safetensors", tmp_path / "again.safetensors"):
+        converted = raw(path)
+        assert converted.keys() == original.keys()
+        for key, tensor in original.items():
+            assert converted[key].dtype == tensor.dtype == torch.bfloat16
+            assert converted[key].view(torch.int16).equal(tensor.view(torch.int16))  # bit for bit
+    first, single, back = open_adapter(start), open_adapter(tmp_path / "mix.safetensors"), open_adapter(tmp_path / "back")
+    assert first.config == single.config == back.config and first.config["rank_pattern"]
+    assert first.recipe == single.recipe == back.recipe
+    assert json.loads((tmp_path / "back" / "adapter_config.json").read_text()) == first.config
+    assert (tmp_path / "back" / "README.md").is_file()
+    with safe_open(tmp_path / "again.safetensors", framework="pt") as again, safe_open(
+        tmp_path / "mix.safetensors", framework="pt"
+    ) as once:
+        assert again.metadata() == once.metadata()  # the header's order is up to safetensors
+
+
+def test_convert_refuses_to_overwrite(adapter_factory, tmp_path):
+    a = adapter_factory()
+    (tmp_path / "taken.safetensors").write_bytes(b"keep me")
+    assert_user_error(run("convert", a, "-o", tmp_path / "taken.safetensors"), "exists")
+    assert (tmp_path / "taken.safetensors").read_bytes() == b"keep me"
+    assert run("convert", a, "-o", tmp_path / "taken.safetensors", "-f").exit_code == 0
+    assert_user_error(run("convert", a, "-o", a, "-f"))

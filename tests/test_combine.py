@@ -59,7 +59,7 @@ def test_output_config_and_recipe(tmp_path, varied_adapters, tiny_llama):
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == config["lora_alpha"] == 2
     assert config["rank_pattern"] == {} and config["alpha_pattern"] == {}
-    assert config["base_model_name_or_path"] == str(tiny_llama)
+    assert config["base_model_name_or_path"] == tiny_llama.name  # a local base: its name, never its path
     assert set(config["target_modules"]) == {
         "q_proj",
         "v_proj",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -246,7 +247,7 @@ def test_hub_dataset_rows_go_through_the_same_checks(monkeypatch):
 
     calls = []
 
-    def fake_load_dataset(name, split):
+    def fake_load_dataset(name, config=None, *, split, revision=None):
         calls.append((name, split))
         return [pku(better=1, safer=0), pku(prompt="")]
 
@@ -260,10 +261,92 @@ def test_hub_dataset_rows_go_through_the_same_checks(monkeypatch):
     assert spec_file("PKU-Alignment/PKU-SafeRLHF:test") is None
 
 
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("org/prefs", ("org/prefs", None, "train", None)),
+        ("org/prefs:test", ("org/prefs", None, "test", None)),
+        ("org/prefs:default:test", ("org/prefs", "default", "test", None)),
+        ("org/prefs:default@v1.0", ("org/prefs", "default", "train", "v1.0")),
+        ("org/prefs@refs/pr/3:test", ("org/prefs", None, "test", "refs/pr/3")),
+        ("org/prefs:en@0123abc:validation", ("org/prefs", "en", "validation", "0123abc")),
+    ],
+)
+def test_hub_dataset_config_revision_and_split(monkeypatch, spec, expected):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, config=None, *, split, revision=None):
+        calls.append((name, config, split, revision))
+        return [pair(), pair(chosen="")]
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    with pytest.raises(LoraArithError, match=rf"^{re.escape(spec)}:2: field 'chosen' must be a non-empty string$"):
+        load_pairs([spec])
+    assert calls == [expected] and spec_file(spec) is None
+
+
+# ---- TRL's preference formats ------------------------------------------------------------------
+
+
+def turn(role, content):
+    return {"role": role, "content": content}
+
+
+def test_trl_conversational_and_implicit_prompt_rows(tmp_path):
+    explicit = {"prompt": [turn("user", "Sky?")], "chosen": [turn("assistant", "Blue.")], "rejected": [turn("assistant", "Green.")]}
+    implicit = {
+        "chosen": [turn("system", "Be brief."), turn("user", "Sky?"), turn("assistant", "Blue.")],
+        "rejected": [turn("system", "Be brief."), turn("user", "Sky?"), turn("assistant", "Green.")],
+    }
+    implicit_text = {"chosen": "Q: What colour is the sky? A: blue", "rejected": "Q: What colour is the sky? A: green"}
+    string_prompt = {"prompt": "Sky?", "chosen": [turn("assistant", "Blue.")], "rejected": [turn("assistant", "Grey.")]}
+    path = write_jsonl(tmp_path / "trl.jsonl", [explicit, implicit, implicit_text, string_prompt])
+    pairs, report = load_pairs([path])
+    assert pairs == [
+        PreferencePair([turn("user", "Sky?")], "Blue.", "Green.", f"{path}:1"),
+        PreferencePair([turn("system", "Be brief."), turn("user", "Sky?")], "Blue.", "Green.", f"{path}:2"),
+        PreferencePair("Q: What colour is the sky? A:", " blue", " green", f"{path}:3"),
+        PreferencePair([turn("user", "Sky?")], "Blue.", "Grey.", f"{path}:4"),
+    ]
+
+
+TRL_BAD_ROWS = {
+    "two assistant turns": (
+        {"prompt": [turn("user", "x")], "chosen": [turn("assistant", "a"), turn("assistant", "b")], "rejected": [turn("assistant", "c")]},
+        "'chosen' must be one assistant message after the prompt",
+    ),
+    "no shared prompt": (
+        {"chosen": [turn("user", "x"), turn("assistant", "a")], "rejected": [turn("user", "y"), turn("assistant", "b")]},
+        "share no leading turns",
+    ),
+    "one side conversational": (
+        {"prompt": "x", "chosen": [turn("assistant", "a")], "rejected": "b"},
+        "must both be non-empty message lists",
+    ),
+    "same reply": (
+        {"prompt": [turn("user", "x")], "chosen": [turn("assistant", "a")], "rejected": [turn("assistant", "a")]},
+        "same text",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(TRL_BAD_ROWS))
+def test_bad_trl_row_names_file_and_line(tmp_path, case):
+    row, reason = TRL_BAD_ROWS[case]
+    path = write_jsonl(tmp_path / "bad.jsonl", [pair(), row])
+    with pytest.raises(LoraArithError) as error:
+        load_pairs([path])
+    assert str(error.value).startswith(f"{path}:2: ") and reason in str(error.value)
+
+
 def test_hub_dataset_failure_is_a_clear_error(monkeypatch):
     import datasets
 
-    def failing_load_dataset(name, split):
+    def failing_load_dataset(name, config=None, *, split, revision=None):
         raise ConnectionError("no route to host\nlong traceback text")
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)

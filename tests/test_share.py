@@ -12,7 +12,7 @@ from conftest import load_base, logits, make_adapter
 from lora_arith.adapter_io import open_adapter
 from lora_arith.cli import main
 from lora_arith.combine import combine
-from lora_arith.export import VLLM_RANKS, choose_rank
+from lora_arith.export import VLLM_RANKS, serving_rank
 from lora_arith.factors import to_dense
 
 
@@ -23,16 +23,99 @@ def run(*args):
 def test_push_dry_run_lists_files_and_card(adapter_factory, tmp_path):
     a, b = adapter_factory(), adapter_factory()
     mix = combine([f"{a}:0.8", f"{b}:-0.5"]).save(tmp_path / "mix.safetensors")
-    result = run("push", mix, "me/mix", "--dry-run", "--private")
+    result = run("push", mix, "me/mix", "--dry-run", "--private", "--license", "mit")
     assert result.exit_code == 0, result.output
     for name in ("adapter_model.safetensors", "adapter_config.json  (generated)", "README.md  (generated)"):
         assert name in result.output
     recipe = open_adapter(mix).recipe
     card = result.output.split("--- README.md ---", 1)[1]
-    assert "license: apache-2.0" in card
+    assert "license: mit" in card
     assert "- peft" in card and "- lora" in card and "- preference-vector" in card
-    assert f"base_model: {recipe['inputs'][0]['base_model']}" in card
+    assert "base_model:" not in card  # the tiny base is a local folder, not a Hub id
     assert all(item["sha256"] in card for item in recipe["inputs"]) and "| -0.5 |" in card
+
+
+def hub_adapter(adapter_factory, tmp_path, name="hubmix"):
+    """A PEFT folder whose base is a Hub id, with the extra files a training run leaves beside it."""
+    folder = combine([str(adapter_factory())]).save(tmp_path / name)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    (folder / "training_metadata.json").write_text("{}")
+    (folder / "training_log.json").write_text("[]")
+    (folder / f"{name}.safetensors").write_bytes((folder / "adapter_model.safetensors").read_bytes())
+    return folder
+
+
+def test_push_uploads_only_the_adapter_files(adapter_factory, tmp_path):
+    folder = hub_adapter(adapter_factory, tmp_path)
+    listed = run("push", folder, "me/mix", "--dry-run").output.split("--- README.md ---")[0]
+    assert sorted(line.split()[0] for line in listed.splitlines()[1:] if line.strip()) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors"
+    ]  # fmt: skip
+    listed = run("push", folder, "me/mix", "--dry-run", "--include", "training_*.json").output
+    assert "training_log.json" in listed and "training_metadata.json" in listed and "hubmix.safetensors" not in listed
+
+
+def test_push_commit_message_and_pull_request(adapter_factory, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = {}
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kwargs):
+            calls["create_repo"] = repo_id
+
+        def create_branch(self, *args, **kwargs):
+            calls["create_branch"] = True
+
+        def upload_folder(self, *, repo_id, folder_path, revision, commit_message, create_pr):
+            calls["upload"] = dict(repo_id=repo_id, revision=revision, message=commit_message, create_pr=create_pr)
+            calls["files"] = sorted(p.name for p in folder_path.iterdir())
+            calls["texts"] = [p.read_bytes() for p in folder_path.iterdir()]
+            return huggingface_hub.CommitInfo(
+                commit_url="https://hf.co/me/mix/commit/1", commit_message=commit_message, commit_description="",
+                oid="1" * 40, pr_url="https://hf.co/me/mix/discussions/3" if create_pr else None,
+            )  # fmt: skip
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    folder = hub_adapter(adapter_factory, tmp_path)
+    result = run("push", folder, "me/mix", "--commit-message", "Mix v2", "--create-pr", "--revision", "main")
+    assert result.exit_code == 0, result.output
+    assert "pull request: https://hf.co/me/mix/discussions/3" in result.output
+    assert calls["upload"] == dict(repo_id="me/mix", revision="main", message="Mix v2", create_pr=True)
+    assert "create_branch" not in calls
+    assert calls["files"] == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert not any(str(tmp_path).encode() in text for text in calls["texts"])
+
+
+def test_model_card_is_one_the_hub_understands(adapter_factory, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from lora_arith.model_card import model_card
+
+    folder = hub_adapter(adapter_factory, tmp_path)
+    card = ModelCard(run("push", folder, "me/mix", "--dry-run").output.split("--- README.md ---\n", 1)[1])
+    data = card.data
+    assert data.library_name == "peft" and data.pipeline_tag == "text-generation"
+    assert data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "base_model:adapter:HuggingFaceTB/SmolLM2-135M-Instruct" in data.tags
+    assert data.license == "apache-2.0"  # the default base's licence (known without network)
+    output = run("push", folder, "me/mix", "--dry-run", "--license", "cc-by-4.0").output
+    card = ModelCard(output.split("--- README.md ---\n", 1)[1])
+    assert card.data.license == "cc-by-4.0"
+
+    # a local base: no base_model, the licence from the base folder's own card, Hub datasets listed
+    base = tmp_path / "my-base"
+    base.mkdir()
+    (base / "README.md").write_text("---\nlicense: mit\n---\n# a base\n")
+    training = {"data": [{"spec": "org/prefs:default@refs/pr/2:train", "hub_dataset": "org/prefs:default@refs/pr/2:train"},
+                         {"spec": "pairs.jsonl", "file": "pairs.jsonl", "sha256": "ab" * 32}]}  # fmt: skip
+    card = ModelCard(model_card({"base_model_name_or_path": str(base), "r": 8}, None, training))
+    assert card.data.license == "mit" and card.data.base_model is None and card.data.datasets == ["org/prefs"]
+    assert str(tmp_path) not in str(card)
+    unknown = ModelCard(model_card({"base_model_name_or_path": "nowhere-local", "r": 8}))
+    assert unknown.data.license is None  # not always apache-2.0
 
 
 def test_model_card_includes_training_data_and_metrics():
@@ -51,46 +134,90 @@ def test_model_card_includes_training_data_and_metrics():
     assert "### positive" in vector and "### negative" in vector and "swapped: True" in vector
 
 
-@pytest.mark.parametrize(
-    "needed, cap, expected", [(3, None, 8), (8, None, 8), (9, None, 16), (300, None, 320), (40, 32, 32)]
-)
-def test_choose_rank(needed, cap, expected):
-    assert choose_rank(needed, cap) == expected and expected in VLLM_RANKS
+@pytest.mark.parametrize("needed, expected", [(1, 8), (8, 8), (9, 16), (24, 32), (300, 320), (512, 512)])
+def test_serving_rank(needed, expected):
+    assert serving_rank(needed) == expected and expected in VLLM_RANKS
 
 
-def test_vllm_export_pads_exactly(adapter_factory, tmp_path):
+def vllm_view(folder, module):
+    """ΔW as vLLM computes it: the stored B @ A times the config's one lora_alpha / r."""
+    from safetensors.torch import load_file
+
+    config = json.loads((folder / "adapter_config.json").read_text())
+    tensors = load_file(folder / "adapter_model.safetensors")
+    prefix = f"base_model.model.{module}."
+    if prefix + "lora_B.weight" in tensors:
+        B, A = tensors[prefix + "lora_B.weight"], tensors[prefix + "lora_A.weight"]
+    else:
+        B, A = tensors[prefix + "lora_embedding_B"], tensors[prefix + "lora_embedding_A"]
+    return (B.float() @ A.float()) * (config["lora_alpha"] / config["r"])
+
+
+def test_vllm_export_keeps_each_module_rank(adapter_factory, tmp_path):
     a, b = (
         adapter_factory(r=4, lora_alpha=8),
         adapter_factory(r=2, lora_alpha=3, use_rslora=True, target_modules=["q_proj"]),
     )
-    mix = combine([f"{a}:1", f"{b}:-1"]).save(tmp_path / "mix")  # ranks 6 and 4 → padded to 8
+    mix = combine([f"{a}:1", f"{b}:-1"]).save(tmp_path / "mix")  # ranks 6 (q_proj) and 4: no padding
     result = run("export", mix, "-o", tmp_path / "vllm", "--for", "vllm")
-    assert result.exit_code == 0, result.output and "padded" in result.output
-    config = json.loads((tmp_path / "vllm" / "adapter_config.json").read_text())
-    assert config["r"] == config["lora_alpha"] == 8
-    assert "rank_pattern" not in config and "alpha_pattern" not in config
-    assert set(config) <= {
-        "peft_type", "task_type", "base_model_name_or_path", "r", "lora_alpha", "target_modules", "bias",
-        "lora_dropout", "use_rslora", "use_dora", "modules_to_save", "fan_in_fan_out",
-    }  # fmt: skip
-    original, exported = open_adapter(mix), open_adapter(tmp_path / "vllm")
-    assert {info.rank for info in exported.modules.values()} == {8}
-    for name in original.modules:
-        assert torch.equal(to_dense(exported.delta(name)), to_dense(original.delta(name)))
-
-
-def test_vllm_export_compresses_above_cap(adapter_factory, tmp_path):
-    wide = combine([str(adapter_factory(r=6)), str(adapter_factory(r=6))]).save(tmp_path / "wide")  # rank 12
-    result = run("export", wide, "-o", tmp_path / "vllm", "--max-rank", "8")
     assert result.exit_code == 0, result.output
-    assert "compressed; max relative error" in result.output
-    assert {info.rank for info in open_adapter(tmp_path / "vllm").modules.values()} == {8}
+    assert "ranks 4-6" in result.output and "serve with --max-lora-rank 8" in result.output
+    original, exported = open_adapter(mix), open_adapter(tmp_path / "vllm")
+    assert {n: i.rank for n, i in exported.modules.items()} == {n: i.rank for n, i in original.modules.items()}
+    size = lambda folder: (folder / "adapter_model.safetensors").stat().st_size  # noqa: E731
+    assert size(tmp_path / "vllm") <= size(mix) + 1024  # nothing padded
+    for name in original.modules:
+        torch.testing.assert_close(vllm_view(tmp_path / "vllm", name), to_dense(original.delta(name)))
+        torch.testing.assert_close(to_dense(exported.delta(name)), to_dense(original.delta(name)))
 
 
-def test_vllm_export_refuses_embedding_lora(adapter_factory, tmp_path):
+def test_vllm_export_compresses_only_modules_above_the_cap(adapter_factory, tmp_path):
+    wide = adapter_factory(r=6)
+    narrow = adapter_factory(r=6, target_modules=["q_proj"])
+    mix = combine([str(wide), str(narrow)]).save(tmp_path / "mix")  # q_proj rank 12, the rest rank 6
+    result = run("export", mix, "-o", tmp_path / "vllm", "--max-rank", "8")
+    assert result.exit_code == 0, result.output
+    assert "2 modules above rank 8 compressed optimally; max relative error" in result.output
+    assert "serve with --max-lora-rank 8" in result.output
+    original, exported = open_adapter(mix), open_adapter(tmp_path / "vllm")
+    for name, info in exported.modules.items():
+        if name.endswith("q_proj"):
+            assert info.rank == 8
+            exact = to_dense(original.delta(name))
+            error = (to_dense(exported.delta(name)) - exact).norm() / exact.norm()
+            sigma = torch.linalg.svdvals(exact)
+            assert error.item() == pytest.approx((sigma[8:].norm() / sigma.norm()).item(), rel=1e-4)  # Eckart–Young
+        else:
+            assert info.rank == 6
+            torch.testing.assert_close(vllm_view(tmp_path / "vllm", name), to_dense(original.delta(name)))
+
+
+def test_vllm_export_keeps_embedding_lora(adapter_factory, tmp_path):
     adapter = adapter_factory(target_modules=["embed_tokens", "q_proj"])
     result = run("export", adapter, "-o", tmp_path / "vllm")
-    assert result.exit_code == 1 and "embedding" in result.output
+    assert result.exit_code == 0, result.output
+    original, exported = open_adapter(adapter), open_adapter(tmp_path / "vllm")
+    assert exported.modules["model.embed_tokens"].kind == "embedding"
+    for name in original.modules:
+        torch.testing.assert_close(vllm_view(tmp_path / "vllm", name), to_dense(original.delta(name)))
+
+
+def test_vllm_export_writes_one_adapter_per_mix(adapter_factory, tmp_path):
+    a, b = adapter_factory(r=4), adapter_factory(r=2, lora_alpha=5)
+    out = tmp_path / "mixes"
+    result = run("export", a, b, "--for", "vllm", "--mix", "balanced=1,1", "--mix", "safer=0.5,-2", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert f"--lora-modules balanced={out / 'balanced'} safer={out / 'safer'}" in result.output
+    assert "--max-lora-rank 8" in result.output
+    for name, weights in {"balanced": (1, 1), "safer": (0.5, -2)}.items():
+        expected = combine([f"{a}:{weights[0]}", f"{b}:{weights[1]}"])
+        exported = open_adapter(out / name)
+        assert {info.rank for info in exported.modules.values()} == {6}
+        for module, delta in expected.deltas.items():
+            torch.testing.assert_close(vllm_view(out / name, module), to_dense(delta))
+    bad = run("export", a, b, "--mix", "x=1", "-o", tmp_path / "bad")
+    assert bad.exit_code == 1 and "one per adapter" in bad.output and not (tmp_path / "bad").exists()
+    assert run("export", a, b, "-o", tmp_path / "bad").exit_code == 1
 
 
 def test_merge_equals_peft_logits(chat_base, tmp_path):

@@ -65,7 +65,7 @@ def test_train_on_4bit_base_writes_adapter_log_and_metadata(tiny_chat, pairs_fil
     )
     assert out == tmp_path / "run"
     config = read_json(out / "adapter_config.json")
-    assert config["base_model_name_or_path"] == str(tiny_chat.resolve())
+    assert config["base_model_name_or_path"] == tiny_chat.name  # a local base: its name, not its path
     assert config["r"] == 4 and config["lora_alpha"] == 8
     adapted = {name.rsplit(".", 1)[-1] for name in config["target_modules"]}
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -82,16 +82,16 @@ def test_train_on_4bit_base_writes_adapter_log_and_metadata(tiny_chat, pairs_fil
     info = read_json(out / "training_metadata.json")
     assert info["data"] == [
         {
-            "spec": str(pairs_file),
+            "spec": pairs_file.name,
             "pairs": 4,
             "skipped": 0,
             "templated": False,
-            "file": str(pairs_file.resolve()),
+            "file": pairs_file.name,
             "sha256": hashlib.sha256(pairs_file.read_bytes()).hexdigest(),
         }
     ]
     assert info["swap"] is False and info["label"] is None
-    assert info["base_model"] == str(tiny_chat.resolve())
+    assert info["base_model"] == tiny_chat.name
     assert info["hyperparameters"]["quantize_4bit"] is True
     assert info["hyperparameters"]["effective_batch_size"] == 2
     assert info["training"]["steps"] == 2
@@ -236,7 +236,7 @@ def test_use_bf16():
 def test_load_tiny_base_in_4bit(tiny_chat):
     model, tokenizer = load_base(str(tiny_chat), quantize_4bit=True, device="cpu")
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
-    assert model.name_or_path == str(tiny_chat.resolve())
+    assert model.name_or_path == tiny_chat.name
     assert tokenizer.pad_token is not None
     assert chat_prompt(tokenizer, "Hi") == "<|user|>Hi<|end|><|assistant|>"
 

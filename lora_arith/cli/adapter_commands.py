@@ -198,3 +198,31 @@ def similarity(adapters) -> None:
     for module_type, matrix in result.by_module_type.items():
         click.echo(f"\n{module_type}")
         click.echo("\n".join(_matrix_lines(labels, matrix)))
+
+
+@main.command()
+@click.argument("adapter", metavar="IN")
+@output_option(
+    "OUT: a file ending in .safetensors (single-file form) or a folder (PEFT adapter).",
+    required=True,
+    type=click.Path(path_type=Path),
+)
+@force_option()
+def convert(adapter, output, force) -> None:
+    """Convert an adapter between the PEFT folder and the single-file form, losslessly.
+
+    OUT ending in .safetensors gets the single-file form (config in the safetensors metadata);
+    anything else a PEFT folder that PeftModel.from_pretrained and vLLM load. Tensors and the
+    LoRA config are kept exactly; local paths in the recorded recipe are reduced to basenames.
+
+    \b
+    Example:
+      lora-arith convert helpful.safetensors -o helpful/
+    """
+    from lora_arith.adapter_io import adapter_sources, convert_adapter, output_kind
+    from lora_arith.atomic import check_output
+
+    output = check_output(output, force=force, inputs=adapter_sources(adapter), kind=output_kind(output))
+    written = convert_adapter(adapter, output)
+    form = "single file" if written.suffix == ".safetensors" else "PEFT folder"
+    click.echo(f"wrote {written} ({form}, {_human(_size(written))})")

@@ -92,8 +92,8 @@ def generate(prompt, prompts_file, output, temperature, seed, force, base, adapt
 
     \b
     Example:
-      lora-arith generate --adapter adapters/helpful.safetensors:1 \\
-          --adapter adapters/harmless.safetensors:0.5 "How do I kill a Python process?"
+      lora-arith generate --adapter adapters/helpful:1 \\
+          --adapter adapters/harmless:0.5 "How do I kill a Python process?"
     """
     from lora_arith.atomic import atomic_output, check_output
     from lora_arith.errors import LoraArithError
@@ -157,7 +157,7 @@ def chat(temperature, base, adapters, quantize_4bit, device, batch_size, max_new
 
     \b
     Example:
-      lora-arith chat --adapter adapters/helpful.safetensors --adapter adapters/harmless.safetensors
+      lora-arith chat --adapter adapters/helpful --adapter adapters/harmless
       > /set helpful=0.8 harmless=0.5
     """
     from lora_arith.errors import LoraArithError
@@ -340,8 +340,8 @@ def sweep(
 
     \b
     Example:
-      lora-arith sweep --vector helpful=adapters/helpful.safetensors \\
-          --vector harmless=adapters/harmless.safetensors --grid=-1,-0.5,0,0.5,1 \\
+      lora-arith sweep --vector helpful=adapters/helpful \\
+          --vector harmless=adapters/harmless --grid=-1,-0.5,0,0.5,1 \\
           --prompts ../shared/data/eval/xstest_prompts.jsonl -o sweep/
     """
     from lora_arith.atomic import atomic_output, check_output

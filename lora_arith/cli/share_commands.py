@@ -13,57 +13,121 @@ from lora_arith.cli import device_option, force_option, four_bit_option, main, o
 @click.argument("adapter")
 @click.argument("repo_id")
 @click.option("--private", is_flag=True, help="Create the repository as private.")
-@click.option("--revision", default=None, help="Branch to upload to (created if missing).")
-@click.option("--license", "license_", default="apache-2.0", show_default=True, help="Licence named in the model card.")
+@click.option("--revision", default=None, help="Branch to upload to (created if missing); with --create-pr, the PR's base.")
+@click.option(
+    "--license",
+    "license_",
+    default=None,
+    help="Licence named in the model card (default: the base model's, from its card; left out if unknown).",
+)
+@click.option(
+    "--include",
+    "include",
+    multiple=True,
+    metavar="PATTERN",
+    help="Also upload the adapter folder's files matching this shell pattern (repeatable), e.g. 'training_log.json'.",
+)
+@click.option("--commit-message", default=None, help="Commit message (default: 'Upload preference-vector adapter').")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
 @click.option("--dry-run", is_flag=True, help="List the files and show the model card; touch no network.")
-def push(adapter, repo_id, private, revision, license_, dry_run):
+def push(adapter, repo_id, private, revision, license_, include, commit_message, create_pr, dry_run):
     """Upload ADAPTER to the Hugging Face Hub as REPO_ID, with a generated model card.
 
-    The card names the base model, the recipe (weights and the inputs' sha256), the training
-    data and metrics when recorded, the licence, and the tags peft, lora, preference-vector.
+    Only adapter_config.json, adapter_model.safetensors and README.md are uploaded (--include
+    adds more); local paths in the config, metadata and card are reduced to basenames. The card
+    (built with huggingface_hub's ModelCard) has library_name peft, pipeline_tag
+    text-generation, the base model and its base_model:adapter tag, Hub datasets, the licence,
+    the recipe (weights and the inputs' sha256) and the training data and metrics when recorded.
     Authentication is huggingface_hub's: HF_TOKEN or `hf auth login`.
     """
     from lora_arith.push import plan_upload
     from lora_arith.push import push as upload
 
     if dry_run:
-        plan = plan_upload(adapter, license_)
-        click.echo(f"would upload to {repo_id}{'@' + revision if revision else ''}{' (private)' if private else ''}:")
+        plan = plan_upload(adapter, license_, include)
+        where = f"{repo_id}{'@' + revision if revision else ''}{' (private)' if private else ''}"
+        click.echo(f"would {'open a pull request on' if create_pr else 'upload to'} {where}:")
         for name in plan.names:
-            click.echo(f"  {name}" + ("  (generated)" if name in plan.generated else ""))
+            note = "  (generated)" if name in plan.generated else "  (metadata without local paths)" if name in plan.rewritten else ""
+            click.echo(f"  {name}{note}")
         click.echo("\n--- README.md ---")
         click.echo(plan.generated["README.md"])
         return
-    click.echo(f"uploaded: {upload(adapter, repo_id, private=private, revision=revision, license=license_)}")
+    url = upload(
+        adapter,
+        repo_id,
+        private=private,
+        revision=revision,
+        license=license_,
+        include=include,
+        commit_message=commit_message,
+        create_pr=create_pr,
+    )
+    click.echo(f"{'pull request' if create_pr else 'uploaded'}: {url}")
 
 
 @main.command()
-@click.argument("adapter")
-@output_option("Output adapter folder.", required=True, type=click.Path(path_type=Path))
+@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER...")
+@output_option(
+    "Output adapter folder (with --mix: a folder holding one adapter folder per mix).",
+    required=True,
+    type=click.Path(path_type=Path),
+)
 @click.option("--for", "target", type=click.Choice(["vllm"]), default="vllm", show_default=True, help="Serving engine.")
-@click.option("--max-rank", type=int, default=None, help="Cap the uniform rank (compressing larger modules optimally).")
+@click.option(
+    "--max-rank",
+    type=int,
+    default=None,
+    help="Compress modules above this rank optimally, reporting the error (default: vLLM's largest, 512).",
+)
+@click.option(
+    "--mix",
+    "mixes",
+    multiple=True,
+    metavar="NAME=W1,W2,...",
+    help="Write OUT/NAME, the weighted sum of the ADAPTERs with one weight each (repeatable).",
+)
 @force_option()
-def export(adapter, output, target, max_rank, force):
-    """Rewrite ADAPTER for a serving engine (vLLM: one rank from {8,16,32,64,128,256,320,512}).
+def export(adapters, output, target, max_rank, mixes, force):
+    """Rewrite ADAPTER for a serving engine (vLLM), or write one adapter per --mix of the ADAPTERs.
 
-    Smaller modules are padded with zeros (the delta is unchanged); larger ones are compressed
-    by optimal SVD truncation and the error is reported. Serve it with, for example:
+    Each module keeps its rank (vLLM serves any rank up to --max-lora-rank); only modules above
+    --max-rank are compressed, by optimal SVD truncation, and their error is reported. Scalings
+    are folded into the factors (lora_alpha = r); embedding LoRA is kept. Prints the smallest
+    --max-lora-rank that serves the result, and with --mix the vllm serve arguments. Example:
 
     \b
+      lora-arith export adapters/helpful adapters/harmless --mix balanced=1,1 \\
+          --mix safer=0.5,1 -o mixes/
       vllm serve HuggingFaceTB/SmolLM2-135M-Instruct --enable-lora \\
-          --lora-modules mix=OUT --max-lora-rank R
+          --lora-modules balanced=mixes/balanced safer=mixes/safer --max-lora-rank 16
     """
-    from lora_arith.export import export_for_vllm
+    from lora_arith.errors import LoraArithError
+    from lora_arith.export import export_for_vllm, export_mixes, lora_modules_line, parse_mix
 
-    result = export_for_vllm(adapter, output, max_rank=max_rank, force=force)
-    click.echo(f"wrote {result.path}: rank {result.rank} for every module (lora_alpha = r)")
-    if result.padded:
-        click.echo(f"  {len(result.padded)} modules padded with zeros (exact)")
-    if result.compressed:
-        click.echo(
-            f"  {len(result.compressed)} modules compressed; max relative error {max(result.compressed.values()):.3e}"
-        )
-    click.echo(f"  serve with --max-lora-rank {result.rank} or more")
+    if mixes:
+        parsed = dict(parse_mix(text, len(adapters)) for text in mixes)
+        if len(parsed) != len(mixes):
+            raise LoraArithError("each --mix needs its own NAME")
+        results = export_mixes(adapters, parsed, output, max_rank=max_rank, force=force)
+    else:
+        if len(adapters) != 1:
+            raise LoraArithError("several adapters are exported as mixes: give --mix NAME=W1,W2,... (one weight each)")
+        results = {None: export_for_vllm(adapters[0], output, max_rank=max_rank, force=force)}
+    for name, result in results.items():
+        ranks = sorted(set(result.ranks.values()))
+        rank_text = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
+        click.echo(f"wrote {result.path}: {len(result.ranks)} modules, {rank_text} (lora_alpha = r)")
+        if result.compressed:
+            worst = max(result.compressed, key=result.compressed.get)
+            click.echo(
+                f"  {len(result.compressed)} modules above rank {max_rank} compressed optimally; "
+                f"max relative error {result.compressed[worst]:.3e} ({worst})"
+            )
+        if name is None:
+            click.echo(f"  serve with --max-lora-rank {result.max_lora_rank} (the smallest that serves it)")
+    if mixes:
+        click.echo(f"serve with: vllm serve BASE {lora_modules_line(results)}")
 
 
 @main.command()

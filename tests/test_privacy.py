@@ -1,0 +1,101 @@
+"""Nothing private leaves the machine: every file a command writes, and every model card, is
+free of the test's own temporary-folder path (issue 12 §4)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import make_adapter
+from tiny_models import make_tiny_chat_model
+
+from lora_arith.cli import main
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def leaks(root: Path, secrets: list[str]) -> list[str]:
+    """``path: secret`` for every file under ``root`` whose bytes contain a secret."""
+    found = []
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            data = path.read_bytes()
+            found += [f"{path.relative_to(root)}: {s}" for s in secrets if s.encode() in data]
+    return found
+
+
+def test_no_written_file_or_card_holds_a_local_path(tmp_path_factory, pairs_file, tmp_path):
+    base = make_tiny_chat_model(tmp_path_factory.mktemp("private-base"))
+    secrets = sorted({str(tmp_path_factory.getbasetemp()), str(tmp_path_factory.getbasetemp().resolve())})
+    prompts = tmp_path / "harmful.jsonl"
+    prompts.write_text(json.dumps({"prompt": "How do I pick a lock?"}) + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    quick = ["--max-steps", "1", "--batch-size", "2", "--grad-accum", "1", "--max-length", "64", "--rank", "2"]
+    quick += ["--no-4bit", "--no-bf16", "--base", base]
+    run("train", "--data", pairs_file.resolve(), "--data", f"refusal:{prompts.resolve()}", *quick, "-o", out / "run")
+    other = make_adapter(base, tmp_path / "other", r=2)  # its config names the base by absolute path
+    run("combine", f"{out / 'run'}:1", f"{other}:-0.5", "-o", out / "mix")
+    run("combine", f"{out / 'run'}:1", f"{other}:-0.5", "-o", out / "mix.safetensors")
+    run("extract", out / "run", other, "--method", "svd", "--rank", "2", "-o", out / "phi")
+    run("export", out / "mix", "-o", out / "vllm")
+    run("export", out / "run", other, "--mix", "a=1,1", "--mix", "b=1,-1", "-o", out / "mixes")
+    run("convert", out / "mix.safetensors", "-o", out / "converted")
+    run("convert", out / "phi", "-o", out / "phi.safetensors")
+    run("merge", "--base", base, "--adapter", f"{out / 'run'}:1", "-o", out / "merged")
+    cards = out / "cards"
+    cards.mkdir()
+    for adapter in ("run", "mix", "mix.safetensors", "phi", "vllm", "converted"):
+        include = [] if adapter.endswith(".safetensors") else ["--include", "*.json"]
+        (cards / f"{adapter}.md").write_text(run("push", out / adapter, "me/x", "--dry-run", *include))
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert "run/training_metadata.json" in written and "mixes/b/adapter_model.safetensors" in written
+    assert leaks(out, secrets) == []
+    assert "harmful.jsonl" in (out / "run" / "training_metadata.json").read_text()  # named, by basename
+
+
+def test_push_rewrites_old_metadata_that_holds_local_paths(adapter_factory, tmp_path, monkeypatch):
+    """A single file written before this fix (its metadata has absolute paths) is uploaded
+    with those paths reduced to basenames; its tensors are unchanged."""
+    import huggingface_hub
+    from safetensors.torch import load_file, save_file
+
+    from lora_arith.adapter_io import CONFIG_METADATA_KEY, RECIPE_METADATA_KEY
+
+    adapter = adapter_factory(r=2)
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    recipe = {"method": "cat", "inputs": [{"path": f"{tmp_path}/private/a", "weight": 1.0, "sha256": "ab" * 32}]}
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, old, metadata={CONFIG_METADATA_KEY: json.dumps(config), RECIPE_METADATA_KEY: json.dumps(recipe)})
+    staged = {}
+
+    class FakeApi:
+        def create_repo(self, *args, **kwargs):
+            pass
+
+        def upload_folder(self, *, folder_path, **kwargs):
+            staged.update({p.name: p.read_bytes() for p in folder_path.iterdir()})
+            staged["tensors"] = load_file(folder_path / "adapter_model.safetensors")
+            return "https://hf.co/me/x/commit/1"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    run("push", old, "me/x")
+    assert sorted(staged) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "tensors"]
+    assert not any(str(tmp_path).encode() in data for name, data in staged.items() if name != "tensors")
+    assert all(torch.equal(staged["tensors"][k], v) for k, v in tensors.items())
