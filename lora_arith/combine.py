@@ -29,7 +29,7 @@ from lora_arith.adapter_io import (
 )
 from lora_arith.errors import LoraArithError
 from lora_arith.factors import LowRankDelta, compress, single_threaded, weighted_sum
-from lora_arith.numerics import require_finite
+from lora_arith.numerics import DTYPE_HINT, require_finite
 from lora_arith.privacy import public_name
 
 METHODS = ("cat", "svd")
@@ -110,9 +110,10 @@ class Combination:
         errors = [m.relative_error for m in self.modules if m.relative_error is not None]
         return max(errors) if errors else None
 
-    def tensors(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """The PEFT state-dict tensors, in ``dtype`` (default: the inputs' dtype)."""
-        return factor_tensors(self.deltas, self.kinds, dtype or self.dtype)
+    def tensors(self, dtype: torch.dtype | None = None, hint: str | None = None) -> dict[str, torch.Tensor]:
+        """The PEFT state-dict tensors, in ``dtype`` (default: the inputs' dtype); ``hint`` is
+        what an overflow error suggests (default: another ``--dtype``)."""
+        return factor_tensors(self.deltas, self.kinds, dtype or self.dtype, hint or DTYPE_HINT)
 
     def save(self, path: str | os.PathLike[str], *, force: bool = False, dtype: torch.dtype | None = None) -> Path:
         """Write a PEFT directory, or the single-file form if ``path`` ends in ``.safetensors``."""

@@ -103,7 +103,8 @@ def _write(
     recipe = dict(combination.recipe, method="export-vllm", max_rank=max_rank)
     if not checked:
         output = check_output(output, force=force, inputs=combination.sources, kind="adapter")
-    path = save_adapter(output, combination.tensors(), config, recipe, training=combination.training)
+    hint = "its scaling, folded into the factors, does not fit the adapter's dtype; convert it to fp32 first"
+    path = save_adapter(output, combination.tensors(hint=hint), config, recipe, training=combination.training)
     return Export(path, ranks, compressed)
 
 
