@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+import contextlib
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence
 
 import torch
 
@@ -40,11 +41,14 @@ def generate(
     temperature: float = 0.0,
     seed: int = 0,
     progress: bool = False,
+    batch_context: Callable[[list[int]], ContextManager] | None = None,
 ) -> list[str]:
     """Complete each prompt (a string or chat messages) through the chat template.
 
     Prompts are batched by length with left padding; decoding is greedy unless
     ``temperature > 0``. Returns the completions in the prompts' order.
+    ``batch_context(indices)``, if given, is entered around the generation of each batch
+    (``indices``: the prompts of the batch, in row order), e.g. to set per-row weights.
     """
     texts = [chat_prompt(tokenizer, prompt) for prompt in prompts]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
@@ -67,13 +71,14 @@ def generate(
                 if temperature > 0
                 else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
             )
-            output = model.generate(
-                **encoded,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=stop_ids,
-                pad_token_id=tokenizer.pad_token_id,
-                **sampling,
-            )
+            with batch_context(batch) if batch_context is not None else contextlib.nullcontext():
+                output = model.generate(
+                    **encoded,
+                    max_new_tokens=max_new_tokens,
+                    eos_token_id=stop_ids,
+                    pad_token_id=tokenizer.pad_token_id,
+                    **sampling,
+                )
             new_tokens = output[:, encoded["input_ids"].shape[1] :]
             for i, tokens in zip(batch, new_tokens):
                 completions[i] = tokenizer.decode(tokens, skip_special_tokens=True).strip()

@@ -36,15 +36,14 @@ def merge_adapters(
 
     from lora_arith.adapter_io import DTYPES
     from lora_arith.base_model import load_base
-    from lora_arith.combine import parse_spec
-    from lora_arith.mixing import PreferenceMixer, adapter_names
+    from lora_arith.mixing import PreferenceMixer, named_specs
 
     if quantize_4bit and not requantize:
         raise LoraArithError(REQUANTIZE_WARNING)
     if not specs:
         raise LoraArithError("give at least one --adapter to merge")
     check_output(output, force)
-    named = adapter_names([parse_spec(s) for s in specs])
+    named = named_specs(specs)
     model, tokenizer = load_base(base, quantize_4bit=False, device="cpu")
     mixer = PreferenceMixer(model, {n: s.path for n, s in named.items()}, tokenizer=tokenizer)
     mixer.set(**{n: s.weight for n, s in named.items()})

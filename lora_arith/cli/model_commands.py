@@ -16,7 +16,8 @@ _adapter_option = click.option(
     "adapters",
     multiple=True,
     metavar="SPEC",
-    help="PATH[:WEIGHT] of an adapter to mix in at run time (repeatable; weight defaults to 1.0).",
+    help="[NAME=]PATH[:WEIGHT] of an adapter to mix in at run time (repeatable; weight defaults to 1.0; "
+    "the name defaults to the file stem).",
 )
 
 
@@ -37,11 +38,10 @@ def _model_options(command):
 
 
 def _mixer(base, adapter_specs, quantize_4bit):
-    """A PreferenceMixer with each ``PATH[:WEIGHT]`` spec attached under its file stem."""
-    from lora_arith.combine import parse_spec
-    from lora_arith.mixing import PreferenceMixer, adapter_names
+    """A PreferenceMixer with each ``[NAME=]PATH[:WEIGHT]`` spec attached under NAME (default: its file stem)."""
+    from lora_arith.mixing import PreferenceMixer, named_specs
 
-    named = adapter_names([parse_spec(s) for s in adapter_specs])
+    named = named_specs(adapter_specs)
     mixer = PreferenceMixer(base, {name: spec.path for name, spec in named.items()}, quantize_4bit=quantize_4bit)
     if named:
         mixer.set(**{name: spec.weight for name, spec in named.items()})
@@ -61,13 +61,28 @@ def _read_prompts(path: Path) -> list:
     return prompts
 
 
+def _read_prompt_weights(path: Path) -> list:
+    """The optional 'weights' object (name → η) of each prompt line of ``path``, ``None`` where absent;
+    lines as :func:`_read_prompts` reads them."""
+    from lora_arith.errors import LoraArithError
+
+    weights = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            row = json.loads(line).get("weights")
+            if row is not None and not isinstance(row, dict):
+                raise LoraArithError(f"{path}:{number}: 'weights' must be an object NAME: WEIGHT")
+            weights.append(row)
+    return weights
+
+
 @main.command()
 @click.argument("prompt", required=False)
 @click.option(
     "--prompts",
     "prompts_file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="JSONL file with a 'prompt' per line.",
+    help="JSONL file with a 'prompt' per line, and optionally 'weights' {NAME: WEIGHT} mixing that prompt.",
 )
 @click.option(
     "--out",
@@ -102,8 +117,10 @@ def generate(
 
         check_output(out, force)
     mixer = _mixer(base, adapters, quantize_4bit)
+    weights = _read_prompt_weights(prompts_file) if prompts_file is not None else []
     completions = mixer.generate(
         prompts,
+        weights=weights if any(row is not None for row in weights) else None,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         temperature=temperature,

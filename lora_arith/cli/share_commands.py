@@ -69,7 +69,7 @@ def export(adapter, output, target, max_rank, force):
 @main.command()
 @click.option("--base", default=None, help="Base model folder or Hub id. Default: the embedded SmolLM2-135M-Instruct.")
 @click.option(
-    "--adapter", "adapters", multiple=True, required=True, metavar="SPEC", help="PATH[:WEIGHT] to merge (repeatable)."
+    "--adapter", "adapters", multiple=True, required=True, metavar="SPEC", help="[NAME=]PATH[:WEIGHT] to merge (repeatable)."
 )
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output model folder.")
 @click.option(
