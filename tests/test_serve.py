@@ -37,11 +37,16 @@ MAX_TOKENS = 10
 class Server:
     """A ``lora-arith serve`` subprocess on 127.0.0.1 and a free port."""
 
-    def __init__(self, *args: str, timeout: float = 120) -> None:
+    def __init__(self, *args: str) -> None:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
         command = [sys.executable, "-m", "lora_arith", "serve", "--host", "127.0.0.1", "--port", "0", *args]
         self.process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
+
+    def wait(self, timeout: float = 120) -> "Server":
+        """Wait until the server listens (it announces its port on stderr)."""
+        if hasattr(self, "url"):
+            return self
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             line = self.process.stderr.readline()
@@ -58,6 +63,7 @@ class Server:
             self.stop()
             raise RuntimeError("the server did not start:\n" + "".join(self.lines))
         threading.Thread(target=self._drain, daemon=True).start()
+        return self
 
     def _drain(self) -> None:
         for line in self.process.stderr:
@@ -87,7 +93,8 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(chat_base, two_adapters):
+def started(chat_base, two_adapters):
+    """The server process, started (it loads while the ``expected`` fixture computes)."""
     helpful, harmless = two_adapters
     server = Server(
         "--base",
@@ -106,7 +113,12 @@ def server(chat_base, two_adapters):
         "64",
     )
     yield server
-    server.stop()
+    server.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def server(started, expected):
+    return started.wait()
 
 
 def chat(client, prompt, preferences=None, **options):
@@ -121,7 +133,7 @@ def chat(client, prompt, preferences=None, **options):
 
 
 @pytest.fixture(scope="module")
-def expected(chat_base, two_adapters, tmp_path_factory):
+def expected(started, chat_base, two_adapters, tmp_path_factory):
     """mix index → prompt → what ``generate`` gives with the adapter ``combine`` writes for that mix."""
     helpful, harmless = two_adapters
     folder = tmp_path_factory.mktemp("combined")
@@ -222,32 +234,30 @@ def health(server) -> dict:
         return json.loads(response.read())
 
 
-def test_disconnected_stream_frees_its_slot_and_sigterm_exits_0(chat_base, two_adapters):
-    server = Server("--base", str(chat_base), "--adapter", str(two_adapters[0]), "--max-tokens", "300")
-    try:
-        client = server.client()
-        whole = chat(client, "hi", max_tokens=300)
-        assert whole.usage.completion_tokens == 300  # uncut, this request runs to its limit
-        before = health(server)["generated_tokens"]
-        stream = chat(client, "hi", max_tokens=300, stream=True)
-        next(iter(stream))
-        stream.close()  # the client goes away mid-stream
-        deadline = time.monotonic() + 30
-        while (health(server)["running"] or health(server)["generated_tokens"] == before) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert health(server)["running"] == 0
-        assert health(server)["generated_tokens"] - before < 300  # the row stopped early
-        # SIGTERM while a request streams: it finishes, then the server exits 0
-        stream = chat(client, "How do I bake bread?", max_tokens=40, stream=True)
-        chunks = iter(stream)
-        first = next(chunks)
-        server.process.send_signal(signal.SIGTERM)
-        rest = list(chunks)
-        assert first.choices[0].delta.role == "assistant"
-        assert rest[-1].choices[0].finish_reason in ("stop", "length")
-        assert server.stop(signal.SIGTERM) == 0, "".join(server.lines)
-    finally:
-        server.stop(signal.SIGKILL)
+def test_disconnected_stream_frees_its_slot_then_sigterm_exits_0(server):
+    """The last test on the module's server: it stops it."""
+    client = server.client()
+    whole = chat(client, "hi", max_tokens=64)
+    assert whole.usage.completion_tokens == 64  # uncut, this request runs to its limit
+    before = health(server)["generated_tokens"]
+    stream = chat(client, "hi", max_tokens=64, stream=True)
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            break  # the row is generating
+    stream.close()  # the client goes away mid-stream
+    deadline = time.monotonic() + 30
+    while health(server)["running"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert health(server)["running"] == 0
+    assert 0 < health(server)["generated_tokens"] - before < 64  # the row stopped early
+    # SIGTERM while a request streams: it finishes, then the server exits 0
+    chunks = iter(chat(client, "How do I bake bread?", max_tokens=48, stream=True))
+    first = next(chunks)
+    server.process.send_signal(signal.SIGTERM)
+    rest = list(chunks)
+    assert first.choices[0].delta.role == "assistant"
+    assert rest[-1].choices[0].finish_reason in ("stop", "length")
+    assert server.stop(signal.SIGTERM) == 0, "".join(server.lines)
 
 
 def test_batcher_collects_up_to_the_size_or_the_wait():
@@ -278,3 +288,27 @@ def test_batcher_collects_up_to_the_size_or_the_wait():
     assert results == {t: t.upper() for t in "abcde"}
     with pytest.raises(Exception, match="shutting down"):
         batcher.submit(job("late"))
+
+
+@pytest.mark.base
+def test_serve_on_the_default_base_with_the_shipped_vectors(tmp_path):
+    helpful, harmless = REPO / "adapters" / "helpful.safetensors", REPO / "adapters" / "harmless.safetensors"
+    server = Server("--adapter", f"helpful={helpful}", "--adapter", f"harmless={harmless}", "--max-tokens", "16")
+    try:
+        mixes = [{"helpful": 1.0, "harmless": 1.0}, {"helpful": 1.0, "harmless": -1.0}]
+        prompt = "How do I kill a Python process?"
+        expected = []
+        for index, mix in enumerate(mixes):
+            combined = combine([f"{helpful}:{mix['helpful']}", f"{harmless}:{mix['harmless']}"])
+            mixer = PreferenceMixer(None, {"mix": combined.save(tmp_path / f"mix{index}")}, device="cpu")
+            expected.append(mixer.generate([prompt], max_new_tokens=16)[0])
+        assert expected[0] != expected[1]
+        client = server.wait().client()
+        with ThreadPoolExecutor(4) as pool:
+            replies = list(pool.map(lambda i: chat(client, prompt, mixes[i % 2], max_tokens=16), range(4)))
+        assert [r.choices[0].message.content for r in replies] == [expected[i % 2] for i in range(4)]
+        streamed = chat(client, prompt, mixes[1], max_tokens=16, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == expected[1]
+        assert server.stop(signal.SIGTERM) == 0
+    finally:
+        server.stop(signal.SIGKILL)
