@@ -234,6 +234,51 @@ def health(server) -> dict:
         return json.loads(response.read())
 
 
+@pytest.mark.browser
+def test_playground_in_a_headless_browser(server, tmp_path):
+    """Move sliders, send a prompt, compare: the page shows what the API gives for those weights."""
+    from playground_driver import browser_available, move_slider, open_browser, screenshot, send, sliders
+    from selenium.webdriver.common.by import By
+
+    if not browser_available():
+        pytest.skip("needs selenium and Debian's chromium + chromium-driver")
+    driver = open_browser()
+    try:
+        driver.get(server.url + "/")
+        assert sliders(driver, "a").keys() == DEFAULTS.keys()
+        assert driver.find_element(By.ID, "eta-a-helpful").get_attribute("min") == "-4"
+        max_tokens = driver.find_element(By.ID, "max-tokens")
+        max_tokens.clear()
+        max_tokens.send_keys(str(MAX_TOKENS))
+        assert move_slider(driver, "a", "helpful", -12) == pytest.approx(sliders(driver, "a")["helpful"])
+        weights = sliders(driver, "a")
+        assert weights["helpful"] < 0
+        shown = send(driver, PROMPTS[0])["a"]
+        api = chat(server.client(), PROMPTS[0], weights).choices[0].message.content
+        assert shown == api and shown
+        driver.find_element(By.ID, "compare").click()
+        move_slider(driver, "b", "harmless", 15)
+        both = send(driver, PROMPTS[1], ("a", "b"))
+        for side in ("a", "b"):
+            history = [{"role": "user", "content": PROMPTS[1]}] if side == "b" else None
+            if history is None:  # side a continues its conversation
+                history = [
+                    {"role": "user", "content": PROMPTS[0]},
+                    {"role": "assistant", "content": shown},
+                    {"role": "user", "content": PROMPTS[1]},
+                ]
+            reply = server.client().chat.completions.create(
+                model="lora-arith",
+                messages=history,
+                max_tokens=MAX_TOKENS,
+                extra_body={"preferences": sliders(driver, side)},
+            )
+            assert both[side] == reply.choices[0].message.content
+        screenshot(driver, Path(os.environ.get("LORA_ARITH_SCREENSHOT", tmp_path / "playground.png")))
+    finally:
+        driver.quit()
+
+
 def test_disconnected_stream_frees_its_slot_then_sigterm_exits_0(server):
     """The last test on the module's server: it stops it."""
     client = server.client()
