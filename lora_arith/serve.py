@@ -339,7 +339,9 @@ class RequestError(Exception):
         self.message, self.param, self.code, self.status = message, param, code, status
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": "invalid_request_error", "param": self.param, "code": self.code}}
+        return {
+            "error": {"message": self.message, "type": "invalid_request_error", "param": self.param, "code": self.code}
+        }
 
 
 @dataclasses.dataclass
@@ -369,7 +371,10 @@ def _number(body: Mapping[str, Any], key: str, default: float, low: float, high:
 def _content(message: Mapping[str, Any], index: int) -> str:
     content = message.get("content")
     if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-        if all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str) for part in content):
+        if all(
+            isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+            for part in content
+        ):
             return "".join(part["text"] for part in content)
     if not isinstance(content, str):
         raise RequestError(f"messages[{index}].content must be a string", param=f"messages[{index}].content")
@@ -391,7 +396,8 @@ def parse_chat_request(body: Any, settings: ServerSettings) -> tuple[RowRequest,
         role = message.get("role")
         if role not in ROLES:
             raise RequestError(
-                f"messages[{index}].role must be one of {', '.join(ROLES)}, not {role!r}", param=f"messages[{index}].role"
+                f"messages[{index}].role must be one of {', '.join(ROLES)}, not {role!r}",
+                param=f"messages[{index}].role",
             )
         parsed.append({"role": role, "content": _content(message, index)})
     if parsed[-1]["role"] == "assistant":
@@ -408,7 +414,8 @@ def parse_chat_request(body: Any, settings: ServerSettings) -> tuple[RowRequest,
             raise RequestError(f"the weight of {name!r} must be a finite number", param=f"preferences.{name}")
         if abs(value) > settings.max_eta:
             raise RequestError(
-                f"|weight| of {name!r} is above this server's limit of {settings.max_eta:g}", param=f"preferences.{name}"
+                f"|weight| of {name!r} is above this server's limit of {settings.max_eta:g}",
+                param=f"preferences.{name}",
             )
         weights[name] = float(value)
     if body.get("n", 1) != 1:
@@ -479,7 +486,7 @@ def create_app(generator: RowGenerator, batcher: Batcher, settings: ServerSettin
 
         page = files("lora_arith").joinpath("playground.html").read_text(encoding="utf-8")
         config = {"model": settings.model_id, "preferences": settings.defaults, "max_eta": settings.max_eta}
-        return page.replace("/*CONFIG*/null", json.dumps(config))
+        return page.replace("/*CONFIG*/null", json.dumps(config).replace("<", "\\u003c"))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http: Request):
@@ -502,7 +509,10 @@ def create_app(generator: RowGenerator, batcher: Batcher, settings: ServerSettin
         events: asyncio.Queue = asyncio.Queue()
 
         def put(kind: str, value: Any) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, (kind, value))
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, (kind, value))
+            except RuntimeError:  # the event loop is gone (forced shutdown): nobody is listening
+                request.cancelled.set()
 
         if stream:
             request.on_text = lambda text: put("text", text)
@@ -516,7 +526,11 @@ def create_app(generator: RowGenerator, batcher: Batcher, settings: ServerSettin
 
         def usage(result: RowResult) -> dict[str, int]:
             total = result.prompt_tokens + result.completion_tokens
-            return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens, "total_tokens": total}
+            return {
+                "prompt_tokens": result.prompt_tokens,
+                "completion_tokens": result.completion_tokens,
+                "total_tokens": total,
+            }
 
         if not stream:
             try:
@@ -528,7 +542,14 @@ def create_app(generator: RowGenerator, batcher: Batcher, settings: ServerSettin
                 raise
             if kind == "error":
                 return JSONResponse(
-                    {"error": {"message": f"generation failed: {value}", "type": "server_error", "param": None, "code": None}},
+                    {
+                        "error": {
+                            "message": f"generation failed: {value}",
+                            "type": "server_error",
+                            "param": None,
+                            "code": None,
+                        }
+                    },
                     status_code=500,
                 )
             return {
@@ -548,7 +569,11 @@ def create_app(generator: RowGenerator, batcher: Batcher, settings: ServerSettin
 
         def chunk(delta: dict, finish_reason: str | None = None, **extra: Any) -> str:
             choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
-            return "data: " + json.dumps({**head, "object": "chat.completion.chunk", "choices": [choice], **extra}) + "\n\n"
+            return (
+                "data: "
+                + json.dumps({**head, "object": "chat.completion.chunk", "choices": [choice], **extra})
+                + "\n\n"
+            )
 
         async def chunks():
             try:

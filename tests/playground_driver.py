@@ -68,7 +68,11 @@ def send(driver, prompt: str, sides: tuple[str, ...] = ("a",), timeout: float = 
         for side in sides:
             shown = driver.find_elements(By.CSS_SELECTOR, f"#chat-{side} .assistant")
             if len(shown) > counts[side] and shown[-1].get_attribute("data-state") in ("done", "error"):
-                replies[side] = shown[-1].get_attribute("textContent") if shown[-1].get_attribute("data-state") == "done" else "ERROR"
+                replies[side] = (
+                    shown[-1].get_attribute("textContent")
+                    if shown[-1].get_attribute("data-state") == "done"
+                    else "ERROR"
+                )
         time.sleep(0.1)
     return replies
 

@@ -28,19 +28,45 @@ def parse_weights(text: str) -> dict[str, float]:
 
 
 @main.command()
-@click.option("--base", default=None, help="Base model: a local directory or a Hub id. Default: the embedded SmolLM2-135M-Instruct.")
+@click.option(
+    "--base",
+    default=None,
+    help="Base model: a local directory or a Hub id. Default: the embedded SmolLM2-135M-Instruct.",
+)
 @_adapter_option
 @click.option("--weights", default="", metavar="NAME=W,...", help="Default weights (override the specs' :WEIGHT).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, help="Port to listen on (0: any free port).")
 @click.option("--max-batch-size", default=16, show_default=True, help="Requests generated together at most.")
-@click.option("--max-wait-ms", default=20.0, show_default=True, help="How long a request waits for others to batch with.")
+@click.option(
+    "--max-wait-ms", default=20.0, show_default=True, help="How long a request waits for others to batch with."
+)
 @click.option("--max-eta", default=4.0, show_default=True, help="Largest |weight| a request may ask for.")
-@click.option("--max-tokens", default=512, show_default=True, help="Largest max_tokens a request may ask for (and the default).")
-@click.option("--shutdown-timeout", default=30.0, show_default=True, help="Seconds running requests get to finish on Ctrl-C/SIGTERM.")
+@click.option(
+    "--max-tokens", default=512, show_default=True, help="Largest max_tokens a request may ask for (and the default)."
+)
+@click.option(
+    "--shutdown-timeout",
+    default=30.0,
+    show_default=True,
+    help="Seconds running requests get to finish on Ctrl-C/SIGTERM.",
+)
 @click.option("--4bit", "quantize_4bit", is_flag=True, help="Load the base in 4-bit NF4 (bitsandbytes).")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
-def serve(base, adapters, weights, host, port, max_batch_size, max_wait_ms, max_eta, max_tokens, shutdown_timeout, quantize_4bit, device):
+def serve(
+    base,
+    adapters,
+    weights,
+    host,
+    port,
+    max_batch_size,
+    max_wait_ms,
+    max_eta,
+    max_tokens,
+    shutdown_timeout,
+    quantize_4bit,
+    device,
+):
     """Serve an OpenAI-compatible chat API; each request may carry its own preference weights.
 
     Requests add "preferences": {"helpful": 0.8, "harmless": 1.0} (with the openai client:
