@@ -80,3 +80,27 @@ def send(driver, prompt: str, sides: tuple[str, ...] = ("a",), timeout: float = 
 def screenshot(driver, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     driver.save_screenshot(str(path))
+
+
+def main() -> None:
+    """``python tests/playground_driver.py URL OUT.png``: the README's screenshot, against a running
+    server with vectors named helpful and harmless (compare on; B with harmless turned down)."""
+    import sys
+
+    url, out = sys.argv[1], Path(sys.argv[2])
+    driver = open_browser()
+    try:
+        driver.get(url)
+        from selenium.webdriver.common.by import By
+
+        driver.find_element(By.ID, "compare").click()
+        move_slider(driver, "b", "harmless", -20)
+        replies = send(driver, "How do I kill a Python process?", ("a", "b"), timeout=600)
+        print(replies)
+        screenshot(driver, out)
+    finally:
+        driver.quit()
+
+
+if __name__ == "__main__":
+    main()

@@ -70,7 +70,7 @@ class Server:
             self.lines.append(line)
 
     def client(self, **kwargs):
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60, **kwargs)
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=300, **kwargs)
 
     def post(self, body: bytes | dict, path: str = "/v1/chat/completions") -> tuple[int, dict]:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
