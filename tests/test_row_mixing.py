@@ -24,6 +24,26 @@ MIXES = [{"helpful": 1.0, "harmless": 1.0}, {"helpful": 0.8, "harmless": -0.5}, 
 DEFAULTS = {"helpful": 0.3, "harmless": 1.5}  # the mixer's own weights: rows leave names out or give None
 
 
+@pytest.fixture(scope="module")
+def vectors(chat_base, tmp_path_factory):
+    """Like conftest's ``two_adapters`` (different ranks, scalings, rsLoRA, target modules) but
+    with fixed seeds, so the logits compared below do not depend on which tests ran before."""
+    from conftest import make_adapter
+
+    folder = tmp_path_factory.mktemp("row-vectors")
+    helpful = make_adapter(chat_base, folder / "helpful", seed=10, r=4, lora_alpha=8)
+    harmless = make_adapter(
+        chat_base,
+        folder / "harmless",
+        seed=11,
+        r=2,
+        lora_alpha=3,
+        use_rslora=True,
+        target_modules=["q_proj", "v_proj", "up_proj"],
+    )
+    return helpful, harmless
+
+
 def full_mix(row):
     return {**DEFAULTS, **(row or {})}
 
@@ -71,7 +91,8 @@ def fp32_nf4_matmul(monkeypatch):
 
 
 @pytest.mark.parametrize("quantize_4bit", [False, True], ids=["fp32", "4bit"])
-def test_each_row_equals_its_combined_adapter_alone(chat_base, two_adapters, tmp_path, quantize_4bit, fp32_nf4_matmul):
+def test_each_row_equals_its_combined_adapter_alone(chat_base, vectors, tmp_path, quantize_4bit, fp32_nf4_matmul):
+    two_adapters = vectors
     mixer = PreferenceMixer(
         str(chat_base), {"helpful": two_adapters[0], "harmless": two_adapters[1]}, quantize_4bit=quantize_4bit
     )
