@@ -39,6 +39,7 @@ class Server:
 
     def __init__(self, *args: str) -> None:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        env["OMP_NUM_THREADS"] = "1"  # the test process computes too: two threads each thrash on 2 cores
         command = [sys.executable, "-m", "lora_arith", "serve", "--host", "127.0.0.1", "--port", "0", *args]
         self.process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
@@ -338,21 +339,27 @@ def test_batcher_collects_up_to_the_size_or_the_wait():
 @pytest.mark.base
 def test_serve_on_the_default_base_with_the_shipped_vectors(tmp_path):
     helpful, harmless = REPO / "adapters" / "helpful.safetensors", REPO / "adapters" / "harmless.safetensors"
-    server = Server("--adapter", f"helpful={helpful}", "--adapter", f"harmless={harmless}", "--max-tokens", "16")
+    server = Server("--adapter", f"helpful={helpful}", "--adapter", f"harmless={harmless}", "--max-tokens", "8")
     try:
         mixes = [{"helpful": 1.0, "harmless": 1.0}, {"helpful": 1.0, "harmless": -1.0}]
-        prompt = "How do I kill a Python process?"
+        prompt = "hi"  # the shipped vectors answer it differently at these two mixes
+        combined = {
+            f"mix{i}": combine([f"{helpful}:{mix['helpful']}", f"{harmless}:{mix['harmless']}"]).save(
+                tmp_path / f"m{i}"
+            )
+            for i, mix in enumerate(mixes)
+        }
+        mixer = PreferenceMixer(None, combined, device="cpu")  # one combined adapter on at a time
         expected = []
-        for index, mix in enumerate(mixes):
-            combined = combine([f"{helpful}:{mix['helpful']}", f"{harmless}:{mix['harmless']}"])
-            mixer = PreferenceMixer(None, {"mix": combined.save(tmp_path / f"mix{index}")}, device="cpu")
-            expected.append(mixer.generate([prompt], max_new_tokens=16)[0])
+        for index in range(len(mixes)):
+            mixer.set(**{name: float(name == f"mix{index}") for name in combined})
+            expected.append(mixer.generate([prompt], max_new_tokens=8)[0])
         assert expected[0] != expected[1]
         client = server.wait().client()
-        with ThreadPoolExecutor(4) as pool:
-            replies = list(pool.map(lambda i: chat(client, prompt, mixes[i % 2], max_tokens=16), range(4)))
-        assert [r.choices[0].message.content for r in replies] == [expected[i % 2] for i in range(4)]
-        streamed = chat(client, prompt, mixes[1], max_tokens=16, stream=True)
+        with ThreadPoolExecutor(2) as pool:
+            replies = list(pool.map(lambda i: chat(client, prompt, mixes[i], max_tokens=8), range(2)))
+        assert [r.choices[0].message.content for r in replies] == expected
+        streamed = chat(client, prompt, mixes[1], max_tokens=8, stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == expected[1]
         assert server.stop(signal.SIGTERM) == 0
     finally:
