@@ -576,3 +576,15 @@ def load_prompts(path: str | os.PathLike) -> tuple[list[Prompt], list[str]]:
     if not prompts:
         raise LoraArithError(f"{path}: no prompts in this file")
     return prompts, sources
+
+
+def load_prompt_weights(path: str | os.PathLike) -> list[dict[str, Any] | None]:
+    """The optional ``weights`` object (adapter name → η) of each prompt line of ``path``, in the
+    order :func:`load_prompts` returns the prompts; ``None`` where a line has none."""
+    rows: list[dict[str, Any] | None] = []
+    for number, row in read_jsonl(path):
+        weights = row.get("weights") if isinstance(row, dict) else None
+        if weights is not None and not isinstance(weights, dict):
+            raise LoraArithError(f"{path}:{number}: 'weights' must be an object {{NAME: WEIGHT}}")
+        rows.append(weights)
+    return rows

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+import contextlib
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence
 
 import torch
 
@@ -91,6 +92,7 @@ def generate(
     seed: int = 0,
     progress: bool = False,
     sources: Sequence[str] | None = None,
+    batch_context: Callable[[list[int]], ContextManager] | None = None,
 ) -> list[str]:
     """Complete each prompt (a string or chat messages) through the chat template.
 
@@ -100,6 +102,9 @@ def generate(
     Every prompt is tokenized and checked against the model's context before the model runs:
     one whose tokens plus ``max_new_tokens`` exceed it is refused, named by its entry in
     ``sources`` (e.g. ``FILE:LINE``) or by its position.
+
+    ``batch_context(indices)``, if given, is entered around the generation of each batch
+    (``indices``: the prompts of the batch, in row order), e.g. to set per-row weights.
     """
     if batch_size < 1 or max_new_tokens < 1:
         raise LoraArithError(f"batch_size and max_new_tokens must be at least 1, got {batch_size} and {max_new_tokens}")
@@ -127,14 +132,15 @@ def generate(
                 if temperature > 0
                 else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
             )
-            output = model.generate(
-                **encoded,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=stop_ids,
-                pad_token_id=tokenizer.pad_token_id,
-                logits_processor=LogitsProcessorList([_RequireFiniteLogits()]),
-                **sampling,
-            )
+            with batch_context(batch) if batch_context is not None else contextlib.nullcontext():
+                output = model.generate(
+                    **encoded,
+                    max_new_tokens=max_new_tokens,
+                    eos_token_id=stop_ids,
+                    pad_token_id=tokenizer.pad_token_id,
+                    logits_processor=LogitsProcessorList([_RequireFiniteLogits()]),
+                    **sampling,
+                )
             new_tokens = output[:, encoded["input_ids"].shape[1] :]
             for i, tokens in zip(batch, new_tokens):
                 completions[i] = tokenizer.decode(tokens, skip_special_tokens=True).strip()

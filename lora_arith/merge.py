@@ -38,14 +38,13 @@ def merge_adapters(
 
     from lora_arith.adapter_io import DTYPES, adapter_sources
     from lora_arith.base_model import base_sources, load_base
-    from lora_arith.combine import parse_spec
-    from lora_arith.mixing import PreferenceMixer, adapter_names
+    from lora_arith.mixing import PreferenceMixer, named_specs
 
     if quantize_4bit and not requantize:
         raise LoraArithError(REQUANTIZE_WARNING)
     if not specs:
         raise LoraArithError("give at least one --adapter to merge")
-    named = adapter_names([parse_spec(s) for s in specs])
+    named = named_specs(specs)
     inputs = base_sources(base) + [p for s in named.values() for p in adapter_sources(s.path)]
     output = check_output(output, force=force, inputs=inputs, kind="model")
     model, tokenizer = load_base(base, quantize_4bit=False, device=device)

@@ -8,10 +8,13 @@ re-merged or reloaded. The output of the model is then ``W x + Σ ηᵢ ΔWᵢ x
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
+import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import torch
 
@@ -134,6 +137,18 @@ def _lora_layers(model) -> list:
     return [module for module in model.modules() if isinstance(module, LoraLayer)]
 
 
+def _unit_scaling(layer, name: str) -> float:
+    """``α / r`` (``α / √r`` for rsLoRA) of adapter ``name`` in ``layer``: its scaling at η = 1."""
+    r, alpha = layer.r[name], layer.lora_alpha[name]
+    return alpha / math.sqrt(r) if layer.use_rslora.get(name, False) else alpha / r
+
+
+def _lora_weight(layer, name: str) -> torch.Tensor:
+    if name in layer.lora_A:
+        return layer.lora_A[name].weight
+    return layer.lora_embedding_A[name]
+
+
 class PreferenceMixer:
     """A base model with named adapters attached, mixed at run time with per-adapter weights.
 
@@ -203,11 +218,70 @@ class PreferenceMixer:
                 layer.set_scale(name, self.weights[name])
         return dict(self.weights)
 
-    def generate(self, prompts: Sequence[Any], **options: Any) -> list[str]:
-        """Generate completions for ``prompts`` with the current mix (see :func:`lora_arith.generation.generate`)."""
+    def row_mix(self, weights: Mapping[str, Any] | None) -> dict[str, float]:
+        """The full mix of one row: the mixer's current weights, overridden by ``weights``.
+
+        Raises :class:`LoraArithError` for an unknown name or a weight that is not a finite number."""
+        mix = dict(self.weights)
+        for name, value in (weights or {}).items():
+            if name not in self.weights:
+                raise LoraArithError(f"no adapter named {name}; attached: {', '.join(self.names) or 'none'}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise LoraArithError(f"the weight of {name} must be a finite number, not {value!r}")
+            mix[name] = float(value)
+        return mix
+
+    @contextlib.contextmanager
+    def row_weights(self, rows: Sequence[Mapping[str, Any] | None]) -> Iterator[None]:
+        """Within this context, row ``i`` of every batch fed to :attr:`model` is mixed with
+        ``rows[i]`` (names left out, or a ``None`` row, keep the current weights).
+
+        Each LoRA layer's ``scaling[name]`` becomes a ``(batch, 1, 1)`` tensor ``ηᵢ · α / r``
+        that broadcasts over PEFT's LoRA branch ``lora_B(lora_A(x)) * scaling``; the floats are
+        put back on exit. Batches must have exactly ``len(rows)`` rows (no beam search), and
+        the mixer must not be used from another thread meanwhile.
+        """
+        mixes = [self.row_mix(row) for row in rows]
+        saved = []
+        try:
+            for layer in self._lora_layers:
+                for name in self.names:
+                    if name not in layer.scaling:
+                        continue
+                    unit = _unit_scaling(layer, name)
+                    saved.append((layer, name, layer.scaling[name]))
+                    etas = torch.tensor([mix[name] * unit for mix in mixes], dtype=torch.float64)
+                    weight = _lora_weight(layer, name)
+                    dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+                    layer.scaling[name] = etas.to(dtype=dtype, device=weight.device).view(-1, 1, 1)
+            yield
+        finally:
+            for layer, name, value in saved:
+                layer.scaling[name] = value
+
+    def generate(
+        self, prompts: Sequence[Any], weights: Sequence[Mapping[str, Any] | None] | None = None, **options: Any
+    ) -> list[str]:
+        """Generate completions for ``prompts`` (see :func:`lora_arith.generation.generate`).
+
+        With ``weights`` (one mapping name → η, or ``None``, per prompt), each prompt gets its own
+        mix within the same batches; names a row leaves out take the current weights. Without
+        it, every prompt gets the current mix.
+        """
         from lora_arith.generation import generate
 
-        return generate(self.model, self.tokenizer, prompts, **options)
+        if weights is None:
+            return generate(self.model, self.tokenizer, prompts, **options)
+        if len(weights) != len(prompts):
+            raise LoraArithError(f"{len(weights)} weight rows for {len(prompts)} prompts")
+        mixes = [self.row_mix(row) for row in weights]
+        return generate(
+            self.model,
+            self.tokenizer,
+            prompts,
+            batch_context=lambda indices: self.row_weights([mixes[i] for i in indices]),
+            **options,
+        )
 
     @torch.no_grad()
     def merged_model(self) -> "PreTrainedModel":
@@ -225,16 +299,40 @@ class PreferenceMixer:
         return self.model.merge_and_unload(adapter_names=self.names)
 
 
-def adapter_names(specs) -> dict[str, Any]:
+def adapter_names(specs, taken: set[str] = frozenset()) -> dict[str, Any]:
     """Name each parsed ``PATH[:WEIGHT]`` spec by its file or folder stem (``helpful``,
-    ``harmless``…), adding ``-2``, ``-3`` to repeated stems. Returns name → spec."""
+    ``harmless``…), adding ``-2``, ``-3`` to repeated stems (and to names in ``taken``).
+    Returns name → spec."""
     named: dict[str, Any] = {}
     for spec in specs:
         stem = Path(spec.path.rstrip("/")).name.removesuffix(".safetensors")
         # PEFT keeps adapters in torch ModuleDicts, whose keys cannot hold dots (runs/mix-0.5).
         stem = re.sub(r"[^\w-]", "_", stem) or "adapter"
         name, counter = stem, 2
-        while name in named:
+        while name in named or name in taken:
             name, counter = f"{stem}-{counter}", counter + 1
         named[name] = spec
     return named
+
+
+_NAME_PREFIX = re.compile(r"^([A-Za-z0-9_][A-Za-z0-9_.-]*)=(.+)$")
+
+
+def named_specs(texts: Sequence[str]) -> dict[str, Any]:
+    """Parse ``[NAME=]PATH[:WEIGHT]`` specs (see :func:`lora_arith.combine.parse_spec`) into
+    name → spec, in the order given. Without ``NAME=`` an adapter is named by its file or
+    folder stem, as :func:`adapter_names` does; a text that is an existing path is a path."""
+    from lora_arith.combine import parse_spec
+
+    parsed: list[tuple[str | None, Any]] = []
+    for text in texts:
+        match = _NAME_PREFIX.match(text)
+        if match and not os.path.exists(text) and not os.path.exists(text.rpartition(":")[0]):
+            if any(name == match.group(1) for name, _ in parsed):
+                raise LoraArithError(f"two adapters are named {match.group(1)!r}")
+            parsed.append((match.group(1), parse_spec(match.group(2))))
+        else:
+            parsed.append((None, parse_spec(text)))
+    explicit = {name for name, _ in parsed if name is not None}
+    stems = iter(adapter_names([spec for name, spec in parsed if name is None], taken=explicit))
+    return {name if name is not None else next(stems): spec for name, spec in parsed}

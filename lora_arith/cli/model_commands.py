@@ -16,7 +16,8 @@ _adapter_option = click.option(
     "adapters",
     multiple=True,
     metavar="SPEC",
-    help="PATH[:WEIGHT] of an adapter to mix in at run time (repeatable; weight defaults to 1.0).",
+    help="[NAME=]PATH[:WEIGHT] of an adapter to mix in at run time (repeatable; weight defaults to 1.0; "
+    "the name defaults to the file stem).",
 )
 
 
@@ -44,11 +45,10 @@ def _model_options(command):
 
 
 def _mixer(base, adapter_specs, quantize_4bit, device=None):
-    """A PreferenceMixer with each ``PATH[:WEIGHT]`` spec attached under its file stem."""
-    from lora_arith.combine import parse_spec
-    from lora_arith.mixing import PreferenceMixer, adapter_names
+    """A PreferenceMixer with each ``[NAME=]PATH[:WEIGHT]`` spec attached under NAME (default: its file stem)."""
+    from lora_arith.mixing import PreferenceMixer, named_specs
 
-    named = adapter_names([parse_spec(s) for s in adapter_specs])
+    named = named_specs(adapter_specs)
     mixer = PreferenceMixer(
         base, {name: spec.path for name, spec in named.items()}, quantize_4bit=quantize_4bit, device=device
     )
@@ -61,9 +61,9 @@ def _model_inputs(base, adapter_specs, *files) -> list:
     """The local inputs of a command that loads a model: the base, the adapters and ``files``."""
     from lora_arith.adapter_io import adapter_sources
     from lora_arith.base_model import base_sources
-    from lora_arith.combine import parse_spec
+    from lora_arith.mixing import named_specs
 
-    adapters = [p for spec in adapter_specs for p in adapter_sources(parse_spec(spec).path)]
+    adapters = [p for spec in named_specs(adapter_specs).values() for p in adapter_sources(spec.path)]
     return [*base_sources(base), *adapters, *(Path(f) for f in files if f is not None)]
 
 
@@ -73,7 +73,7 @@ def _model_inputs(base, adapter_specs, *files) -> list:
     "--prompts",
     "prompts_file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="JSONL file with a 'prompt' per line.",
+    help="JSONL file with a 'prompt' per line, and optionally 'weights' {NAME: WEIGHT} mixing that prompt.",
 )
 @output_option(
     "Write JSONL lines {prompt, completion} here (default: stdout).",
@@ -103,14 +103,16 @@ def generate(prompt, prompts_file, output, temperature, seed, force, base, adapt
     if prompt is not None:
         prompts, sources = [prompt], ["PROMPT"]
     else:
-        from lora_arith.data import load_prompts
+        from lora_arith.data import load_prompt_weights, load_prompts
 
         prompts, sources = load_prompts(prompts_file)  # every line checked before any model loads
     if output is not None:
         output = check_output(output, force=force, inputs=_model_inputs(base, adapters, prompts_file), kind="file")
     mixer = _mixer(base, adapters, model["quantize_4bit"], model["device"])
+    weights = load_prompt_weights(prompts_file) if prompts_file is not None else []
     completions = mixer.generate(
         prompts,
+        weights=weights if any(row is not None for row in weights) else None,
         max_new_tokens=model["max_new_tokens"],
         batch_size=model["batch_size"],
         temperature=temperature,

@@ -133,7 +133,7 @@ def export(adapters, output, target, max_rank, mixes, force):
 @main.command()
 @click.option("--base", default=None, help="Base model folder or Hub id. Default: the embedded SmolLM2-135M-Instruct.")
 @click.option(
-    "--adapter", "adapters", multiple=True, required=True, metavar="SPEC", help="PATH[:WEIGHT] to merge (repeatable)."
+    "--adapter", "adapters", multiple=True, required=True, metavar="SPEC", help="[NAME=]PATH[:WEIGHT] to merge (repeatable)."
 )
 @output_option("Output model folder.", required=True, type=click.Path(path_type=Path))
 @click.option(

@@ -1,0 +1,366 @@
+"""``lora-arith serve`` against the official openai client, on a live server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from lora_arith.combine import combine
+from lora_arith.mixing import PreferenceMixer
+from lora_arith.serve import Batcher, Job, RowRequest, RowResult
+
+openai = pytest.importorskip("openai")
+
+REPO = Path(__file__).resolve().parent.parent
+MIXES = [
+    {"helpful": 1.0, "harmless": 1.0},
+    {"helpful": 0.5, "harmless": -1.0},
+    {"helpful": -1.0},  # harmless takes the server's default
+    {},
+]
+DEFAULTS = {"helpful": 0.25, "harmless": 0.75}
+MAX_TOKENS = 10
+
+
+class Server:
+    """A ``lora-arith serve`` subprocess on 127.0.0.1 and a free port."""
+
+    def __init__(self, *args: str) -> None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        env["OMP_NUM_THREADS"] = "1"  # the test process computes too: two threads each thrash on 2 cores
+        command = [sys.executable, "-m", "lora_arith", "serve", "--host", "127.0.0.1", "--port", "0", *args]
+        self.process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+
+    def wait(self, timeout: float = 120) -> "Server":
+        """Wait until the server listens (it announces its port on stderr)."""
+        if hasattr(self, "url"):
+            return self
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.process.stderr.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            match = re.search(r"on http://127\.0\.0\.1:(\d+)", line)
+            if match:
+                self.url = f"http://127.0.0.1:{match.group(1)}"
+                break
+        else:
+            self.stop()
+        if not hasattr(self, "url"):
+            self.stop()
+            raise RuntimeError("the server did not start:\n" + "".join(self.lines))
+        threading.Thread(target=self._drain, daemon=True).start()
+        return self
+
+    def _drain(self) -> None:
+        for line in self.process.stderr:
+            self.lines.append(line)
+
+    def client(self, **kwargs):
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=300, **kwargs)
+
+    def post(self, body: bytes | dict, path: str = "/v1/chat/completions") -> tuple[int, dict]:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+@pytest.fixture(scope="module")
+def started(chat_base, two_adapters):
+    """The server process, started (it loads while the ``expected`` fixture computes)."""
+    helpful, harmless = two_adapters
+    server = Server(
+        "--base",
+        str(chat_base),
+        "--adapter",
+        f"helpful={helpful}",
+        "--adapter",
+        f"harmless={harmless}:0.75",
+        "--weights",
+        "helpful=0.25",
+        "--max-batch-size",
+        "8",
+        "--max-wait-ms",
+        "50",
+        "--max-tokens",
+        "64",
+    )
+    yield server
+    server.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def server(started, expected):
+    return started.wait()
+
+
+def chat(client, prompt, preferences=None, **options):
+    extra = {"extra_body": {"preferences": preferences}} if preferences is not None else {}
+    return client.chat.completions.create(
+        model="lora-arith",
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=options.pop("max_tokens", MAX_TOKENS),
+        **extra,
+        **options,
+    )
+
+
+@pytest.fixture(scope="module")
+def expected(started, chat_base, two_adapters, tmp_path_factory):
+    """mix index → prompt → what ``generate`` gives with the adapter ``combine`` writes for that mix."""
+    helpful, harmless = two_adapters
+    folder = tmp_path_factory.mktemp("combined")
+    table = {}
+    for index, mix in enumerate(MIXES):
+        weights = {**DEFAULTS, **mix}
+        combined = combine([f"{helpful}:{weights['helpful']}", f"{harmless}:{weights['harmless']}"])
+        mixer = PreferenceMixer(str(chat_base), {"mix": combined.save(folder / f"mix{index}")})
+        table[index] = dict(zip(PROMPTS, mixer.generate(PROMPTS, max_new_tokens=MAX_TOKENS)))
+    return table
+
+
+PROMPTS = ["How do I bake bread?", "hi", "Tell me a joke about cats.", "What is the capital of France?"]
+
+
+def test_preferences_give_the_combined_adapters_text(server, expected):
+    client = server.client()
+    for index, mix in enumerate(MIXES):
+        reply = chat(client, PROMPTS[0], mix)
+        assert reply.choices[0].message.content == expected[index][PROMPTS[0]]
+        assert reply.choices[0].finish_reason in ("stop", "length")
+        usage = reply.usage
+        assert usage.prompt_tokens > 0 and 0 < usage.completion_tokens <= MAX_TOKENS
+        assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert len({expected[i][PROMPTS[0]] for i in range(len(MIXES))}) == len(MIXES)  # the mixes really differ
+    assert chat(client, PROMPTS[0]).choices[0].message.content == expected[3][PROMPTS[0]]  # no preferences
+    assert [model.id for model in client.models.list().data] == ["lora-arith"]
+    with urllib.request.urlopen(server.url + "/health", timeout=10) as response:
+        assert json.loads(response.read())["preferences"] == DEFAULTS
+
+
+def test_16_concurrent_clients_get_their_own_mix(server, expected):
+    client = server.client()
+    jobs = [(i % len(MIXES), PROMPTS[(i // len(MIXES)) % len(PROMPTS)]) for i in range(16)]
+    with ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(lambda job: chat(client, job[1], MIXES[job[0]]), jobs))
+    for (index, prompt), reply in zip(jobs, replies):
+        assert reply.choices[0].message.content == expected[index][prompt], (index, prompt)
+    assert max(health(server)["batch_sizes"]) > 1  # they were batched together
+
+
+def test_stream_reassembles_to_the_reply(server):
+    client = server.client()
+    for mix in MIXES[:2]:
+        whole = chat(client, PROMPTS[2], mix, max_tokens=24).choices[0].message.content
+        stream = chat(client, PROMPTS[2], mix, max_tokens=24, stream=True, stream_options={"include_usage": True})
+        chunks = list(stream)
+        pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+        assert "".join(pieces) == whole and len([p for p in pieces if p]) > 1
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+        assert chunks[-1].usage.completion_tokens > 0
+    # sampling with a seed is reproducible, streamed or not; stop strings cut the reply
+    sampled = chat(client, PROMPTS[1], MIXES[1], temperature=1.0, top_p=0.9, seed=7, max_tokens=24)
+    text = sampled.choices[0].message.content
+    streamed = chat(client, PROMPTS[1], MIXES[1], temperature=1.0, top_p=0.9, seed=7, max_tokens=24, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    if stop.strip():
+        cut = chat(client, PROMPTS[1], MIXES[1], temperature=1.0, top_p=0.9, seed=7, max_tokens=24, stop=[stop])
+        assert cut.choices[0].message.content == text[: text.index(stop)].strip()
+        assert cut.choices[0].finish_reason == "stop"
+
+
+BAD_REQUESTS = [
+    ({"preferences": {"nope": 1.0}}, 400, "unknown preference 'nope'"),
+    ({"preferences": {"helpful": "NaN"}}, 400, "finite number"),
+    ({"preferences": {"helpful": 1e999}}, 400, "finite number"),  # json.dumps writes Infinity
+    ({"preferences": {"helpful": 4.5}}, 400, "limit of 4"),
+    ({"preferences": {"harmless": -5}}, 400, "limit of 4"),
+    ({"messages": []}, 400, "non-empty list"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "role must be one of"),
+    ({"max_tokens": 0}, 400, "max_tokens"),
+    ({"max_tokens": 65}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "bread " * 600}]}, 400, "context"),
+    ({"n": 2}, 400, "n=1"),
+]
+
+
+def test_bad_requests_get_errors_and_good_ones_alongside_succeed(server, expected):
+    good = {"model": "lora-arith", "messages": [{"role": "user", "content": PROMPTS[1]}], "max_tokens": MAX_TOKENS}
+    bodies = [json.dumps({**good, **change}).encode() for change, _, _ in BAD_REQUESTS]
+    bodies.append(b'{"model": "lora-arith", "messages": [')  # malformed JSON
+    with ThreadPoolExecutor(8) as pool:
+        goods = [pool.submit(server.post, {**good, "preferences": MIXES[i % 4]}) for i in range(4)]
+        bads = list(pool.map(server.post, bodies))
+        goods = [future.result() for future in goods]
+    for (change, status, message), (got_status, body) in zip(BAD_REQUESTS + [({}, 400, "not valid JSON")], bads):
+        assert got_status == status, (change, body)
+        assert body["error"]["type"] == "invalid_request_error" and message in body["error"]["message"], body
+    for i, (status, body) in enumerate(goods):
+        assert status == 200 and body["choices"][0]["message"]["content"] == expected[i % 4][PROMPTS[1]]
+    with pytest.raises(openai.BadRequestError, match="unknown preference"):
+        chat(server.client(), "hi", {"nope": 1})
+
+
+def health(server) -> dict:
+    with urllib.request.urlopen(server.url + "/health", timeout=10) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.browser
+def test_playground_in_a_headless_browser(server, tmp_path):
+    """Move sliders, send a prompt, compare: the page shows what the API gives for those weights."""
+    from playground_driver import browser_available, move_slider, open_browser, screenshot, send, sliders
+    from selenium.webdriver.common.by import By
+
+    if not browser_available():
+        pytest.skip("needs selenium and Debian's chromium + chromium-driver")
+    driver = open_browser()
+    try:
+        driver.get(server.url + "/")
+        assert sliders(driver, "a").keys() == DEFAULTS.keys()
+        assert driver.find_element(By.ID, "eta-a-helpful").get_attribute("min") == "-4"
+        max_tokens = driver.find_element(By.ID, "max-tokens")
+        max_tokens.clear()
+        max_tokens.send_keys(str(MAX_TOKENS))
+        assert move_slider(driver, "a", "helpful", -12) == pytest.approx(sliders(driver, "a")["helpful"])
+        weights = sliders(driver, "a")
+        assert weights["helpful"] < 0
+        shown = send(driver, PROMPTS[0])["a"]
+        api = chat(server.client(), PROMPTS[0], weights).choices[0].message.content
+        assert shown == api and shown
+        driver.find_element(By.ID, "compare").click()
+        move_slider(driver, "b", "harmless", 15)
+        both = send(driver, PROMPTS[1], ("a", "b"))
+        for side in ("a", "b"):
+            history = [{"role": "user", "content": PROMPTS[1]}] if side == "b" else None
+            if history is None:  # side a continues its conversation
+                history = [
+                    {"role": "user", "content": PROMPTS[0]},
+                    {"role": "assistant", "content": shown},
+                    {"role": "user", "content": PROMPTS[1]},
+                ]
+            reply = server.client().chat.completions.create(
+                model="lora-arith",
+                messages=history,
+                max_tokens=MAX_TOKENS,
+                extra_body={"preferences": sliders(driver, side)},
+            )
+            assert both[side] == reply.choices[0].message.content
+        screenshot(driver, Path(os.environ.get("LORA_ARITH_SCREENSHOT", tmp_path / "playground.png")))
+    finally:
+        driver.quit()
+
+
+def test_disconnected_stream_frees_its_slot_then_sigterm_exits_0(server):
+    """The last test on the module's server: it stops it."""
+    client = server.client()
+    whole = chat(client, "hi", max_tokens=64)
+    assert whole.usage.completion_tokens == 64  # uncut, this request runs to its limit
+    before = health(server)["generated_tokens"]
+    stream = chat(client, "hi", max_tokens=64, stream=True)
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            break  # the row is generating
+    stream.close()  # the client goes away mid-stream
+    deadline = time.monotonic() + 30
+    while health(server)["running"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert health(server)["running"] == 0
+    assert 0 < health(server)["generated_tokens"] - before < 64  # the row stopped early
+    # SIGTERM while a request streams: it finishes, then the server exits 0
+    chunks = iter(chat(client, "How do I bake bread?", max_tokens=48, stream=True))
+    first = next(chunks)
+    server.process.send_signal(signal.SIGTERM)
+    rest = list(chunks)
+    assert first.choices[0].delta.role == "assistant"
+    assert rest[-1].choices[0].finish_reason in ("stop", "length")
+    assert server.stop(signal.SIGTERM) == 0, "".join(server.lines)
+
+
+def test_batcher_collects_up_to_the_size_or_the_wait():
+    seen: list[list[str]] = []
+
+    def run_batch(requests):
+        seen.append([r.messages[0]["content"] for r in requests])
+        time.sleep(0.05)
+        return [RowResult(r.messages[0]["content"].upper(), "stop", 1, 1) for r in requests]
+
+    batcher = Batcher(run_batch, max_batch_size=3, max_wait=0.2).start()
+    results: dict[str, str] = {}
+    done = threading.Semaphore(0)
+
+    def job(text, cancelled=False):
+        request = RowRequest([{"role": "user", "content": text}])
+        if cancelled:
+            request.cancelled.set()
+        return Job(request, lambda result: (results.__setitem__(text, result.text), done.release()), print)
+
+    for text in ["a", "b", "c", "d", "e"]:
+        batcher.submit(job(text))
+    batcher.submit(job("gone", cancelled=True))
+    for _ in range(5):
+        assert done.acquire(timeout=10)
+    batcher.close(timeout=10)
+    assert seen == [["a", "b", "c"], ["d", "e"]]  # at most 3; then the wait ended the batch
+    assert results == {t: t.upper() for t in "abcde"}
+    with pytest.raises(Exception, match="shutting down"):
+        batcher.submit(job("late"))
+
+
+@pytest.mark.base
+def test_serve_on_the_default_base_with_the_shipped_vectors(tmp_path):
+    helpful, harmless = REPO / "adapters" / "helpful", REPO / "adapters" / "harmless"
+    server = Server("--adapter", f"helpful={helpful}", "--adapter", f"harmless={harmless}", "--max-tokens", "8")
+    try:
+        mixes = [{"helpful": 1.0, "harmless": 1.0}, {"helpful": 1.0, "harmless": -1.0}]
+        prompt = "hi"  # the shipped vectors answer it differently at these two mixes
+        combined = {
+            f"mix{i}": combine([f"{helpful}:{mix['helpful']}", f"{harmless}:{mix['harmless']}"]).save(
+                tmp_path / f"m{i}"
+            )
+            for i, mix in enumerate(mixes)
+        }
+        mixer = PreferenceMixer(None, combined, device="cpu")  # one combined adapter on at a time
+        expected = []
+        for index in range(len(mixes)):
+            mixer.set(**{name: float(name == f"mix{index}") for name in combined})
+            expected.append(mixer.generate([prompt], max_new_tokens=8)[0])
+        assert expected[0] != expected[1]
+        client = server.wait().client()
+        with ThreadPoolExecutor(2) as pool:
+            replies = list(pool.map(lambda i: chat(client, prompt, mixes[i], max_tokens=8), range(2)))
+        assert [r.choices[0].message.content for r in replies] == expected
+        streamed = chat(client, prompt, mixes[1], max_tokens=8, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == expected[1]
+        assert server.stop(signal.SIGTERM) == 0
+    finally:
+        server.stop(signal.SIGKILL)
