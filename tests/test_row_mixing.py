@@ -176,9 +176,9 @@ def test_named_specs(tmp_path, monkeypatch):
     assert {n: (s.path, s.weight) for n, s in named.items()} == {
         "helpful-2": ("a/helpful.safetensors", 0.5),
         "helpful": ("b/x", -1.0),
-        "odd=name": ("odd=name.safetensors", 1.0),
+        "odd_name": ("odd=name.safetensors", 1.0),  # a stem is made a valid PEFT adapter name
         "helpful-3": ("c/helpful/", 1.0),
     }
-    assert list(named) == ["helpful-2", "helpful", "odd=name", "helpful-3"]
+    assert list(named) == ["helpful-2", "helpful", "odd_name", "helpful-3"]
     with pytest.raises(LoraArithError, match="two adapters are named 'x'"):
         named_specs(["x=a", "x=b"])
