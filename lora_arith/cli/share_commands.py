@@ -73,7 +73,10 @@ def export(adapter, output, target, max_rank, force):
 )
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output model folder.")
 @click.option(
-    "--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True, help="Saved dtype."
+    "--dtype",
+    type=click.Choice(["fp32", "bf16", "fp16"]),
+    default=None,
+    help="Saved dtype of the floating-point weights (default: the base's own; the merge is computed in fp32).",
 )
 @click.option("--4bit", "quantize_4bit", is_flag=True, help="Save the merged model in 4-bit NF4 (needs --requantize).")
 @click.option("--requantize", is_flag=True, help="Accept the rounding loss of re-quantizing merged weights to 4-bit.")
@@ -81,7 +84,8 @@ def export(adapter, output, target, max_rank, force):
 def merge(base, adapters, output, dtype, quantize_4bit, requantize, force):
     """Write a full model with the weighted adapter deltas merged into the base weights.
 
-    The result loads with transformers' AutoModelForCausalLM.from_pretrained and gives the same
+    Works one safetensors shard of the base at a time (memory about one tensor, not the model);
+    writes the shards, the index, the config and the tokenizer files (when the base has them). The result loads with transformers' AutoModelForCausalLM.from_pretrained and gives the same
     logits as the base with the adapters applied.
     """
     from lora_arith.merge import merge_adapters

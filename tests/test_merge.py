@@ -1,0 +1,168 @@
+"""Streaming merge: shard by shard, equal to PEFT's merge_and_unload and to the mixer, bad input refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import load_base, logits, make_adapter
+from safetensors import safe_open
+
+from lora_arith.cli import main
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def read_tensors(folder):
+    tensors = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as handle:
+            tensors.update({key: handle.get_tensor(key) for key in handle.keys()})
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def sharded_base(chat_base, tmp_path_factory):
+    """The chat base saved again in several shards (with its tokenizer), in fp32."""
+    folder = tmp_path_factory.mktemp("sharded")
+    load_base(chat_base).save_pretrained(folder, max_shard_size="60KB")
+    for path in chat_base.iterdir():
+        if "token" in path.name or path.name.startswith("chat_template"):
+            shutil.copy(path, folder / path.name)
+    assert len(list(folder.glob("*.safetensors"))) >= 3 and (folder / "model.safetensors.index.json").is_file()
+    return folder
+
+
+def test_merge_equals_peft_merge_and_unload_and_the_mixer(chat_base, two_adapters, tmp_path):
+    from peft import PeftModel
+
+    from lora_arith.mixing import PreferenceMixer
+
+    helpful, harmless = two_adapters
+    result = run("merge", "--base", chat_base, "--adapter", f"{helpful}:0.7", "--adapter", f"{harmless}:-1.2",
+                 "-o", tmp_path / "merged")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    merged = logits(load_base(tmp_path / "merged"))
+
+    mixer = PreferenceMixer(str(chat_base), {"helpful": helpful, "harmless": harmless}, device="cpu")
+    mixer.set(helpful=0.7, harmless=-1.2)
+    torch.testing.assert_close(merged, logits(mixer.model), rtol=0, atol=1e-5)
+
+    peft_model = PeftModel.from_pretrained(load_base(chat_base), helpful, adapter_name="helpful")
+    peft_model.load_adapter(harmless, adapter_name="harmless")
+    peft_model.base_model.add_weighted_adapter(["helpful", "harmless"], [0.7, -1.2], "mix", combination_type="cat")
+    peft_model.set_adapter("mix")
+    torch.testing.assert_close(merged, logits(peft_model.merge_and_unload(adapter_names=["mix"])), rtol=0, atol=1e-5)
+
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(tmp_path / "merged").chat_template
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["vocab_size"] > 0
+
+
+def test_sharded_base_merges_to_the_same_weights_as_its_single_file_copy(chat_base, sharded_base, two_adapters, tmp_path):
+    helpful, harmless = two_adapters
+    for name, base in (("single", chat_base), ("sharded", sharded_base)):
+        result = run("merge", "--base", base, "--adapter", f"{helpful}:1", "--adapter", f"{harmless}:0.5", "-o", tmp_path / name)
+        assert result.exit_code == 0, result.output
+    single, sharded = read_tensors(tmp_path / "single"), read_tensors(tmp_path / "sharded")
+    assert single.keys() == sharded.keys()
+    for key in single:
+        torch.testing.assert_close(sharded[key], single[key], rtol=0, atol=0)
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert index == json.loads((sharded_base / "model.safetensors.index.json").read_text()) | {"metadata": index["metadata"]}
+    assert sorted(p.name for p in (tmp_path / "sharded").glob("*.safetensors")) == sorted(
+        p.name for p in sharded_base.glob("*.safetensors")
+    )
+    assert not (tmp_path / "single" / "model.safetensors.index.json").exists()
+    base = read_tensors(chat_base)
+    changed = [key for key in base if not torch.equal(base[key], single[key])]
+    assert "model.layers.0.self_attn.q_proj.weight" in changed and "lm_head.weight" not in changed
+
+
+def test_merge_keeps_the_base_dtype_unless_told(chat_base, two_adapters, tmp_path):
+    helpful, _ = two_adapters
+    bf16 = tmp_path / "bf16-base"
+    load_base(chat_base).to(torch.bfloat16).save_pretrained(bf16)
+    assert run("merge", "--base", bf16, "--adapter", helpful, "-o", tmp_path / "kept").exit_code == 0
+    assert {t.dtype for t in read_tensors(tmp_path / "kept").values()} == {torch.bfloat16}
+    assert run("merge", "--base", bf16, "--adapter", helpful, "-o", tmp_path / "fp16", "--dtype", "fp16").exit_code == 0
+    assert {t.dtype for t in read_tensors(tmp_path / "fp16").values()} == {torch.float16}
+    assert json.loads((tmp_path / "fp16" / "config.json").read_text())["dtype"] == "float16"
+    assert load_base(tmp_path / "fp16").model.embed_tokens.weight.dtype == torch.float32  # loads fine
+
+
+def test_base_without_tokenizer_still_merges(tiny_llama, adapter_factory, tmp_path):
+    adapter = adapter_factory()
+    result = run("merge", "--base", tiny_llama, "--adapter", adapter, "-o", tmp_path / "merged")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == sorted(
+        p.name for p in tiny_llama.iterdir() if p.name in ("config.json", "generation_config.json", "model.safetensors")
+    )
+    load_base(tmp_path / "merged")
+
+
+def assert_refused(result, output, *words):
+    assert result.exit_code == 1, result.output
+    line = result.output.strip()
+    assert line.startswith("Error: ") and "\n" not in line and "Traceback" not in line, line
+    assert all(word in line for word in words), line
+    assert not output.exists()
+    assert not list(output.parent.glob(f".{output.name}.*")), "temporary output left behind"
+
+
+def test_missing_shard_is_refused_without_partial_output(sharded_base, two_adapters, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(sharded_base, broken)
+    missing = sorted(broken.glob("*.safetensors"))[1]
+    missing.unlink()
+    result = run("merge", "--base", broken, "--adapter", two_adapters[0], "-o", tmp_path / "out")
+    assert_refused(result, tmp_path / "out", missing.name, "missing")
+
+
+def test_adapter_module_matching_no_weight_is_refused(chat_base, two_adapters, tmp_path):
+    from tiny_models import make_tiny_chat_model
+
+    one_layer = make_tiny_chat_model(tmp_path / "one-layer", num_layers=1)
+    result = run("merge", "--base", one_layer, "--adapter", two_adapters[0], "-o", tmp_path / "out")
+    assert_refused(result, tmp_path / "out", "model.layers.1.", "matches no weight")
+    narrow = make_tiny_chat_model(tmp_path / "narrow", hidden_size=32)
+    result = run("merge", "--base", narrow, "--adapter", two_adapters[0], "-o", tmp_path / "out")
+    assert_refused(result, tmp_path / "out", "delta but the base weight is")
+
+
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        ("alpha-nan", ["not finite", "lora_alpha"]),
+        ("weight-1e39", ["not finite", "1e+39"]),
+        ("fp16-overflow", ["overflows f16", "--dtype fp32 or bf16"]),
+    ],
+)
+def test_non_finite_merge_is_refused(chat_base, two_adapters, tmp_path, case, words):
+    helpful = two_adapters[0]
+    spec, extra = f"{helpful}:1", []
+    if case == "alpha-nan":
+        copy = tmp_path / "nan-alpha"
+        shutil.copytree(helpful, copy)
+        config = json.loads((copy / "adapter_config.json").read_text())
+        (copy / "adapter_config.json").write_text(json.dumps(config | {"lora_alpha": float("nan")}))
+        spec = str(copy)
+    elif case == "weight-1e39":
+        spec = f"{helpful}:1e39"
+    else:
+        spec, extra = f"{helpful}:1e5", ["--dtype", "fp16"]
+    result = run("merge", "--base", chat_base, "--adapter", spec, "-o", tmp_path / "out", *extra)
+    assert result.exit_code == 1, result.output
+    assert "model.layers." in result.output or case == "alpha-nan"
+    assert_refused(result, tmp_path / "out", *([] if case == "alpha-nan" else words))
+
+
+def test_merge_refuses_4bit_without_requantize(chat_base, two_adapters, tmp_path):
+    result = run("merge", "--base", chat_base, "--adapter", two_adapters[0], "-o", tmp_path / "m4", "--4bit")
+    assert_refused(result, tmp_path / "m4", "--requantize", "rounded away")
