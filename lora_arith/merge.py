@@ -14,6 +14,7 @@ every tensor of a shard in memory at once; the files are ordinary safetensors (r
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import shutil
@@ -56,6 +57,7 @@ COPIED_FILES = (
 
 _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 _DTYPE_NAMES = {"fp32": "F32", "bf16": "BF16", "fp16": "F16"}
+_USER_NAMES = {"F64": "fp64", "F32": "fp32", "BF16": "bf16", "F16": "fp16"}
 _ALTERNATIVES = {"F16": "use --dtype fp32 or bf16", "BF16": "use --dtype fp32", "F32": "lower the adapter weights"}
 _COPY_BLOCK = 64 << 20
 
@@ -161,6 +163,11 @@ def _plan(shards: list[_Shard], adapters: Sequence[tuple["AdapterFile", float]])
                     f"{adapter.label}: module {module} has a {expected[0]}×{expected[1]} delta but the base weight "
                     f"is {'×'.join(map(str, shapes[key]))}"
                 )
+            if not math.isfinite(info.scaling * weight):
+                raise LoraArithError(
+                    f"{adapter.label}: module {module} has a non-finite scale ({info.scaling:g} × weight {weight:g}); "
+                    "check lora_alpha in its config"
+                )
             plan.setdefault(key, _Delta([], transpose)).parts.append((adapter, module, weight))
     return plan
 
@@ -199,14 +206,15 @@ def _merged(handle, tensor: _Tensor, delta: _Delta | None, out_dtype: str) -> "t
     what = "the merged weight" if delta else "the weight"
     if not torch.isfinite(values).all():
         names = ", ".join(f"{a.label}:{w:g}" for a, _, w in delta.parts) if delta else ""
+        kind = "NaN" if torch.isnan(values).any() else "Inf"
         raise LoraArithError(
-            f"{what} {tensor.name} is not finite (NaN or Inf) in fp32"
+            f"{what} {tensor.name} has {kind} values in fp32"
             + (f" after adding {names}; check the adapters' lora_alpha and the weights" if delta else "")
         )
     result = values.to(getattr(torch, _ST_DTYPES[out_dtype]))
     if not torch.isfinite(result).all():
         raise LoraArithError(
-            f"{what} {tensor.name} overflows {out_dtype.lower()}; {_ALTERNATIVES.get(out_dtype, 'use --dtype fp32')}"
+            f"{what} {tensor.name} overflows {_USER_NAMES[out_dtype]}; {_ALTERNATIVES.get(out_dtype, 'use --dtype fp32')}"
         )
     return result
 

@@ -139,9 +139,9 @@ def test_adapter_module_matching_no_weight_is_refused(chat_base, two_adapters, t
 @pytest.mark.parametrize(
     "case, words",
     [
-        ("alpha-nan", ["not finite", "lora_alpha"]),
-        ("weight-1e39", ["not finite", "1e+39"]),
-        ("fp16-overflow", ["overflows f16", "--dtype fp32 or bf16"]),
+        ("alpha-nan", ["model.layers.", "non-finite scale", "lora_alpha"]),
+        ("weight-1e39", ["model.layers.", "values in fp32 after adding", "1e+39"]),
+        ("fp16-overflow", ["model.layers.", "overflows fp16", "--dtype fp32 or bf16"]),
     ],
 )
 def test_non_finite_merge_is_refused(chat_base, two_adapters, tmp_path, case, words):
@@ -158,11 +158,14 @@ def test_non_finite_merge_is_refused(chat_base, two_adapters, tmp_path, case, wo
     else:
         spec, extra = f"{helpful}:1e5", ["--dtype", "fp16"]
     result = run("merge", "--base", chat_base, "--adapter", spec, "-o", tmp_path / "out", *extra)
-    assert result.exit_code == 1, result.output
-    assert "model.layers." in result.output or case == "alpha-nan"
-    assert_refused(result, tmp_path / "out", *([] if case == "alpha-nan" else words))
+    assert_refused(result, tmp_path / "out", *words)
 
 
 def test_merge_refuses_4bit_without_requantize(chat_base, two_adapters, tmp_path):
     result = run("merge", "--base", chat_base, "--adapter", two_adapters[0], "-o", tmp_path / "m4", "--4bit")
     assert_refused(result, tmp_path / "m4", "--requantize", "rounded away")
+    result = run("merge", "--base", chat_base, "--adapter", two_adapters[0], "-o", tmp_path / "m4", "--4bit", "--requantize")
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "m4" / "config.json").read_text())
+    assert config["quantization_config"]["load_in_4bit"] is True
+    assert sorted(p.name for p in (tmp_path / "m4").iterdir() if p.name.startswith(".")) == []
