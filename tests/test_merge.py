@@ -122,7 +122,7 @@ def test_missing_shard_is_refused_without_partial_output(sharded_base, two_adapt
     missing = sorted(broken.glob("*.safetensors"))[1]
     missing.unlink()
     result = run("merge", "--base", broken, "--adapter", two_adapters[0], "-o", tmp_path / "out")
-    assert_refused(result, tmp_path / "out", missing.name, "missing")
+    assert_refused(result, tmp_path / "out", f"shard {missing.name} listed in model.safetensors.index.json is missing")
 
 
 def test_adapter_module_matching_no_weight_is_refused(chat_base, two_adapters, tmp_path):
