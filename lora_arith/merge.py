@@ -58,8 +58,9 @@ COPIED_FILES = (
 _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 _DTYPE_NAMES = {"fp32": "F32", "bf16": "BF16", "fp16": "F16"}
 _USER_NAMES = {"F64": "fp64", "F32": "fp32", "BF16": "bf16", "F16": "fp16"}
-_ALTERNATIVES = {"F16": "use --dtype fp32 or bf16", "BF16": "use --dtype fp32", "F32": "lower the adapter weights"}
+_ALTERNATIVES = {"F16": "use --dtype fp32 or bf16", "BF16": "use --dtype fp32"}
 _COPY_BLOCK = 64 << 20
+_BLOCK_ELEMENTS = 8 << 20  # rows of a weight are merged in blocks of about this many values (32 MiB in fp32)
 
 
 @dataclass
@@ -172,51 +173,67 @@ def _plan(shards: list[_Shard], adapters: Sequence[tuple["AdapterFile", float]])
     return plan
 
 
-def _load(handle, tensor: _Tensor) -> "torch.Tensor":
-    """The tensor's values, read through a memory map of just its bytes (unmapped afterwards)."""
+def _load_rows(handle, tensor: _Tensor, first: int, last: int) -> "torch.Tensor":
+    """Rows ``first:last`` of the tensor (viewed as rows × rest) in fp32, read through a memory map of
+    just their bytes, which is unmapped again before returning."""
     import torch
 
     dtype = getattr(torch, _ST_DTYPES[tensor.dtype])
-    size = tensor.end - tensor.start
+    rows = tensor.shape[0] if tensor.shape else 1
+    row_bytes = (tensor.end - tensor.start) // max(rows, 1)
+    start, size = tensor.start + first * row_bytes, (last - first) * row_bytes
     if size == 0:
-        return torch.empty(tensor.shape, dtype=dtype)
-    page = tensor.start - tensor.start % mmap.ALLOCATIONGRANULARITY
-    view = mmap.mmap(handle.fileno(), tensor.end - page, offset=page, access=mmap.ACCESS_COPY)
+        return torch.empty((last - first, 0), dtype=torch.float32)
+    page = start - start % mmap.ALLOCATIONGRANULARITY
+    view = mmap.mmap(handle.fileno(), start + size - page, offset=page, access=mmap.ACCESS_COPY)
     try:
-        raw = torch.frombuffer(view, dtype=torch.uint8, count=size, offset=tensor.start - page)
-        values = raw.view(dtype).reshape(tensor.shape).to(torch.float32, copy=True)
+        raw = torch.frombuffer(view, dtype=torch.uint8, count=size, offset=start - page)
+        values = raw.view(dtype).reshape(last - first, -1).to(torch.float32, copy=True)
         del raw
     finally:
         view.close()
     return values
 
 
-def _merged(handle, tensor: _Tensor, delta: _Delta | None, out_dtype: str) -> "torch.Tensor":
-    """The tensor in ``out_dtype`` with the delta added (in fp32); refuses a non-finite result."""
+def _write_tensor(handle, out, tensor: _Tensor, delta: _Delta | None, out_dtype: str) -> None:
+    """Write the tensor in ``out_dtype`` with the delta added (in fp32), a block of rows at a time,
+    so that memory stays at one block; refuses a non-finite result before writing it."""
     import torch
 
-    values = _load(handle, tensor)
+    factors = []
     for adapter, module, weight in delta.parts if delta else ():
-        factors = adapter.delta(module)  # scaling folded into B; refuses non-finite factors
-        B, A = factors.B * weight, factors.A
-        if delta.transpose:
-            values.addmm_(A.T, B.T)
-        else:
-            values.addmm_(B, A)
+        pair = adapter.delta(module)  # scaling folded into B; refuses non-finite factors
+        B, A = pair.B * weight, pair.A
+        factors.append((A.T, B.T) if delta.transpose else (B, A))  # rows of the weight = rows of the left factor
+    rows = tensor.shape[0] if tensor.shape else 1
+    row_elements = max(1, (tensor.end - tensor.start) // _itemsize(tensor.dtype) // max(rows, 1))
+    step = max(1, _BLOCK_ELEMENTS // row_elements)
+    for first in range(0, rows, step):
+        last = min(rows, first + step)
+        values = _load_rows(handle, tensor, first, last)
+        for left, right in factors:
+            values.addmm_(left[first:last], right)
+        _check_finite(values, tensor.name, delta, "F32")
+        result = values.to(getattr(torch, _ST_DTYPES[out_dtype]))
+        if out_dtype != "F32":
+            _check_finite(result, tensor.name, delta, out_dtype)
+        out.write(memoryview(result.contiguous().view(torch.uint8).numpy()))
+
+
+def _check_finite(values: "torch.Tensor", name: str, delta: _Delta | None, dtype: str) -> None:
+    import torch
+
+    if torch.isfinite(values).all():
+        return
     what = "the merged weight" if delta else "the weight"
-    if not torch.isfinite(values).all():
-        names = ", ".join(f"{a.label}:{w:g}" for a, _, w in delta.parts) if delta else ""
-        kind = "NaN" if torch.isnan(values).any() else "Inf"
-        raise LoraArithError(
-            f"{what} {tensor.name} has {kind} values in fp32"
-            + (f" after adding {names}; check the adapters' lora_alpha and the weights" if delta else "")
-        )
-    result = values.to(getattr(torch, _ST_DTYPES[out_dtype]))
-    if not torch.isfinite(result).all():
-        raise LoraArithError(
-            f"{what} {tensor.name} overflows {_USER_NAMES[out_dtype]}; {_ALTERNATIVES.get(out_dtype, 'use --dtype fp32')}"
-        )
-    return result
+    if dtype != "F32":
+        raise LoraArithError(f"{what} {name} overflows {_USER_NAMES[dtype]}; {_ALTERNATIVES.get(dtype, 'use --dtype fp32')}")
+    kind = "NaN" if torch.isnan(values).any() else "Inf"
+    message = f"{what} {name} has {kind} values in fp32"
+    if delta:
+        names = ", ".join(f"{adapter.label}:{weight:g}" for adapter, _, weight in delta.parts)
+        message += f" after adding {names}; check the adapters' lora_alpha and the weights"
+    raise LoraArithError(message)
 
 
 def _copy_bytes(source, target, start: int, size: int) -> None:
@@ -232,8 +249,6 @@ def _copy_bytes(source, target, start: int, size: int) -> None:
 
 def _write_shard(shard: _Shard, target: Path, plan: dict[str, _Delta], dtype: str | None) -> int:
     """Stream ``shard`` into ``target`` with the planned deltas added; return the bytes of tensor data."""
-    import torch
-
     names = sorted(shard.tensors)
     out_dtypes = {}
     for name in names:
@@ -257,9 +272,7 @@ def _write_shard(shard: _Shard, target: Path, plan: dict[str, _Delta], dtype: st
             if name not in plan and out_dtypes[name] == tensor.dtype:
                 _copy_bytes(source, out, tensor.start, tensor.end - tensor.start)
                 continue
-            values = _merged(source, tensor, plan.get(name), out_dtypes[name])
-            out.write(memoryview(values.contiguous().view(torch.uint8).numpy()))
-            del values
+            _write_tensor(source, out, tensor, plan.get(name), out_dtypes[name])
     return offset
 
 

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import load_base, logits, make_adapter
+from conftest import load_base, logits
 from safetensors import safe_open
 
 from lora_arith.cli import main
@@ -169,3 +169,42 @@ def test_merge_refuses_4bit_without_requantize(chat_base, two_adapters, tmp_path
     config = json.loads((tmp_path / "m4" / "config.json").read_text())
     assert config["quantization_config"]["load_in_4bit"] is True
     assert sorted(p.name for p in (tmp_path / "m4").iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.base
+def test_default_gguf_base_merges_through_its_dequantised_cache(tmp_path):
+    """The embedded default base (GGUF, dequantised once into the cache) merges with a shipped vector in bf16."""
+    from pathlib import Path
+
+    from lora_arith.base_model import default_base_dir
+    from lora_arith.mixing import PreferenceMixer
+
+    vector = Path(__file__).resolve().parents[1] / "adapters" / "helpful.safetensors"
+    result = run("merge", "--adapter", f"{vector}:0.5", "-o", tmp_path / "merged", "--dtype", "bf16")
+    assert result.exit_code == 0, result.output
+    merged = read_tensors(tmp_path / "merged")
+    assert {t.dtype for t in merged.values()} == {torch.bfloat16}
+    cached = read_tensors(default_base_dir())
+    mixer = PreferenceMixer(None, {"helpful": str(vector)}, device="cpu")
+    mixer.set(helpful=0.5)
+    expected = mixer.merged_model().state_dict()
+    key = "model.layers.3.self_attn.q_proj.weight"
+    assert not torch.equal(merged[key].float(), cached[key].to(torch.bfloat16).float())
+    torch.testing.assert_close(merged[key].float(), expected[key].to(torch.bfloat16).float(), rtol=1e-2, atol=1e-3)
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()
+
+
+def test_blockwise_merge_equals_the_whole_tensor_merge(chat_base, two_adapters, tmp_path, monkeypatch):
+    """Big weights are merged a block of rows at a time; one-row blocks give the same weights as one block
+    (up to the matmul's round-off, which depends on the block shape)."""
+    import lora_arith.merge as merge
+
+    helpful, harmless = two_adapters
+    specs = [f"{helpful}:0.7", f"{harmless}:-1.2"]
+    merge.merge_adapters(str(chat_base), specs, tmp_path / "whole")
+    monkeypatch.setattr(merge, "_BLOCK_ELEMENTS", 100)  # a 64-wide row: one row per block
+    merge.merge_adapters(str(chat_base), specs, tmp_path / "blocks")
+    whole, blocks = read_tensors(tmp_path / "whole"), read_tensors(tmp_path / "blocks")
+    assert whole.keys() == blocks.keys()
+    for key in whole:
+        torch.testing.assert_close(blocks[key], whole[key], rtol=0, atol=1e-6)
