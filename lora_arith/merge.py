@@ -213,20 +213,21 @@ def _write_tensor(handle, out, tensor: _Tensor, delta: _Delta | None, out_dtype:
         values = _load_rows(handle, tensor, first, last)
         for left, right in factors:
             values.addmm_(left[first:last], right)
-        _check_finite(values, tensor.name, delta, "F32")
         result = values.to(getattr(torch, _ST_DTYPES[out_dtype]))
-        if out_dtype != "F32":
-            _check_finite(result, tensor.name, delta, out_dtype)
+        _check_finite(result, values, tensor.name, delta, out_dtype)  # NaN/Inf survive the cast: one check
         out.write(memoryview(result.contiguous().view(torch.uint8).numpy()))
 
 
-def _check_finite(values: "torch.Tensor", name: str, delta: _Delta | None, dtype: str) -> None:
+def _check_finite(result: "torch.Tensor", values: "torch.Tensor", name: str, delta: _Delta | None, dtype: str) -> None:
+    """Refuse a non-finite ``result`` (``values`` cast to ``dtype``), saying whether the fp32 sum or the cast failed."""
     import torch
 
-    if torch.isfinite(values).all():
+    from lora_arith.adapter_io import _all_finite
+
+    if _all_finite(result):
         return
     what = "the merged weight" if delta else "the weight"
-    if dtype != "F32":
+    if _all_finite(values):
         raise LoraArithError(f"{what} {name} overflows {_USER_NAMES[dtype]}; {_ALTERNATIVES.get(dtype, 'use --dtype fp32')}")
     kind = "NaN" if torch.isnan(values).any() else "Inf"
     message = f"{what} {name} has {kind} values in fp32"
