@@ -192,12 +192,15 @@ def worker_compare(params: Json) -> Json:
             continue
         report["merged"] += 1
         exact = values["base"].double()
+        scale = exact.abs()
         for adapter in factors:
             B, A = adapter[module]
-            exact += B.double() @ A.double()
-        # ulps of the larger of |exact| and |base weight|: where the delta cancels the weight, the
-        # attainable accuracy is set by the operands, not by the (tiny) result.
-        _, exponent = torch.frexp(torch.maximum(exact.abs(), values["base"].double().abs()))
+            delta = B.double() @ A.double()
+            exact += delta
+            scale += delta.abs()
+        # ulps of |W| + Σ|ΔWᵢ| (the operands' scale): where the terms cancel, the attainable accuracy
+        # is set by the operands, not by the (tiny) result.
+        _, exponent = torch.frexp(scale)
         ulp = torch.ldexp(torch.ones_like(exact), exponent - 8)
         for side in ("ours", "peft"):
             error = float(((values[side].double() - exact).abs() / ulp).max())

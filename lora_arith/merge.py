@@ -59,7 +59,7 @@ _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfl
 _DTYPE_NAMES = {"fp32": "F32", "bf16": "BF16", "fp16": "F16"}
 _USER_NAMES = {"F64": "fp64", "F32": "fp32", "BF16": "bf16", "F16": "fp16"}
 _ALTERNATIVES = {"F16": "use --dtype fp32 or bf16", "BF16": "use --dtype fp32"}
-_COPY_BLOCK = 64 << 20
+_COPY_BLOCK = 16 << 20
 _BLOCK_ELEMENTS = 8 << 20  # rows of a weight are merged in blocks of about this many values (32 MiB in fp32)
 
 
