@@ -234,11 +234,11 @@ class AdapterFile:
         """
         info = self.modules[module]
         b_key, a_key = self._keys[module]
-        B = self._reader.get_tensor(b_key).float()
-        A = self._reader.get_tensor(a_key).float()
+        B = self._reader.get_tensor(b_key).to(torch.float32, copy=True)  # a copy even when stored in fp32
+        A = self._reader.get_tensor(a_key).to(torch.float32, copy=True)
         if not (_all_finite(B) and _all_finite(A)):
             raise LoraArithError(f"{self.label}: module {module} has NaN or Inf values")
-        return LowRankDelta(B * info.scaling, A)
+        return LowRankDelta(B.mul_(info.scaling) if info.scaling != 1 else B, A)  # B is a fresh fp32 copy
 
     @cached_property
     def _reader(self):
