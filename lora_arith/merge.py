@@ -155,8 +155,10 @@ def _plan(shards: list[_Shard], adapters: Sequence[tuple["AdapterFile", float]])
         fan_in_fan_out = bool(adapter.config.get("fan_in_fan_out", False))
         for module, info in adapter.modules.items():
             key = f"{module}.weight"
+            if key not in shapes and "." in module:  # checkpoints saved without the model's base prefix (GPT-2: h.0...)
+                key = key.split(".", 1)[1] if key.split(".", 1)[1] in shapes else key
             if key not in shapes:
-                raise LoraArithError(f"{adapter.label}: module {module} matches no weight of the base ({key})")
+                raise LoraArithError(f"{adapter.label}: module {module} matches no weight of the base ({module}.weight)")
             transpose = info.kind == EMBEDDING or fan_in_fan_out  # PEFT's orientation of B @ A
             expected = tuple(reversed(info.shape)) if transpose else tuple(info.shape)
             if shapes[key] != expected:

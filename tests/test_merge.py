@@ -208,3 +208,20 @@ def test_blockwise_merge_equals_the_whole_tensor_merge(chat_base, two_adapters, 
     assert whole.keys() == blocks.keys()
     for key in whole:
         torch.testing.assert_close(blocks[key], whole[key], rtol=0, atol=1e-6)
+
+
+def test_fan_in_fan_out_gpt2_merge_equals_peft(tiny_gpt2, tmp_path):
+    """GPT-2's Conv1D weights are stored transposed (fan_in_fan_out): the delta is added as (B A)ᵀ."""
+    from peft import PeftModel
+
+    from conftest import make_adapter
+
+    adapter = make_adapter(tiny_gpt2, tmp_path / "gpt2-lora", target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    result = run("merge", "--base", tiny_gpt2, "--adapter", f"{adapter}:-0.8", "-o", tmp_path / "merged")
+    assert result.exit_code == 0, result.output
+    peft_model = PeftModel.from_pretrained(load_base(tiny_gpt2), adapter)
+    for layer in peft_model.base_model.model.modules():
+        if hasattr(layer, "set_scale") and "default" in getattr(layer, "scaling", {}):
+            layer.set_scale("default", -0.8)
+    expected = logits(peft_model.merge_and_unload())
+    torch.testing.assert_close(logits(load_base(tmp_path / "merged")), expected, rtol=0, atol=1e-5)
