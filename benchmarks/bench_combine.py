@@ -710,18 +710,27 @@ def floor_seconds(results: Json) -> float:
     return min(run["wall_s"] for run in results["read_floor"])
 
 
+def cpu_seconds(run: Json) -> float:
+    """User + system CPU time of a whole-process run (steadier than wall time on a shared machine)."""
+    return run["user_s"] + run["sys_s"]
+
+
 def floor_table(results: Json) -> str:
-    """The whole-process CLI runs beside the read floor, with their ratio."""
+    """The whole-process CLI runs beside the read floor, with their ratios (wall and CPU time)."""
     floor = floor_seconds(results)
+    floor_cpu = min(cpu_seconds(run) for run in results["read_floor"])
     threads = f"OMP_NUM_THREADS={results['threads']}" if results["threads"] else "default threads"
-    lines = [f"| whole process, {results['whole_process'][0]['layers']} layers ({threads}) | time | × read floor | peak RSS |",
-             "|---|---|---|---|",
-             f"| read floor: import torch + safetensors, read every input tensor | {_ms(floor)} | 1.0× | "
-             f"{_gib(max(run['peak_rss_bytes'] for run in results['read_floor']))} |"]
+    lines = [f"| whole process, {results['whole_process'][0]['layers']} layers ({threads}) | wall time | × read floor "
+             "| CPU time (user+sys) | × read floor | peak RSS |",
+             "|---|---|---|---|---|---|",
+             f"| read floor: import torch + safetensors, read every input tensor | {_ms(floor)} | 1.0× | {_ms(floor_cpu)} "
+             f"| 1.0× | {_gib(max(run['peak_rss_bytes'] for run in results['read_floor']))} |"]
     for part in results["whole_process"]:
         what = "svd → rank 16" if part["method"] == "svd" else "cat (exact)"
-        lines.append(f"| `lora-arith combine --method {part['method']}` ({what}) | {_ms(part['cli']['wall_s'])} | "
-                     f"{part['cli']['wall_s'] / floor:.2f}× | {_gib(part['cli']['peak_rss_bytes'])} |")
+        cli = part["cli"]
+        lines.append(f"| `lora-arith combine --method {part['method']}` ({what}) | {_ms(cli['wall_s'])} | "
+                     f"{cli['wall_s'] / floor:.2f}× | {_ms(cpu_seconds(cli))} | {cpu_seconds(cli) / floor_cpu:.2f}× | "
+                     f"{_gib(cli['peak_rss_bytes'])} |")
     return "\n".join(lines)
 
 
