@@ -1,9 +1,9 @@
 """Writing a full model with weighted adapter deltas merged into the base weights, one shard at a time.
 
-The base is never loaded as a model. Each safetensors shard is read tensor by tensor through a
-memory map; a weight that adapters target gets ``Σ wᵢ·BᵢAᵢ`` added (in fp32, from the lazily read
-factors) and every tensor is streamed straight into the output shard, so peak memory is about one
-tensor's working copies, not the model. Then the index, the config, the generation config and the
+The base is never loaded as a model. Each safetensors shard is read a block of rows at a time
+through a memory map of just those bytes; a weight that adapters target gets ``Σ wᵢ·BᵢAᵢ`` added
+(in fp32, from the lazily read factors), and every block is streamed straight into the output shard
+(untouched tensors are copied byte for byte), so peak memory is about one block, not the model. Then the index, the config, the generation config and the
 tokenizer files (when present) are written beside the shards. The whole folder appears atomically.
 
 Tensors are written in a safetensors file of our own making because ``safetensors.save_file`` needs

@@ -84,7 +84,7 @@ def export(adapter, output, target, max_rank, force):
 def merge(base, adapters, output, dtype, quantize_4bit, requantize, force):
     """Write a full model with the weighted adapter deltas merged into the base weights.
 
-    Works one safetensors shard of the base at a time (memory about one tensor, not the model);
+    Works one safetensors shard of the base at a time (memory about one block of rows, not the model);
     writes the shards, the index, the config and the tokenizer files (when the base has them). The result loads with transformers' AutoModelForCausalLM.from_pretrained and gives the same
     logits as the base with the adapters applied.
     """
