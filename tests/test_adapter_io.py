@@ -143,3 +143,15 @@ def test_unsupported_dtype_file_is_readable_in_fp16(adapter_factory, tmp_path):
     save_file(tensors, adapter / "adapter_model.safetensors")
     assert open_adapter(adapter).dtype == torch.float16
     assert set(LLAMA_TARGETS) <= {n.rsplit(".", 1)[-1] for n in open_adapter(adapter).modules}
+
+
+@pytest.mark.parametrize(
+    "values, finite",
+    [([1.0, 2.0], True), ([3e38, 3e38], True), ([-3e38, -3e38, 1.0], True), ([1.0, float("nan")], False),
+     ([float("inf"), 1.0], False), ([float("inf"), float("-inf")], False)],
+)
+def test_all_finite_is_exact_even_when_the_sum_overflows(values, finite):
+    """The fast finiteness check (one fp32 sum) falls back to element-wise when the sum is not finite."""
+    from lora_arith.adapter_io import _all_finite
+
+    assert _all_finite(torch.tensor(values, dtype=torch.float32)) is finite
