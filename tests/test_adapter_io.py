@@ -155,3 +155,12 @@ def test_all_finite_is_exact_even_when_the_sum_overflows(values, finite):
     from lora_arith.adapter_io import _all_finite
 
     assert _all_finite(torch.tensor(values, dtype=torch.float32)) is finite
+
+
+def test_delta_is_the_same_on_every_read(adapter_factory):
+    """delta() scales a fresh copy in place: the file's (memory-mapped) fp32 tensors stay untouched."""
+    adapter = open_adapter(adapter_factory(r=4, lora_alpha=8))  # scaling 2, factors stored in fp32
+    module = next(iter(adapter.modules))
+    first, second = adapter.delta(module), adapter.delta(module)
+    assert torch.equal(first.B, second.B) and torch.equal(first.A, second.A)
+    assert torch.equal(open_adapter(adapter.weights_path.parent).delta(module).B, first.B)
