@@ -542,6 +542,7 @@ def run_worker(name: str, params: Json) -> Json:
     """Run a worker in a fresh Python process and return its JSON result (with the load average
     before and after: other processes on the machine make multi-threaded timings unreliable)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **_worker_env)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")]))
     argv = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--worker-params", json.dumps(params)]
     load_before = load_average()
     completed = subprocess.run(argv, stdout=subprocess.PIPE, text=True, env=env, check=False)
@@ -554,14 +555,22 @@ def run_worker(name: str, params: Json) -> Json:
 
 
 def cli_command() -> list[str]:
-    """The ``lora-arith`` entry point next to this interpreter (avoids pyenv shims), else on PATH."""
-    beside = Path(sys.executable).parent / "lora-arith"
-    if beside.is_file():
-        return [str(beside)]
-    found = shutil.which("lora-arith")
-    if found:
-        return [found]
-    return [sys.executable, "-c", "from lora_arith.cli import main; main()"]
+    """``python -m lora_arith`` with this interpreter; :func:`run_worker` puts this checkout first on
+    ``PYTHONPATH``, so the code measured is the code beside this script (a ``lora-arith`` on PATH
+    may be another checkout's editable install, behind a pyenv shell shim)."""
+    return [sys.executable, "-m", "lora_arith"]
+
+
+READ_FLOOR = """
+import sys
+import torch
+from safetensors import safe_open
+for folder in sys.argv[1:]:
+    with safe_open(folder + "/adapter_model.safetensors", framework="pt") as handle:
+        for key in handle.keys():
+            handle.get_tensor(key)
+"""
+"""The read floor: a process that only imports torch and safetensors and reads every input tensor."""
 
 
 def _size(path: Path) -> int:
@@ -629,6 +638,16 @@ def in_process_comparison(args: argparse.Namespace, workdir: Path, shapes: Shape
     return {"method": method, "rank": rank, "layers": args.peft_layers, "ours": ours, "peft": peft, "comparison": comparison}
 
 
+def read_floor_run(inputs: list[str]) -> Json:
+    """The read floor as a whole process (interpreter, torch and safetensors imports, every input tensor read)."""
+    log("[floor] a process that imports torch and safetensors and reads every input tensor")
+    floor = run_worker("cli", {"argv": [sys.executable, "-c", READ_FLOOR, *inputs]})
+    if floor["returncode"] != 0:
+        raise RuntimeError(f"the read-floor process failed:\n{floor['stderr']}")
+    log(f"  wall {floor['wall_s']:.2f} s, peak RSS {floor['peak_rss_bytes'] / GiB:.2f} GiB")
+    return floor
+
+
 def whole_process_run(args: argparse.Namespace, workdir: Path, inputs: list[str], method: str) -> Json:
     """Part 2 for one method: ``lora-arith combine`` as a whole process on the full pair, then a check."""
     output = workdir / f"cli-{method}-out"
@@ -686,6 +705,35 @@ def table_rows(results: Json) -> list[list[str]]:
     return rows
 
 
+def floor_seconds(results: Json) -> float:
+    """The faster of the two read-floor runs (before and after the CLI runs)."""
+    return min(run["wall_s"] for run in results["read_floor"])
+
+
+def cpu_seconds(run: Json) -> float:
+    """User + system CPU time of a whole-process run (steadier than wall time on a shared machine)."""
+    return run["user_s"] + run["sys_s"]
+
+
+def floor_table(results: Json) -> str:
+    """The whole-process CLI runs beside the read floor, with their ratios (wall and CPU time)."""
+    floor = floor_seconds(results)
+    floor_cpu = min(cpu_seconds(run) for run in results["read_floor"])
+    threads = f"OMP_NUM_THREADS={results['threads']}" if results["threads"] else "default threads"
+    lines = [f"| whole process, {results['whole_process'][0]['layers']} layers ({threads}) | wall time | × read floor "
+             "| CPU time (user+sys) | × read floor | peak RSS |",
+             "|---|---|---|---|---|---|",
+             f"| read floor: import torch + safetensors, read every input tensor | {_ms(floor)} | 1.0× | {_ms(floor_cpu)} "
+             f"| 1.0× | {_gib(max(run['peak_rss_bytes'] for run in results['read_floor']))} |"]
+    for part in results["whole_process"]:
+        what = "svd → rank 16" if part["method"] == "svd" else "cat (exact)"
+        cli = part["cli"]
+        lines.append(f"| `lora-arith combine --method {part['method']}` ({what}) | {_ms(cli['wall_s'])} | "
+                     f"{cli['wall_s'] / floor:.2f}× | {_ms(cpu_seconds(cli))} | {cpu_seconds(cli) / floor_cpu:.2f}× | "
+                     f"{_gib(cli['peak_rss_bytes'])} |")
+    return "\n".join(lines)
+
+
 def markdown_table(rows: list[list[str]]) -> str:
     """A Markdown table with the standard columns."""
     header = ["workload", "lora-arith time", "PEFT time", "speed-up", "max rel. diff", "peak RSS (lora-arith / PEFT)"]
@@ -697,7 +745,7 @@ def markdown_table(rows: list[list[str]]) -> str:
 def measured_loads(results: Json) -> list[float]:
     """The 1-minute load average before/after every measured worker."""
     parts = [p["ours"] for p in results["in_process"]] + [p["peft"] for p in results["in_process"] if p["peft"]]
-    parts += [p["cli"] for p in results["whole_process"]]
+    parts += [p["cli"] for p in results["whole_process"]] + results.get("read_floor", [])
     return [load[0] for part in parts for key in ("load_average_before", "load_average_after") if (load := part.get(key))]
 
 
@@ -746,8 +794,11 @@ def checks(results: Json, args: argparse.Namespace) -> list[Json]:
         found.append({"name": f"{part['method']} lora-arith (fp32) at the optimum (excess ≤ 1e-5)", "ok": excess <= 1e-5,
                       "value": f"{excess:+.1e}"})
     if not args.tiny:
+        floor = floor_seconds(results)
         for part in results["whole_process"]:
             wall, rss = part["cli"]["wall_s"], part["cli"]["peak_rss_bytes"]
+            found.append({"name": f"{part['method']} whole process within 1.5× the read floor", "ok": wall <= 1.5 * floor,
+                          "value": f"{wall / floor:.2f}× ({wall:.2f} s / {floor:.2f} s)"})
             if part["layers"] == 32:
                 found.append({"name": f"{part['method']} 32 layers whole process < 15 s", "ok": wall < 15, "value": f"{wall:.2f} s"})
                 found.append({"name": f"{part['method']} 32 layers peak RSS < 1.5 GB", "ok": rss < 1.5e9,
@@ -825,8 +876,10 @@ def run_benchmark(args: argparse.Namespace, workdir: Path) -> Json:
 
     log(f"Part 2: {args.layers} layers, whole lora-arith process")
     full_inputs = generate_pair(workdir, "full", shapes, args.layers, args.rank)
+    results["read_floor"] = [read_floor_run(full_inputs)]
     for method in ("svd", "cat"):
         results["whole_process"].append(whole_process_run(args, workdir, full_inputs, method))
+    results["read_floor"].append(read_floor_run(full_inputs))  # again after, so both sides see the same page cache
 
     results["load_average_end"] = load_average()
     results["checks"] = checks(results, args)
@@ -857,6 +910,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print()
     print(markdown_table(table_rows(results)))
+    print()
+    print(floor_table(results))
     print()
     print("\n".join(details(results)))
     if args.out:

@@ -136,7 +136,12 @@ def weighted_sum(deltas: Sequence[LowRankDelta], weights: Iterable[float]) -> Lo
     shapes = {d.shape for d in deltas}
     if len(shapes) != 1:
         raise ValueError(f"deltas have different shapes: {sorted(shapes)}")
-    B = torch.cat([_fp32(d.B) * float(w) for d, w in zip(deltas, weights)], dim=1)
+    # Scale each B straight into its slice of the result: one pass over the data instead of two.
+    B = torch.empty(deltas[0].shape[0], sum(d.rank for d in deltas), dtype=torch.float32)
+    start = 0
+    for delta, weight in zip(deltas, weights):
+        torch.mul(_fp32(delta.B), float(weight), out=B[:, start : start + delta.rank])
+        start += delta.rank
     A = torch.cat([_fp32(d.A) for d in deltas], dim=0)
     return LowRankDelta(B, A)
 

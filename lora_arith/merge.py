@@ -1,13 +1,35 @@
-"""Writing a full model with weighted adapter deltas merged into the base weights."""
+"""Writing a full model with weighted adapter deltas merged into the base weights, one shard at a time.
+
+The base is never loaded as a model. Each safetensors shard is read a block of rows at a time
+through a memory map of just those bytes; a weight that adapters target gets ``Σ wᵢ·BᵢAᵢ`` added
+(in fp32, from the lazily read factors), and every block is streamed straight into the output shard
+(untouched tensors are copied byte for byte), so peak memory is about one block, not the model. Then the index, the config, the generation config and the
+tokenizer files (when present) are written beside the shards. The whole folder appears atomically.
+
+Tensors are written in a safetensors file of our own making because ``safetensors.save_file`` needs
+every tensor of a shard in memory at once; the files are ordinary safetensors (read back with
+``safe_open`` in the tests).
+"""
 
 from __future__ import annotations
 
+import json
+import math
+import mmap
 import os
+import shutil
+import struct
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from lora_arith.atomic import atomic_output, check_output, removed_on_signal
+from lora_arith.atomic import atomic_output, check_output
 from lora_arith.errors import LoraArithError
+
+if TYPE_CHECKING:
+    import torch
+
+    from lora_arith.adapter_io import AdapterFile
 
 REQUANTIZE_WARNING = (
     "merging into a 4-bit model rounds every merged weight back to NF4, whose steps (about 1/8 of each "
@@ -15,63 +37,350 @@ REQUANTIZE_WARNING = (
     "is rounded away; pass --requantize to accept that loss, or write a bf16/fp32 model instead"
 )
 
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+COPIED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+"""Files copied unchanged from the base folder when present (``config.json`` gets the new dtype)."""
+
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+_DTYPE_NAMES = {"fp32": "F32", "bf16": "BF16", "fp16": "F16"}
+_USER_NAMES = {"F64": "fp64", "F32": "fp32", "BF16": "bf16", "F16": "fp16"}
+_ALTERNATIVES = {"F16": "use --dtype fp32 or bf16", "BF16": "use --dtype fp32"}
+_COPY_BLOCK = 16 << 20
+_BLOCK_ELEMENTS = 8 << 20  # rows of a weight are merged in blocks of about this many values (32 MiB in fp32)
+
+
+@dataclass
+class _Tensor:
+    """One tensor of a safetensors shard, as its header describes it."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+    start: int  # absolute byte offset in the file
+    end: int
+
+
+@dataclass
+class _Shard:
+    path: Path
+    tensors: dict[str, _Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _Delta:
+    """The adapters' contributions to one base weight."""
+
+    parts: list[tuple["AdapterFile", str, float]]  # (adapter, module, weight)
+    transpose: bool
+
+
+def _read_header(path: Path) -> _Shard:
+    """Parse a safetensors header (8-byte little-endian length, then JSON)."""
+    try:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+    except (OSError, struct.error, ValueError) as error:
+        raise LoraArithError(f"base shard {path.name} is not a readable safetensors file ({error})") from None
+    base = 8 + length
+    metadata = header.pop("__metadata__", None) or {}
+    tensors = {
+        name: _Tensor(name, info["dtype"], list(info["shape"]), base + info["data_offsets"][0], base + info["data_offsets"][1])
+        for name, info in header.items()
+    }
+    return _Shard(path, tensors, metadata)
+
+
+def _base_folder(base: str | None) -> Path:
+    """The local folder of ``base``: the converted default (GGUF) base, a local folder, or a Hub snapshot."""
+    from lora_arith.base_model import resolve_base
+
+    location = resolve_base(base)
+    if Path(location).is_dir():
+        return Path(location)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(location, allow_patterns=["*.safetensors", "*.json", *COPIED_FILES]))
+    except Exception as error:  # the Hub raises many types; all mean "cannot get it"
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise LoraArithError(f"cannot get base model {base}: {first}") from None
+
+
+def _base_shards(folder: Path) -> tuple[list[_Shard], bool]:
+    """The base's shards (and whether it is sharded), checked against the index."""
+    index_path = folder / INDEX_FILE
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError):
+            raise LoraArithError(f"base model {folder.name}: {INDEX_FILE} has no weight_map") from None
+        shards = []
+        for name in sorted(set(weight_map.values())):
+            if not (folder / name).is_file():
+                raise LoraArithError(f"base model {folder.name}: shard {name} listed in {INDEX_FILE} is missing")
+            shards.append(_read_header(folder / name))
+        where = {key: shard for shard in shards for key in shard.tensors}
+        for key, name in weight_map.items():
+            if key not in where or where[key].path.name != name:
+                raise LoraArithError(f"base model {folder.name}: {INDEX_FILE} puts {key} in {name}, which lacks it")
+        return shards, True
+    if (folder / SINGLE_FILE).is_file():
+        return [_read_header(folder / SINGLE_FILE)], False
+    raise LoraArithError(f"base model {folder.name} has no {SINGLE_FILE} or {INDEX_FILE} (only safetensors bases merge)")
+
+
+def _plan(shards: list[_Shard], adapters: Sequence[tuple["AdapterFile", float]]) -> dict[str, _Delta]:
+    """Base weight name → the deltas to add; every adapter module must match a weight of the right shape."""
+    from lora_arith.adapter_io import EMBEDDING
+
+    shapes = {name: tuple(t.shape) for shard in shards for name, t in shard.tensors.items()}
+    plan: dict[str, _Delta] = {}
+    for adapter, weight in adapters:
+        fan_in_fan_out = bool(adapter.config.get("fan_in_fan_out", False))
+        for module, info in adapter.modules.items():
+            key = f"{module}.weight"
+            if key not in shapes and "." in module:  # checkpoints saved without the model's base prefix (GPT-2: h.0...)
+                key = key.split(".", 1)[1] if key.split(".", 1)[1] in shapes else key
+            if key not in shapes:
+                raise LoraArithError(f"{adapter.label}: module {module} matches no weight of the base ({module}.weight)")
+            transpose = info.kind == EMBEDDING or fan_in_fan_out  # PEFT's orientation of B @ A
+            expected = tuple(reversed(info.shape)) if transpose else tuple(info.shape)
+            if shapes[key] != expected:
+                raise LoraArithError(
+                    f"{adapter.label}: module {module} has a {expected[0]}×{expected[1]} delta but the base weight "
+                    f"is {'×'.join(map(str, shapes[key]))}"
+                )
+            if not math.isfinite(info.scaling * weight):
+                raise LoraArithError(
+                    f"{adapter.label}: module {module} has a non-finite scale ({info.scaling:g} × weight {weight:g}); "
+                    "check lora_alpha in its config"
+                )
+            plan.setdefault(key, _Delta([], transpose)).parts.append((adapter, module, weight))
+    return plan
+
+
+def _load_rows(handle, tensor: _Tensor, first: int, last: int) -> "torch.Tensor":
+    """Rows ``first:last`` of the tensor (viewed as rows × rest) in fp32, read through a memory map of
+    just their bytes, which is unmapped again before returning."""
+    import torch
+
+    dtype = getattr(torch, _ST_DTYPES[tensor.dtype])
+    rows = tensor.shape[0] if tensor.shape else 1
+    row_bytes = (tensor.end - tensor.start) // max(rows, 1)
+    start, size = tensor.start + first * row_bytes, (last - first) * row_bytes
+    if size == 0:
+        return torch.empty((last - first, 0), dtype=torch.float32)
+    page = start - start % mmap.ALLOCATIONGRANULARITY
+    view = mmap.mmap(handle.fileno(), start + size - page, offset=page, access=mmap.ACCESS_COPY)
+    try:
+        raw = torch.frombuffer(view, dtype=torch.uint8, count=size, offset=start - page)
+        values = raw.view(dtype).reshape(last - first, -1).to(torch.float32, copy=True)
+        del raw
+    finally:
+        view.close()
+    return values
+
+
+def _write_tensor(handle, out, tensor: _Tensor, delta: _Delta | None, out_dtype: str) -> None:
+    """Write the tensor in ``out_dtype`` with the delta added (in fp32), a block of rows at a time,
+    so that memory stays at one block; refuses a non-finite result before writing it."""
+    import torch
+
+    factors = []
+    for adapter, module, weight in delta.parts if delta else ():
+        pair = adapter.delta(module)  # scaling folded into B; refuses non-finite factors
+        B, A = pair.B * weight, pair.A
+        factors.append((A.T, B.T) if delta.transpose else (B, A))  # rows of the weight = rows of the left factor
+    rows = tensor.shape[0] if tensor.shape else 1
+    row_elements = max(1, (tensor.end - tensor.start) // _itemsize(tensor.dtype) // max(rows, 1))
+    step = max(1, _BLOCK_ELEMENTS // row_elements)
+    for first in range(0, rows, step):
+        last = min(rows, first + step)
+        values = _load_rows(handle, tensor, first, last)
+        for left, right in factors:
+            values.addmm_(left[first:last], right)
+        result = values.to(getattr(torch, _ST_DTYPES[out_dtype]))
+        _check_finite(result, values, tensor.name, delta, out_dtype)  # NaN/Inf survive the cast: one check
+        out.write(memoryview(result.contiguous().view(torch.uint8).numpy()))
+
+
+def _check_finite(result: "torch.Tensor", values: "torch.Tensor", name: str, delta: _Delta | None, dtype: str) -> None:
+    """Refuse a non-finite ``result`` (``values`` cast to ``dtype``), saying whether the fp32 sum or the cast failed."""
+    import torch
+
+    from lora_arith.numerics import all_finite
+
+    if all_finite(result):
+        return
+    what = "the merged weight" if delta else "the weight"
+    if all_finite(values):
+        raise LoraArithError(f"{what} {name} overflows {_USER_NAMES[dtype]}; {_ALTERNATIVES.get(dtype, 'use --dtype fp32')}")
+    kind = "NaN" if torch.isnan(values).any() else "Inf"
+    message = f"{what} {name} has {kind} values in fp32"
+    if delta:
+        names = ", ".join(f"{adapter.label}:{weight:g}" for adapter, _, weight in delta.parts)
+        message += f" after adding {names}; check the adapters' lora_alpha and the weights"
+    raise LoraArithError(message)
+
+
+def _copy_bytes(source, target, start: int, size: int) -> None:
+    """Copy ``size`` bytes at ``start`` of ``source`` to the current end of ``target``."""
+    source.seek(start)
+    while size:
+        block = source.read(min(size, _COPY_BLOCK))
+        if not block:
+            raise LoraArithError(f"base shard {Path(source.name).name} is truncated")
+        target.write(block)
+        size -= len(block)
+
+
+def _write_shard(shard: _Shard, target: Path, plan: dict[str, _Delta], dtype: str | None) -> int:
+    """Stream ``shard`` into ``target`` with the planned deltas added; return the bytes of tensor data."""
+    names = sorted(shard.tensors)
+    out_dtypes = {}
+    for name in names:
+        stored = shard.tensors[name].dtype
+        if name in plan and stored not in _ST_DTYPES:
+            raise LoraArithError(f"base weight {name} is stored as {stored}, not as floating point; cannot merge into it")
+        out_dtypes[name] = dtype if dtype and stored in _ST_DTYPES else stored
+    header: dict[str, Any] = {"__metadata__": {**shard.metadata, "format": "pt"}}
+    offset = 0
+    for name in names:
+        tensor = shard.tensors[name]
+        size = (tensor.end - tensor.start) // _itemsize(tensor.dtype) * _itemsize(out_dtypes[name])
+        header[name] = {"dtype": out_dtypes[name], "shape": tensor.shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(shard.path, "rb") as source, open(target, "wb") as out:
+        out.write(struct.pack("<Q", len(encoded)) + encoded)
+        for name in names:
+            tensor = shard.tensors[name]
+            if name not in plan and out_dtypes[name] == tensor.dtype:
+                _copy_bytes(source, out, tensor.start, tensor.end - tensor.start)
+                continue
+            _write_tensor(source, out, tensor, plan.get(name), out_dtypes[name])
+    return offset
+
+
+_ITEMSIZES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
+
+
+def _itemsize(dtype: str) -> int:
+    return _ITEMSIZES.get(dtype, 1)
+
+
+def _copy_side_files(folder: Path, target: Path, dtype: str | None) -> None:
+    for name in COPIED_FILES:
+        if (folder / name).is_file():
+            shutil.copyfile(folder / name, target / name)
+    if dtype and (target / "config.json").is_file():
+        config = json.loads((target / "config.json").read_text())
+        for key in ("dtype", "torch_dtype"):
+            if key in config or key == "dtype":
+                config[key] = _ST_DTYPES[dtype]
+        (target / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
 
 def merge_adapters(
     base: str | None,
     specs: Sequence[str],
     output: str | os.PathLike[str],
     *,
-    dtype: str = "fp32",
+    dtype: str | None = None,
     quantize_4bit: bool = False,
     requantize: bool = False,
     force: bool = False,
-    device: str = "cpu",
+    device: str | None = None,
 ) -> Path:
-    """Fold ``Σ wᵢ ΔWᵢ`` of the adapter specs (``PATH[:WEIGHT]``) into the base and save the model
-    with its tokenizer to ``output``, loadable with ``AutoModelForCausalLM.from_pretrained``.
+    """Fold ``Σ wᵢ ΔWᵢ`` of the adapter specs (``PATH[:WEIGHT]``) into the base, shard by shard, and
+    write the model folder (shards, index, config, generation config, tokenizer files) to ``output``,
+    loadable with ``AutoModelForCausalLM.from_pretrained``.
 
-    The merge is done in full precision. ``quantize_4bit`` then stores the result in NF4, which
-    is refused unless ``requantize`` acknowledges the rounding loss. ``device`` is where the base
-    is loaded and the merge computed.
+    Args:
+        base: the base (``None`` = the embedded default, via its dequantised cache; a local folder of
+            safetensors, single-file or sharded; or a Hub id).
+        specs: ``[NAME=]PATH[:WEIGHT]`` adapter specs.
+        dtype: ``"fp32"``, ``"bf16"`` or ``"fp16"`` for the floating-point tensors; ``None`` keeps the
+            base's dtype. The sum is always computed in fp32, on the CPU, one block of rows at a time.
+        quantize_4bit: store the result in NF4, refused unless ``requantize`` acknowledges the loss.
+        device: where the 4-bit requantisation loads the merged model (the merge itself streams on
+            the CPU and never loads the base as a model).
+
+    Raises:
+        LoraArithError: on bad input (a shard missing from the index, an adapter module that matches no
+            base weight or has the wrong shape, a non-finite merged tensor); nothing is written then.
     """
-    import torch
-
-    from lora_arith.adapter_io import DTYPES, adapter_sources
-    from lora_arith.base_model import base_sources, load_base
-    from lora_arith.mixing import PreferenceMixer, named_specs
+    from lora_arith.adapter_io import adapter_sources, open_adapter
+    from lora_arith.mixing import named_specs
 
     if quantize_4bit and not requantize:
         raise LoraArithError(REQUANTIZE_WARNING)
     if not specs:
         raise LoraArithError("give at least one --adapter to merge")
+    if dtype is not None and dtype not in _DTYPE_NAMES:
+        raise LoraArithError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPE_NAMES)}")
     named = named_specs(specs)
-    inputs = base_sources(base) + [p for s in named.values() for p in adapter_sources(s.path)]
+    folder = _base_folder(base)
+    inputs = [folder] + [p for spec in named.values() for p in adapter_sources(spec.path)]
     output = check_output(output, force=force, inputs=inputs, kind="model")
-    model, tokenizer = load_base(base, quantize_4bit=False, device=device)
-    mixer = PreferenceMixer(model, {n: s.path for n, s in named.items()}, tokenizer=tokenizer)
-    mixer.set(**{n: s.weight for n, s in named.items()})
-    merged = mixer.merged_model().to(DTYPES[dtype] if not quantize_4bit else torch.float32)
+    shards, sharded = _base_shards(folder)
+    plan = _plan(shards, [(open_adapter(spec.path), spec.weight) for spec in named.values()])
+    st_dtype = "F32" if quantize_4bit else (_DTYPE_NAMES[dtype] if dtype else None)
+
     with atomic_output(output) as temporary:
         if quantize_4bit:
-            _save_requantized(merged, tokenizer, temporary)
+            staging = temporary / ".full-precision"
+            staging.mkdir()
+            _write_model(folder, shards, sharded, plan, st_dtype, staging)
+            _requantize(staging, temporary, device)
+            shutil.rmtree(staging)
         else:
-            merged.save_pretrained(temporary)
-            tokenizer.save_pretrained(temporary)
+            _write_model(folder, shards, sharded, plan, st_dtype, temporary)
     return output.path
 
 
-def _save_requantized(model, tokenizer, folder: Path) -> None:
+def _write_model(
+    folder: Path, shards: list[_Shard], sharded: bool, plan: dict[str, _Delta], dtype: str | None, target: Path
+) -> None:
+    total, weight_map = 0, {}
+    for shard in shards:
+        total += _write_shard(shard, target / shard.path.name, plan, dtype)
+        weight_map.update({name: shard.path.name for name in shard.tensors})
+    if sharded:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (target / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    _copy_side_files(folder, target, dtype)
+
+
+def _requantize(full_precision: Path, folder: Path, device: str | None = None) -> None:
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    # Beside the output's temporary, named after it, so a kill leaves nothing unrecognisable behind.
-    with removed_on_signal(folder.with_name(folder.name + ".full-precision")) as full_precision:
-        model.save_pretrained(full_precision)
-        quantized = AutoModelForCausalLM.from_pretrained(
-            full_precision,
-            quantization_config=BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
-            ),
-        )
-        quantized.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    quantized = AutoModelForCausalLM.from_pretrained(
+        full_precision,
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        ),
+        **({"device_map": {"": device}} if device not in (None, "cpu") else {}),
+    )
+    quantized.save_pretrained(folder)
+    for name in COPIED_FILES:
+        if name != "config.json" and (full_precision / name).is_file():
+            shutil.copyfile(full_precision / name, folder / name)

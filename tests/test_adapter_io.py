@@ -143,3 +143,24 @@ def test_unsupported_dtype_file_is_readable_in_fp16(adapter_factory, tmp_path):
     save_file(tensors, adapter / "adapter_model.safetensors")
     assert open_adapter(adapter).dtype == torch.float16
     assert set(LLAMA_TARGETS) <= {n.rsplit(".", 1)[-1] for n in open_adapter(adapter).modules}
+
+
+@pytest.mark.parametrize(
+    "values, finite",
+    [([1.0, 2.0], True), ([3e38, 3e38], True), ([-3e38, -3e38, 1.0], True), ([1.0, float("nan")], False),
+     ([float("inf"), 1.0], False), ([float("inf"), float("-inf")], False)],
+)
+def test_all_finite_is_exact_even_when_the_sum_overflows(values, finite):
+    """The fast finiteness check (one fp32 sum) falls back to element-wise when the sum is not finite."""
+    from lora_arith.numerics import all_finite
+
+    assert all_finite(torch.tensor(values, dtype=torch.float32)) is finite
+
+
+def test_delta_is_the_same_on_every_read(adapter_factory):
+    """delta() scales a fresh copy in place: the file's (memory-mapped) fp32 tensors stay untouched."""
+    adapter = open_adapter(adapter_factory(r=4, lora_alpha=8))  # scaling 2, factors stored in fp32
+    module = next(iter(adapter.modules))
+    first, second = adapter.delta(module), adapter.delta(module)
+    assert torch.equal(first.B, second.B) and torch.equal(first.A, second.A)
+    assert torch.equal(open_adapter(adapter.weights_path.parent).delta(module).B, first.B)

@@ -1,4 +1,4 @@
-"""Model cards, push --dry-run, vLLM export and merge into the base."""
+"""Model cards, push --dry-run and vLLM export (merge: test_merge.py)."""
 
 from __future__ import annotations
 
@@ -218,37 +218,3 @@ def test_vllm_export_writes_one_adapter_per_mix(adapter_factory, tmp_path):
     bad = run("export", a, b, "--mix", "x=1", "-o", tmp_path / "bad")
     assert bad.exit_code == 1 and "one per adapter" in bad.output and not (tmp_path / "bad").exists()
     assert run("export", a, b, "-o", tmp_path / "bad").exit_code == 1
-
-
-def test_merge_equals_peft_logits(chat_base, tmp_path):
-    from peft import PeftModel
-
-    from lora_arith.mixing import PreferenceMixer
-
-    a = make_adapter(chat_base, tmp_path / "a", r=4)
-    b = make_adapter(chat_base, tmp_path / "b", r=2, use_rslora=True, target_modules=["q_proj", "down_proj"])
-    result = run(
-        "merge", "--base", chat_base, "--adapter", f"{a}:0.7", "--adapter", f"{b}:-1.2", "-o", tmp_path / "merged"
-    )
-    assert result.exit_code == 0, result.output
-    merged = load_base(tmp_path / "merged")
-    mixer = PreferenceMixer(str(chat_base), {"a": a, "b": b})
-    mixer.set(a=0.7, b=-1.2)
-    torch.testing.assert_close(logits(merged), logits(mixer.model), rtol=1e-4, atol=1e-4)
-    combined = combine([f"{a}:0.7", f"{b}:-1.2"]).save(tmp_path / "combined")
-    peft_model = PeftModel.from_pretrained(load_base(chat_base), combined)
-    torch.testing.assert_close(logits(merged), logits(peft_model), rtol=1e-4, atol=1e-4)
-    from transformers import AutoTokenizer
-
-    assert AutoTokenizer.from_pretrained(tmp_path / "merged").chat_template
-
-
-def test_merge_refuses_4bit_without_requantize(chat_base, tmp_path):
-    a = make_adapter(chat_base, tmp_path / "a", r=2)
-    result = run("merge", "--base", chat_base, "--adapter", a, "-o", tmp_path / "m4", "--4bit")
-    assert result.exit_code == 1 and "--requantize" in result.output and "rounded away" in result.output
-    assert not (tmp_path / "m4").exists()
-    result = run("merge", "--base", chat_base, "--adapter", a, "-o", tmp_path / "m4", "--4bit", "--requantize")
-    assert result.exit_code == 0, result.output
-    config = json.loads((tmp_path / "m4" / "config.json").read_text())
-    assert config["quantization_config"]["load_in_4bit"] is True

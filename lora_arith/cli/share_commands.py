@@ -137,15 +137,20 @@ def export(adapters, output, target, max_rank, mixes, force):
 )
 @output_option("Output model folder.", required=True, type=click.Path(path_type=Path))
 @click.option(
-    "--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True, help="Saved dtype."
+    "--dtype",
+    type=click.Choice(["fp32", "bf16", "fp16"]),
+    default=None,
+    help="Saved dtype of the floating-point weights (default: the base's own; the merge is computed in fp32).",
 )
 @four_bit_option(False, "Save the merged model in 4-bit NF4 (needs --requantize).")
 @click.option("--requantize", is_flag=True, help="Accept the rounding loss of re-quantizing merged weights to 4-bit.")
 @force_option()
-@device_option("Device to load the base on for merging: 'cpu' (default), 'cuda' or 'cuda:N'.")
+@device_option("Device for the --4bit requantisation (the merge itself streams on the CPU): 'cpu' (default), 'cuda'.")
 def merge(base, adapters, output, dtype, quantize_4bit, requantize, force, device):
     """Write a full model with the weighted adapter deltas merged into the base weights.
 
+    Works one safetensors shard of the base at a time (memory about one block of rows, not the model);
+    writes the shards, the index, the config and the tokenizer files (when the base has them).
     The result loads with transformers' AutoModelForCausalLM.from_pretrained and gives the same
     logits as the base with the adapters applied.
     """
@@ -159,6 +164,6 @@ def merge(base, adapters, output, dtype, quantize_4bit, requantize, force, devic
         quantize_4bit=quantize_4bit,
         requantize=requantize,
         force=force,
-        device=device or "cpu",
+        device=device,
     )
     click.echo(f"wrote merged model to {path}")
