@@ -139,7 +139,7 @@ def test_adapter_module_matching_no_weight_is_refused(chat_base, two_adapters, t
 @pytest.mark.parametrize(
     "case, words",
     [
-        ("alpha-nan", ["model.layers.", "non-finite scale", "lora_alpha"]),
+        ("alpha-nan", ["lora_alpha", "not a finite number"]),  # refused when the adapter is opened
         ("weight-1e39", ["model.layers.", "values in fp32 after adding", "1e+39"]),
         ("fp16-overflow", ["model.layers.", "overflows fp16", "--dtype fp32 or bf16"]),
     ],
@@ -179,7 +179,7 @@ def test_default_gguf_base_merges_through_its_dequantised_cache(tmp_path):
     from lora_arith.base_model import default_base_dir
     from lora_arith.mixing import PreferenceMixer
 
-    vector = Path(__file__).resolve().parents[1] / "adapters" / "helpful.safetensors"
+    vector = Path(__file__).resolve().parents[1] / "adapters" / "helpful"
     result = run("merge", "--adapter", f"{vector}:0.5", "-o", tmp_path / "merged", "--dtype", "bf16")
     assert result.exit_code == 0, result.output
     merged = read_tensors(tmp_path / "merged")

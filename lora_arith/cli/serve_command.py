@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from lora_arith.cli import main
+from lora_arith.cli import device_option, four_bit_option, main
 from lora_arith.cli.model_commands import _adapter_option
 
 
@@ -51,8 +51,8 @@ def parse_weights(text: str) -> dict[str, float]:
     show_default=True,
     help="Seconds running requests get to finish on Ctrl-C/SIGTERM.",
 )
-@click.option("--4bit", "quantize_4bit", is_flag=True, help="Load the base in 4-bit NF4 (bitsandbytes).")
-@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@four_bit_option(False, "Load the base in 4-bit NF4 (bitsandbytes).")
+@device_option()
 def serve(
     base,
     adapters,
