@@ -19,6 +19,7 @@ Usage::
     python benchmarks/bench_sweep.py                          # 5x5 grid, 16+16 prompts: a few minutes
     python benchmarks/bench_sweep.py --prompts-per-kind 200   # all 234 prompts (~40 min on 2 cores)
     python benchmarks/bench_sweep.py --threads 2 --out bench.json
+    python benchmarks/bench_sweep.py --threads 1 --max-points 10 --points-per-batch 10   # a quicker subset
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def main() -> None:
     parser.add_argument("--prompts-per-kind", type=int, default=16)
     parser.add_argument("--grid", default="-1,-0.5,0,0.5,1")
     parser.add_argument("--points-per-batch", type=int, default=5)
+    parser.add_argument("--max-points", type=int, default=None, help="Only the first N points of the grid.")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--threads", type=int, default=None)
@@ -53,12 +55,12 @@ def main() -> None:
     from lora_arith.sweep import evaluate_points, grid_points, parse_grid
 
     items = load_eval_prompts([args.prompts])
-    items = [p for p in items if p.should_refuse][: args.prompts_per_kind] + [
-        p for p in items if not p.should_refuse
-    ][: args.prompts_per_kind]
+    items = [p for p in items if p.should_refuse][: args.prompts_per_kind] + [p for p in items if not p.should_refuse][
+        : args.prompts_per_kind
+    ]
     adapters = {name: str(REPO / "adapters" / f"{name}.safetensors") for name in ("helpful", "harmless")}
     mixer = PreferenceMixer(None, adapters, device="cpu")
-    points = grid_points(mixer.names, parse_grid(args.grid))
+    points = grid_points(mixer.names, parse_grid(args.grid))[: args.max_points]
     options = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     mixer.generate(["hi"], max_new_tokens=2)  # warm-up
 

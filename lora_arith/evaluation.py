@@ -80,9 +80,7 @@ def load_eval_prompts(paths: Sequence[str | Path]) -> list[EvalPrompt]:
                 raise LoraArithError(
                     f"{path}:{number}: needs a 'prompt' and a boolean 'should_refuse' (or \"kind\": \"ordinary\")"
                 )
-            items.append(
-                EvalPrompt(row["prompt"], row["should_refuse"], row.get("type"), f"{path}:{number}", ordinary)
-            )
+            items.append(EvalPrompt(row["prompt"], row["should_refuse"], row.get("type"), f"{path}:{number}", ordinary))
     if not items:
         raise LoraArithError("no evaluation prompts found")
     return items
@@ -147,7 +145,10 @@ def pair_metrics(
     if disable is not None:
         if reference is None or "chosen" not in reference:
             with disable():
-                cached = {"chosen": logprobs([p.chosen for p in pairs]), "rejected": logprobs([p.rejected for p in pairs])}
+                cached = {
+                    "chosen": logprobs([p.chosen for p in pairs]),
+                    "rejected": logprobs([p.rejected for p in pairs]),
+                }
             if reference is not None:
                 reference.update(cached)
         else:

@@ -96,7 +96,9 @@ class CallableJudge(Judge):
             if isinstance(value, bool):
                 value = "full_refusal" if value else "full_compliance"
             if value not in CLASSES:
-                raise LoraArithError(f"judge {self.name} returned {value!r}; expected a bool or one of {', '.join(CLASSES)}")
+                raise LoraArithError(
+                    f"judge {self.name} returned {value!r}; expected a bool or one of {', '.join(CLASSES)}"
+                )
             verdicts.append(value)
         return verdicts
 
@@ -111,7 +113,9 @@ class EndpointJudge(Judge):
         base = url.rstrip("/")
         self.endpoint = base if base.endswith("/chat/completions") else base + "/chat/completions"
         self.model, self.timeout, self.workers = model, timeout, workers
-        public = urllib.parse.urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+        public = urllib.parse.urlunsplit(
+            parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))
+        )
         self.name = f"{public.rstrip('/')} (model {model})"
 
     def _ask(self, prompt: Any, completion: str) -> str:
@@ -135,7 +139,9 @@ class EndpointJudge(Judge):
             raise LoraArithError(f"the judge at {self.endpoint} failed: {error}") from None
         verdict = parse_class(text)
         if verdict is None:
-            raise LoraArithError(f"the judge at {self.endpoint} answered {text[:60]!r}, not one of {', '.join(CLASSES)}")
+            raise LoraArithError(
+                f"the judge at {self.endpoint} answered {text[:60]!r}, not one of {', '.join(CLASSES)}"
+            )
         return verdict
 
     def classify(self, prompts, completions):

@@ -51,7 +51,9 @@ def flatten(result: dict[str, Any]) -> dict[str, Any]:
         metrics = result.get(part, {})
         if key in metrics:
             interval = metrics.get(f"{key}_ci") or (None, None)
-            row.update({key: metrics[key], f"{key}_lo": interval[0], f"{key}_hi": interval[1], n_key: metrics.get(n_key)})
+            row.update(
+                {key: metrics[key], f"{key}_lo": interval[0], f"{key}_hi": interval[1], n_key: metrics.get(n_key)}
+            )
     for key in ("logprob_margin", "reward_margin"):
         if key in result.get("pairs", {}):
             row[key] = result["pairs"][key]
@@ -165,7 +167,11 @@ def evaluate_points(
                     )
                 if pairs:
                     result["pairs"] = pair_metrics(
-                        mixer.model, mixer.tokenizer, pairs, beta=beta, batch_size=max(1, batch_size // 2),
+                        mixer.model,
+                        mixer.tokenizer,
+                        pairs,
+                        beta=beta,
+                        batch_size=max(1, batch_size // 2),
                         reference=reference,
                     )
                 results.append(result)
@@ -231,7 +237,9 @@ class PointLog:
                 self.directory.unlink()
         if self.directory.exists() and not self.path.is_file():
             if not self.directory.is_dir() or any(self.directory.iterdir()):
-                raise LoraArithError(f"output {self.directory} exists and holds no sweep to resume; pass --force to overwrite it")
+                raise LoraArithError(
+                    f"output {self.directory} exists and holds no sweep to resume; pass --force to overwrite it"
+                )
         if not self.directory.parent.resolve().is_dir():
             raise LoraArithError(f"output directory {self.directory.parent} does not exist")
         self.directory.mkdir(exist_ok=True)
@@ -302,9 +310,7 @@ def heatmap_planes(
         return [(names[0], None, {})]
     planes = []
     for x_name, y_name in itertools.combinations(names, 2):
-        others = {
-            n: fixed.get(n, min(grid_values[n], key=abs)) for n in names if n not in (x_name, y_name)
-        }
+        others = {n: fixed.get(n, min(grid_values[n], key=abs)) for n in names if n not in (x_name, y_name)}
         planes.append((x_name, y_name, others))
     return planes
 

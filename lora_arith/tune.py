@@ -83,7 +83,9 @@ def parse_constraint(text: str) -> Constraint:
     return Constraint(match.group(1), match.group(2), value)
 
 
-def parse_bounds(texts: Sequence[str], names: Sequence[str], default: tuple[float, float]) -> dict[str, tuple[float, float]]:
+def parse_bounds(
+    texts: Sequence[str], names: Sequence[str], default: tuple[float, float]
+) -> dict[str, tuple[float, float]]:
     """``LOW,HIGH`` (for every vector) or ``NAME=LOW,HIGH`` items → name → (low, high)."""
     bounds = {name: default for name in names}
     for text in texts:
@@ -144,8 +146,11 @@ def _better(row: dict[str, Any], best: dict[str, Any] | None, objective: str, si
         return True
 
     def score(r):
-        return (sign * (r.get(objective) if r.get(objective) is not None else -sign * math.inf),
-                constraint.slack(r), -sum(v * v for v in r["eta"].values()))
+        return (
+            sign * (r.get(objective) if r.get(objective) is not None else -sign * math.inf),
+            constraint.slack(r),
+            -sum(v * v for v in r["eta"].values()),
+        )
 
     return score(row) > score(best)
 
@@ -258,14 +263,23 @@ def plot_frontier(
     points = [r for r in evaluated if r.get(x_key) is not None and r.get(y_key) is not None]
     axes.scatter([r[x_key] for r in points], [r[y_key] for r in points], s=18, color="0.6", label="evaluated (tuning)")
     front = pareto_front(points, x_key, y_key)
-    axes.plot([r[x_key] for r in front], [r[y_key] for r in front], "-o", color="tab:blue", ms=4, label="Pareto frontier")
+    axes.plot(
+        [r[x_key] for r in front], [r[y_key] for r in front], "-o", color="tab:blue", ms=4, label="Pareto frontier"
+    )
     if constraint.key == x_key:
         axes.axvline(constraint.value, color="tab:red", ls="--", lw=1, label=str(constraint))
     elif constraint.key == y_key:
         axes.axhline(constraint.value, color="tab:red", ls="--", lw=1, label=str(constraint))
     if chosen is not None:
-        axes.scatter([chosen[x_key]], [chosen[y_key]], marker="*", s=220, color="tab:orange", zorder=5,
-                     label=f"chosen ({eta_text(chosen['eta'])})")
+        axes.scatter(
+            [chosen[x_key]],
+            [chosen[y_key]],
+            marker="*",
+            s=220,
+            color="tab:orange",
+            zorder=5,
+            label=f"chosen ({eta_text(chosen['eta'])})",
+        )
     markers = itertools.cycle("sD^vP")
     for name, row in compare.items():
         if row.get(x_key) is not None and row.get(y_key) is not None:

@@ -37,6 +37,17 @@ PROMPT_ROWS = [
 ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a busy 2-core machine OpenMP's spinning threads make tiny models ~100× slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run(*args, **kwargs):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False, **kwargs)
 
@@ -99,7 +110,7 @@ def sweep_args(chat_base, adapters, prompts, out, *extra):
 
 
 def test_sweep_killed_mid_run_resumes_to_the_same_results(chat_base, three_adapters, prompts_file, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     check = subprocess.run([sys.executable, "-c", "import lora_arith; print(lora_arith.__file__)"], env=env,
                            capture_output=True, text=True)  # fmt: skip
     assert Path(check.stdout.strip()).parent == Path(lora_arith.__file__).parent  # this worktree's code
@@ -122,11 +133,8 @@ def test_sweep_killed_mid_run_resumes_to_the_same_results(chat_base, three_adapt
     resumed = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming:" in resumed.stderr
-    uninterrupted = subprocess.run(
-        sweep_args(chat_base, three_adapters, prompts_file, tmp_path / "whole"), env=env, capture_output=True,
-        text=True, timeout=300,
-    )  # fmt: skip
-    assert uninterrupted.returncode == 0, uninterrupted.stderr
+    uninterrupted = run(*sweep_args(chat_base, three_adapters, prompts_file, tmp_path / "whole")[3:])
+    assert uninterrupted.exit_code == 0, uninterrupted.output
     assert json.loads((tmp_path / "killed" / "sweep.json").read_text()) == json.loads(
         (tmp_path / "whole" / "sweep.json").read_text()
     )
@@ -213,7 +221,9 @@ def test_tune_writes_report_adapter_and_frontier(chat_base, two_adapters, prompt
     assert recipe["peft_type"] == "LORA"
     from lora_arith.adapter_io import open_adapter
 
-    assert {i["weight"] for i in open_adapter(out / "adapter").recipe["inputs"]} == set(report["chosen"]["eta"].values())
+    assert {i["weight"] for i in open_adapter(out / "adapter").recipe["inputs"]} == set(
+        report["chosen"]["eta"].values()
+    )
 
 
 @pytest.mark.parametrize(
@@ -286,7 +296,9 @@ def test_eval_with_an_endpoint_judge_and_a_python_judge(chat_base, prompts_file,
     assert prompts["refusal_rate_unsafe"] == pytest.approx(2 / 3) and prompts["compliance_rate_safe"] == 1.0
     assert len(_StubJudge.seen) == len(PROMPT_ROWS) and _StubJudge.seen[0] == ("/v1/chat/completions", "stub", 0)
     assert f"judged by: {stub_endpoint}" in (tmp_path / "url" / "summary.md").read_text()
-    verdicts = [json.loads(line)["verdict"] for line in (tmp_path / "url" / "completions.jsonl").read_text().splitlines()]
+    verdicts = [
+        json.loads(line)["verdict"] for line in (tmp_path / "url" / "completions.jsonl").read_text().splitlines()
+    ]
     assert verdicts.count("full_refusal") == 2
     python = run("eval", "--base", chat_base, "--prompts", prompts_file, "--max-new-tokens", 3,
                  "--judge", "test_sweep_tune:judge_refuses_bombs", "-o", tmp_path / "py")  # fmt: skip

@@ -48,7 +48,9 @@ class EvalOptions:
             prompts = load_eval_prompts(self.prompt_files) if self.prompt_files else []
             if self.limit is not None:
                 prompts = [
-                    p for kind in ("unsafe", "safe", "ordinary") for p in [q for q in prompts if q.kind == kind][: self.limit]
+                    p
+                    for kind in ("unsafe", "safe", "ordinary")
+                    for p in [q for q in prompts if q.kind == kind][: self.limit]
                 ]
             pairs = [pair for path in self.pair_files for pair in load_pairs([path])[0][: self.max_pairs]]
             self._inputs = (prompts, pairs)
@@ -304,9 +306,7 @@ def sweep(vectors, grid, fix, points_per_batch, options: EvalOptions):
 @_vector_option
 @click.option("--maximize", "maximize", default=None, help="The metric to maximise (e.g. refusal_rate).")
 @click.option("--minimize", "minimize", default=None, help="The metric to minimise, instead of --maximize.")
-@click.option(
-    "--subject-to", "subject_to", required=True, help="The constraint, e.g. 'compliance_rate>=0.9'."
-)
+@click.option("--subject-to", "subject_to", required=True, help="The constraint, e.g. 'compliance_rate>=0.9'.")
 @click.option(
     "--bounds",
     multiple=True,
