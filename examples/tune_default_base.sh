@@ -16,16 +16,19 @@ common=(--prompts "$DATA/eval/xstest_prompts.jsonl" --prompts "$OUT/ordinary.jso
         --maximize refusal_rate --subject-to 'compliance_rate>=0.9' --split 0.5 --seed 0
         --max-new-tokens "$TOKENS" --batch-size 16 --device cpu --force)
 if [ -n "${LIMIT:-}" ]; then common+=(--limit "$LIMIT"); fi   # the first LIMIT prompts of each kind
-eta() { python -c "import json,sys; r=json.load(open(sys.argv[1])); print(r['chosen']['eta'][sys.argv[2]])" "$@"; }
+# The four runs are independent and run side by side; the same --split/--seed give every run the same
+# tuning and held-out prompts. The pair's frontier shows the union baseline and each vector at η = 1.
 python -m lora_arith tune --vector union=adapters/baseline-union.safetensors --bounds=0,3 \
-    --budget "$SINGLE_BUDGET" "${common[@]}" -o "$OUT/union"
+    --budget "$SINGLE_BUDGET" "${common[@]}" -o "$OUT/union" > "$OUT/union.log" 2>&1 &
 python -m lora_arith tune --vector helpful=adapters/helpful.safetensors --bounds=0,3 \
-    --budget "$SINGLE_BUDGET" "${common[@]}" -o "$OUT/helpful"
+    --budget "$SINGLE_BUDGET" "${common[@]}" -o "$OUT/helpful" > "$OUT/helpful.log" 2>&1 &
 python -m lora_arith tune --vector harmless=adapters/harmless.safetensors --bounds=0,3 \
-    --budget "$SINGLE_BUDGET" "${common[@]}" -o "$OUT/harmless"
+    --budget "$SINGLE_BUDGET" "${common[@]}" -o "$OUT/harmless" > "$OUT/harmless.log" 2>&1 &
 python -m lora_arith tune --vector helpful=adapters/helpful.safetensors \
     --vector harmless=adapters/harmless.safetensors --bounds=0,2 --budget "$PAIR_BUDGET" \
-    --compare "union=adapters/baseline-union.safetensors:$(eta $OUT/union/report.json union)" \
-    --compare "helpful-alone=adapters/helpful.safetensors:$(eta $OUT/helpful/report.json helpful)" \
-    --compare "harmless-alone=adapters/harmless.safetensors:$(eta $OUT/harmless/report.json harmless)" \
-    "${common[@]}" -o "$OUT/pair"
+    --compare union=adapters/baseline-union.safetensors:1 \
+    --compare helpful-alone=adapters/helpful.safetensors:1 \
+    --compare harmless-alone=adapters/harmless.safetensors:1 \
+    "${common[@]}" -o "$OUT/pair" > "$OUT/pair.log" 2>&1 &
+wait
+tail -n 3 "$OUT"/*.log
