@@ -243,6 +243,8 @@ def rate_text(metrics: dict[str, Any], key: str, n_key: str | None = None) -> st
     if value is None:
         return "n/a"
     interval = metrics.get(f"{key}_ci")
+    if interval is None and metrics.get(f"{key}_lo") is not None:  # a flat sweep/tune row
+        interval = (metrics[f"{key}_lo"], metrics[f"{key}_hi"])
     n = metrics.get(n_key) if n_key else None
     text = _percent(value)
     if interval:

@@ -216,7 +216,10 @@ def test_tune_writes_report_adapter_and_frontier(chat_base, two_adapters, prompt
     assert report["n_prompts"]["held_out"] == {"unsafe": 1, "safe": 1, "ordinary": 1}
     assert set(report["compare"]) == {"union"} and "held_out" in report["compare"]["union"]
     assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
-    assert "held-out" in (out / "report.md").read_text() and str(tmp_path) not in (out / "report.json").read_text()
+    markdown = (out / "report.md").read_text()
+    assert "held-out" in markdown and str(tmp_path) not in (out / "report.json").read_text()
+    low, high = held["refusal_rate_unsafe_lo"], held["refusal_rate_unsafe_hi"]
+    assert f"[{100 * low:.1f}–{100 * high:.1f}], n=1" in markdown  # the interval and n are in the report
     recipe = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert recipe["peft_type"] == "LORA"
     from lora_arith.adapter_io import open_adapter
