@@ -139,7 +139,8 @@ def test_sweep_killed_mid_run_resumes_to_the_same_results(chat_base, three_adapt
         (tmp_path / "whole" / "sweep.json").read_text()
     )
     assert (tmp_path / "killed" / "sweep.csv").read_text() == (tmp_path / "whole" / "sweep.csv").read_text()
-    assert len(log.read_bytes().splitlines()) == 28  # header + 27 points, the cut record dropped
+    final = log.read_bytes().splitlines()
+    assert len(final) == 28 and all(json.loads(line) for line in final)  # header + 27 points, the cut record dropped
 
 
 def test_sweep_resume_checks_settings_and_force_starts_over(chat_base, two_adapters, prompts_file, tmp_path):
