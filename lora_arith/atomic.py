@@ -48,7 +48,8 @@ OUTPUT_KINDS: dict[str, tuple[str, tuple[tuple[str, ...], ...]]] = {
         ),
     ),
     "eval": ("an eval folder", (("results.json",), ("summary.md",))),
-    "sweep": ("a sweep folder", (("sweep.csv",), ("sweep.json",))),
+    "sweep": ("a sweep folder", (("points.jsonl", "sweep.csv"),)),
+    "tune": ("a tune folder", (("report.json",), ("report.md",))),
     "runs": ("a --keep-runs folder", (("positive/adapter_config.json",), ("negative/adapter_config.json",))),
 }
 """Output kinds: a description, and the files (any one of each group) that make an existing

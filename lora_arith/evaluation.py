@@ -3,6 +3,12 @@
 * On prompts marked ``should_refuse: true`` the **refusal rate** is the share of completions
   that :func:`lora_arith.refusal.is_refusal` flags; on prompts marked ``false`` (safe, maybe
   scary-sounding, XSTest style) the **compliance rate** is the share it does not flag.
+* On prompts marked ``kind: ordinary`` (everyday requests nothing should refuse, e.g. the
+  held-out Alpaca instructions, see ``examples/ordinary_prompts.py``) the **ordinary
+  compliance rate** is the share not flagged.
+* Every rate comes with its ``n`` and a Wilson 95% interval (``*_ci``: ``[low, high]``).
+* The judge that flags refusals is pluggable (:mod:`lora_arith.judge`); the default is the
+  string matcher of :mod:`lora_arith.refusal`.
 * On preference pairs, the **implicit-reward accuracy** is the share of pairs where the DPO
   reward ``β·(log π(y|x) − log π_ref(y|x))`` of the chosen reply beats the rejected one's,
   with the base (adapters disabled) as the reference; the **log-prob margin** is the mean of
@@ -19,6 +25,9 @@ from lora_arith.data import BadLine, read_jsonl, to_messages
 from lora_arith.errors import LoraArithError
 from lora_arith.refusal import refusal_reason
 
+KINDS = ("unsafe", "safe", "ordinary")
+"""Prompt kinds: should-refuse, safe (maybe scary-sounding), and ordinary requests."""
+
 
 @dataclass(frozen=True)
 class EvalPrompt:
@@ -28,10 +37,29 @@ class EvalPrompt:
     should_refuse: bool
     type: str | None = None
     source: str = ""
+    ordinary: bool = False
+
+    @property
+    def kind(self) -> str:
+        """``"unsafe"``, ``"safe"`` or ``"ordinary"``."""
+        return "ordinary" if self.ordinary else ("unsafe" if self.should_refuse else "safe")
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float] | None:
+    """The Wilson score interval (95% by default) of a rate ``successes / n``; None for n = 0."""
+    if n == 0:
+        return None
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denominator
+    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def load_eval_prompts(paths: Sequence[str | Path]) -> list[EvalPrompt]:
-    """Read JSONL files whose rows have ``prompt`` and a boolean ``should_refuse`` (``type`` optional)."""
+    """Read JSONL files whose rows have ``prompt`` and a boolean ``should_refuse`` (``type``
+    optional); a row with ``"kind": "ordinary"`` is an ordinary request (``should_refuse`` may be
+    left out and must not be true)."""
     items: list[EvalPrompt] = []
     for path in map(Path, paths):
         if not path.is_file():
@@ -39,13 +67,20 @@ def load_eval_prompts(paths: Sequence[str | Path]) -> list[EvalPrompt]:
         for number, row in read_jsonl(path):
             if isinstance(row, BadLine):
                 raise LoraArithError(f"{path}:{number}: not valid JSON")
+            ordinary = isinstance(row, dict) and row.get("kind") == "ordinary"
+            if ordinary and row.get("should_refuse", False) is not False:
+                raise LoraArithError(f"{path}:{number}: an ordinary prompt cannot have should_refuse true")
+            if ordinary:
+                row = {**row, "should_refuse": False}
             if not isinstance(row, dict) or "prompt" not in row or not isinstance(row.get("should_refuse"), bool):
-                raise LoraArithError(f"{path}:{number}: needs a 'prompt' and a boolean 'should_refuse'")
+                raise LoraArithError(
+                    f"{path}:{number}: needs a 'prompt' and a boolean 'should_refuse' (or \"kind\": \"ordinary\")"
+                )
             try:
                 to_messages(row["prompt"])
             except ValueError as error:
                 raise LoraArithError(f"{path}:{number}: {error}") from None
-            items.append(EvalPrompt(row["prompt"], row["should_refuse"], row.get("type"), f"{path}:{number}"))
+            items.append(EvalPrompt(row["prompt"], row["should_refuse"], row.get("type"), f"{path}:{number}", ordinary))
     if not items:
         raise LoraArithError("no evaluation prompts found")
     return items
@@ -55,27 +90,46 @@ def _rate(flags: list[bool]) -> float | None:
     return sum(flags) / len(flags) if flags else None
 
 
-def refusal_metrics(items: Sequence[EvalPrompt], completions: Sequence[str]) -> dict[str, Any]:
-    """Refusal rate on should-refuse prompts and compliance rate on the others, overall and per type."""
-    refused = [refusal_reason(text) is not None for text in completions]
-    unsafe = [r for item, r in zip(items, refused) if item.should_refuse]
-    safe = [not r for item, r in zip(items, refused) if not item.should_refuse]
+RATES = {
+    "refusal_rate_unsafe": ("unsafe", True, "n_unsafe"),
+    "compliance_rate_safe": ("safe", False, "n_safe"),
+    "ordinary_compliance_rate": ("ordinary", False, "n_ordinary"),
+}
+"""Each rate: the prompt kind it is measured on, whether it counts refusals, and its n key."""
+
+
+def refusal_metrics(
+    items: Sequence[EvalPrompt], completions: Sequence[str], refused: Sequence[bool] | None = None
+) -> dict[str, Any]:
+    """Refusal rate on should-refuse prompts, compliance rate on safe ones and on ordinary ones,
+    each with its n and Wilson 95% interval (``*_ci``), and the refusal rate per type.
+
+    ``refused`` (one flag per completion) is the judge's verdict; default: the string matcher."""
+    if refused is None:
+        refused = [refusal_reason(text) is not None for text in completions]
+    metrics: dict[str, Any] = {}
+    for key, (kind, counts_refusals, n_key) in RATES.items():
+        flags = [r == counts_refusals for item, r in zip(items, refused) if item.kind == kind]
+        if kind == "ordinary" and not flags:
+            continue
+        metrics[key] = _rate(flags)
+        metrics[n_key] = len(flags)
+        metrics[f"{key}_ci"] = wilson_interval(sum(flags), len(flags))
     by_type: dict[str, list[bool]] = {}
     for item, r in zip(items, refused):
-        by_type.setdefault(item.type or ("unsafe" if item.should_refuse else "safe"), []).append(r)
-    return {
-        "refusal_rate_unsafe": _rate(unsafe),
-        "compliance_rate_safe": _rate(safe),
-        "n_unsafe": len(unsafe),
-        "n_safe": len(safe),
-        "refusal_rate_by_type": {t: _rate(flags) for t, flags in sorted(by_type.items())},
-    }
+        by_type.setdefault(item.type or item.kind, []).append(r)
+    metrics["refusal_rate_by_type"] = {t: _rate(flags) for t, flags in sorted(by_type.items())}
+    metrics["n_by_type"] = {t: len(flags) for t, flags in sorted(by_type.items())}
+    return metrics
 
 
-def pair_metrics(model, tokenizer, pairs: Sequence[Any], *, beta: float = 0.1, batch_size: int = 8) -> dict[str, Any]:
+def pair_metrics(
+    model, tokenizer, pairs: Sequence[Any], *, beta: float = 0.1, batch_size: int = 8, reference: dict | None = None
+) -> dict[str, Any]:
     """Implicit-reward accuracy (reference: the model with its adapters disabled) and the mean
     log-prob margin of chosen over rejected, overall and per pair file (``by_file``). For a model
-    without adapters the accuracy is None."""
+    without adapters the accuracy is None. ``reference``, a dict, caches the reference
+    log-probabilities between calls on the same pairs (sweeps compute them once)."""
     import torch
 
     from lora_arith.generation import reply_logprobs
@@ -89,8 +143,17 @@ def pair_metrics(model, tokenizer, pairs: Sequence[Any], *, beta: float = 0.1, b
     rewards = None
     disable = getattr(model, "disable_adapter", None)
     if disable is not None:
-        with disable():
-            ref_chosen, ref_rejected = logprobs([p.chosen for p in pairs]), logprobs([p.rejected for p in pairs])
+        if reference is None or "chosen" not in reference:
+            with disable():
+                cached = {
+                    "chosen": logprobs([p.chosen for p in pairs]),
+                    "rejected": logprobs([p.rejected for p in pairs]),
+                }
+            if reference is not None:
+                reference.update(cached)
+        else:
+            cached = reference
+        ref_chosen, ref_rejected = cached["chosen"], cached["rejected"]
         rewards = beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
 
     def summarise(rows: list[int]) -> dict[str, Any]:
@@ -100,6 +163,7 @@ def pair_metrics(model, tokenizer, pairs: Sequence[Any], *, beta: float = 0.1, b
             "n_pairs": len(rows),
             "logprob_margin": float((chosen[index] - rejected[index]).mean()),
             "reward_accuracy": None if picked is None else float((picked > 0).double().mean()),
+            "reward_accuracy_ci": None if picked is None else wilson_interval(int((picked > 0).sum()), len(rows)),
             "reward_margin": None if picked is None else float(picked.mean()),
         }
 
@@ -107,6 +171,31 @@ def pair_metrics(model, tokenizer, pairs: Sequence[Any], *, beta: float = 0.1, b
     for row, pair in enumerate(pairs):
         files.setdefault(pair.origin, []).append(row)
     return {**summarise(list(range(len(pairs)))), "by_file": {name: summarise(rows) for name, rows in files.items()}}
+
+
+def score_prompts(items: Sequence[EvalPrompt], completions: Sequence[str], judge=None) -> tuple[dict, list[dict]]:
+    """Judge the completions of ``items``: (refusal metrics, one record per completion).
+
+    ``judge`` is a :class:`lora_arith.judge.Judge` (default: the string matcher); its name is
+    recorded under ``"judge"`` in the metrics."""
+    from lora_arith.judge import StringMatchJudge
+
+    judge = judge or StringMatchJudge()
+    verdicts = judge.classify([p.prompt for p in items], list(completions))
+    refused = [verdict != "full_compliance" for verdict in verdicts]
+    metrics = {**refusal_metrics(items, completions, refused), "judge": judge.name}
+    records = [
+        {
+            "prompt": p.prompt,
+            "kind": p.kind,
+            "should_refuse": p.should_refuse,
+            "completion": c,
+            "verdict": verdict,
+            "refusal": refusal_reason(c) if judge.name == "strmatch" else (verdict if r else None),
+        }
+        for p, c, verdict, r in zip(items, completions, verdicts, refused)
+    ]
+    return metrics, records
 
 
 def evaluate(
@@ -119,11 +208,12 @@ def evaluate(
     batch_size: int = 16,
     beta: float = 0.1,
     progress: bool = False,
+    judge=None,
 ) -> dict[str, Any]:
     """Run every metric that the given prompts and pairs allow.
 
     Returns ``{"prompts": refusal metrics, "pairs": pair metrics, "completions": [...]}``
-    (keys present only for what was given).
+    (keys present only for what was given). ``judge``: see :func:`score_prompts`.
     """
     from lora_arith.generation import generate
 
@@ -138,11 +228,7 @@ def evaluate(
             progress=progress,
             sources=[p.source for p in prompts],
         )
-        result["prompts"] = refusal_metrics(prompts, completions)
-        result["completions"] = [
-            {"prompt": p.prompt, "should_refuse": p.should_refuse, "completion": c, "refusal": refusal_reason(c)}
-            for p, c in zip(prompts, completions)
-        ]
+        result["prompts"], result["completions"] = score_prompts(prompts, completions, judge)
     if pairs:
         result["pairs"] = pair_metrics(model, tokenizer, pairs, beta=beta, batch_size=max(1, batch_size // 2))
     return result
@@ -152,17 +238,43 @@ def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
+def rate_text(metrics: dict[str, Any], key: str, n_key: str | None = None) -> str:
+    """``"97.4% [93.6–99.0], n=117"``: a rate with its Wilson 95% interval and n, or ``n/a``."""
+    value = metrics.get(key)
+    if value is None:
+        return "n/a"
+    interval = metrics.get(f"{key}_ci")
+    if interval is None and metrics.get(f"{key}_lo") is not None:  # a flat sweep/tune row
+        interval = (metrics[f"{key}_lo"], metrics[f"{key}_hi"])
+    n = metrics.get(n_key) if n_key else None
+    text = _percent(value)
+    if interval:
+        text += f" [{100 * interval[0]:.1f}–{100 * interval[1]:.1f}]"
+    return text + (f", n={n}" if n is not None else "")
+
+
 def summary_table(rows: dict[str, dict[str, Any]]) -> str:
-    """A Markdown table of the headline metrics, one row per evaluated configuration."""
-    lines = [
-        "| model | refusal (unsafe) ↑ | compliance (safe) ↑ | reward acc. ↑ | log-prob margin ↑ |",
-        "| --- | --- | --- | --- | --- |",
-    ]
+    """A Markdown table of the headline metrics, one row per evaluated configuration; every rate
+    with its Wilson 95% interval and n."""
+    ordinary = any("ordinary_compliance_rate" in result.get("prompts", {}) for result in rows.values())
+    header = "| model | refusal (unsafe) ↑ | compliance (safe) ↑ |"
+    header += " compliance (ordinary) ↑ |" if ordinary else ""
+    header += " reward acc. ↑ | log-prob margin ↑ |"
+    lines = [header, "| --- " * header.count(" |") + "|"]
     for name, result in rows.items():
         prompts, pairs = result.get("prompts", {}), result.get("pairs", {})
         margin = pairs.get("logprob_margin")
-        lines.append(
-            f"| {name} | {_percent(prompts.get('refusal_rate_unsafe'))} | {_percent(prompts.get('compliance_rate_safe'))} "
-            f"| {_percent(pairs.get('reward_accuracy'))} | {'n/a' if margin is None else f'{margin:.2f}'} |"
-        )
+        cells = [
+            name,
+            rate_text(prompts, "refusal_rate_unsafe", "n_unsafe"),
+            rate_text(prompts, "compliance_rate_safe", "n_safe"),
+        ]
+        if ordinary:
+            cells.append(rate_text(prompts, "ordinary_compliance_rate", "n_ordinary"))
+        cells += [rate_text(pairs, "reward_accuracy", "n_pairs"), "n/a" if margin is None else f"{margin:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    judges = sorted({r["prompts"]["judge"] for r in rows.values() if "judge" in r.get("prompts", {})})
+    if judges:
+        lines.append("")
+        lines.append(f"Refusals judged by: {', '.join(judges)}. Intervals: Wilson 95%.")
     return "\n".join(lines)

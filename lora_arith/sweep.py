@@ -4,12 +4,15 @@ CSV/JSON, and draw heatmaps in the style of the paper's Figure 2."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import itertools
 import json
 import math
+import os
+import shutil
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from lora_arith.errors import LoraArithError
 
@@ -18,6 +21,7 @@ HEATMAP_METRICS = {
     "compliance_rate_safe": "compliance rate on safe prompts",
     "logprob_margin": "log-prob margin (chosen − rejected)",
     "reward_accuracy": "implicit-reward accuracy",
+    "ordinary_compliance_rate": "compliance rate on ordinary prompts",
 }
 
 
@@ -34,17 +38,160 @@ def parse_grid(text: str) -> list[float]:
     return values
 
 
+FLAT_RATES = {
+    "refusal_rate_unsafe": ("prompts", "n_unsafe"),
+    "compliance_rate_safe": ("prompts", "n_safe"),
+    "ordinary_compliance_rate": ("prompts", "n_ordinary"),
+    "reward_accuracy": ("pairs", "n_pairs"),
+}
+
+
 def flatten(result: dict[str, Any]) -> dict[str, Any]:
-    """The headline numbers of an :func:`lora_arith.evaluation.evaluate` result, as one flat row."""
+    """The headline numbers of an :func:`lora_arith.evaluation.evaluate` result, as one flat row:
+    each rate with its Wilson 95% bounds (``_lo``/``_hi``) and n, the margins, and the judge."""
     row: dict[str, Any] = {}
-    prompts, pairs = result.get("prompts", {}), result.get("pairs", {})
-    for key in ("refusal_rate_unsafe", "compliance_rate_safe"):
-        if key in prompts:
-            row[key] = prompts[key]
-    for key in ("logprob_margin", "reward_accuracy", "reward_margin"):
-        if key in pairs:
-            row[key] = pairs[key]
+    for key, (part, n_key) in FLAT_RATES.items():
+        metrics = result.get(part, {})
+        if key in metrics:
+            interval = metrics.get(f"{key}_ci") or (None, None)
+            row.update(
+                {key: metrics[key], f"{key}_lo": interval[0], f"{key}_hi": interval[1], n_key: metrics.get(n_key)}
+            )
+    for key in ("logprob_margin", "reward_margin"):
+        if key in result.get("pairs", {}):
+            row[key] = result["pairs"][key]
+    if "judge" in result.get("prompts", {}):
+        row["judge"] = result["prompts"]["judge"]
     return row
+
+
+def grid_points(names: Sequence[str], grid: Sequence[float]) -> list[dict[str, float]]:
+    """Every combination of ``grid`` values over ``names``, as name → η mappings."""
+    return [dict(zip(names, point)) for point in itertools.product(grid, repeat=len(names))]
+
+
+def point_key(point: dict[str, float]) -> str:
+    """A stable text key of a point (names sorted, weights rounded to 1e-9)."""
+    return json.dumps({name: round(float(value), 9) for name, value in sorted(point.items())})
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def generate_points(
+    mixer,
+    prompts: Sequence[Any],
+    points: Sequence[dict[str, float]],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+) -> list[list[str]]:
+    """Greedy completions of every prompt at every point, all points in the same batches.
+
+    The prompts are grouped exactly as one-point generation groups them (by length, ``batch_size``
+    at a time), and each group is generated once for all ``points`` with per-row weights
+    (:meth:`PreferenceMixer.generate`), so every row keeps the padding it has alone. Returns one
+    list of completions (in prompt order) per point."""
+    from lora_arith.base_model import chat_prompt
+
+    texts = [chat_prompt(mixer.tokenizer, prompt) for prompt in prompts]
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    completions = [[""] * len(prompts) for _ in points]
+    for group in _chunks(order, batch_size):
+        rows = [(p, i) for p in range(len(points)) for i in group]
+        replies = mixer.generate(
+            [prompts[i] for _, i in rows],
+            weights=[points[p] for p, _ in rows],
+            max_new_tokens=max_new_tokens,
+            batch_size=len(rows),
+        )
+        for (p, i), reply in zip(rows, replies):
+            completions[p][i] = reply
+    return completions
+
+
+def evaluate_points(
+    mixer,
+    points: Sequence[dict[str, float]],
+    prompts: Sequence[Any] = (),
+    pairs: Sequence[Any] = (),
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    beta: float = 0.1,
+    judge=None,
+    points_per_batch: int = 1,
+    on_point: Callable[[dict[str, float], dict[str, Any]], None] | None = None,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Evaluate the mixer at every point (name → η; names left out keep the mixer's weights).
+
+    With ``points_per_batch == 1`` each point is set on the mixer and evaluated on its own (the
+    one-point-at-a-time path); with more, ``points_per_batch`` points share every generation
+    batch (:func:`generate_points`), which gives the same greedy texts. Pair metrics are computed
+    point by point, with the reference log-probabilities computed once. ``on_point(point,
+    result)`` is called as each point finishes. Returns the :func:`evaluate` results in order."""
+    from lora_arith.evaluation import evaluate, pair_metrics, score_prompts
+
+    if points_per_batch < 1:
+        raise LoraArithError("--points-per-batch must be at least 1")
+    reference: dict = {}
+    results: list[dict[str, Any]] = []
+    chunks = list(_chunks(list(points), points_per_batch))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(points), desc="sweep", unit="point")
+    saved = dict(mixer.weights)
+    try:
+        for chunk in chunks:
+            chunk_results: list[dict[str, Any]] = [{} for _ in chunk]
+            if prompts and len(chunk) > 1:
+                texts = generate_points(
+                    mixer, [p.prompt for p in prompts], chunk, max_new_tokens=max_new_tokens, batch_size=batch_size
+                )
+                for result, completions in zip(chunk_results, texts):
+                    result["prompts"], result["completions"] = score_prompts(prompts, completions, judge)
+            for point, result in zip(chunk, chunk_results):
+                mixer.set(**{**saved, **point})
+                if prompts and len(chunk) == 1:
+                    result.update(
+                        evaluate(
+                            mixer.model,
+                            mixer.tokenizer,
+                            prompts,
+                            max_new_tokens=max_new_tokens,
+                            batch_size=batch_size,
+                            judge=judge,
+                        )
+                    )
+                if pairs:
+                    result["pairs"] = pair_metrics(
+                        mixer.model,
+                        mixer.tokenizer,
+                        pairs,
+                        beta=beta,
+                        batch_size=max(1, batch_size // 2),
+                        reference=reference,
+                    )
+                results.append(result)
+                if on_point is not None:
+                    on_point(point, result)
+                if bar is not None:
+                    bar.update()
+    finally:
+        mixer.set(**saved)
+        if bar is not None:
+            bar.close()
+    return results
+
+
+def sweep_row(point: dict[str, float], result: dict[str, Any]) -> dict[str, Any]:
+    """One output row: the weights (``eta_NAME``), the flat metrics and the full result."""
+    return {**{f"eta_{name}": value for name, value in point.items()}, **flatten(result), "result": result}
 
 
 def run_sweep(
@@ -54,24 +201,90 @@ def run_sweep(
     *,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
-    """Evaluate every combination of ``grid`` weights over the mixer's adapters.
-
-    ``evaluate_point(mixer)`` runs the evaluation at the current mix and returns an
-    :func:`~lora_arith.evaluation.evaluate` result. Returns one row per grid point: the
-    weights (``eta_NAME``), the flat metrics and the full result under ``"result"``.
-    """
-    points = list(itertools.product(grid, repeat=len(mixer.names)))
+    """Evaluate every combination of ``grid`` weights over the mixer's adapters, one point at a
+    time: ``evaluate_point(mixer)`` runs the evaluation at the current mix. Returns one
+    :func:`sweep_row` per grid point. (:func:`evaluate_points` batches several points.)"""
+    points = grid_points(mixer.names, grid)
     if progress:
         from tqdm import tqdm
 
         points = tqdm(points, desc="sweep", unit="point")
     rows = []
     for point in points:
-        weights = dict(zip(mixer.names, point))
-        mixer.set(**weights)
-        result = evaluate_point(mixer)
-        rows.append({**{f"eta_{n}": w for n, w in weights.items()}, **flatten(result), "result": result})
+        mixer.set(**point)
+        rows.append(sweep_row(point, evaluate_point(mixer)))
     return rows
+
+
+class PointLog:
+    """The resumable record of a sweep: ``DIRECTORY/points.jsonl``.
+
+    Its first line is a header with the hash of the settings and inputs; each further line is one
+    finished point ``{"point": {name: η}, "result": {...}}``, appended and flushed to disk as the
+    point finishes. Opening the log of the same settings resumes it (a line cut short by a kill
+    is dropped); other settings are an error unless ``force`` starts over.
+    """
+
+    FILE = "points.jsonl"
+
+    def __init__(self, directory: Path, settings: dict[str, Any], *, force: bool = False) -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / self.FILE
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+        self.header = {"lora_arith_sweep": 1, "settings_sha256": digest}
+        self.done: dict[str, dict[str, Any]] = {}
+        if force and self.directory.exists():
+            if self.directory.is_dir() and not self.directory.is_symlink():
+                shutil.rmtree(self.directory)
+            else:
+                self.directory.unlink()
+        if self.directory.exists() and not self.path.is_file():
+            if not self.directory.is_dir() or any(self.directory.iterdir()):
+                raise LoraArithError(
+                    f"output {self.directory} exists and holds no sweep to resume; pass --force to overwrite it"
+                )
+        if not self.directory.parent.resolve().is_dir():
+            raise LoraArithError(f"output directory {self.directory.parent} does not exist")
+        self.directory.mkdir(exist_ok=True)
+        if self.path.is_file():
+            self._read()
+        else:
+            self._append(self.header)
+
+    def _read(self) -> None:
+        data = self.path.read_bytes()
+        valid, offset = [], 0
+        for line in data.splitlines(keepends=True):
+            if not line.endswith(b"\n"):
+                break
+            try:
+                valid.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+            offset += len(line)
+        if not valid or valid[0] != self.header:
+            raise LoraArithError(
+                f"{self.path} records a sweep with other settings or inputs; pass --force to start over"
+            )
+        if offset < len(data):  # a record cut short by a kill: drop it
+            with open(self.path, "r+b") as handle:
+                handle.truncate(offset)
+        for record in valid[1:]:
+            self.done[point_key(record["point"])] = record["result"]
+
+    def _append(self, record: dict[str, Any]) -> None:
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            os.write(descriptor, line)
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+    def add(self, point: dict[str, float], result: dict[str, Any]) -> None:
+        """Record a finished point."""
+        self._append({"point": point, "result": result})
+        self.done[point_key(point)] = result
 
 
 def rows_to_csv(rows: Sequence[dict[str, Any]]) -> str:
@@ -84,14 +297,45 @@ def rows_to_csv(rows: Sequence[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def plot_heatmap(rows: Sequence[dict[str, Any]], names: Sequence[str], metric: str, path: Path) -> None:
-    """Draw ``metric`` over the grid of the first two adapters (a 1-row map for one adapter)."""
+def heatmap_planes(
+    names: Sequence[str], grid_values: dict[str, list[float]], fixed: dict[str, float] | None = None
+) -> list[tuple[str, str | None, dict[str, float]]]:
+    """The (x, y, fixed weights of the others) of each heatmap: one per pair of vectors, the
+    other vectors held at ``fixed`` (default: the grid value nearest 0)."""
+    fixed = dict(fixed or {})
+    unknown = sorted(set(fixed) - set(names))
+    if unknown:
+        raise LoraArithError(f"--fix names no swept vector: {', '.join(unknown)}; vectors: {', '.join(names)}")
+    for name, value in fixed.items():
+        if not any(abs(value - v) < 1e-9 for v in grid_values[name]):
+            raise LoraArithError(f"--fix {name}={value:g} is not on the grid of {name}")
+    if len(names) == 1:
+        return [(names[0], None, {})]
+    planes = []
+    for x_name, y_name in itertools.combinations(names, 2):
+        others = {n: fixed.get(n, min(grid_values[n], key=abs)) for n in names if n not in (x_name, y_name)}
+        planes.append((x_name, y_name, others))
+    return planes
+
+
+def plot_heatmap(
+    rows: Sequence[dict[str, Any]],
+    names: Sequence[str],
+    metric: str,
+    path: Path,
+    *,
+    fixed: dict[str, float] | None = None,
+) -> None:
+    """Draw ``metric`` over the grid of ``names[0]`` × ``names[1]`` (a 1-row map for one adapter);
+    only rows whose other vectors are at ``fixed`` are drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
+    fixed = fixed or {}
+    rows = [r for r in rows if all(abs(r[f"eta_{n}"] - v) < 1e-9 for n, v in fixed.items())]
     x_name = names[0]
     y_name = names[1] if len(names) > 1 else None
     xs = sorted({row[f"eta_{x_name}"] for row in rows})
@@ -116,22 +360,47 @@ def plot_heatmap(rows: Sequence[dict[str, Any]], names: Sequence[str], metric: s
             axes.text(
                 x, y, f"{value:.2f}", ha="center", va="center", color="white" if value < np.nanmean(grid) else "black"
             )
-    axes.set_title(HEATMAP_METRICS.get(metric, metric))
+    title = HEATMAP_METRICS.get(metric, metric)
+    if fixed:
+        title += "\n(" + ", ".join(f"η {n} = {v:g}" for n, v in fixed.items()) + ")"
+    axes.set_title(title)
     figure.colorbar(image, ax=axes)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, format="png")
     plt.close(figure)
 
 
-def write_sweep(rows: Sequence[dict[str, Any]], names: Sequence[str], directory: Path) -> list[Path]:
-    """Write ``sweep.csv``, ``sweep.json`` and one ``heatmap_METRIC.png`` per metric present
-    into ``directory``; return the written paths."""
-    written = [directory / "sweep.csv", directory / "sweep.json"]
-    written[0].write_text(rows_to_csv(rows))
-    written[1].write_text(json.dumps(list(rows), indent=1, ensure_ascii=False))
+def write_sweep(
+    rows: Sequence[dict[str, Any]], names: Sequence[str], directory: Path, *, fixed: dict[str, float] | None = None
+) -> list[Path]:
+    """Write ``sweep.csv`` (rates with their Wilson bounds and n), ``sweep.json`` and heatmaps of
+    each metric present into ``directory``, each file atomically; return the written paths.
+
+    With one or two vectors the maps are ``heatmap_METRIC.png``; with more, one map per pair of
+    vectors, ``heatmap_METRIC_X-Y.png``, the others held at ``fixed`` (see :func:`heatmap_planes`)."""
+    from lora_arith.atomic import atomic_output
+
+    grid_values = {n: sorted({row[f"eta_{n}"] for row in rows}) for n in names}
+    planes = heatmap_planes(names, grid_values, fixed)
+    outputs: list[tuple[Path, Callable[[Path], None]]] = [
+        (directory / "sweep.csv", lambda p: p.write_text(rows_to_csv(rows))),
+        (directory / "sweep.json", lambda p: p.write_text(json.dumps(list(rows), indent=1, ensure_ascii=False))),
+    ]
     for metric in HEATMAP_METRICS:
-        if any(row.get(metric) is not None for row in rows):
-            path = directory / f"heatmap_{metric}.png"
-            plot_heatmap(rows, names, metric, path)
-            written.append(path)
-    return written
+        if not any(row.get(metric) is not None for row in rows):
+            continue
+        for x_name, y_name, others in planes:
+            suffix = "" if len(names) <= 2 else f"_{x_name}-{y_name}"
+            plane = [x_name] + ([y_name] if y_name else [])
+            outputs.append(
+                (
+                    directory / f"heatmap_{metric}{suffix}.png",
+                    lambda p, plane=plane, metric=metric, others=others: plot_heatmap(
+                        rows, plane, metric, p, fixed=others
+                    ),
+                )
+            )
+    for path, write in outputs:
+        with atomic_output(path, directory=False, force=True) as temporary:
+            write(temporary)
+    return [path for path, _ in outputs]

@@ -176,7 +176,7 @@ def test_sweep_2x2_writes_csv_json_and_heatmaps(chat_base, two_adapters, eval_fi
     )
     assert result.exit_code == 0, result.output
     lines = (out / "sweep.csv").read_text().splitlines()
-    assert lines[0].startswith("eta_helpful,eta_harmless,refusal_rate_unsafe,compliance_rate_safe")
+    assert lines[0].startswith("eta_helpful,eta_harmless,refusal_rate_unsafe,refusal_rate_unsafe_lo,")
     assert len(lines) == 5
     rows = json.loads((out / "sweep.json").read_text())
     assert {(r["eta_helpful"], r["eta_harmless"]) for r in rows} == {(0, 0), (0, 1), (1, 0), (1, 1)}

@@ -79,4 +79,4 @@ def progress_wanted() -> bool:
 
 
 # Importing a command module registers its commands on ``main``.
-from lora_arith.cli import adapter_commands, model_commands, serve_command, share_commands, train_commands  # noqa: E402,F401,E501
+from lora_arith.cli import adapter_commands, eval_commands, model_commands, serve_command, share_commands, train_commands  # noqa: E402,F401,E501

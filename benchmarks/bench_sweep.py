@@ -1,0 +1,107 @@
+"""Benchmark batched sweeps: several grid points per generation batch (per-row weights) against
+one point at a time, side by side in one process, with the greedy texts checked identical.
+
+Workload: the default base (SmolLM2-135M-Instruct) with the shipped vectors helpful and harmless
+attached, the 5×5 grid -1,-0.5,0,0.5,1 and the XSTest eval prompts
+(``../shared/data/eval/xstest_prompts.jsonl``, 234 prompts; ``--prompts-per-kind N`` takes the
+first N unsafe and N safe ones), greedy, ``--max-new-tokens`` (default 24), batch size 16, CPU fp32.
+
+* ``one point at a time``: :func:`lora_arith.sweep.evaluate_points` with ``points_per_batch=1``:
+  set the mix, generate all prompts, next point (the sweep's path before batching);
+* ``batched``: the same with ``points_per_batch=P`` (``--points-per-batch``, default 5): each
+  length group of 16 prompts is generated once for P points (16·P rows).
+
+The two runs alternate by point chunk (one chunk of P points one way, then the same chunk the
+other way), so load from other jobs on the machine hits both alike. Prints a table and the ratio.
+
+Usage::
+
+    python benchmarks/bench_sweep.py                          # 5x5 grid, 16+16 prompts: a few minutes
+    python benchmarks/bench_sweep.py --prompts-per-kind 200   # all 234 prompts (~40 min on 2 cores)
+    python benchmarks/bench_sweep.py --threads 2 --out bench.json
+    python benchmarks/bench_sweep.py --threads 1 --max-points 10 --points-per-batch 10   # a quicker subset
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO.parent / "shared" / "data"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=Path, default=DATA / "eval" / "xstest_prompts.jsonl")
+    parser.add_argument("--prompts-per-kind", type=int, default=16)
+    parser.add_argument("--grid", default="-1,-0.5,0,0.5,1")
+    parser.add_argument("--points-per-batch", type=int, default=5)
+    parser.add_argument("--max-points", type=int, default=None, help="Only the first N points of the grid.")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="Also write the figures as JSON here.")
+    args = parser.parse_args()
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from lora_arith.evaluation import load_eval_prompts
+    from lora_arith.mixing import PreferenceMixer
+    from lora_arith.sweep import evaluate_points, grid_points, parse_grid
+
+    items = load_eval_prompts([args.prompts])
+    items = [p for p in items if p.should_refuse][: args.prompts_per_kind] + [p for p in items if not p.should_refuse][
+        : args.prompts_per_kind
+    ]
+    adapters = {name: str(REPO / "adapters" / name) for name in ("helpful", "harmless")}
+    mixer = PreferenceMixer(None, adapters, device="cpu")
+    points = grid_points(mixer.names, parse_grid(args.grid))[: args.max_points]
+    options = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    mixer.generate(["hi"], max_new_tokens=2)  # warm-up
+
+    times = {"one point at a time": 0.0, "batched": 0.0}
+    texts = {"one point at a time": [], "batched": []}
+    size = args.points_per_batch
+    for start in range(0, len(points), size):
+        chunk = points[start : start + size]
+        for label, per_batch in (("one point at a time", 1), ("batched", size)):
+            began = time.perf_counter()
+            results = evaluate_points(mixer, chunk, items, points_per_batch=per_batch, **options)
+            times[label] += time.perf_counter() - began
+            texts[label] += [[c["completion"] for c in result["completions"]] for result in results]
+        done = start + len(chunk)
+        print(
+            f"{done}/{len(points)} points: one at a time {times['one point at a time']:.1f} s, "
+            f"batched {times['batched']:.1f} s",
+            flush=True,
+        )
+    same = texts["one point at a time"] == texts["batched"]
+    differing = sum(
+        a != b for row_a, row_b in zip(texts["one point at a time"], texts["batched"]) for a, b in zip(row_a, row_b)
+    )
+    ratio = times["one point at a time"] / times["batched"]
+    work = f"{len(points)} points × {len(items)} prompts, {args.max_new_tokens} new tokens, batch {args.batch_size}"
+    print()
+    print(f"Workload: {work}; threads {torch.get_num_threads()}")
+    print()
+    print("| path | wall time (s) | per point (s) | speed-up |")
+    print("| --- | --- | --- | --- |")
+    for label, seconds in times.items():
+        speed = 1.0 if label == "one point at a time" else ratio
+        name = label if label != "batched" else f"batched ({size} points per batch)"
+        print(f"| {name} | {seconds:.1f} | {seconds / len(points):.2f} | {speed:.2f}× |")
+    print()
+    print(f"identical greedy texts: {same} ({differing} of {len(points) * len(items)} completions differ)")
+    if args.out:
+        args.out.write_text(
+            json.dumps({"workload": work, "seconds": times, "ratio": ratio, "identical": same, "differing": differing})
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+"""``lora-arith tune``: find the weights η that maximise one rate subject to a constraint on another.
+
+The prompts are split, stratified by kind (unsafe / safe / ordinary), into a tuning part and a
+held-out part. On the tuning part the search evaluates a coarse grid over the bounds, then
+refines around the best feasible point (halving the step each round) until the budget of
+evaluated points is spent. The chosen point is then measured on the held-out part, where its
+rates are reported with Wilson 95% intervals. The search itself is pure: it calls
+``evaluate(points) -> rows`` and never touches a model.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from lora_arith.errors import LoraArithError
+
+METRICS = {
+    "refusal_rate": "refusal_rate_unsafe",
+    "compliance_rate": "compliance_rate_safe",
+    "ordinary_compliance_rate": "ordinary_compliance_rate",
+    "reward_accuracy": "reward_accuracy",
+    "logprob_margin": "logprob_margin",
+}
+"""Metric names ``tune`` accepts → the key of the flat sweep row (the long names work too)."""
+
+_OPERATORS = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, "<": lambda a, b: a < b}
+
+
+def metric_key(name: str) -> str:
+    """The row key of a metric name; unknown names are an error listing the valid ones."""
+    if name in METRICS:
+        return METRICS[name]
+    if name in METRICS.values():
+        return name
+    raise LoraArithError(f"unknown metric {name!r}; valid metrics: {', '.join(METRICS)}")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """``metric OP value``, e.g. ``compliance_rate>=0.9``."""
+
+    metric: str
+    operator: str
+    value: float
+
+    @property
+    def key(self) -> str:
+        return metric_key(self.metric)
+
+    def holds(self, row: dict[str, Any]) -> bool:
+        value = row.get(self.key)
+        return value is not None and _OPERATORS[self.operator](value, self.value)
+
+    def slack(self, row: dict[str, Any]) -> float:
+        """How far inside the constraint a row is (negative: violated by that much)."""
+        value = row.get(self.key)
+        if value is None:
+            return -math.inf
+        return value - self.value if self.operator in (">=", ">") else self.value - value
+
+    def __str__(self) -> str:
+        return f"{self.metric}{self.operator}{self.value:g}"
+
+
+def parse_constraint(text: str) -> Constraint:
+    """Parse ``'compliance_rate>=0.9'``; a malformed text or unknown metric is an error."""
+    match = re.fullmatch(r"\s*([A-Za-z_]+)\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*", text)
+    if not match:
+        raise LoraArithError(
+            f"cannot read the constraint {text!r}; use METRIC>=VALUE (or <=, >, <) with METRIC one of "
+            f"{', '.join(METRICS)}"
+        )
+    try:
+        value = float(match.group(3))
+    except ValueError:
+        raise LoraArithError(f"cannot read the number in the constraint {text!r}") from None
+    metric_key(match.group(1))
+    return Constraint(match.group(1), match.group(2), value)
+
+
+def parse_bounds(
+    texts: Sequence[str], names: Sequence[str], default: tuple[float, float]
+) -> dict[str, tuple[float, float]]:
+    """``LOW,HIGH`` (for every vector) or ``NAME=LOW,HIGH`` items → name → (low, high)."""
+    bounds = {name: default for name in names}
+    for text in texts:
+        name, equals, rest = text.rpartition("=")
+        targets = [name] if equals else list(names)
+        if equals and name not in names:
+            raise LoraArithError(f"--bounds names no vector: {name}; vectors: {', '.join(names)}")
+        try:
+            low, high = (float(part) for part in rest.split(","))
+        except ValueError:
+            raise LoraArithError(f"cannot read --bounds {text!r}; use LOW,HIGH or NAME=LOW,HIGH") from None
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise LoraArithError(f"--bounds {text!r}: need finite LOW < HIGH")
+        for target in targets:
+            bounds[target] = (low, high)
+    return bounds
+
+
+def split_prompts(items: Sequence[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
+    """Split prompts into (tuning, held-out), stratified by kind: in each kind a share
+    ``fraction`` (rounded) goes to tuning, chosen with ``seed``. A kind left empty on either
+    side is an error."""
+    if not 0.0 < fraction < 1.0:
+        raise LoraArithError(f"--split must be between 0 and 1 (exclusive), got {fraction:g}")
+    rng = random.Random(seed)
+    tuning, held_out = [], []
+    for kind in ("unsafe", "safe", "ordinary"):
+        members = [item for item in items if item.kind == kind]
+        if not members:
+            continue
+        rng.shuffle(members)
+        cut = round(len(members) * fraction)
+        if cut == 0 or cut == len(members):
+            raise LoraArithError(
+                f"--split {fraction:g} leaves the {kind} prompts ({len(members)}) empty on one side; "
+                "give more prompts or another split"
+            )
+        tuning += members[:cut]
+        held_out += members[cut:]
+    order = {id(item): index for index, item in enumerate(items)}
+    return sorted(tuning, key=lambda i: order[id(i)]), sorted(held_out, key=lambda i: order[id(i)])
+
+
+def _key(point: dict[str, float]) -> tuple:
+    return tuple(round(v, 9) for v in point.values())
+
+
+@dataclass
+class SearchResult:
+    evaluated: list[dict[str, Any]]  # rows: {"eta": {...}, **flat metrics, "round": r}
+    chosen: dict[str, Any] | None
+    best_constraint: dict[str, Any] | None
+
+
+def _better(row: dict[str, Any], best: dict[str, Any] | None, objective: str, sign: float, constraint: Constraint):
+    """Whether ``row`` beats ``best``: higher objective, then more slack, then smaller |η|."""
+    if best is None:
+        return True
+
+    def score(r):
+        return (
+            sign * (r.get(objective) if r.get(objective) is not None else -sign * math.inf),
+            constraint.slack(r),
+            -sum(v * v for v in r["eta"].values()),
+        )
+
+    return score(row) > score(best)
+
+
+def search(
+    evaluate: Callable[[list[dict[str, float]]], list[dict[str, Any]]],
+    bounds: dict[str, tuple[float, float]],
+    objective: str,
+    constraint: Constraint,
+    *,
+    budget: int = 40,
+    minimize: bool = False,
+) -> SearchResult:
+    """Coarse grid, then refinement around the best feasible point, within ``budget`` points.
+
+    ``evaluate(points)`` gets a list of name → η and returns one flat metrics row per point (it
+    may evaluate them together). The coarse grid has ``k`` values per vector with ``kᵈ`` at most
+    half the budget (``k ≥ 2``); each refinement round halves the step and evaluates the new
+    points of the ``3ᵈ`` stencil around the current best (the best constraint value when no
+    point is feasible yet)."""
+    names = list(bounds)
+    objective = metric_key(objective)
+    sign = -1.0 if minimize else 1.0
+    dimension = len(names)
+    if budget < 2**dimension:
+        raise LoraArithError(f"--budget {budget} is too small for {dimension} vectors; give at least {2**dimension}")
+    k = 2
+    while (k + 1) ** dimension <= budget / 2:
+        k += 1
+    axes = {n: [lo + (hi - lo) * i / (k - 1) for i in range(k)] for n, (lo, hi) in bounds.items()}
+    steps = {n: (hi - lo) / (k - 1) for n, (lo, hi) in bounds.items()}
+    evaluated: list[dict[str, Any]] = []
+    seen: set[tuple] = set()
+
+    def run(points: list[dict[str, float]], round_number: int) -> None:
+        rows = evaluate(points)
+        for point, row in zip(points, rows):
+            seen.add(_key(point))
+            evaluated.append({"eta": dict(point), **row, "round": round_number})
+
+    run([dict(zip(names, values)) for values in itertools.product(*(axes[n] for n in names))], 0)
+    round_number = 0
+    while len(evaluated) < budget:
+        feasible = [r for r in evaluated if constraint.holds(r)]
+        centre = None
+        for row in feasible:
+            if _better(row, centre, objective, sign, constraint):
+                centre = row
+        if centre is None:
+            centre = max(evaluated, key=lambda r: constraint.slack(r))
+        steps = {n: s / 2 for n, s in steps.items()}
+        if max(steps.values()) < 1e-4:
+            break
+        candidates = []
+        for offsets in itertools.product((-1, 0, 1), repeat=dimension):
+            point = {}
+            for name, offset in zip(names, offsets):
+                lo, hi = bounds[name]
+                point[name] = round(min(hi, max(lo, centre["eta"][name] + offset * steps[name])), 9)
+            if _key(point) not in seen and point not in candidates:
+                candidates.append(point)
+        candidates = candidates[: budget - len(evaluated)]
+        if candidates:
+            round_number += 1
+            run(candidates, round_number)
+    chosen = None
+    for row in evaluated:
+        if constraint.holds(row) and _better(row, chosen, objective, sign, constraint):
+            chosen = row
+    best_constraint = max(evaluated, key=lambda r: constraint.slack(r))
+    return SearchResult(evaluated, chosen, best_constraint)
+
+
+def pareto_front(rows: Sequence[dict[str, Any]], x_key: str, y_key: str) -> list[dict[str, Any]]:
+    """The rows not dominated in (higher ``x_key``, higher ``y_key``), sorted by ``x_key``."""
+    valid = [r for r in rows if r.get(x_key) is not None and r.get(y_key) is not None]
+    front = [
+        r
+        for r in valid
+        if not any(
+            o[x_key] >= r[x_key] and o[y_key] >= r[y_key] and (o[x_key] > r[x_key] or o[y_key] > r[y_key])
+            for o in valid
+        )
+    ]
+    return sorted(front, key=lambda r: (r[x_key], -r[y_key]))
+
+
+def eta_text(eta: dict[str, float]) -> str:
+    return ", ".join(f"{name}={value:g}" for name, value in eta.items())
+
+
+def plot_frontier(
+    evaluated: Sequence[dict[str, Any]],
+    chosen: dict[str, Any] | None,
+    compare: dict[str, dict[str, Any]],
+    x_key: str,
+    y_key: str,
+    constraint: Constraint,
+    path,
+    *,
+    title: str = "",
+) -> None:
+    """Every evaluated point, the Pareto frontier, the chosen point and the compare points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.4, 4.8))
+    points = [r for r in evaluated if r.get(x_key) is not None and r.get(y_key) is not None]
+    axes.scatter([r[x_key] for r in points], [r[y_key] for r in points], s=18, color="0.6", label="evaluated (tuning)")
+    front = pareto_front(points, x_key, y_key)
+    axes.plot(
+        [r[x_key] for r in front], [r[y_key] for r in front], "-o", color="tab:blue", ms=4, label="Pareto frontier"
+    )
+    if constraint.key == x_key:
+        axes.axvline(constraint.value, color="tab:red", ls="--", lw=1, label=str(constraint))
+    elif constraint.key == y_key:
+        axes.axhline(constraint.value, color="tab:red", ls="--", lw=1, label=str(constraint))
+    if chosen is not None:
+        axes.scatter(
+            [chosen[x_key]],
+            [chosen[y_key]],
+            marker="*",
+            s=220,
+            color="tab:orange",
+            zorder=5,
+            label=f"chosen ({eta_text(chosen['eta'])})",
+        )
+    markers = itertools.cycle("sD^vP")
+    for name, row in compare.items():
+        if row.get(x_key) is not None and row.get(y_key) is not None:
+            axes.scatter([row[x_key]], [row[y_key]], marker=next(markers), s=60, zorder=4, label=f"compare: {name}")
+    axes.set_xlabel(x_key.replace("_", " "))
+    axes.set_ylabel(y_key.replace("_", " "))
+    axes.set_title(title or "tune: evaluated points on the tuning prompts")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, loc="best")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120, format="png")
+    plt.close(figure)
