@@ -262,7 +262,9 @@ def interference(adapters, top, output, force) -> None:
             for module in pair.top_modules:
                 click.echo(f"    {module.name}: {module.contribution:+.4f}, {module.cosine:+.4f}")
     if output is not None:
-        record = {"adapters": [Path(a).name for a in adapters], "pairs": [p.to_dict() for p in pairs]}
+        shared = {o.label: Path(a).name for o, a in zip(opened, adapters)}  # basenames: no local paths
+        rows = [{**p.to_dict(), "first": shared[p.first], "second": shared[p.second]} for p in pairs]
+        record = {"adapters": [Path(a).name for a in adapters], "pairs": rows}
         with atomic_output(output, directory=False, force=force) as temporary:
             temporary.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
         click.echo(f"\nwrote {output}")
