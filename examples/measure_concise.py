@@ -6,8 +6,9 @@ the concise vector at η ∈ {0, 0.5, 1}.
 Reads what ``lora-arith generate`` and ``lora-arith eval`` wrote (the commands are in
 examples/results/concise/README.md) and prints a Markdown table:
 
-* words per reply (whitespace-separated tokens of the reply) on the 200 held-out ordinary prompts
-  (the last 200 lines of ``helpful/alpaca_demo.jsonl``): mean and share under 60 words;
+* words per reply (whitespace-separated tokens of the reply) on the held-out ordinary prompts
+  (the last 200 lines of ``helpful/alpaca_demo.jsonl``; every η is compared on the same first
+  prompts, as many as every η has replies for): mean and share under 60 words;
 * refusal rate on the unsafe and compliance rate on the safe XSTest eval prompts, with Wilson 95%
   intervals (lora_arith/refusal.py's detector, as ``eval`` applies it);
 * implicit-reward accuracy on the eval pairs (``eval --pairs``).
@@ -77,8 +78,10 @@ def main() -> None:
     header = "| η_concise | mean words (held-out) | replies < 60 words | refusal (unsafe XSTest) | compliance (safe XSTest) | reward acc. (eval pairs) |"
     print(header)
     print("| --- | --- | --- | --- | --- | --- |")
+    generated = {eta: read_jsonl(RESULTS / f"concise/heldout_eta{eta}.jsonl") for eta in args.eta}
+    common = min(len(replies) for replies in generated.values())  # compared on the same first prompts
     for eta, eval_dir in zip(args.eta, args.eval_dir):
-        replies = read_jsonl(RESULTS / f"concise/heldout_eta{eta}.jsonl")
+        replies = generated[eta][:common]
         counts = [words(r["completion"]) for r in replies]
         lengths[eta] = replies
         cells = [f"{statistics.mean(counts):.1f} (n = {len(counts)})", percent(sum(c < 60 for c in counts) / len(counts))]
@@ -92,6 +95,13 @@ def main() -> None:
         else:
             cells += ["not measured"] * 3
         print(f"| {eta} | " + " | ".join(cells) + " |")
+    for eta, replies in generated.items():
+        if len(replies) > common:
+            counts = [words(r["completion"]) for r in replies]
+            print(
+                f"\nη = {eta} on all {len(counts)} held-out prompts: mean {statistics.mean(counts):.1f} words, "
+                f"{percent(sum(c < 60 for c in counts) / len(counts))} under 60"
+            )
     first, last = args.eta[0], args.eta[-1]
     mean_first = statistics.mean(words(r["completion"]) for r in lengths[first])
     mean_last = statistics.mean(words(r["completion"]) for r in lengths[last])
