@@ -72,19 +72,26 @@ def main() -> None:
         default=[str(RESULTS / "both"), str(RESULTS / "concise/xstest_eta0.5"), str(RESULTS / "concise/xstest_eta1")],
         help="one lora-arith eval output folder per η (η = 0 is helpful + harmless alone: examples/results/both)",
     )
+    parser.add_argument(
+        "--heldout-dir", default=str(RESULTS / "concise"), help="where the heldout_eta<η>.jsonl replies are"
+    )
     parser.add_argument("--side-by-side", type=int, default=20)
     args = parser.parse_args()
     lengths = {}
     header = "| η_concise | mean words (held-out) | replies < 60 words | refusal (unsafe XSTest) | compliance (safe XSTest) | reward acc. (eval pairs) |"
     print(header)
     print("| --- | --- | --- | --- | --- | --- |")
-    generated = {eta: read_jsonl(RESULTS / f"concise/heldout_eta{eta}.jsonl") for eta in args.eta}
-    common = min(len(replies) for replies in generated.values())  # compared on the same first prompts
+    available = [eta for eta in args.eta if (Path(args.heldout_dir) / f"heldout_eta{eta}.jsonl").is_file()]
+    generated = {eta: read_jsonl(Path(args.heldout_dir) / f"heldout_eta{eta}.jsonl") for eta in available}
+    common = min((len(r) for r in generated.values()), default=0)  # compared on the same first prompts
     for eta, eval_dir in zip(args.eta, args.eval_dir):
-        replies = generated[eta][:common]
-        counts = [words(r["completion"]) for r in replies]
-        lengths[eta] = replies
-        cells = [f"{statistics.mean(counts):.1f} (n = {len(counts)})", percent(sum(c < 60 for c in counts) / len(counts))]
+        if eta in generated:
+            replies = generated[eta][:common]
+            counts = [words(r["completion"]) for r in replies]
+            lengths[eta] = replies
+            cells = [f"{statistics.mean(counts):.1f} (n = {len(counts)})", percent(sum(c < 60 for c in counts) / len(counts))]
+        else:
+            cells = ["not measured"] * 2
         results_path = Path(eval_dir) / "results.json"
         if results_path.is_file():
             result = json.loads(results_path.read_text())
@@ -102,7 +109,9 @@ def main() -> None:
                 f"\nη = {eta} on all {len(counts)} held-out prompts: mean {statistics.mean(counts):.1f} words, "
                 f"{percent(sum(c < 60 for c in counts) / len(counts))} under 60"
             )
-    first, last = args.eta[0], args.eta[-1]
+    if len(lengths) < 2:
+        return
+    first, last = list(lengths)[0], list(lengths)[-1]
     mean_first = statistics.mean(words(r["completion"]) for r in lengths[first])
     mean_last = statistics.mean(words(r["completion"]) for r in lengths[last])
     print(f"\nmean words at η = {last} vs {first}: {100 * (mean_last / mean_first - 1):+.1f}%")
