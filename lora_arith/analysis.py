@@ -1,15 +1,16 @@
-"""Read-only views of adapters: per-module norms and cosine similarities, from the factors."""
+"""Read-only views of adapters: per-module norms, cosine similarities and interference, from the factors."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from itertools import combinations
+from typing import Any, Sequence
 
 import torch
 
 from lora_arith.adapter_io import AdapterFile
 from lora_arith.errors import LoraArithError
-from lora_arith.factors import frobenius_norm, inner, single_threaded
+from lora_arith.factors import frobenius_norm, inner, projected_energy, single_threaded, subspaces
 
 
 @dataclass(frozen=True)
@@ -73,3 +74,140 @@ def module_norms(adapter: AdapterFile) -> dict[str, float]:
     """The Frobenius norm of each module's delta (scaling included)."""
     with single_threaded():
         return {name: frobenius_norm(adapter.delta(name)) for name in adapter.modules}
+
+
+@dataclass(frozen=True)
+class ModuleOverlap:
+    """One module's part in the overlap of two adapters.
+
+    Attributes:
+        name: the module.
+        contribution: ``⟨X_m, Y_m⟩ / (‖X‖ ‖Y‖)``, this module's term of the overall cosine
+            (the terms of all modules add up to it).
+        cosine: the cosine of the two deltas within the module alone.
+    """
+
+    name: str
+    contribution: float
+    cosine: float
+
+
+@dataclass(frozen=True)
+class PairInterference:
+    """How two adapters' deltas ``X`` (first) and ``Y`` (second) overlap.
+
+    Energy shares are ``Σ_m ‖P_m X_m‖² / Σ_m ‖X_m‖²`` over the modules ``m``, where ``P_m``
+    projects onto ``Y_m``'s column space (``column_share``; acting on the output side) or row
+    space (``row_share``; the input side). Each share is a pair ``(X in Y's space, Y in X's space)``.
+    ``chance_*`` are the same shares expected for random subspaces of the same ranks
+    (``rank / dimension`` per module, energy-weighted), the level that means "no overlap".
+
+    Attributes:
+        first, second: the labels.
+        cosine: the overall cosine (as in :func:`similarity`).
+        cosine_by_module_type: the cosine within each module type.
+        column_share, row_share: the energy shares described above.
+        chance_column, chance_row: their chance levels.
+        top_modules: the modules with the largest ``|contribution|``, largest first.
+    """
+
+    first: str
+    second: str
+    cosine: float
+    cosine_by_module_type: dict[str, float]
+    column_share: tuple[float, float]
+    row_share: tuple[float, float]
+    chance_column: tuple[float, float]
+    chance_row: tuple[float, float]
+    top_modules: list[ModuleOverlap] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "first": self.first,
+            "second": self.second,
+            "cosine": self.cosine,
+            "cosine_by_module_type": self.cosine_by_module_type,
+            "column_share": list(self.column_share),
+            "row_share": list(self.row_share),
+            "chance_column": list(self.chance_column),
+            "chance_row": list(self.chance_row),
+            "top_modules": [vars(m) for m in self.top_modules],
+        }
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator > 0 else 0.0
+
+
+def interference(adapters: Sequence[AdapterFile], top: int = 5, progress: bool = False) -> list[PairInterference]:
+    """For each pair of adapters: cosines (overall, per module type), the share of each one's
+    energy inside the other's column and row spaces, and the ``top`` modules where they overlap
+    most. Everything comes from the factors (QR of ``B`` and ``Aᵀ`` and an SVD of the small core
+    per module, see :func:`lora_arith.factors.subspaces`); no dense ``out × in`` matrix is formed.
+    """
+    count = len(adapters)
+    names = sorted({name for adapter in adapters for name in adapter.modules})
+    pairs = list(combinations(range(count), 2))
+    energy = [0.0] * count
+    cross = {pair: 0.0 for pair in pairs}
+    type_energy: dict[str, list[float]] = {}
+    type_cross: dict[str, dict[tuple[int, int], float]] = {}
+    # [pair][direction]: projected energy of one adapter in the other's spaces, and its chance level
+    column = {pair: [0.0, 0.0] for pair in pairs}
+    row = {pair: [0.0, 0.0] for pair in pairs}
+    chance_column = {pair: [0.0, 0.0] for pair in pairs}
+    chance_row = {pair: [0.0, 0.0] for pair in pairs}
+    per_module: dict[tuple[int, int], list[tuple[str, float, float]]] = {pair: [] for pair in pairs}
+    if progress:
+        from tqdm import tqdm
+
+        names = tqdm(names, desc="interference", unit="module", leave=False)
+    with single_threaded():
+        for name in names:
+            deltas = {i: a.delta(name) for i, a in enumerate(adapters) if name in a.modules}
+            own = {i: inner(d, d) for i, d in deltas.items()}
+            spaces = {i: subspaces(d) for i, d in deltas.items()}
+            module_type = name.rsplit(".", 1)[-1]
+            t_energy = type_energy.setdefault(module_type, [0.0] * count)
+            t_cross = type_cross.setdefault(module_type, {pair: 0.0 for pair in pairs})
+            for i, value in own.items():
+                energy[i] += value
+                t_energy[i] += value
+            for i, j in pairs:
+                if i not in deltas or j not in deltas:
+                    continue
+                product = inner(deltas[i], deltas[j])
+                cross[(i, j)] += product
+                t_cross[(i, j)] += product
+                per_module[(i, j)].append((name, product, _ratio(product, (own[i] * own[j]) ** 0.5)))
+                out_features, in_features = deltas[i].shape
+                for direction, (x, y) in enumerate(((i, j), (j, i))):
+                    column[(i, j)][direction] += projected_energy(deltas[x], spaces[y][0], "column")
+                    row[(i, j)][direction] += projected_energy(deltas[x], spaces[y][1], "row")
+                    chance_column[(i, j)][direction] += own[x] * spaces[y][0].shape[1] / out_features
+                    chance_row[(i, j)][direction] += own[x] * spaces[y][1].shape[1] / in_features
+    result = []
+    for i, j in pairs:
+        scale = (energy[i] * energy[j]) ** 0.5
+        shares = [
+            tuple(_ratio(values[d], energy[(i, j)[d]]) for d in (0, 1))
+            for values in (column[(i, j)], row[(i, j)], chance_column[(i, j)], chance_row[(i, j)])
+        ]
+        ranked = sorted(per_module[(i, j)], key=lambda item: -abs(item[1]))[:top]
+        result.append(
+            PairInterference(
+                first=adapters[i].label,
+                second=adapters[j].label,
+                cosine=_ratio(cross[(i, j)], scale),
+                cosine_by_module_type={
+                    t: _ratio(type_cross[t][(i, j)], (type_energy[t][i] * type_energy[t][j]) ** 0.5)
+                    for t in sorted(type_cross)
+                },
+                column_share=shares[0],
+                row_share=shares[1],
+                chance_column=shares[2],
+                chance_row=shares[3],
+                top_modules=[ModuleOverlap(n, _ratio(p, scale), c) for n, p, c in ranked],
+            )
+        )
+    return result

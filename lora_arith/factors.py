@@ -26,6 +26,8 @@ __all__ = [
     "frobenius_norm",
     "cosine",
     "to_dense",
+    "subspaces",
+    "projected_energy",
     "single_threaded",
 ]
 
@@ -263,6 +265,45 @@ def cosine(a: LowRankDelta, b: LowRankDelta) -> float:
     """Cosine similarity of two deltas as flattened matrices (0 if either is zero)."""
     denominator = frobenius_norm(a) * frobenius_norm(b)
     return inner(a, b) / denominator if denominator > 0 else 0.0
+
+
+@_on_one_thread
+def subspaces(delta: LowRankDelta, rtol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal bases ``(U, V)`` of the column space (``out × k``) and row space (``in × k``)
+    of ``ΔW = B A``, from the factors.
+
+    ``B = Q_B R_B`` and ``Aᵀ = Q_A R_A`` by QR, then the small core ``R_B R_Aᵀ = U_c S V_cᵀ`` by
+    SVD; ``U = Q_B U_c`` and ``V = Q_A V_c``, keeping the ``k`` singular values above
+    ``rtol · S_max`` (so a rank-deficient factor adds no spurious directions). Both are fp64;
+    a zero delta gives empty bases.
+    """
+    Q_B, R_B = torch.linalg.qr(delta.B.double())
+    Q_A, R_A = torch.linalg.qr(delta.A.double().T)
+    U, S, Vh = torch.linalg.svd(R_B @ R_A.T)
+    k = int((S > rtol * S.max()).sum()) if S.numel() and S.max() > 0 else 0
+    return Q_B @ U[:, :k], Q_A @ Vh[:k].T
+
+
+@_on_one_thread
+def projected_energy(delta: LowRankDelta, basis: torch.Tensor, side: str) -> float:
+    """``‖P ΔW‖_F²`` (``side="column"``) or ``‖ΔW P‖_F²`` (``side="row"``), where ``P = basis basisᵀ``
+    projects onto the span of ``basis``'s orthonormal columns; from the factors (fp64).
+
+    ``‖Uᵀ B A‖² = Σ (CᵀC) ∘ (A Aᵀ)`` with ``C = Uᵀ B`` (and symmetrically for the row side), so no
+    ``out × in`` matrix is formed. Divide by ``frobenius_norm(delta) ** 2`` for the share of energy.
+    """
+    B, A, basis = delta.B.double(), delta.A.double(), basis.double()
+    if side == "column":
+        if basis.shape[0] != B.shape[0]:
+            raise ValueError(f"a column basis needs {B.shape[0]} rows, got {basis.shape[0]}")
+        C = basis.T @ B
+        return float(((C.T @ C) * (A @ A.T)).sum())
+    if side == "row":
+        if basis.shape[0] != A.shape[1]:
+            raise ValueError(f"a row basis needs {A.shape[1]} rows, got {basis.shape[0]}")
+        C = A @ basis
+        return float(((B.T @ B) * (C @ C.T)).sum())
+    raise ValueError(f"side must be 'column' or 'row', got {side!r}")
 
 
 def to_dense(delta: LowRankDelta) -> torch.Tensor:

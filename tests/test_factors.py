@@ -13,6 +13,8 @@ from lora_arith.factors import (
     cosine,
     frobenius_norm,
     inner,
+    projected_energy,
+    subspaces,
     to_dense,
     weighted_sum,
 )
@@ -159,3 +161,61 @@ def test_scaling_distributes_over_addition(shape, seeds, w):
     scale = (float(to_dense(a).norm()) + float(to_dense(b).norm())) * max(abs(w), 1.0)
     left, right = to_dense(w * (a + b)), to_dense(w * a + w * b)
     assert float((left - right).norm()) <= 1e-5 * scale
+
+
+# ---- subspaces and projected energy (interference) -------------------------------------------
+
+
+def _dense_bases(matrix: torch.Tensor, tol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    U, S, Vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    k = int((S > tol * S.max()).sum())
+    return U[:, :k], Vh[:k].T
+
+
+def test_subspaces_span_the_dense_column_and_row_spaces():
+    delta = random_delta(30, 20, 4, 3)
+    U, V = subspaces(delta)
+    dense_U, dense_V = _dense_bases(to_dense(delta))
+    assert U.shape == (30, 4) and V.shape == (20, 4)
+    assert torch.allclose(U.T @ U, torch.eye(4, dtype=torch.float64), atol=1e-10)
+    # the same spaces: the projectors agree
+    assert torch.allclose(U @ U.T, dense_U @ dense_U.T, atol=1e-5)
+    assert torch.allclose(V @ V.T, dense_V @ dense_V.T, atol=1e-5)
+
+
+def test_subspaces_of_rank_deficient_factors_keep_only_the_true_rank():
+    generator = torch.Generator().manual_seed(5)
+    B = torch.randn(25, 2, generator=generator) @ torch.randn(2, 6, generator=generator)  # rank 2, 6 columns
+    delta = LowRankDelta(B, torch.randn(6, 15, generator=generator))
+    U, V = subspaces(delta)
+    assert U.shape[1] == V.shape[1] == 2
+    dense_U, dense_V = _dense_bases(to_dense(delta))
+    assert torch.allclose(U @ U.T, dense_U @ dense_U.T, atol=1e-5)
+    zero_U, zero_V = subspaces(LowRankDelta(torch.zeros(8, 2), torch.randn(2, 5)))
+    assert zero_U.shape == (8, 0) and zero_V.shape == (5, 0)
+
+
+@pytest.mark.parametrize("side", ["column", "row"])
+def test_projected_energy_matches_a_dense_projection(side):
+    x, y = random_delta(40, 28, 5, 11), random_delta(40, 28, 3, 12)
+    # make x overlap y partly: add a piece of y
+    x = weighted_sum([x, y], [1.0, 2.0])
+    U, V = subspaces(y)
+    dense = to_dense(x).double()
+    expected = (U @ U.T @ dense if side == "column" else dense @ V @ V.T).square().sum()
+    got = projected_energy(x, U if side == "column" else V, side)
+    assert got == pytest.approx(float(expected), rel=1e-6)
+    assert 0 < got < frobenius_norm(x) ** 2
+    # a delta lies wholly inside its own spaces
+    own_U, own_V = subspaces(x)
+    assert projected_energy(x, own_U if side == "column" else own_V, side) == pytest.approx(
+        frobenius_norm(x) ** 2, rel=1e-6
+    )
+
+
+def test_projected_energy_rejects_wrong_shapes():
+    delta = random_delta(10, 6, 2, 0)
+    with pytest.raises(ValueError, match="rows"):
+        projected_energy(delta, torch.zeros(6, 1), "column")
+    with pytest.raises(ValueError, match="side"):
+        projected_energy(delta, torch.zeros(10, 1), "left")

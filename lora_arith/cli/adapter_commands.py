@@ -1,5 +1,5 @@
 """Commands that work on adapter files alone, without loading a model: combine, extract,
-inspect, similarity."""
+inspect, similarity, interference."""
 
 from __future__ import annotations
 
@@ -198,6 +198,71 @@ def similarity(adapters) -> None:
     for module_type, matrix in result.by_module_type.items():
         click.echo(f"\n{module_type}")
         click.echo("\n".join(_matrix_lines(labels, matrix)))
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+@main.command()
+@click.argument("adapters", nargs=-1, required=True, metavar="V1 V2 [V3...]")
+@click.option("--top", type=click.IntRange(min=0), default=5, show_default=True, help="Modules listed per pair.")
+@output_option("Also write the figures as JSON to this file.", type=click.Path(path_type=Path), default=None)
+@force_option()
+def interference(adapters, top, output, force) -> None:
+    """How much each pair of vectors overlaps, before you mix them.
+
+    For each pair X, Y: the cosine overall and per module type; the share of X's energy
+    (squared Frobenius norm) inside Y's column space (output side) and row space (input side),
+    and the reverse, beside the share expected by chance for subspaces of the same rank; and the
+    modules that contribute most to the cosine. All from the factors (QR of B and Aᵀ, SVD of a
+    small core per module), never a dense matrix.
+
+    \b
+    Example:
+      lora-arith interference adapters/helpful adapters/harmless adapters/concise
+    """
+    import json
+
+    from lora_arith.adapter_io import adapter_sources, open_adapter
+    from lora_arith.analysis import interference as compute_interference
+    from lora_arith.atomic import atomic_output, check_output
+    from lora_arith.errors import LoraArithError
+
+    if len(adapters) < 2:
+        raise LoraArithError("interference needs at least two adapters")
+    if output is not None:
+        inputs = [source for adapter in adapters for source in adapter_sources(adapter)]
+        output = check_output(output, force=force, inputs=inputs, kind="file")
+    opened = [open_adapter(path) for path in adapters]
+    pairs = compute_interference(opened, top=top, progress=progress_wanted())
+    for number, pair in enumerate(pairs):
+        x, y = pair.first, pair.second
+        if number:
+            click.echo("")
+        click.echo(f"{x} × {y}")
+        click.echo(f"  cosine {pair.cosine:+.4f}")
+        types = "  ".join(f"{t} {c:+.4f}" for t, c in pair.cosine_by_module_type.items())
+        click.echo(f"  by module type: {types}")
+        for side, share, chance in (
+            ("column (output) space", pair.column_share, pair.chance_column),
+            ("row (input) space", pair.row_share, pair.chance_row),
+        ):
+            click.echo(
+                f"  energy in the other's {side}: {x} in {y} {_percent(share[0])}, "
+                f"{y} in {x} {_percent(share[1])} (chance {_percent(chance[0])}, {_percent(chance[1])})"
+            )
+        if pair.top_modules:
+            click.echo("  overlap most in (module: part of the cosine, cosine within the module):")
+            for module in pair.top_modules:
+                click.echo(f"    {module.name}: {module.contribution:+.4f}, {module.cosine:+.4f}")
+    if output is not None:
+        shared = {o.label: Path(a).name for o, a in zip(opened, adapters)}  # basenames: no local paths
+        rows = [{**p.to_dict(), "first": shared[p.first], "second": shared[p.second]} for p in pairs]
+        record = {"adapters": [Path(a).name for a in adapters], "pairs": rows}
+        with atomic_output(output) as temporary:
+            temporary.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
+        click.echo(f"\nwrote {output}")
 
 
 @main.command()
