@@ -404,10 +404,10 @@ def use_bf16(requested: bool | None, device: str) -> bool:
     return requested if requested is not None else (supported if on_cuda else _cpu_has_fast_bf16())
 
 
-def _cpu_has_fast_bf16() -> bool:
+def _cpu_has_fast_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """Whether the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX-BF16); Linux only."""
     try:
-        cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        cpuinfo = cpuinfo.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return False
     return re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo) is not None
