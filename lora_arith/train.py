@@ -135,6 +135,17 @@ class TrainConfig:
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay."})
     logging_steps: int = field(default=1, metadata={"help": "Record metrics every this many optimizer steps."})
     device: str | None = field(default=None, metadata={"help": "'cpu' or 'cuda[:N]'; None picks CUDA if available."})
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Recompute activations in the backward pass to save memory. Default: on for CUDA."},
+    )
+    report_to: str = field(
+        default="none", metadata={"help": "Where transformers reports metrics: 'none', 'tensorboard', 'wandb', ..."}
+    )
+    dpo_arg: list[str] = field(
+        default_factory=list,
+        metadata={"help": "KEY=VALUE passed to TRL's DPOConfig (VALUE read as JSON, else as text)."},
+    )
 
     @classmethod
     def help(cls, name: str) -> str:
@@ -162,9 +173,32 @@ class TrainConfig:
             raise LoraArithError(f"unknown label {self.label!r}; use one of {', '.join(LABELS)}")
         if not self.data:
             raise LoraArithError("no data files given")
+        self.dpo_arg = list(self.dpo_arg)
+        self.dpo_arguments()
         if self.double_quant and not self.quantize_4bit:
             raise LoraArithError("double_quant needs the 4-bit base (quantize_4bit)")
         self.target_modules()
+
+    def dpo_arguments(self) -> dict[str, Any]:
+        """``dpo_arg`` as keyword arguments of TRL's ``DPOConfig``; an unknown key is an error."""
+        if not self.dpo_arg:
+            return {}
+        from trl import DPOConfig
+
+        known = {item.name for item in fields(DPOConfig)}
+        arguments = {}
+        for item in self.dpo_arg:
+            key, equals, text = item.partition("=")
+            key = key.strip()
+            if not equals or not key:
+                raise LoraArithError(f"dpo_arg {item!r} is not KEY=VALUE")
+            if key not in known:
+                raise LoraArithError(f"dpo_arg {key!r} is not a DPOConfig argument")
+            try:
+                arguments[key] = json.loads(text)
+            except ValueError:
+                arguments[key] = text
+        return arguments
 
     def target_modules(self) -> str | list[str]:
         """``targets`` in the form PEFT takes: ``"all-linear"`` or a list of module names."""
@@ -348,7 +382,8 @@ def _dpo_args(config: TrainConfig, work_dir: Path, device: str) -> Any:
     from trl import DPOConfig
 
     on_cuda = device.startswith("cuda")
-    return DPOConfig(
+    checkpointing = on_cuda if config.gradient_checkpointing is None else config.gradient_checkpointing
+    arguments = dict(
         output_dir=str(work_dir),
         beta=config.beta,
         **_loss_args(config.sft_weight),
@@ -364,14 +399,15 @@ def _dpo_args(config: TrainConfig, work_dir: Path, device: str) -> Any:
         seed=config.seed,
         logging_steps=config.logging_steps,
         disable_dropout=config.dropout == 0,
-        **{_checkpointing_argument(DPOConfig): False},  # TRL turns it on; for small bases it only costs time
+        **{_checkpointing_argument(DPOConfig): checkpointing},  # TRL turns it on; on CPU it only costs time
         use_cpu=not on_cuda,
         bf16=use_bf16(config.bf16, device),
         dataloader_pin_memory=on_cuda,
         save_strategy="no",
-        report_to="none",
+        report_to=config.report_to,
         push_to_hub=False,
     )
+    return DPOConfig(**(arguments | config.dpo_arguments()))
 
 
 def _loss_args(sft_weight: float) -> dict[str, Any]:
@@ -478,7 +514,7 @@ def _versions() -> dict[str, str]:
 def _hyperparameters(config: TrainConfig) -> dict[str, Any]:
     """The training settings, without the data, base and device fields."""
     settings = asdict(config)
-    for name in ("data", "base", "label", "skip_invalid", "device"):
+    for name in ("data", "base", "label", "skip_invalid", "device", "report_to"):
         settings.pop(name)
     settings["effective_batch_size"] = config.batch_size * config.grad_accum
     return settings

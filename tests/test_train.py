@@ -181,6 +181,30 @@ def test_valid_config_builds():
     assert TrainConfig(data=["x.jsonl"], targets=" q_proj, v_proj ").target_modules() == ["q_proj", "v_proj"]
 
 
+def test_dpo_args_report_to_and_checkpointing_reach_dpo_config(tmp_path):
+    from lora_arith.train import _dpo_args
+
+    config = TrainConfig(
+        data=["x.jsonl"], dpo_arg=["label_smoothing=0.25", "precompute_ref_log_probs=true", "loss_type=[\"ipo\"]"],
+        report_to="tensorboard", gradient_checkpointing=True,
+    )  # fmt: skip
+    args = _dpo_args(config, tmp_path, "cpu")
+    assert args.label_smoothing == 0.25 and args.precompute_ref_log_probs is True and args.loss_type == ["ipo"]
+    assert args.report_to == ["tensorboard"]
+    assert getattr(args, _checkpointing_argument(type(args))) is True
+    defaults = _dpo_args(TrainConfig(data=["x.jsonl"]), tmp_path, "cpu")
+    assert defaults.report_to in ("none", [], ["none"]) and getattr(defaults, _checkpointing_argument(type(args))) is False
+
+
+def test_cli_unknown_dpo_arg_is_a_one_line_error(pairs_file, tmp_path):
+    args = ["train", "--data", str(pairs_file), "-o", str(tmp_path / "x"), "--dpo-arg", "nonsense=1"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and result.output == "Error: dpo_arg 'nonsense' is not a DPOConfig argument\n"
+    result = CliRunner().invoke(main, args[:-1] + ["beta"])
+    assert result.exit_code == 1 and "is not KEY=VALUE" in result.output
+    assert not (tmp_path / "x").exists()
+
+
 def test_config_fields_all_have_help():
     from dataclasses import fields
 

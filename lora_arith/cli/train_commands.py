@@ -23,6 +23,8 @@ def _option(item: Field):
     flag = "--" + name.replace("_", "-")
     if name == "data":
         return click.option(flag, name, multiple=True, required=True, metavar="SPEC", help=_help(name) + " Repeatable.")
+    if name == "dpo_arg":
+        return click.option(flag, name, multiple=True, metavar="KEY=VALUE", help=_help(name) + " Repeatable.")
     if name == "label":
         return click.option(flag, type=click.Choice(sorted(LABELS)), default=None, help=_help(name))
     if name == "quantize_4bit":
