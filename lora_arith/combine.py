@@ -43,6 +43,13 @@ class AdapterSpec:
 
     path: str
     weight: float = 1.0
+    name: str | None = None
+    """How the input is recorded in the recipe and training records (default: the path's basename)."""
+
+    @property
+    def public_name(self) -> str:
+        """The name recorded for this input: ``name``, else the path reduced to its basename."""
+        return self.name or public_name(self.path)
 
     def __str__(self) -> str:
         return f"{self.path}:{self.weight:g}"
@@ -285,7 +292,7 @@ def combine(
         "energy": energy,
         "inputs": [
             {
-                "path": public_name(spec.path),
+                "path": spec.public_name,
                 "weight": spec.weight,
                 "sha256": adapter.sha256,
                 "base_model": public_name(adapter.base_model) if adapter.base_model else None,
@@ -293,6 +300,6 @@ def combine(
             for spec, adapter in zip(specs, adapters)
         ],
     }
-    training = {public_name(s.path): a.training for s, a in zip(specs, adapters) if a.training}
+    training = {s.public_name: a.training for s, a in zip(specs, adapters) if a.training}
     sources = [source for adapter in adapters for source in adapter.sources]
     return Combination(deltas, kinds, config, recipe, out_dtype, results, len(adapters), training or None, sources)

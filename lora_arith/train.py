@@ -4,9 +4,11 @@ The reference model is the base itself: TRL disables the adapter to compute the 
 log-probabilities, so no second model is loaded. Pairs are given to TRL in conversational
 form, so they are tokenised with the base's own chat template.
 
-A run writes, into its output folder:
+:func:`train_preference` returns a :class:`TrainResult` (the folder, the metadata, the per-step
+log) and writes, into its output folder, each file once from memory:
 
-* the PEFT adapter (``adapter_config.json``, ``adapter_model.safetensors``);
+* the PEFT adapter (``adapter_config.json``, ``adapter_model.safetensors``) and its single-file
+  form ``NAME.safetensors`` with the training summary embedded;
 * ``training_log.json``: one entry per logging step with ``loss``, ``rewards/accuracies``,
   ``rewards/margins`` and TRL's other metrics;
 * ``training_metadata.json``: data files with their sha256, swap flag, label, hyperparameters,
@@ -49,7 +51,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
     from trl import DPOTrainer
 
-__all__ = ["TrainConfig", "train_preference", "use_bf16", "TRAINING_LOG", "TRAINING_METADATA"]
+__all__ = ["TrainConfig", "TrainResult", "train_preference", "use_bf16", "TRAINING_LOG", "TRAINING_METADATA"]
 
 TRAINING_LOG = "training_log.json"
 """Per-step metrics written next to the adapter."""
@@ -62,7 +64,10 @@ _LOGGED_PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "dat
 
 @dataclass
 class TrainConfig:
-    """Settings of one DPO run that trains a preference as a LoRA adapter.
+    """What one DPO run trains (data, base, LoRA and DPO hyper-parameters), checked when built.
+
+    Where the run is written, whether it is replaced and whether chosen and rejected are swapped
+    are arguments of :func:`train_preference`, not settings of the training.
 
     The defaults follow the paper's DPO settings (β 0.1, 2 epochs, cosine schedule, warm-up 0.03,
     weight decay 0.05, effective batch 16, max length 512) with a learning rate suited to LoRA
@@ -72,12 +77,10 @@ class TrainConfig:
     data: list[str] = field(
         metadata={"help": "Data specs: JSONL files, refusal:PATH / answer:PATH templated files, or Hub dataset ids."}
     )
-    output: str = field(metadata={"help": "Folder to write the adapter, training log and metadata to."})
     base: str | None = field(
         default=None,
         metadata={"help": "Base model: a local directory or Hub id. Default: the embedded SmolLM2-135M-Instruct."},
     )
-    swap: bool = field(default=False, metadata={"help": "Exchange chosen and rejected (the negative run)."})
     label: str | None = field(
         default=None,
         metadata={"help": "PKU-SafeRLHF label to train on: 'helpful' or 'harmless' (needed for such records)."},
@@ -131,16 +134,27 @@ class TrainConfig:
     lr_scheduler: str = field(default="cosine", metadata={"help": "Learning-rate schedule after warm-up."})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay."})
     logging_steps: int = field(default=1, metadata={"help": "Record metrics every this many optimizer steps."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace an existing adapter folder at output."})
     device: str | None = field(default=None, metadata={"help": "'cpu' or 'cuda[:N]'; None picks CUDA if available."})
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Recompute activations in the backward pass to save memory. Default: on for CUDA."},
+    )
+    report_to: str = field(
+        default="none", metadata={"help": "Where transformers reports metrics: 'none', 'tensorboard', 'wandb', ..."}
+    )
+    dpo_arg: list[str] = field(
+        default_factory=list,
+        metadata={"help": "KEY=VALUE passed to TRL's DPOConfig (VALUE read as JSON, else as text)."},
+    )
 
     @classmethod
     def help(cls, name: str) -> str:
         """The help text of field ``name``."""
         return next(f.metadata["help"] for f in fields(cls) if f.name == name)
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         """Raise :class:`LoraArithError` for settings that cannot work."""
+        self.data = list(self.data)
         positive = {"rank": self.rank, "alpha": self.alpha, "beta": self.beta, "lr": self.lr}
         positive |= {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
         positive |= {"max_length": self.max_length, "logging_steps": self.logging_steps}
@@ -159,6 +173,32 @@ class TrainConfig:
             raise LoraArithError(f"unknown label {self.label!r}; use one of {', '.join(LABELS)}")
         if not self.data:
             raise LoraArithError("no data files given")
+        self.dpo_arg = list(self.dpo_arg)
+        self.dpo_arguments()
+        if self.double_quant and not self.quantize_4bit:
+            raise LoraArithError("double_quant needs the 4-bit base (quantize_4bit)")
+        self.target_modules()
+
+    def dpo_arguments(self) -> dict[str, Any]:
+        """``dpo_arg`` as keyword arguments of TRL's ``DPOConfig``; an unknown key is an error."""
+        if not self.dpo_arg:
+            return {}
+        from trl import DPOConfig
+
+        known = {item.name for item in fields(DPOConfig)}
+        arguments = {}
+        for item in self.dpo_arg:
+            key, equals, text = item.partition("=")
+            key = key.strip()
+            if not equals or not key:
+                raise LoraArithError(f"dpo_arg {item!r} is not KEY=VALUE")
+            if key not in known:
+                raise LoraArithError(f"dpo_arg {key!r} is not a DPOConfig argument")
+            try:
+                arguments[key] = json.loads(text)
+            except ValueError:
+                arguments[key] = text
+        return arguments
 
     def target_modules(self) -> str | list[str]:
         """``targets`` in the form PEFT takes: ``"all-linear"`` or a list of module names."""
@@ -170,24 +210,52 @@ class TrainConfig:
         return names
 
 
-def train_preference(config: TrainConfig) -> Path:
-    """Train a LoRA adapter with DPO on ``config.data`` and write it to ``config.output``.
+FINAL_METRICS = ("loss", "rewards/accuracies", "rewards/margins")
 
-    Returns:
-        The output folder, holding the PEFT adapter, ``training_log.json`` and
-        ``training_metadata.json``.
+
+@dataclass(frozen=True)
+class TrainResult:
+    """A finished run: where it was written, its metadata and its per-step log (as written to
+    ``training_metadata.json`` and ``training_log.json``)."""
+
+    path: Path
+    metadata: dict[str, Any]
+    log: list[dict[str, Any]]
+
+    @property
+    def single_file(self) -> Path:
+        """The single-file form of the adapter inside the run's folder."""
+        return self.path / single_file_name(self.path)
+
+    @property
+    def final_metrics(self) -> dict[str, Any]:
+        """The last logged values of :data:`FINAL_METRICS`."""
+        last = self.log[-1] if self.log else {}
+        return {k: last[k] for k in FINAL_METRICS if k in last}
+
+    def summary(self) -> dict[str, Any]:
+        """The metadata plus ``final_metrics``: what the single-file form and model card record."""
+        return scrub({**self.metadata, "final_metrics": self.final_metrics})
+
+
+def train_preference(
+    config: TrainConfig, output: str | Path | Output, *, swap: bool = False, force: bool = False
+) -> TrainResult:
+    """Train a LoRA adapter with DPO on ``config.data`` and write it to the folder ``output``.
+
+    ``swap`` exchanges chosen and rejected (the negative run); ``force`` replaces an earlier
+    adapter folder at ``output``.
 
     Raises:
-        LoraArithError: for bad settings or data, an unusable base model, or an existing
-            output folder without ``overwrite``.
+        LoraArithError: for bad data, an unusable base model, or an existing output folder
+            without ``force``.
     """
     from lora_arith.base_model import base_model_id, default_device, load_base
 
     started = time.time()
-    config.validate()
-    output = _prepare_output(config)
+    output = _prepare_output(config, output, force)
     pairs, report = load_pairs(
-        config.data, label=config.label, swap=config.swap, skip_invalid=config.skip_invalid, seed=config.seed
+        config.data, label=config.label, swap=swap, skip_invalid=config.skip_invalid, seed=config.seed
     )
     device = config.device or default_device()
     model, tokenizer = load_base(
@@ -198,36 +266,31 @@ def train_preference(config: TrainConfig) -> Path:
         with removed_on_signal(Path(work_dir)):
             trainer = _make_trainer(config, model, tokenizer, _to_dataset(pairs), Path(work_dir), device)
             trainer.train()
+    metadata = _metadata(config, report, trainer, len(pairs), swap, base_model_id(config.base), device, started)
+    result = TrainResult(output.path, scrub(metadata), scrub(_step_logs(trainer)))
     with atomic_output(output) as folder:
-        trainer.model.save_pretrained(folder, save_embedding_layers=False)
-        _write_json(folder / TRAINING_LOG, _step_logs(trainer))
-        info = _metadata(config, report, trainer, len(pairs), base_model_id(config.base), device, started)
-        _write_json(folder / TRAINING_METADATA, info)
-        from lora_arith.adapter_io import write_single_file
-
-        write_single_file(folder, folder / single_file_name(output.path), training=training_summary(folder))
-        _write_model_card(folder)
-    return output.path
+        _write_run(trainer.model, folder, result)
+    return result
 
 
-FINAL_METRICS = ("loss", "rewards/accuracies", "rewards/margins")
+def _write_run(model: Any, folder: Path, result: TrainResult) -> None:
+    """Write a finished run into ``folder``, each file once: the PEFT adapter and its single-file
+    form (from the same in-memory tensors and config), the log, the metadata and the model card."""
+    from peft.utils import get_peft_model_state_dict
 
+    from lora_arith.adapter_io import save_adapter
 
-def training_summary(run: Path) -> dict[str, Any]:
-    """A run's ``training_metadata.json`` plus the last logged values of :data:`FINAL_METRICS`."""
-    summary = json.loads((run / TRAINING_METADATA).read_text())
-    log = json.loads((run / TRAINING_LOG).read_text())
-    summary["final_metrics"] = {k: log[-1][k] for k in FINAL_METRICS if log and k in log[-1]}
-    return summary
-
-
-def _write_model_card(folder: Path) -> None:
-    """Replace PEFT's generic README.md with this toolkit's card (base, data, settings, metrics)."""
-    from lora_arith.adapter_io import CONFIG_NAME, public_config
+    model.save_pretrained(folder, save_embedding_layers=False)  # PEFT's README.md is replaced below
+    tensors = get_peft_model_state_dict(model, save_embedding_layers=False)
+    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    summary = result.summary()
+    save_adapter(folder / result.single_file.name, tensors, config, training=summary)
+    _write_json(folder / TRAINING_LOG, result.log)
+    _write_json(folder / TRAINING_METADATA, result.metadata)
+    from lora_arith.adapter_io import public_config
     from lora_arith.model_card import model_card
 
-    config = public_config(json.loads((folder / CONFIG_NAME).read_text()))
-    (folder / "README.md").write_text(model_card(config, None, scrub(training_summary(folder))), encoding="utf-8")
+    (folder / "README.md").write_text(model_card(public_config(config), None, summary), encoding="utf-8")
 
 
 def single_file_name(output: Path) -> str:
@@ -243,15 +306,13 @@ def training_inputs(config: TrainConfig) -> list[Path]:
     return [*(f for f in files if f is not None), *base_sources(config.base)]
 
 
-def _prepare_output(config: TrainConfig) -> Output:
+def _prepare_output(config: TrainConfig, output: str | Path | Output, force: bool) -> Output:
     """Check the output before the long part (see :func:`~lora_arith.atomic.check_output`): an
-    existing one is replaced only with ``overwrite``, and only an empty folder or an earlier
+    existing one is replaced only with ``force``, and only an empty folder or an earlier
     adapter folder. Missing parent folders are created when the adapter is written."""
-    if isinstance(config.output, Output):
-        return config.output
-    return check_output(
-        config.output, force=config.overwrite, inputs=training_inputs(config), kind="adapter", create_parents=True
-    )
+    if isinstance(output, Output):
+        return output
+    return check_output(output, force=force, inputs=training_inputs(config), kind="adapter", create_parents=True)
 
 
 def _check_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: TrainConfig) -> None:
@@ -321,7 +382,8 @@ def _dpo_args(config: TrainConfig, work_dir: Path, device: str) -> Any:
     from trl import DPOConfig
 
     on_cuda = device.startswith("cuda")
-    return DPOConfig(
+    checkpointing = on_cuda if config.gradient_checkpointing is None else config.gradient_checkpointing
+    arguments = dict(
         output_dir=str(work_dir),
         beta=config.beta,
         **_loss_args(config.sft_weight),
@@ -337,14 +399,15 @@ def _dpo_args(config: TrainConfig, work_dir: Path, device: str) -> Any:
         seed=config.seed,
         logging_steps=config.logging_steps,
         disable_dropout=config.dropout == 0,
-        **{_checkpointing_argument(DPOConfig): False},  # TRL turns it on; for small bases it only costs time
+        **{_checkpointing_argument(DPOConfig): checkpointing},  # TRL turns it on; on CPU it only costs time
         use_cpu=not on_cuda,
         bf16=use_bf16(config.bf16, device),
         dataloader_pin_memory=on_cuda,
         save_strategy="no",
-        report_to="none",
+        report_to=config.report_to,
         push_to_hub=False,
     )
+    return DPOConfig(**(arguments | config.dpo_arguments()))
 
 
 def _loss_args(sft_weight: float) -> dict[str, Any]:
@@ -377,10 +440,10 @@ def use_bf16(requested: bool | None, device: str) -> bool:
     return requested if requested is not None else (supported if on_cuda else _cpu_has_fast_bf16())
 
 
-def _cpu_has_fast_bf16() -> bool:
+def _cpu_has_fast_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """Whether the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX-BF16); Linux only."""
     try:
-        cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        cpuinfo = cpuinfo.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return False
     return re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo) is not None
@@ -449,9 +512,9 @@ def _versions() -> dict[str, str]:
 
 
 def _hyperparameters(config: TrainConfig) -> dict[str, Any]:
-    """The training settings, without the data, output and housekeeping fields."""
+    """The training settings, without the data, base and device fields."""
     settings = asdict(config)
-    for name in ("data", "output", "base", "swap", "label", "skip_invalid", "overwrite", "device"):
+    for name in ("data", "base", "label", "skip_invalid", "device", "report_to"):
         settings.pop(name)
     settings["effective_batch_size"] = config.batch_size * config.grad_accum
     return settings
@@ -462,6 +525,7 @@ def _metadata(
     report: LoadReport,
     trainer: DPOTrainer,
     pairs_loaded: int,
+    swap: bool,
     base_id: str,
     device: str,
     started: float,
@@ -473,7 +537,7 @@ def _metadata(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "base_model": base_id,
         "data": _data_entries(report),
-        "swap": config.swap,
+        "swap": swap,
         "label": config.label,
         "pairs": {"loaded": pairs_loaded, "used": pairs_used, "dropped_prompt_too_long": pairs_loaded - pairs_used},
         "hyperparameters": _hyperparameters(config),

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, make_adapter, peft_deltas
+from helpers import LLAMA_TARGETS, make_adapter, peft_deltas
 from safetensors.torch import load_file, save_file
 
 from lora_arith.adapter_io import CONFIG_METADATA_KEY, open_adapter, save_adapter

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import dense_patched_model, load_base, logits, peft_deltas
+from helpers import dense_patched_model, load_base, logits, peft_deltas
 
 from lora_arith.adapter_io import open_adapter
 from lora_arith.analysis import similarity

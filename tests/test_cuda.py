@@ -12,8 +12,8 @@ import math
 
 import pytest
 import torch
-from conftest import load_base as load_cpu_reference
-from conftest import logits
+from helpers import load_base as load_cpu_reference
+from helpers import logits
 from safetensors.torch import load_file
 
 from lora_arith.base_model import load_base
@@ -41,10 +41,11 @@ def test_bases_load_on_cuda_with_bf16_compute(chat_base):
 def test_dpo_on_cuda_4bit_uses_bf16_autocast_and_keeps_fp32_adapter(chat_base, pairs_file, tmp_path):
     out = train_preference(
         TrainConfig(
-            data=[str(pairs_file)], output=str(tmp_path / "run"), base=str(chat_base), device="cuda",
+            data=[str(pairs_file)], base=str(chat_base), device="cuda",
             max_steps=3, batch_size=2, grad_accum=1, max_length=64, rank=4, alpha=8,
-        )
-    )  # fmt: skip
+        ),
+        tmp_path / "run",
+    ).path  # fmt: skip
     info = json.loads((out / "training_metadata.json").read_text())
     assert info["training"]["bf16_autocast"] is True
     weights = load_file(out / "adapter_model.safetensors")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import load_base, make_adapter
+from helpers import load_base, make_adapter
 from safetensors.torch import load_file, save_file
 
 from lora_arith.cli import main

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import load_base, logits
+from helpers import load_base, logits
 from safetensors import safe_open
 
 from lora_arith.cli import main
@@ -214,7 +214,7 @@ def test_fan_in_fan_out_gpt2_merge_equals_peft(tiny_gpt2, tmp_path):
     """GPT-2's Conv1D weights are stored transposed (fan_in_fan_out): the delta is added as (B A)ᵀ."""
     from peft import PeftModel
 
-    from conftest import make_adapter
+    from helpers import make_adapter
 
     adapter = make_adapter(tiny_gpt2, tmp_path / "gpt2-lora", target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
     result = run("merge", "--base", tiny_gpt2, "--adapter", f"{adapter}:-0.8", "-o", tmp_path / "merged")

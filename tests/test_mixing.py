@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import load_base, logits
+from helpers import load_base, logits
 
 from lora_arith.cli import main
 from lora_arith.combine import combine

@@ -83,7 +83,7 @@ def base_copy(chat_base, tmp_path) -> Path:
 
 @pytest.fixture
 def chat_adapter(base_copy, tmp_path) -> Path:
-    from conftest import make_adapter
+    from helpers import make_adapter
 
     return make_adapter(base_copy, tmp_path / "chat-adapter", r=2, lora_alpha=4)
 

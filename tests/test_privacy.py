@@ -9,18 +9,19 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_adapter
+from helpers import make_adapter
 from tiny_models import make_tiny_chat_model
 
 from lora_arith.cli import main
+from lora_arith.factors import single_threaded
 
 
 @pytest.fixture(scope="module", autouse=True)
 def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    """Run this module's tiny models on one thread: they gain nothing from more, and on a busy
+    machine every multi-threaded op waits for a descheduled worker thread (~20 ms each)."""
+    with single_threaded():
+        yield
 
 
 def run(*args):

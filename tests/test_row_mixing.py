@@ -28,7 +28,7 @@ DEFAULTS = {"helpful": 0.3, "harmless": 1.5}  # the mixer's own weights: rows le
 def vectors(chat_base, tmp_path_factory):
     """Like conftest's ``two_adapters`` (different ranks, scalings, rsLoRA, target modules) but
     with fixed seeds, so the logits compared below do not depend on which tests ran before."""
-    from conftest import make_adapter
+    from helpers import make_adapter
 
     folder = tmp_path_factory.mktemp("row-vectors")
     helpful = make_adapter(chat_base, folder / "helpful", seed=10, r=4, lora_alpha=8)

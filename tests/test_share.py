@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import load_base, logits, make_adapter
+from helpers import load_base, logits, make_adapter
 
 from lora_arith.adapter_io import open_adapter
 from lora_arith.cli import main

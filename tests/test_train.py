@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import PAIRS
+from helpers import PAIRS, dense_patched_model, logits
+from helpers import load_base as load_tiny
 from safetensors.torch import load_file
-from tiny_models import make_tiny_chat_model
 
 import lora_arith.cli.train_commands  # noqa: F401  (registers ``train`` on ``main``)
 from lora_arith.base_model import (
@@ -25,6 +25,7 @@ from lora_arith.base_model import (
 from lora_arith.cli import main
 from lora_arith.data import load_pairs
 from lora_arith.errors import LoraArithError
+from lora_arith.factors import single_threaded
 from lora_arith.train import (
     TrainConfig,
     _checkpointing_argument,
@@ -41,15 +42,8 @@ QUICK = {"max_steps": 2, "batch_size": 2, "grad_accum": 1, "max_length": 64, "ra
 def single_thread():
     """Run this module's tiny models on one thread: they gain nothing from more, and on a busy
     machine every multi-threaded op waits for a descheduled worker thread (~20 ms each)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_chat(tmp_path_factory) -> Path:
-    return make_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"))
+    with single_threaded():
+        yield
 
 
 def read_json(path: Path):
@@ -59,13 +53,12 @@ def read_json(path: Path):
 # ---- training --------------------------------------------------------------------------------
 
 
-def test_train_on_4bit_base_writes_adapter_log_and_metadata(tiny_chat, pairs_file, tmp_path):
-    out = train_preference(
-        TrainConfig(data=[str(pairs_file)], output=str(tmp_path / "run"), base=str(tiny_chat), **QUICK)
-    )
+def test_train_on_4bit_base_writes_adapter_log_and_metadata(chat_base, pairs_file, tmp_path):
+    run = train_preference(TrainConfig(data=[str(pairs_file)], base=str(chat_base), **QUICK), tmp_path / "run")
+    out = run.path
     assert out == tmp_path / "run"
     config = read_json(out / "adapter_config.json")
-    assert config["base_model_name_or_path"] == tiny_chat.name  # a local base: its name, not its path
+    assert config["base_model_name_or_path"] == chat_base.name  # a local base: its name, not its path
     assert config["r"] == 4 and config["lora_alpha"] == 8
     adapted = {name.rsplit(".", 1)[-1] for name in config["target_modules"]}
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -80,6 +73,7 @@ def test_train_on_4bit_base_writes_adapter_log_and_metadata(tiny_chat, pairs_fil
     assert log[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # the adapter starts at zero: policy == reference
 
     info = read_json(out / "training_metadata.json")
+    assert run.log == log and run.metadata == info  # the returned result is what was written
     assert info["data"] == [
         {
             "spec": pairs_file.name,
@@ -91,7 +85,7 @@ def test_train_on_4bit_base_writes_adapter_log_and_metadata(tiny_chat, pairs_fil
         }
     ]
     assert info["swap"] is False and info["label"] is None
-    assert info["base_model"] == tiny_chat.name
+    assert info["base_model"] == chat_base.name
     assert info["hyperparameters"]["quantize_4bit"] is True
     assert info["hyperparameters"]["effective_batch_size"] == 2
     assert info["training"]["steps"] == 2
@@ -106,9 +100,9 @@ def test_train_on_4bit_base_writes_adapter_log_and_metadata(tiny_chat, pairs_fil
     assert single.training["data"][0]["sha256"] == info["data"][0]["sha256"]
 
 
-def test_cli_trains_swapped_unquantized(tiny_chat, pairs_file, tmp_path):
+def test_cli_trains_swapped_unquantized(chat_base, pairs_file, tmp_path):
     out = tmp_path / "neg"
-    args = ["train", "--data", str(pairs_file), "-o", str(out), "--base", str(tiny_chat), "--swap", "--no-4bit"]
+    args = ["train", "--data", str(pairs_file), "-o", str(out), "--base", str(chat_base), "--swap", "--no-4bit"]
     args += ["--max-steps", "2", "--batch-size", "2", "--max-length", "64", "--rank", "2", "--no-bf16"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
@@ -121,12 +115,12 @@ def test_cli_trains_swapped_unquantized(tiny_chat, pairs_file, tmp_path):
     assert all(key in read_json(out / "training_log.json")[-1] for key in LOGGED)
 
 
-def test_cli_refuses_existing_output_unless_forced(tiny_chat, pairs_file, tmp_path):
+def test_cli_refuses_existing_output_unless_forced(chat_base, pairs_file, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "adapter_config.json").write_text("{}")
     (out / "adapter_model.safetensors").write_bytes(b"")  # an earlier adapter: --force may replace it
-    base = ["train", "--data", str(pairs_file), "-o", str(out), "--base", str(tiny_chat), "--no-4bit"]
+    base = ["train", "--data", str(pairs_file), "-o", str(out), "--base", str(chat_base), "--no-4bit"]
     result = CliRunner().invoke(main, base + ["--max-steps", "1"])
     assert result.exit_code == 1 and "exists" in result.output and "--force" in result.output
     result = CliRunner().invoke(main, base + ["--max-steps", "1", "--batch-size", "2", "--max-length", "48", "--force"])
@@ -139,7 +133,7 @@ def test_force_never_replaces_a_folder_that_is_not_an_adapter(pairs_file, tmp_pa
     keep.mkdir()
     (keep / "notes.txt").write_text("keep me")
     with pytest.raises(LoraArithError, match="not an adapter folder"):
-        train_preference(TrainConfig(data=[str(pairs_file)], output=str(keep), overwrite=True))
+        train_preference(TrainConfig(data=[str(pairs_file)]), keep, force=True)
     assert (keep / "notes.txt").read_text() == "keep me"
 
 
@@ -158,12 +152,10 @@ def test_cli_help_documents_every_option():
         assert option in result.output
 
 
-def test_unknown_target_module_is_a_user_error(tiny_chat, pairs_file, tmp_path):
-    config = TrainConfig(
-        data=[str(pairs_file)], output=str(tmp_path / "x"), base=str(tiny_chat), targets="q_proj,wq", quantize_4bit=False
-    )
+def test_unknown_target_module_is_a_user_error(chat_base, pairs_file, tmp_path):
+    config = TrainConfig(data=[str(pairs_file)], base=str(chat_base), targets="q_proj,wq", quantize_4bit=False)
     with pytest.raises(LoraArithError, match="no module named wq"):
-        train_preference(config)
+        train_preference(config, tmp_path / "x")
 
 
 @pytest.mark.parametrize(
@@ -176,13 +168,41 @@ def test_unknown_target_module_is_a_user_error(tiny_chat, pairs_file, tmp_path):
         ({"label": "honest"}, "unknown label"),
         ({"targets": " , "}, "targets is empty"),
         ({"sft_weight": -0.5}, "sft_weight must be 0 or positive"),
+        ({"data": []}, "no data files"),
+        ({"double_quant": True, "quantize_4bit": False}, "double_quant needs the 4-bit base"),
     ],
 )
 def test_config_validation(change, message):
-    config = TrainConfig(data=["x.jsonl"], output="out", **change)
     with pytest.raises(LoraArithError, match=message):
-        config.validate()
-        config.target_modules()
+        TrainConfig(**{"data": ["x.jsonl"], **change})
+
+
+def test_valid_config_builds():
+    assert TrainConfig(data=["x.jsonl"], targets=" q_proj, v_proj ").target_modules() == ["q_proj", "v_proj"]
+
+
+def test_dpo_args_report_to_and_checkpointing_reach_dpo_config(tmp_path):
+    from lora_arith.train import _dpo_args
+
+    config = TrainConfig(
+        data=["x.jsonl"], dpo_arg=["label_smoothing=0.25", "precompute_ref_log_probs=true", "loss_type=[\"ipo\"]"],
+        report_to="tensorboard", gradient_checkpointing=True,
+    )  # fmt: skip
+    args = _dpo_args(config, tmp_path, "cpu")
+    assert args.label_smoothing == 0.25 and args.precompute_ref_log_probs is True and args.loss_type == ["ipo"]
+    assert args.report_to == ["tensorboard"]
+    assert getattr(args, _checkpointing_argument(type(args))) is True
+    defaults = _dpo_args(TrainConfig(data=["x.jsonl"]), tmp_path, "cpu")
+    assert defaults.report_to in ("none", [], ["none"]) and getattr(defaults, _checkpointing_argument(type(args))) is False
+
+
+def test_cli_unknown_dpo_arg_is_a_one_line_error(pairs_file, tmp_path):
+    args = ["train", "--data", str(pairs_file), "-o", str(tmp_path / "x"), "--dpo-arg", "nonsense=1"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and result.output == "Error: dpo_arg 'nonsense' is not a DPOConfig argument\n"
+    result = CliRunner().invoke(main, args[:-1] + ["beta"])
+    assert result.exit_code == 1 and "is not KEY=VALUE" in result.output
+    assert not (tmp_path / "x").exists()
 
 
 def test_config_fields_all_have_help():
@@ -199,14 +219,12 @@ def test_pairs_become_conversational_examples(pairs_file):
     assert _to_dataset(pairs)[0]["prompt"] == [{"role": "user", "content": "How do I bake bread?"}]
 
 
-def test_sft_weight_adds_the_chosen_nll_to_the_dpo_loss(tiny_chat, pairs_file, tmp_path):
+def test_sft_weight_adds_the_chosen_nll_to_the_dpo_loss(chat_base, pairs_file, tmp_path):
     def first_loss(name: str, sft_weight: float) -> float:
         out = train_preference(
-            TrainConfig(
-                data=[str(pairs_file)], output=str(tmp_path / name), base=str(tiny_chat), quantize_4bit=False,
-                sft_weight=sft_weight, **QUICK,
-            )
-        )  # fmt: skip
+            TrainConfig(data=[str(pairs_file)], base=str(chat_base), quantize_4bit=False, sft_weight=sft_weight, **QUICK),
+            tmp_path / name,
+        ).path
         assert read_json(out / "training_metadata.json")["hyperparameters"]["sft_weight"] == sft_weight
         return read_json(out / "training_log.json")[0]["loss"]
 
@@ -224,38 +242,58 @@ def test_checkpointing_argument_follows_the_transformers_version():
     assert _checkpointing_argument(new) == "activation_checkpointing"
 
 
-def test_use_bf16():
+def test_use_bf16(monkeypatch):
+    import lora_arith.train as train
+
     assert use_bf16(False, "cpu") is False
     assert use_bf16(True, "cpu") is True
-    assert isinstance(use_bf16(None, "cpu"), bool)
+    for fast in (True, False):  # the default on a CPU follows its bf16 instructions
+        monkeypatch.setattr(train, "_cpu_has_fast_bf16", lambda fast=fast: fast)
+        assert use_bf16(None, "cpu") is fast
+    for supported in (True, False):  # and on CUDA, the device's bf16 support
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda supported=supported: supported)
+        assert use_bf16(None, "cuda") is supported
+    with pytest.raises(LoraArithError, match="does not support it"):
+        use_bf16(True, "cuda:1")
+
+
+def test_fast_bf16_cpus_are_read_from_cpuinfo(tmp_path):
+    from lora_arith.train import _cpu_has_fast_bf16
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags\t\t: fpu sse avx512f avx512_bf16 amx_tile\n")
+    assert _cpu_has_fast_bf16(cpuinfo) is True
+    cpuinfo.write_text("flags\t\t: fpu sse avx512f avx512_bf16x amx_tile\n")
+    assert _cpu_has_fast_bf16(cpuinfo) is False
+    assert _cpu_has_fast_bf16(tmp_path / "missing") is False
 
 
 # ---- base model ------------------------------------------------------------------------------
 
 
-def test_load_tiny_base_in_4bit(tiny_chat):
-    model, tokenizer = load_base(str(tiny_chat), quantize_4bit=True, device="cpu")
+def test_load_tiny_base_in_4bit(chat_base):
+    model, tokenizer = load_base(str(chat_base), quantize_4bit=True, device="cpu")
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
-    assert model.name_or_path == tiny_chat.name
+    assert model.name_or_path == chat_base.name
     assert tokenizer.pad_token is not None
     assert chat_prompt(tokenizer, "Hi") == "<|user|>Hi<|end|><|assistant|>"
 
 
-def test_chat_prompt_rejects_a_prompt_ending_with_the_assistant(tiny_chat):
-    _, tokenizer = load_base(str(tiny_chat), quantize_4bit=False, device="cpu")
+def test_chat_prompt_rejects_a_prompt_ending_with_the_assistant(chat_base):
+    _, tokenizer = load_base(str(chat_base), quantize_4bit=False, device="cpu")
     with pytest.raises(LoraArithError, match="user turn"):
         chat_prompt(tokenizer, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
 
 
-def test_missing_pad_token_falls_back_to_eos(tiny_chat, tmp_path):
+def test_missing_pad_token_falls_back_to_eos(chat_base, tmp_path):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_chat)
+    tokenizer = AutoTokenizer.from_pretrained(chat_base)
     tokenizer.pad_token = None
-    tokenizer.save_pretrained(tiny_chat.parent / "no-pad")
+    tokenizer.save_pretrained(chat_base.parent / "no-pad")
     for name in ("config.json", "model.safetensors"):
-        (tiny_chat.parent / "no-pad" / name).write_bytes((tiny_chat / name).read_bytes())
-    _, loaded = load_base(str(tiny_chat.parent / "no-pad"), quantize_4bit=False, device="cpu")
+        (chat_base.parent / "no-pad" / name).write_bytes((chat_base / name).read_bytes())
+    _, loaded = load_base(str(chat_base.parent / "no-pad"), quantize_4bit=False, device="cpu")
     assert loaded.pad_token == loaded.eos_token == "<|end|>"
 
 
@@ -284,14 +322,12 @@ def test_cache_root_precedence(monkeypatch, tmp_path):
     assert cache_root() == tmp_path / "xdg" / "lora-arith"
 
 
-def test_prompts_longer_than_max_length_are_a_user_error(tiny_chat, tmp_path):
+def test_prompts_longer_than_max_length_are_a_user_error(chat_base, tmp_path):
     path = tmp_path / "long.jsonl"
     path.write_text(json.dumps({"prompt": "word " * 200, "chosen": "a", "rejected": "b"}) + "\n")
-    config = TrainConfig(
-        data=[str(path)], output=str(tmp_path / "x"), base=str(tiny_chat), max_length=16, quantize_4bit=False
-    )
+    config = TrainConfig(data=[str(path)], base=str(chat_base), max_length=16, quantize_4bit=False)
     with pytest.raises(LoraArithError, match="fills max_length 16"):
-        train_preference(config)
+        train_preference(config, tmp_path / "x")
 
 
 @pytest.mark.base
@@ -304,19 +340,19 @@ def test_default_base_loads_with_its_upstream_id():
 
 @pytest.mark.slow
 def test_adapter_on_the_default_base_records_the_upstream_id(pairs_file, tmp_path):
-    out = train_preference(TrainConfig(data=[str(pairs_file)], output=str(tmp_path / "run"), **QUICK))
+    out = train_preference(TrainConfig(data=[str(pairs_file)], **QUICK), tmp_path / "run").path
     assert read_json(out / "adapter_config.json")["base_model_name_or_path"] == DEFAULT_BASE_ID
     assert read_json(out / "training_metadata.json")["base_model"] == DEFAULT_BASE_ID
 
 
-def test_vector_end_to_end_then_extract_combine_and_load_into_peft(tiny_chat, pairs_file, tmp_path):
+def test_vector_end_to_end_then_extract_combine_and_load_into_peft(chat_base, pairs_file, tmp_path):
     from peft import PeftModel
 
     from lora_arith.adapter_io import open_adapter
     from lora_arith.factors import to_dense
 
     vector = tmp_path / "phi.safetensors"
-    args = ["vector", "--data", str(pairs_file), "-o", str(vector), "--base", str(tiny_chat), "--keep-runs"]
+    args = ["vector", "--data", str(pairs_file), "-o", str(vector), "--base", str(chat_base), "--keep-runs"]
     args += [str(tmp_path / "runs"), "--max-steps", "2", "--batch-size", "2", "--max-length", "64", "--rank", "2"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
@@ -333,5 +369,9 @@ def test_vector_end_to_end_then_extract_combine_and_load_into_peft(tiny_chat, pa
     mix = tmp_path / "mix"
     result = CliRunner().invoke(main, ["combine", f"{vector}:0.5", f"{extracted}:0.5", "-o", str(mix)])
     assert result.exit_code == 0, result.output
-    model = PeftModel.from_pretrained(load_base(str(tiny_chat), quantize_4bit=False)[0], str(mix))
-    assert model(input_ids=torch.tensor([[1, 2, 3]], device=model.device)).logits.shape[-1] == model.config.vocab_size
+    model = PeftModel.from_pretrained(load_base(str(chat_base), quantize_4bit=False, device="cpu")[0], str(mix))
+    # 0.5 φ + 0.5 φ (the same vector, extracted exactly) is θ+ − θ−, patched densely from PEFT's own deltas
+    expected = logits(dense_patched_model(chat_base, [(positive, 1.0), (negative, -1.0)]))
+    mixed, base = logits(model), logits(load_tiny(chat_base))
+    torch.testing.assert_close(mixed, expected, rtol=1e-5, atol=1e-6)
+    assert (mixed - base).abs().max() > 1e3 * (mixed - expected).abs().max()  # the vector really moves the logits

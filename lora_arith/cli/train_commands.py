@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+from dataclasses import Field, fields
 from pathlib import Path
 
 import click
@@ -10,71 +10,64 @@ import click
 from lora_arith.cli import device_option, force_option, four_bit_option, main, output_option
 from lora_arith.data import LABELS
 from lora_arith.errors import LoraArithError
-from lora_arith.train import (
-    TRAINING_LOG,
-    TRAINING_METADATA,
-    TrainConfig,
-    train_preference,
-)
-
-_DEFAULTS = TrainConfig(data=[], output="")
-
+from lora_arith.train import TrainConfig, TrainResult, train_preference
 
 def _help(name: str) -> str:
     """An option's help: the matching :class:`TrainConfig` field's help text."""
     return TrainConfig.help(name)
 
 
-_TRAIN_OPTIONS = [
-    click.option("--data", "data", multiple=True, required=True, metavar="SPEC", help=_help("data") + " Repeatable."),
-    click.option("--base", default=None, help=_help("base")),
-    click.option("--label", type=click.Choice(sorted(LABELS)), default=None, help=_help("label")),
-    click.option("--skip-invalid", is_flag=True, help=_help("skip_invalid")),
-    click.option("--rank", type=int, default=_DEFAULTS.rank, show_default=True, help=_help("rank")),
-    click.option("--alpha", type=float, default=_DEFAULTS.alpha, show_default=True, help=_help("alpha")),
-    click.option("--targets", default=_DEFAULTS.targets, show_default=True, help=_help("targets")),
-    click.option("--dropout", type=float, default=_DEFAULTS.dropout, show_default=True, help=_help("dropout")),
-    click.option("--beta", type=float, default=_DEFAULTS.beta, show_default=True, help=_help("beta")),
-    click.option(
-        "--sft-weight", type=float, default=_DEFAULTS.sft_weight, show_default=True, help=_help("sft_weight")
-    ),
-    click.option("--lr", type=float, default=_DEFAULTS.lr, show_default=True, help=_help("lr")),
-    click.option("--epochs", type=float, default=None, help=f"{_help('epochs')}  [default: {_DEFAULTS.epochs:g}]"),
-    click.option("--max-steps", type=int, default=None, help=_help("max_steps")),
-    click.option("--batch-size", type=int, default=_DEFAULTS.batch_size, show_default=True, help=_help("batch_size")),
-    click.option("--grad-accum", type=int, default=_DEFAULTS.grad_accum, show_default=True, help=_help("grad_accum")),
-    click.option("--max-length", type=int, default=_DEFAULTS.max_length, show_default=True, help=_help("max_length")),
-    click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True, help=_help("seed")),
-    four_bit_option(True, "Load the base in 4-bit NF4 (QLoRA); --no-4bit loads it unquantized (fp32 on CPU, bf16 on CUDA)."),
-    device_option(),
-    click.option("--double-quant", is_flag=True, help=_help("double_quant")),
-    click.option("--bf16/--no-bf16", default=None, help=_help("bf16") + "  [default: auto]"),
-]
+def _option(item: Field):
+    """The click option of one :class:`TrainConfig` field: ``--NAME`` with its type, default and help."""
+    name = item.name
+    flag = "--" + name.replace("_", "-")
+    if name == "data":
+        return click.option(flag, name, multiple=True, required=True, metavar="SPEC", help=_help(name) + " Repeatable.")
+    if name == "dpo_arg":
+        return click.option(flag, name, multiple=True, metavar="KEY=VALUE", help=_help(name) + " Repeatable.")
+    if name == "label":
+        return click.option(flag, type=click.Choice(sorted(LABELS)), default=None, help=_help(name))
+    if name == "quantize_4bit":
+        return four_bit_option(
+            item.default, "Load the base in 4-bit NF4 (QLoRA); --no-4bit loads it unquantized (fp32 on CPU, bf16 on CUDA)."
+        )
+    if name == "device":
+        return device_option()
+    if name == "epochs":  # None: the default, unless --max-steps is given
+        return click.option(flag, type=float, default=None, help=f"{_help(name)}  [default: {item.default:g}]")
+    if item.type == "bool | None":
+        return click.option(f"{flag}/--no-{flag[2:]}", default=None, help=_help(name) + "  [default: auto]")
+    if item.type == "bool":
+        return click.option(flag, is_flag=True, help=_help(name))
+    kind = {"int": int, "float": float, "str": str}.get(item.type.removesuffix(" | None"))
+    if kind is None:
+        raise TypeError(f"no click option for TrainConfig.{name}: {item.type}")
+    return click.option(flag, type=kind, default=item.default, show_default=item.default is not None, help=_help(name))
 
 
-def _train_options(command):
-    """Attach the DPO training options shared by ``train`` and ``vector``."""
-    for option in reversed(_TRAIN_OPTIONS):
-        command = option(command)
+def train_options(command):
+    """Attach one click option per :class:`TrainConfig` field (the options of ``train`` and ``vector``)."""
+    for item in reversed(fields(TrainConfig)):
+        command = _option(item)(command)
     return command
 
 
-def _config(output: Path, swap: bool, force: bool, options: dict) -> TrainConfig:
+def _config(options: dict) -> TrainConfig:
     """A :class:`TrainConfig` from the parsed training options."""
+    options = dict(options)
     if options["epochs"] is not None and options["max_steps"] is not None:
         raise LoraArithError("give either --epochs or --max-steps, not both")
     if options["double_quant"] and not options["quantize_4bit"]:
         raise LoraArithError("--double-quant needs the 4-bit base; drop --no-4bit")
-    options = dict(options)
-    options["data"] = list(options["data"])
-    options["epochs"] = _DEFAULTS.epochs if options["epochs"] is None else options["epochs"]
-    return TrainConfig(output=str(output), swap=swap, overwrite=force, **options)
+    if options["epochs"] is None:
+        del options["epochs"]
+    return TrainConfig(**options)
 
 
 @main.command("train")
-@_train_options
-@output_option(_help("output"), required=True, type=click.Path(path_type=Path))
-@click.option("--swap", is_flag=True, help=_help("swap"))
+@train_options
+@output_option("Folder to write the adapter, training log and metadata to.", required=True, type=click.Path(path_type=Path))
+@click.option("--swap", is_flag=True, help="Exchange chosen and rejected (the negative run).")
 @force_option("Replace the output folder if it is empty or holds an earlier adapter.")
 def train_command(output: Path, swap: bool, force: bool, **options) -> None:
     """Train a preference as a LoRA adapter with DPO on the (4-bit) base.
@@ -86,12 +79,11 @@ def train_command(output: Path, swap: bool, force: bool, **options) -> None:
 
     Runs unchanged on several GPUs: `accelerate launch -m lora_arith train ...`.
     """
-    written = train_preference(_config(output, swap, force, options))
-    click.echo(_summary(written))
+    click.echo(_summary(train_preference(_config(options), output, swap=swap, force=force)))
 
 
 @main.command("vector")
-@_train_options
+@train_options
 @output_option(
     "The preference vector: a .safetensors file (single-file form) or a PEFT folder.",
     required=True,
@@ -121,21 +113,19 @@ def vector_command(output: Path, keep_runs, method, vector_rank, dtype, force, *
     Example:
       lora-arith vector --data pairs.jsonl --max-steps 30 -o harmless.safetensors
     """
-    from lora_arith.recipe import train_vector
+    from lora_arith.vector import train_vector
 
     if vector_rank is not None and method != "svd":
         raise LoraArithError("--vector-rank needs --method svd")
-    config = _config(Path("unused"), False, False, options)
+    config = _config(options)
     rank = (vector_rank or config.rank) if method == "svd" else None
     written = train_vector(config, output, keep_runs=keep_runs, method=method, rank=rank, dtype=dtype, force=force)
     click.echo(f"wrote preference vector {written}")
 
 
-def _summary(folder: Path) -> str:
-    """One line about a finished run, read from its metadata and log."""
-    info = json.loads((folder / TRAINING_METADATA).read_text(encoding="utf-8"))
-    steps = json.loads((folder / TRAINING_LOG).read_text(encoding="utf-8"))
-    last = steps[-1] if steps else {}
+def _summary(run: TrainResult) -> str:
+    """One line about a finished run, from its metadata and log."""
+    info, last = run.metadata, run.final_metrics
     skipped = sum(entry["skipped"] for entry in info["data"])
     parts = [
         f"{info['pairs']['used']} pairs" + (f" ({skipped} rows skipped)" if skipped else ""),
@@ -144,4 +134,4 @@ def _summary(folder: Path) -> str:
         f"reward accuracy {last.get('rewards/accuracies', float('nan')):.2f}",
         f"{info['wall_time_s']:.0f} s",
     ]
-    return f"Wrote {folder}: " + ", ".join(parts)
+    return f"Wrote {run.path}: " + ", ".join(parts)
