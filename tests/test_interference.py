@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import peft_deltas
+from helpers import peft_deltas
 
 from lora_arith.adapter_io import open_adapter
 from lora_arith.analysis import interference

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import make_adapter
+from helpers import make_adapter
 
 import lora_arith
 from lora_arith.cli import main
