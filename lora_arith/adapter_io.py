@@ -269,6 +269,11 @@ class AdapterFile:
         """The widest dtype among the stored factors."""
         return max((info.dtype for info in self.modules.values()), key=lambda d: torch.finfo(d).bits)
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every LoRA tensor of the file as stored (names, dtypes, values), without saved copies
+        of base weights (``ignored_keys``): what PEFT's ``set_peft_model_state_dict`` takes."""
+        return {k: v for k, v in load_file(self.weights_path).items() if k not in self.ignored_keys}
+
     def delta(self, module: str) -> LowRankDelta:
         """The module's delta in fp32 with its scaling folded into ``B``.
 
@@ -489,16 +494,6 @@ def public_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return config
 
 
-def write_single_file(
-    adapter: str | os.PathLike[str], path: str | os.PathLike[str], *, training: Mapping[str, Any] | None = None
-) -> Path:
-    """Write a copy of ``adapter`` in the single-file form (its tensors unchanged, its config and
-    ``training`` embedded in the metadata) at ``path``."""
-    opened = open_adapter(adapter)
-    tensors = {k: v for k, v in load_file(opened.weights_path).items() if k not in opened.ignored_keys}
-    return save_adapter(path, tensors, opened.config, opened.recipe, training=training or opened.training)
-
-
 def convert_adapter(
     adapter: str | os.PathLike[str], output: str | os.PathLike[str], *, force: bool = False
 ) -> Path:
@@ -508,5 +503,4 @@ def convert_adapter(
     config are kept exactly; the recipe and training records are kept with local paths reduced
     to basenames. Saved copies of base weights (not deltas) are dropped."""
     opened = open_adapter(adapter)
-    tensors = {k: v for k, v in load_file(opened.weights_path).items() if k not in opened.ignored_keys}
-    return save_adapter(output, tensors, opened.config, opened.recipe, training=opened.training, force=force)
+    return save_adapter(output, opened.state_dict(), opened.config, opened.recipe, training=opened.training, force=force)

@@ -106,7 +106,6 @@ def _check_scale(label: str, peak: float, weight: float, dtype: torch.dtype) -> 
 
 def _attach(model, name: str, opened, label: str, peak: float | None = None):
     from peft import PeftModel, get_peft_model, set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     _check_fits(model, opened, label)
     peak = scaled_peak(opened) if peak is None else peak
@@ -121,7 +120,7 @@ def _attach(model, name: str, opened, label: str, peak: float | None = None):
             model = get_peft_model(model, config, adapter_name=name)
     except (ValueError, KeyError, TypeError) as error:
         raise LoraArithError(f"{label}: PEFT cannot attach this adapter ({first_line(error)})") from None
-    state = {k: v for k, v in load_file(opened.weights_path).items() if k not in opened.ignored_keys}
+    state = opened.state_dict()
     device = next(model.parameters()).device
     result = set_peft_model_state_dict(model, {k: v.to(device) for k, v in state.items()}, adapter_name=name)
     unmatched = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
