@@ -12,8 +12,8 @@ from typing import Any
 
 import click
 
-from lora_arith.cli import device_option, force_option, four_bit_option, main, output_option, progress_wanted
-from lora_arith.cli.model_commands import _POSITIVE, _adapter_option, _model_inputs
+from lora_arith.cli import force_option, main, output_option, progress_wanted
+from lora_arith.cli.model_commands import _adapter_option, _model_inputs, model_option_decorators
 
 
 @dataclass
@@ -129,17 +129,7 @@ def eval_options(command):
         click.option("--max-pairs", type=int, default=None, help="Use only the first N pairs of each --pairs file."),
         output_option("Output directory.", hidden_aliases=("--out",), required=True, type=click.Path(path_type=Path)),
         force_option("Replace the output directory if it is an earlier output of this command (or empty)."),
-        click.option(
-            "--base",
-            default=None,
-            help="Base model: a local directory or a Hub id. Default: the embedded SmolLM2-135M-Instruct.",
-        ),
-        four_bit_option(False, "Load the base in 4-bit NF4 (bitsandbytes)."),
-        device_option(),
-        click.option("--batch-size", type=_POSITIVE, default=16, show_default=True, help="Prompts generated together."),
-        click.option(
-            "--max-new-tokens", type=_POSITIVE, default=128, show_default=True, help="Most tokens generated per prompt."
-        ),
+        *model_option_decorators(),
         click.option(
             "--judge",
             default="strmatch",

@@ -25,8 +25,10 @@ _adapter_option = click.option(
 _POSITIVE = click.IntRange(min=1)
 
 
-def _model_options(command):
-    options = [
+def model_option_decorators() -> list:
+    """The options of every command that loads a model and generates: --base, --4bit/--no-4bit,
+    --device, --batch-size, --max-new-tokens (declared once; eval, sweep and tune reuse them)."""
+    return [
         click.option(
             "--base",
             default=None,
@@ -40,6 +42,10 @@ def _model_options(command):
             "--max-new-tokens", type=_POSITIVE, default=128, show_default=True, help="Most tokens generated per prompt."
         ),
     ]
+
+
+def _model_options(command):
+    options = model_option_decorators()
     for option in reversed(options):
         command = option(command)
     return command
