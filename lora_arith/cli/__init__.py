@@ -1,5 +1,7 @@
-"""The ``lora-arith`` command line. Each command lives in its own module and imports heavy
-libraries (transformers, peft, trl) only inside its body, so start-up stays fast."""
+"""The ``lora-arith`` command line: the ``main`` group and its explicit command registry
+(:data:`COMMANDS`). Each command lives in its own module, takes its shared options from
+:mod:`lora_arith.cli.options`, and imports heavy libraries (transformers, peft, trl) only inside
+its body, so start-up stays fast."""
 
 from __future__ import annotations
 
@@ -8,6 +10,14 @@ import sys
 import click
 
 from lora_arith import __version__
+from lora_arith.cli import (  # the command modules import only lora_arith.cli.options: no cycle
+    adapter_commands,
+    eval_commands,
+    model_commands,
+    serve_command,
+    share_commands,
+    train_commands,
+)
 from lora_arith.errors import LoraArithError
 
 
@@ -33,50 +43,26 @@ def main() -> None:
     """
 
 
-class AliasOption(click.Option):
-    """An option that also accepts old spellings (``hidden_aliases``), kept working for one
-    release but not shown in ``--help``."""
+COMMANDS = {
+    "combine": adapter_commands.combine,
+    "extract": adapter_commands.extract,
+    "inspect": adapter_commands.inspect,
+    "similarity": adapter_commands.similarity,
+    "interference": adapter_commands.interference,
+    "convert": adapter_commands.convert,
+    "train": train_commands.train_command,
+    "vector": train_commands.vector_command,
+    "generate": model_commands.generate,
+    "chat": model_commands.chat,
+    "eval": eval_commands.evaluate_command,
+    "sweep": eval_commands.sweep,
+    "tune": eval_commands.tune,
+    "serve": serve_command.serve,
+    "export": share_commands.export,
+    "merge": share_commands.merge,
+    "push": share_commands.push,
+}
+"""Every command, registered explicitly (name → click command)."""
 
-    def __init__(self, param_decls, *, hidden_aliases=(), **kwargs):
-        super().__init__([*param_decls, *hidden_aliases], **kwargs)
-        self.hidden_aliases = tuple(hidden_aliases)
-
-    def get_help_record(self, ctx):
-        shown, secondary = self.opts, self.secondary_opts
-        self.opts = [o for o in shown if o not in self.hidden_aliases]
-        self.secondary_opts = [o for o in secondary if o not in self.hidden_aliases]
-        try:
-            return super().get_help_record(ctx)
-        finally:
-            self.opts, self.secondary_opts = shown, secondary
-
-
-def output_option(help: str, *, hidden_aliases=(), **kwargs):
-    """``-o/--output``, the same spelling in every command that writes."""
-    return click.option("-o", "--output", "output", cls=AliasOption, hidden_aliases=hidden_aliases, help=help, **kwargs)
-
-
-def force_option(
-    help: str = "Replace an existing output (only a file, an empty folder or an earlier output of the same kind).",
-):
-    """``-f/--force``, the same spelling in every command that writes."""
-    return click.option("-f", "--force", is_flag=True, help=help)
-
-
-def device_option(help: str = "Device to load the model on: 'cpu', 'cuda' or 'cuda:N'. Default: CUDA when available."):
-    """``--device``, the same spelling in every command that loads a model."""
-    return click.option("--device", default=None, metavar="DEVICE", help=help)
-
-
-def four_bit_option(default: bool, help: str):
-    """``--4bit/--no-4bit``, the same spelling in every command with a 4-bit switch."""
-    return click.option("--4bit/--no-4bit", "quantize_4bit", default=default, show_default=True, help=help)
-
-
-def progress_wanted() -> bool:
-    """Show progress bars only when stderr is a terminal."""
-    return sys.stderr.isatty()
-
-
-# Importing a command module registers its commands on ``main``.
-from lora_arith.cli import adapter_commands, eval_commands, model_commands, serve_command, share_commands, train_commands  # noqa: E402,F401,E501
+for _name, _command in COMMANDS.items():
+    main.add_command(_command, _name)

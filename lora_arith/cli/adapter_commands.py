@@ -8,9 +8,8 @@ from pathlib import Path
 
 import click
 
-from lora_arith.cli import force_option, main, output_option, progress_wanted
+from lora_arith.cli.options import force_option, output_option, progress_wanted
 
-_SPEC_HELP = "PATH[:WEIGHT] — a PEFT adapter directory or .safetensors file, with an optional weight (default 1.0, may be negative)."
 
 
 def _size(path: Path) -> int:
@@ -101,7 +100,7 @@ def _run_combination(specs, output, method, rank, energy, dtype, allow_base_mism
     click.echo(f"  wrote {written} ({_human(_size(written))}, {str(result.dtype).removeprefix('torch.')})")
 
 
-@main.command()
+@click.command()
 @click.argument("specs", nargs=-1, required=True, metavar="SPEC...")
 @_compression_options
 def combine(specs, output, method, rank, energy, dtype, allow_base_mismatch, force) -> None:
@@ -119,7 +118,7 @@ def combine(specs, output, method, rank, energy, dtype, allow_base_mismatch, for
     _run_combination(specs, output, method, rank, energy, dtype, allow_base_mismatch, force)
 
 
-@main.command()
+@click.command()
 @click.argument("positive", metavar="POS")
 @click.argument("negative", metavar="NEG")
 @_compression_options
@@ -136,7 +135,7 @@ def extract(positive, negative, output, method, rank, energy, dtype, allow_base_
     _run_combination(specs, output, method, rank, energy, dtype, allow_base_mismatch, force)
 
 
-@main.command()
+@click.command()
 @click.argument("adapter", metavar="ADAPTER")
 def inspect(adapter) -> None:
     """Show an adapter's modules, shapes, ranks, dtype, scaling, norms and base model."""
@@ -177,7 +176,7 @@ def _matrix_lines(labels: list[str], matrix) -> list[str]:
     return rows
 
 
-@main.command()
+@click.command()
 @click.argument("adapters", nargs=-1, required=True, metavar="A B [C...]")
 def similarity(adapters) -> None:
     """Cosine similarity of the adapters' deltas, overall and per module type.
@@ -204,7 +203,7 @@ def _percent(value: float) -> str:
     return f"{100 * value:.1f}%"
 
 
-@main.command()
+@click.command()
 @click.argument("adapters", nargs=-1, required=True, metavar="V1 V2 [V3...]")
 @click.option("--top", type=click.IntRange(min=0), default=5, show_default=True, help="Modules listed per pair.")
 @output_option("Also write the figures as JSON to this file.", type=click.Path(path_type=Path), default=None)
@@ -265,7 +264,7 @@ def interference(adapters, top, output, force) -> None:
         click.echo(f"\nwrote {output}")
 
 
-@main.command()
+@click.command()
 @click.argument("adapter", metavar="IN")
 @output_option(
     "OUT: a file ending in .safetensors (single-file form) or a folder (PEFT adapter).",

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from lora_arith.cli import force_option, main, output_option, progress_wanted
+from lora_arith.cli.options import force_option, output_option, progress_wanted
 from lora_arith.cli.model_commands import _adapter_option, _model_inputs, model_option_decorators
 
 
@@ -167,7 +167,7 @@ def _mixer_from_specs(options: EvalOptions, adapter_specs):
     return mixer
 
 
-@main.command("eval")
+@click.command("eval")
 @eval_options
 @_adapter_option
 def evaluate_command(options: EvalOptions, adapters):
@@ -241,7 +241,7 @@ _vector_option = click.option(
 )
 
 
-@main.command()
+@click.command()
 @_vector_option
 @click.option("--grid", default="-1,-0.5,0,0.5,1", show_default=True, help="Weights η tried for every vector.")
 @click.option(
@@ -298,7 +298,7 @@ def sweep(vectors, grid, fix, points_per_batch, options: EvalOptions):
     click.echo(f"evaluated {len(rows)} grid points; wrote {', '.join(p.name for p in written)} to {options.out}")
 
 
-@main.command()
+@click.command()
 @_vector_option
 @click.option("--maximize", "maximize", default=None, help="The metric to maximise (e.g. refusal_rate).")
 @click.option("--minimize", "minimize", default=None, help="The metric to minimise, instead of --maximize.")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from lora_arith.cli import device_option, force_option, four_bit_option, main, output_option, progress_wanted
+from lora_arith.cli.options import device_option, force_option, four_bit_option, output_option, progress_wanted
 
 
 _adapter_option = click.option(
@@ -74,7 +74,7 @@ def _model_inputs(base, adapter_specs, *files) -> list:
     return [*base_sources(base), *adapters, *(Path(f) for f in files if f is not None)]
 
 
-@main.command()
+@click.command()
 @click.argument("prompt", required=False)
 @click.option(
     "--prompts",
@@ -157,7 +157,7 @@ def _parse_set_command(text: str) -> dict[str, float]:
 CHAT_HELP = "commands: /set NAME=WEIGHT ... (move the dials), /weights, /reset (forget the conversation), /quit"
 
 
-@main.command()
+@click.command()
 @click.option("--temperature", default=0.0, show_default=True, help="Sampling temperature; 0 means greedy.")
 @_adapter_option
 @_model_options

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from lora_arith.cli import device_option, four_bit_option, main
+from lora_arith.cli.options import device_option, four_bit_option
 from lora_arith.cli.model_commands import _adapter_option
 
 
@@ -27,7 +27,7 @@ def parse_weights(text: str) -> dict[str, float]:
     return weights
 
 
-@main.command()
+@click.command()
 @click.option(
     "--base",
     default=None,

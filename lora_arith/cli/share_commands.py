@@ -6,10 +6,10 @@ from pathlib import Path
 
 import click
 
-from lora_arith.cli import device_option, force_option, four_bit_option, main, output_option
+from lora_arith.cli.options import device_option, force_option, four_bit_option, output_option
 
 
-@main.command()
+@click.command()
 @click.argument("adapter")
 @click.argument("repo_id")
 @click.option("--private", is_flag=True, help="Create the repository as private.")
@@ -66,7 +66,7 @@ def push(adapter, repo_id, private, revision, license_, include, commit_message,
     click.echo(f"{'pull request' if create_pr else 'uploaded'}: {url}")
 
 
-@main.command()
+@click.command()
 @click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER...")
 @output_option(
     "Output adapter folder (with --mix: a folder holding one adapter folder per mix).",
@@ -130,7 +130,7 @@ def export(adapters, output, target, max_rank, mixes, force):
         click.echo(f"serve with: vllm serve BASE {lora_modules_line(results)}")
 
 
-@main.command()
+@click.command()
 @click.option("--base", default=None, help="Base model folder or Hub id. Default: the embedded SmolLM2-135M-Instruct.")
 @click.option(
     "--adapter", "adapters", multiple=True, required=True, metavar="SPEC", help="[NAME=]PATH[:WEIGHT] to merge (repeatable)."

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from lora_arith.cli import device_option, force_option, four_bit_option, main, output_option
+from lora_arith.cli.options import device_option, force_option, four_bit_option, output_option
 from lora_arith.data import LABELS
 from lora_arith.errors import LoraArithError
 from lora_arith.train import TrainConfig, TrainResult, train_preference
@@ -64,7 +64,7 @@ def _config(options: dict) -> TrainConfig:
     return TrainConfig(**options)
 
 
-@main.command("train")
+@click.command("train")
 @train_options
 @output_option("Folder to write the adapter, training log and metadata to.", required=True, type=click.Path(path_type=Path))
 @click.option("--swap", is_flag=True, help="Exchange chosen and rejected (the negative run).")
@@ -82,7 +82,7 @@ def train_command(output: Path, swap: bool, force: bool, **options) -> None:
     click.echo(_summary(train_preference(_config(options), output, swap=swap, force=force)))
 
 
-@main.command("vector")
+@click.command("vector")
 @train_options
 @output_option(
     "The preference vector: a .safetensors file (single-file form) or a PEFT folder.",

@@ -1,0 +1,53 @@
+"""Options shared by the commands, spelled the same everywhere: ``-o/--output``, ``-f/--force``,
+``--device``, ``--4bit/--no-4bit``; and whether to show progress bars."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+class AliasOption(click.Option):
+    """An option that also accepts old spellings (``hidden_aliases``), kept working for one
+    release but not shown in ``--help``."""
+
+    def __init__(self, param_decls, *, hidden_aliases=(), **kwargs):
+        super().__init__([*param_decls, *hidden_aliases], **kwargs)
+        self.hidden_aliases = tuple(hidden_aliases)
+
+    def get_help_record(self, ctx):
+        shown, secondary = self.opts, self.secondary_opts
+        self.opts = [o for o in shown if o not in self.hidden_aliases]
+        self.secondary_opts = [o for o in secondary if o not in self.hidden_aliases]
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts, self.secondary_opts = shown, secondary
+
+
+def output_option(help: str, *, hidden_aliases=(), **kwargs):
+    """``-o/--output``, the same spelling in every command that writes."""
+    return click.option("-o", "--output", "output", cls=AliasOption, hidden_aliases=hidden_aliases, help=help, **kwargs)
+
+
+def force_option(
+    help: str = "Replace an existing output (only a file, an empty folder or an earlier output of the same kind).",
+):
+    """``-f/--force``, the same spelling in every command that writes."""
+    return click.option("-f", "--force", is_flag=True, help=help)
+
+
+def device_option(help: str = "Device to load the model on: 'cpu', 'cuda' or 'cuda:N'. Default: CUDA when available."):
+    """``--device``, the same spelling in every command that loads a model."""
+    return click.option("--device", default=None, metavar="DEVICE", help=help)
+
+
+def four_bit_option(default: bool, help: str):
+    """``--4bit/--no-4bit``, the same spelling in every command with a 4-bit switch."""
+    return click.option("--4bit/--no-4bit", "quantize_4bit", default=default, show_default=True, help=help)
+
+
+def progress_wanted() -> bool:
+    """Show progress bars only when stderr is a terminal."""
+    return sys.stderr.isatty()
