@@ -34,6 +34,7 @@ def test_setup_installs_everything_and_ci_runs_the_readme_itself():
     assert "readme_block setup" in ci and "readme_block test" in ci
     assert not re.search(r"^\s*(python -m )?pip install", ci, re.M)
     assert readme_block("test") == ["python -m pytest -q"]
+    assert re.search(r"^python -m pytest -q$", ci, re.M)  # CI runs the README's test command itself
 
 
 def lora_arith_cli(line: str) -> list[str]:
