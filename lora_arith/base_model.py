@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_arith.data import Prompt, to_messages
-from lora_arith.errors import LoraArithError
+from lora_arith.errors import LoraArithError, first_line
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -281,8 +281,7 @@ def load_base(
         model = AutoModelForCausalLM.from_pretrained(location, **_load_kwargs(quantize_4bit, double_quant, device))
         tokenizer = AutoTokenizer.from_pretrained(location)
     except (OSError, ValueError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise LoraArithError(f"cannot load base model {base}: {reason}") from None
+        raise LoraArithError(f"cannot load base model {base}: {first_line(error)}") from None
     model.name_or_path = model.config.name_or_path = base_model_id(base)
     _ensure_pad_token(tokenizer, base)
     return model, tokenizer

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from lora_arith.errors import LoraArithError
+from lora_arith.errors import LoraArithError, first_line
 
 __all__ = [
     "LABELS",
@@ -472,8 +472,7 @@ def _hub_rows(spec: str) -> Iterator[tuple[int, Any]]:
 
         dataset = datasets.load_dataset(hub.name, hub.config, split=hub.split, revision=hub.revision)
     except Exception as error:  # any failure here (network, unknown id, bad split) is the user's to fix
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise LoraArithError(f"cannot load Hub dataset {spec!r}: {reason}") from None
+        raise LoraArithError(f"cannot load Hub dataset {spec!r}: {first_line(error)}") from None
     return enumerate(dataset, 1)
 
 
@@ -549,11 +548,13 @@ def spec_file(spec: str) -> Path | None:
     return Path(spec).expanduser()
 
 
-def load_prompts(path: str | os.PathLike) -> tuple[list[Prompt], list[str]]:
-    """Read a JSON Lines file with a ``prompt`` (a string or chat messages) on every line.
+def load_prompts(path: str | os.PathLike) -> tuple[list[Prompt], list[str], list[dict[str, Any] | None]]:
+    """Read a JSON Lines file with a ``prompt`` (a string or chat messages) on every line, and
+    an optional ``weights`` object (adapter name → η) that mixes that prompt.
 
     Every line is checked before anything is returned, so a bad line deep in the file fails
-    before any model is loaded. Returns ``(prompts, sources)`` with sources ``FILE:LINE``.
+    before any model is loaded. Returns ``(prompts, sources, weights)`` with sources
+    ``FILE:LINE`` and ``None`` weights where a line has none.
 
     Raises:
         LoraArithError: for an unreadable file, a bad line (naming the file and line), or a
@@ -561,6 +562,7 @@ def load_prompts(path: str | os.PathLike) -> tuple[list[Prompt], list[str]]:
     """
     prompts: list[Prompt] = []
     sources: list[str] = []
+    weights: list[dict[str, Any] | None] = []
     for number, row in read_jsonl(path):
         where = f"{path}:{number}"
         if isinstance(row, BadLine):
@@ -571,20 +573,12 @@ def load_prompts(path: str | os.PathLike) -> tuple[list[Prompt], list[str]]:
             to_messages(row["prompt"])
         except ValueError as error:
             raise LoraArithError(f"{where}: {error}") from None
+        if row.get("weights") is not None and not isinstance(row["weights"], dict):
+            raise LoraArithError(f"{where}: 'weights' must be an object {{NAME: WEIGHT}}")
         prompts.append(row["prompt"])
         sources.append(where)
+        weights.append(row.get("weights"))
     if not prompts:
         raise LoraArithError(f"{path}: no prompts in this file")
-    return prompts, sources
+    return prompts, sources, weights
 
-
-def load_prompt_weights(path: str | os.PathLike) -> list[dict[str, Any] | None]:
-    """The optional ``weights`` object (adapter name → η) of each prompt line of ``path``, in the
-    order :func:`load_prompts` returns the prompts; ``None`` where a line has none."""
-    rows: list[dict[str, Any] | None] = []
-    for number, row in read_jsonl(path):
-        weights = row.get("weights") if isinstance(row, dict) else None
-        if weights is not None and not isinstance(weights, dict):
-            raise LoraArithError(f"{path}:{number}: 'weights' must be an object {{NAME: WEIGHT}}")
-        rows.append(weights)
-    return rows

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from lora_arith.atomic import atomic_output, check_output
-from lora_arith.errors import LoraArithError
+from lora_arith.errors import LoraArithError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -118,8 +118,7 @@ def _base_folder(base: str | None) -> Path:
 
         return Path(snapshot_download(location, allow_patterns=["*.safetensors", "*.json", *COPIED_FILES]))
     except Exception as error:  # the Hub raises many types; all mean "cannot get it"
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise LoraArithError(f"cannot get base model {base}: {first}") from None
+        raise LoraArithError(f"cannot get base model {base}: {first_line(error)}") from None
 
 
 def _base_shards(folder: Path) -> tuple[list[_Shard], bool]:

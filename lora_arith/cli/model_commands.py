@@ -108,15 +108,14 @@ def generate(prompt, prompts_file, output, temperature, seed, force, base, adapt
     if (prompt is None) == (prompts_file is None):
         raise LoraArithError("give either a PROMPT or --prompts FILE")
     if prompt is not None:
-        prompts, sources = [prompt], ["PROMPT"]
+        prompts, sources, weights = [prompt], ["PROMPT"], [None]
     else:
-        from lora_arith.data import load_prompt_weights, load_prompts
+        from lora_arith.data import load_prompts
 
-        prompts, sources = load_prompts(prompts_file)  # every line checked before any model loads
+        prompts, sources, weights = load_prompts(prompts_file)  # every line checked before any model loads
     if output is not None:
         output = check_output(output, force=force, inputs=_model_inputs(base, adapters, prompts_file), kind="file")
     mixer = _mixer(base, adapters, model["quantize_4bit"], model["device"])
-    weights = load_prompt_weights(prompts_file) if prompts_file is not None else []
     completions = mixer.generate(
         prompts,
         weights=weights if any(row is not None for row in weights) else None,
