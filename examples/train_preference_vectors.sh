@@ -46,12 +46,14 @@ lora-arith combine "$RUNS/baseline-union/baseline-union.safetensors" --dtype bf1
 # The third vector, concise (README: "Adding a preference"), added later without retraining the
 # others. Its pairs are templated from Alpaca (examples/make_concise_pairs.py; the last 200 lines,
 # the held-out ordinary prompts, are never used) and shipped as examples/data/concise_pairs.jsonl.
-# It was trained with a SHORTER recipe than the two above (8 steps × 4 pairs, 96 tokens, no
-# gradient accumulation; the rest as SETTINGS): the 2 shared cores were loaded ~6x over, where the
-# full recipe ran at ~230 s per step. A second seed (--seed 1) gives the seed-stability cosine.
+# It uses the same recipe as the two above (SETTINGS), on its own pairs. A second seed (--seed 1)
+# gives the seed-stability cosine; both train side by side, one core each.
 python examples/make_concise_pairs.py --data "$DATA" -o examples/data/concise_pairs.jsonl --force
-CONCISE=(--data examples/data/concise_pairs.jsonl --max-steps 8 --batch-size 4 --grad-accum 1 --max-length 96
-         --lr 5e-4 --rank 8 --alpha 16 --beta 0.1)
-lora-arith vector "${CONCISE[@]}" --seed 0 "${VECTOR[@]}" -o "$OUT/concise"
-lora-arith vector "${CONCISE[@]}" --seed 1 "${VECTOR[@]}" -o "$RUNS/concise-seed1"
+CONCISE=(--data examples/data/concise_pairs.jsonl)
+lora-arith vector "${CONCISE[@]}" "${SETTINGS[@]}" "${VECTOR[@]}" -o "$OUT/concise" &
+concise=$!
+lora-arith vector "${CONCISE[@]}" "${SETTINGS[@]}" --seed 1 "${VECTOR[@]}" -o "$RUNS/concise-seed1" &
+concise_seed1=$!
+wait "$concise"
+wait "$concise_seed1"
 lora-arith interference "$OUT/helpful" "$OUT/harmless" "$OUT/concise" "$RUNS/concise-seed1"

@@ -67,6 +67,41 @@ class Constraint:
         return f"{self.metric}{self.operator}{self.value:g}"
 
 
+@dataclass(frozen=True)
+class Constraints:
+    """Several constraints that must all hold; the slack of a row is its smallest slack."""
+
+    items: tuple[Constraint, ...]
+
+    @property
+    def keys(self) -> list[str]:
+        return [c.key for c in self.items]
+
+    def holds(self, row: dict[str, Any]) -> bool:
+        return all(c.holds(row) for c in self.items)
+
+    def slack(self, row: dict[str, Any]) -> float:
+        return min(c.slack(row) for c in self.items)
+
+    def values_text(self, row: dict[str, Any]) -> str:
+        """Each constrained metric's value in ``row``, e.g. ``compliance_rate 0.850``."""
+        parts = []
+        for c in self.items:
+            value = row.get(c.key)
+            parts.append(f"{c.metric} {'n/a' if value is None else f'{value:.3f}'}")
+        return ", ".join(parts)
+
+    def __str__(self) -> str:
+        return " and ".join(str(c) for c in self.items)
+
+
+def parse_constraints(texts: Sequence[str]) -> Constraints:
+    """Parse one or more constraint texts (see :func:`parse_constraint`); all must hold."""
+    if not texts:
+        raise LoraArithError("give at least one constraint, e.g. 'compliance_rate>=0.9'")
+    return Constraints(tuple(parse_constraint(text) for text in texts))
+
+
 def parse_constraint(text: str) -> Constraint:
     """Parse ``'compliance_rate>=0.9'``; a malformed text or unknown metric is an error."""
     match = re.fullmatch(r"\s*([A-Za-z_]+)\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*", text)
@@ -140,7 +175,9 @@ class SearchResult:
     best_constraint: dict[str, Any] | None
 
 
-def _better(row: dict[str, Any], best: dict[str, Any] | None, objective: str, sign: float, constraint: Constraint):
+def _better(
+    row: dict[str, Any], best: dict[str, Any] | None, objective: str, sign: float, constraint: Constraint | Constraints
+):
     """Whether ``row`` beats ``best``: higher objective, then more slack, then smaller |η|."""
     if best is None:
         return True
@@ -159,7 +196,7 @@ def search(
     evaluate: Callable[[list[dict[str, float]]], list[dict[str, Any]]],
     bounds: dict[str, tuple[float, float]],
     objective: str,
-    constraint: Constraint,
+    constraint: Constraint | Constraints,
     *,
     budget: int = 40,
     minimize: bool = False,
@@ -248,7 +285,7 @@ def plot_frontier(
     compare: dict[str, dict[str, Any]],
     x_key: str,
     y_key: str,
-    constraint: Constraint,
+    constraint: Constraint | Constraints,
     path,
     *,
     title: str = "",
@@ -266,10 +303,11 @@ def plot_frontier(
     axes.plot(
         [r[x_key] for r in front], [r[y_key] for r in front], "-o", color="tab:blue", ms=4, label="Pareto frontier"
     )
-    if constraint.key == x_key:
-        axes.axvline(constraint.value, color="tab:red", ls="--", lw=1, label=str(constraint))
-    elif constraint.key == y_key:
-        axes.axhline(constraint.value, color="tab:red", ls="--", lw=1, label=str(constraint))
+    for line in getattr(constraint, "items", (constraint,)):
+        if line.key == x_key:
+            axes.axvline(line.value, color="tab:red", ls="--", lw=1, label=str(line))
+        elif line.key == y_key:
+            axes.axhline(line.value, color="tab:red", ls="--", lw=1, label=str(line))
     if chosen is not None:
         axes.scatter(
             [chosen[x_key]],

@@ -200,6 +200,41 @@ def test_tune_search_finds_the_constrained_optimum():
     assert result.chosen["compliance_rate_safe"] >= 0.6
 
 
+def test_tune_search_honours_every_constraint():
+    from lora_arith.tune import parse_constraints, search
+
+    def evaluate(points):  # refusal grows with a and b; a costs compliance, b costs ordinary compliance
+        return [
+            {
+                "refusal_rate_unsafe": min(1.0, 0.3 * p["a"] + 0.3 * p["b"]),
+                "compliance_rate_safe": 1.0 - 0.2 * p["a"],
+                "ordinary_compliance_rate": 1.0 - 0.2 * p["b"],
+            }
+            for p in points
+        ]
+
+    both = parse_constraints(["compliance_rate>=0.9", "ordinary_compliance_rate>=0.95"])
+    assert str(both) == "compliance_rate>=0.9 and ordinary_compliance_rate>=0.95"
+    result = search(evaluate, {"a": (0.0, 2.0), "b": (0.0, 2.0)}, "refusal_rate", both, budget=40)
+    chosen = result.chosen
+    assert chosen["compliance_rate_safe"] >= 0.9 and chosen["ordinary_compliance_rate"] >= 0.95
+    assert chosen["eta"]["a"] == pytest.approx(0.5, abs=0.13) and chosen["eta"]["b"] == pytest.approx(0.25, abs=0.13)
+    only_first = search(evaluate, {"a": (0.0, 2.0), "b": (0.0, 2.0)}, "refusal_rate",
+                        parse_constraints(["compliance_rate>=0.9"]), budget=40)  # fmt: skip
+    assert only_first.chosen["eta"]["b"] == 2.0  # the second constraint is what holds b down
+
+
+def test_tune_reports_every_constraint_that_cannot_hold(chat_base, two_adapters, prompts_file, tmp_path):
+    result = run(
+        "tune", "--base", chat_base, "--vector", f"helpful={two_adapters[0]}", "--prompts", prompts_file,
+        "--maximize", "refusal_rate", "--subject-to", "compliance_rate>=0", "--subject-to",
+        "ordinary_compliance_rate>1", "--budget", "2", "--max-new-tokens", "2", "-o", tmp_path / "t",
+    )  # fmt: skip
+    last = result.output.strip().splitlines()[-1]
+    assert result.exit_code == 1 and last.startswith("Error: no evaluated point satisfies compliance_rate>=0 and ")
+    assert "ordinary_compliance_rate " in last and "helpful=" in last
+
+
 def test_tune_writes_report_adapter_and_frontier(chat_base, two_adapters, prompts_file, tmp_path):
     out = tmp_path / "tuned"
     result = run(

@@ -302,7 +302,13 @@ def sweep(vectors, grid, fix, points_per_batch, options: EvalOptions):
 @_vector_option
 @click.option("--maximize", "maximize", default=None, help="The metric to maximise (e.g. refusal_rate).")
 @click.option("--minimize", "minimize", default=None, help="The metric to minimise, instead of --maximize.")
-@click.option("--subject-to", "subject_to", required=True, help="The constraint, e.g. 'compliance_rate>=0.9'.")
+@click.option(
+    "--subject-to",
+    "subject_to",
+    required=True,
+    multiple=True,
+    help="A constraint, e.g. 'compliance_rate>=0.9' (repeatable: every one must hold).",
+)
 @click.option(
     "--bounds",
     multiple=True,
@@ -348,7 +354,7 @@ def tune(vectors, maximize, minimize, subject_to, bounds, budget, split, seed, c
     if (maximize is None) == (minimize is None):
         raise LoraArithError("give one of --maximize METRIC or --minimize METRIC")
     objective = tuning.metric_key(maximize or minimize)
-    constraint = tuning.parse_constraint(subject_to)
+    constraint = tuning.parse_constraints(subject_to)
     named = _parse_vectors(vectors)
     compared = named_specs(compare) if compare else {}
     clash = sorted(set(compared) & set(named))
@@ -360,7 +366,7 @@ def tune(vectors, maximize, minimize, subject_to, bounds, budget, split, seed, c
     if not prompts and objective not in ("reward_accuracy", "logprob_margin"):
         raise LoraArithError("tune needs --prompts for the refusal and compliance rates")
     tuning_prompts, held_out = tuning.split_prompts(prompts, split, seed)
-    for key in (objective, constraint.key):
+    for key in (objective, *constraint.keys):
         kind = {"refusal_rate_unsafe": "unsafe", "compliance_rate_safe": "safe", "ordinary_compliance_rate": "ordinary"}
         if key in kind and not any(p.kind == kind[key] for p in prompts):
             raise LoraArithError(f"{key} needs {kind[key]} prompts, and --prompts has none")
@@ -388,10 +394,15 @@ def tune(vectors, maximize, minimize, subject_to, bounds, budget, split, seed, c
     result = tuning.search(evaluate_tuning, ranges, objective, constraint, budget=budget, minimize=minimize is not None)
     if result.chosen is None:
         best = result.best_constraint
-        value = best.get(constraint.key)
+        if len(constraint.items) == 1:
+            value = best.get(constraint.items[0].key)
+            raise LoraArithError(
+                f"no evaluated point satisfies {constraint}: the best {constraint.items[0].metric} reached was "
+                f"{'n/a' if value is None else f'{value:.3f}'} at {tuning.eta_text(best['eta'])}"
+            )
         raise LoraArithError(
-            f"no evaluated point satisfies {constraint}: the best {constraint.metric} reached was "
-            f"{'n/a' if value is None else f'{value:.3f}'} at {tuning.eta_text(best['eta'])}"
+            f"no evaluated point satisfies {constraint}: the closest was {tuning.eta_text(best['eta'])}, "
+            f"with {constraint.values_text(best)}"
         )
     chosen_eta = result.chosen["eta"]
     compare_points = {name: {**zeros, name: spec.weight} for name, spec in compared.items()}
@@ -426,7 +437,7 @@ def tune(vectors, maximize, minimize, subject_to, bounds, budget, split, seed, c
         combination.save(temporary / "adapter")
         (temporary / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
         (temporary / "report.md").write_text(_tune_markdown(report, objective, constraint))
-        x_key = constraint.key if constraint.key != objective else "compliance_rate_safe"
+        x_key = next((key for key in constraint.keys if key != objective), "compliance_rate_safe")
         tuning.plot_frontier(
             result.evaluated,
             result.chosen,
