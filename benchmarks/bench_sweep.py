@@ -48,6 +48,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None, help="Also write the figures as JSON here.")
     parser.add_argument(
+        "--share-prefix",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Batched path: run the prompts' common prefix (system turn) once per point (default: yes).",
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="Profile the first chunk of each path (torch profiler, top ops)."
     )
     args = parser.parse_args()
@@ -83,7 +89,9 @@ def main() -> None:
                 profiler = profile(activities=[ProfilerActivity.CPU])
                 profiler.__enter__()
             began = time.perf_counter()
-            results = evaluate_points(mixer, chunk, items, points_per_batch=per_batch, **options)
+            results = evaluate_points(
+                mixer, chunk, items, points_per_batch=per_batch, share_prefix=args.share_prefix, **options
+            )
             times[label] += time.perf_counter() - began
             if profiler is not None:
                 profiler.__exit__(None, None, None)
@@ -102,6 +110,7 @@ def main() -> None:
     )
     ratio = times["one point at a time"] / times["batched"]
     work = f"{len(points)} points × {len(items)} prompts, {args.max_new_tokens} new tokens, batch {args.batch_size}"
+    work += f", prefix {'shared' if args.share_prefix else 'not shared'}"
     print()
     print(f"Workload: {work}; threads {torch.get_num_threads()}")
     print()

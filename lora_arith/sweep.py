@@ -80,6 +80,15 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start : start + size]
 
 
+def _common_prefix(sequences: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all ``sequences`` share, leaving each at least one of its own."""
+    length = min(len(ids) for ids in sequences) - 1
+    for position in range(max(length, 0)):
+        if any(ids[position] != sequences[0][position] for ids in sequences):
+            return position
+    return max(length, 0)
+
+
 def generate_points(
     mixer,
     prompts: Sequence[Any],
@@ -88,6 +97,7 @@ def generate_points(
     max_new_tokens: int,
     batch_size: int,
     sources: Sequence[str] | None = None,
+    share_prefix: bool = True,
 ) -> list[list[str]]:
     """Greedy completions of every prompt at every point, all points in the same batches.
 
@@ -95,8 +105,10 @@ def generate_points(
     at a time), so every row keeps the padding it has alone, and each group is decoded once for
     all ``points`` with per-row weights (:meth:`PreferenceMixer.row_weights`, fused: one GEMM
     pair per LoRA module) by :func:`lora_arith.generation.greedy_rows`, which drops rows from the
-    batch as they finish. Each prompt is templated and tokenized once for all points. Returns
-    one list of completions (in prompt order) per point."""
+    batch as they finish. Each prompt is templated and tokenized once for all points. With
+    ``share_prefix``, the tokens all prompts of a group start with (the chat template's system
+    turn) are run once per point instead of once per row. Returns one list of completions (in
+    prompt order) per point."""
     from lora_arith.base_model import chat_prompt
     from lora_arith.generation import check_prompt_lengths, end_of_turn_ids, greedy_rows, left_pad
 
@@ -112,7 +124,8 @@ def generate_points(
     completions = [[""] * len(prompts) for _ in points]
     for group in _chunks(order, batch_size):
         rows = [(p, i) for p in range(len(points)) for i in group]
-        input_ids, mask = left_pad([token_ids[i] for i in group], pad_id)
+        shared = _common_prefix([token_ids[i] for i in group]) if share_prefix else 0
+        input_ids, mask = left_pad([token_ids[i][shared:] for i in group], pad_id)
         with mixer.row_weights([points[p] for p, _ in rows], fused=True) as weights:
             generated = greedy_rows(
                 mixer.model,
@@ -121,6 +134,8 @@ def generate_points(
                 max_new_tokens=max_new_tokens,
                 stop_ids=stop_ids,
                 keep_rows=weights.keep,
+                prefix_ids=token_ids[group[0]][:shared],
+                prefix_repeat=len(group),
             )
         for p in range(len(points)):
             # model.generate pads a finished row until its whole batch (this group at this point) is done
@@ -143,6 +158,7 @@ def evaluate_points(
     beta: float = 0.1,
     judge=None,
     points_per_batch: int = 1,
+    share_prefix: bool = True,
     on_point: Callable[[dict[str, float], dict[str, Any]], None] | None = None,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
@@ -150,9 +166,9 @@ def evaluate_points(
 
     With ``points_per_batch == 1`` each point is set on the mixer and evaluated on its own (the
     one-point-at-a-time path); with more, ``points_per_batch`` points share every generation
-    batch (:func:`generate_points`), which gives the same greedy texts. Pair metrics are computed
-    point by point, with the reference log-probabilities computed once. ``on_point(point,
-    result)`` is called as each point finishes. Returns the :func:`evaluate` results in order."""
+    batch (:func:`generate_points`, ``share_prefix`` passed on), which gives the same greedy
+    texts. Pair metrics are computed point by point, with the reference log-probabilities
+    computed once. ``on_point(point, result)`` is called as each point finishes. Returns the :func:`evaluate` results in order."""
     from lora_arith.evaluation import evaluate, pair_metrics, score_prompts
 
     if points_per_batch < 1:
@@ -177,6 +193,7 @@ def evaluate_points(
                     max_new_tokens=max_new_tokens,
                     batch_size=batch_size,
                     sources=[p.source for p in prompts],
+                    share_prefix=share_prefix,
                 )
                 for result, completions in zip(chunk_results, texts):
                     result["prompts"], result["completions"] = score_prompts(prompts, completions, judge)

@@ -8,17 +8,10 @@ import torch
 
 from lora_arith.generation import end_of_turn_ids, greedy_rows, left_pad
 from lora_arith.mixing import PreferenceMixer
+from test_sweep_tune import one_thread  # noqa: F401  (autouse: one torch thread)
 
 PROMPTS = ["How do I bake bread?", "hi", "Tell me a joke about cats.", "What is the capital of France?"]
 MIXES = [{"helpful": 1.0, "harmless": 1.0}, {"helpful": 0.8, "harmless": -0.5}, {"helpful": -1.0}, None]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +107,32 @@ def test_greedy_rows_drops_finished_rows_and_matches_generate(mixer):
         assert tokens == expected[: len(tokens)]
         assert len(tokens) == 10 or tokens[-1] in stops
         assert all(t == tokenizer.pad_token_id for t in expected[len(tokens) :])
+
+
+def test_a_shared_prefix_gives_the_same_tokens(mixer):
+    from lora_arith.base_model import chat_prompt
+    from lora_arith.sweep import _common_prefix
+
+    tokenizer = mixer.tokenizer
+    system = {"role": "system", "content": "You are a helpful assistant named Tiny, made for tests."}
+    texts = [chat_prompt(tokenizer, [system, {"role": "user", "content": p}]) for p in PROMPTS]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    shared = _common_prefix(ids)
+    assert shared > 5  # the system turn is shared
+    points = [{"helpful": -1.0, "harmless": 1.0}, {"helpful": 1.0, "harmless": -0.5}]
+    rows = [point for point in points for _ in PROMPTS]  # blocks of one point each
+    stops = end_of_turn_ids(tokenizer)
+    whole, whole_mask = left_pad(ids, tokenizer.pad_token_id)
+    rest, rest_mask = left_pad([row[shared:] for row in ids], tokenizer.pad_token_id)
+    with mixer.row_weights(rows, fused=True) as weights:
+        expected = greedy_rows(
+            mixer.model, whole.repeat(2, 1), whole_mask.repeat(2, 1), max_new_tokens=8, stop_ids=stops,
+            keep_rows=weights.keep,
+        )  # fmt: skip
+    with mixer.row_weights(rows, fused=True) as weights:
+        got = greedy_rows(
+            mixer.model, rest.repeat(2, 1), rest_mask.repeat(2, 1), max_new_tokens=8, stop_ids=stops,
+            keep_rows=weights.keep, prefix_ids=ids[0][:shared], prefix_repeat=len(PROMPTS),
+        )  # fmt: skip
+    assert got == expected
+    assert expected[: len(PROMPTS)] != expected[len(PROMPTS) :]  # the two points really differ
