@@ -168,7 +168,8 @@ def evaluate_points(
     one-point-at-a-time path); with more, ``points_per_batch`` points share every generation
     batch (:func:`generate_points`, ``share_prefix`` passed on), which gives the same greedy
     texts. Pair metrics are computed point by point, with the reference log-probabilities
-    computed once. ``on_point(point, result)`` is called as each point finishes. Returns the :func:`evaluate` results in order."""
+    computed once. ``on_point(point, result)`` is called as each point finishes. Returns the
+    :func:`evaluate` results in order."""
     from lora_arith.evaluation import evaluate, pair_metrics, score_prompts
 
     if points_per_batch < 1:
