@@ -87,7 +87,9 @@ def test_greedy_rows_drops_finished_rows_and_matches_generate(mixer):
     assert len(set(steps)) > 1 and 10 > min(s for s in steps if s is not None)
     stops = end_of_turn_ids(tokenizer) + [stop]
     dropped: list[list[int]] = []
-    got = greedy_rows(model, ids, mask, max_new_tokens=10, stop_ids=stops, keep_rows=lambda k: dropped.append(k.tolist()))
+    got = greedy_rows(
+        model, ids, mask, max_new_tokens=10, stop_ids=stops, keep_rows=lambda k: dropped.append(k.tolist())
+    )
     assert dropped  # rows really left the batch
     with torch.no_grad():
         output = model.generate(
