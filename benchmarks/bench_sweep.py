@@ -9,7 +9,9 @@ first N unsafe and N safe ones), greedy, ``--max-new-tokens`` (default 24), batc
 * ``one point at a time``: :func:`lora_arith.sweep.evaluate_points` with ``points_per_batch=1``:
   set the mix, generate all prompts, next point (the sweep's path before batching);
 * ``batched``: the same with ``points_per_batch=P`` (``--points-per-batch``, default 5): each
-  length group of 16 prompts is generated once for P points (16·P rows).
+  length group of 16 prompts is generated once for P points (16·P rows), each prompt tokenized
+  once, with fused per-row LoRA (one GEMM pair per module, ``PreferenceMixer.row_weights(...,
+  fused=True)``) and a greedy loop that drops rows as they finish (``generation.greedy_rows``).
 
 The two runs alternate by point chunk (one chunk of P points one way, then the same chunk the
 other way), so load from other jobs on the machine hits both alike. Prints a table and the ratio.
@@ -20,6 +22,7 @@ Usage::
     python benchmarks/bench_sweep.py --prompts-per-kind 200   # all 234 prompts (~40 min on 2 cores)
     python benchmarks/bench_sweep.py --threads 2 --out bench.json
     python benchmarks/bench_sweep.py --threads 1 --max-points 10 --points-per-batch 10   # a quicker subset
+    python benchmarks/bench_sweep.py --max-points 5 --profile   # where the time goes: top torch ops of each path
 """
 
 from __future__ import annotations
@@ -44,6 +47,15 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None, help="Also write the figures as JSON here.")
+    parser.add_argument(
+        "--share-prefix",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Batched path: run the prompts' common prefix (system turn) once per point (default: yes).",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="Profile the first chunk of each path (torch profiler, top ops)."
+    )
     args = parser.parse_args()
 
     import torch
@@ -70,9 +82,21 @@ def main() -> None:
     for start in range(0, len(points), size):
         chunk = points[start : start + size]
         for label, per_batch in (("one point at a time", 1), ("batched", size)):
+            profiler = None
+            if args.profile and start == 0:
+                from torch.profiler import ProfilerActivity, profile
+
+                profiler = profile(activities=[ProfilerActivity.CPU])
+                profiler.__enter__()
             began = time.perf_counter()
-            results = evaluate_points(mixer, chunk, items, points_per_batch=per_batch, **options)
+            results = evaluate_points(
+                mixer, chunk, items, points_per_batch=per_batch, share_prefix=args.share_prefix, **options
+            )
             times[label] += time.perf_counter() - began
+            if profiler is not None:
+                profiler.__exit__(None, None, None)
+                print(f"profile of {label} ({len(chunk)} points):", flush=True)
+                print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=10), flush=True)
             texts[label] += [[c["completion"] for c in result["completions"]] for result in results]
         done = start + len(chunk)
         print(
@@ -86,6 +110,7 @@ def main() -> None:
     )
     ratio = times["one point at a time"] / times["batched"]
     work = f"{len(points)} points × {len(items)} prompts, {args.max_new_tokens} new tokens, batch {args.batch_size}"
+    work += f", prefix {'shared' if args.share_prefix else 'not shared'}"
     print()
     print(f"Workload: {work}; threads {torch.get_num_threads()}")
     print()

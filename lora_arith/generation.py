@@ -186,3 +186,100 @@ def reply_logprobs(
             start, stop = reply_starts[i], len(sequences[i])
             totals[i] = logprobs[row, max(start - 1, 0) : stop - 1].double().sum()
     return totals
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists as one left-padded ``(input_ids, attention_mask)`` pair, as the tokenizer
+    pads a batch with ``padding_side="left"``."""
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        if ids:
+            input_ids[row, width - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
+            mask[row, width - len(ids) :] = 1
+    return input_ids, mask
+
+
+@torch.no_grad()
+def greedy_rows(
+    model: "PreTrainedModel",
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    stop_ids: Sequence[int],
+    keep_rows: Callable[[torch.Tensor], None] | None = None,
+    prefix_ids: Sequence[int] = (),
+    prefix_repeat: int = 1,
+) -> list[list[int]]:
+    """Greedy decoding of a left-padded batch that drops each row from the batch as it finishes.
+
+    Feeds the model what ``model.generate`` feeds it for greedy decoding (position ids from the
+    attention mask, no mask when the batch has no padding, logits of the last position only, a
+    dynamic KV cache), so every row gets the tokens ``generate`` gives it; but a row that has
+    produced a stop token leaves the batch (its KV cache rows with it) instead of being decoded
+    on as padding until the whole batch is done. ``keep_rows(indices)`` is called with the
+    indices (into the current batch) of the rows that stay, e.g. to drop their per-row weights.
+
+    With ``prefix_ids``, every row starts with these tokens and ``input_ids`` holds only the rest
+    (left-padded): the prefix is run once per block of ``prefix_repeat`` consecutive rows (rows of
+    a block must see the same model, e.g. the same per-row weights) and its KV cache copied to the
+    rows of the block; the padding then sits between the prefix and the rest, masked. This is
+    the same computation up to float rounding (not bit for bit: the keys are laid out otherwise).
+
+    Returns each row's new tokens, its stop token included if it produced one.
+    """
+    device = _device(model)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    cache = None
+    if len(prefix_ids):
+        rows = input_ids.shape[0]
+        if rows % prefix_repeat:
+            raise ValueError(f"{rows} rows are not blocks of {prefix_repeat}")
+        blocks = torch.arange(rows // prefix_repeat, device=device)
+        if keep_rows is not None:
+            keep_rows(blocks * prefix_repeat)  # one row per block
+        prefix = torch.tensor(list(prefix_ids), dtype=torch.long, device=device).expand(len(blocks), -1)
+        cache = model(input_ids=prefix, cache=None, use_cache=True, logits_to_keep=1).cache
+        cache.batch_repeat_interleave(prefix_repeat)
+        if keep_rows is not None:
+            keep_rows(blocks.repeat_interleave(prefix_repeat))  # back to every row
+        attention_mask = torch.cat([attention_mask.new_ones((rows, len(prefix_ids))), attention_mask], dim=-1)
+    position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    position_ids = position_ids[:, attention_mask.shape[1] - input_ids.shape[1] :]
+    mask = None if bool((attention_mask == 1).all()) else attention_mask
+    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    alive = torch.arange(input_ids.shape[0], device=device)  # batch row -> original row
+    tokens: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    finite = _RequireFiniteLogits()
+    step_ids = input_ids
+    for _ in range(max_new_tokens):
+        output = model(
+            input_ids=step_ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache = output.cache
+        scores = finite(step_ids, output.logits[:, -1, :].to(copy=True, dtype=torch.float32))
+        chosen = torch.argmax(scores, dim=-1)
+        for row, token in zip(alive.tolist(), chosen.tolist()):
+            tokens[row].append(token)
+        going = ~torch.isin(chosen, stops)
+        if not bool(going.any()):
+            break
+        if not bool(going.all()):
+            keep = going.nonzero().squeeze(-1)
+            alive, chosen, position_ids = alive[keep], chosen[keep], position_ids[keep]
+            mask = mask[keep] if mask is not None else None
+            cache.batch_select_indices(keep)
+            if keep_rows is not None:
+                keep_rows(keep)
+        step_ids = chosen[:, None]
+        position_ids = position_ids[:, -1:] + 1
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+    return tokens

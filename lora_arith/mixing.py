@@ -148,6 +148,45 @@ def _lora_weight(layer, name: str) -> torch.Tensor:
     return layer.lora_embedding_A[name]
 
 
+class RowWeights:
+    """The per-row weights that :meth:`PreferenceMixer.row_weights` put on the LoRA layers."""
+
+    def __init__(self) -> None:
+        self._scaled: list[tuple[Any, str, Any]] = []  # (layer, adapter, the float it replaced)
+        self._fused: dict[Any, list] = {}  # layer -> [per-row rank scales (batch, 1, R)]
+
+    def _scale(self, layer, name: str, scale: torch.Tensor) -> None:
+        self._scaled.append((layer, name, layer.scaling[name]))
+        layer.scaling[name] = scale
+
+    def _fuse(self, layer, factors, etas: torch.Tensor) -> None:
+        stacked_a, stacked_b, columns, units = factors
+        scales = (etas[:, columns] * units).to(dtype=stacked_a.dtype, device=stacked_a.device)
+        state = [scales[:, None, :]]
+        self._fused[layer] = state
+
+        def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            result = layer.base_layer(x, *args, **kwargs)
+            low = torch.nn.functional.linear(x.to(stacked_a.dtype), stacked_a) * state[0]
+            return (result + torch.nn.functional.linear(low, stacked_b)).to(result.dtype)
+
+        layer.forward = forward  # an instance attribute: nn.Module.__call__ uses it; removed on exit
+
+    def keep(self, indices: torch.Tensor) -> None:
+        """Keep only the rows ``indices`` (of the current batch) in the batches that follow."""
+        for layer, name, _ in self._scaled:
+            layer.scaling[name] = layer.scaling[name][indices.to(layer.scaling[name].device)]
+        for state in self._fused.values():
+            state[0] = state[0][indices.to(state[0].device)]
+
+    def _restore(self) -> None:
+        for layer, name, value in reversed(self._scaled):
+            layer.scaling[name] = value
+        for layer in self._fused:
+            layer.__dict__.pop("forward", None)
+        self._scaled, self._fused = [], {}
+
+
 class PreferenceMixer:
     """A base model with named adapters attached, mixed at run time with per-adapter weights.
 
@@ -231,7 +270,7 @@ class PreferenceMixer:
         return mix
 
     @contextlib.contextmanager
-    def row_weights(self, rows: Sequence[Mapping[str, Any] | None]) -> Iterator[None]:
+    def row_weights(self, rows: Sequence[Mapping[str, Any] | None], *, fused: bool = False) -> Iterator["RowWeights"]:
         """Within this context, row ``i`` of every batch fed to :attr:`model` is mixed with
         ``rows[i]`` (names left out, or a ``None`` row, keep the current weights).
 
@@ -239,24 +278,64 @@ class PreferenceMixer:
         that broadcasts over PEFT's LoRA branch ``lora_B(lora_A(x)) * scaling``; the floats are
         put back on exit. Batches must have exactly ``len(rows)`` rows (no beam search), and
         the mixer must not be used from another thread meanwhile.
+
+        With ``fused=True``, each plain LoRA ``Linear`` runs all its adapters as one GEMM pair
+        instead: ``x · Aᵀ`` with every adapter's ``A`` stacked, each rank scaled by its row's
+        ``ηᵢ · α / r``, then ``· Bᵀ`` with the ``B`` side by side: one pass over the layer's output
+        instead of four per adapter. The sum is the same up to float rounding. Other layers
+        (embeddings, quantized, DoRA) keep the per-row ``scaling`` tensors.
+
+        Yields a :class:`RowWeights`, whose ``keep(indices)`` drops rows from the batch (for a
+        decoding loop that drops finished rows).
         """
         mixes = [self.row_mix(row) for row in rows]
-        saved = []
+        etas = torch.tensor([[mix[name] for name in self.names] for mix in mixes], dtype=torch.float64)
+        handle = RowWeights()
         try:
             for layer in self._lora_layers:
-                for name in self.names:
+                factors = self._fused_factors(layer) if fused else None
+                if factors is not None:
+                    handle._fuse(layer, factors, etas)
+                    continue
+                for column, name in enumerate(self.names):
                     if name not in layer.scaling:
                         continue
-                    unit = _unit_scaling(layer, name)
-                    saved.append((layer, name, layer.scaling[name]))
-                    etas = torch.tensor([mix[name] * unit for mix in mixes], dtype=torch.float64)
                     weight = _lora_weight(layer, name)
                     dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
-                    layer.scaling[name] = etas.to(dtype=dtype, device=weight.device).view(-1, 1, 1)
-            yield
+                    scale = (etas[:, column] * _unit_scaling(layer, name)).to(dtype=dtype, device=weight.device)
+                    handle._scale(layer, name, scale.view(-1, 1, 1))
+            yield handle
         finally:
-            for layer, name, value in saved:
-                layer.scaling[name] = value
+            handle._restore()
+
+    def _fused_factors(self, layer) -> "tuple[torch.Tensor, torch.Tensor, list[int], torch.Tensor] | None":
+        """``(A stacked, B side by side, the column in self.names of each rank, α / r of each rank)``
+        of a plain LoRA ``Linear`` (cached), or ``None`` for a layer that cannot be fused."""
+        cache = self.__dict__.setdefault("_fused_cache", {})
+        if id(layer) in cache:
+            return cache[id(layer)][1]
+        from peft.tuners.lora.layer import Linear
+
+        names = [name for name in self.names if name in getattr(layer, "lora_A", {})]
+        factors = None
+        if (
+            type(layer) is Linear
+            and names
+            and not layer.merged
+            and not layer.lora_variant
+            and not any(layer.lora_bias.get(name, False) for name in names)
+            and not any(isinstance(layer.lora_dropout[name], torch.nn.Dropout) and layer.training for name in names)
+        ):
+            with torch.no_grad():
+                stacked_a = torch.cat([layer.lora_A[name].weight for name in names], dim=0).contiguous()
+                stacked_b = torch.cat([layer.lora_B[name].weight for name in names], dim=1).contiguous()
+            columns = [self.names.index(name) for name in names for _ in range(layer.r[name])]
+            units = torch.tensor(
+                [_unit_scaling(layer, name) for name in names for _ in range(layer.r[name])], dtype=torch.float64
+            )
+            factors = (stacked_a, stacked_b, columns, units)
+        cache[id(layer)] = (layer, factors)  # the layer is kept so that its id stays its own
+        return factors
 
     def generate(
         self, prompts: Sequence[Any], weights: Sequence[Mapping[str, Any] | None] | None = None, **options: Any

@@ -80,6 +80,15 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start : start + size]
 
 
+def _common_prefix(sequences: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all ``sequences`` share, leaving each at least one of its own."""
+    length = min(len(ids) for ids in sequences) - 1
+    for position in range(max(length, 0)):
+        if any(ids[position] != sequences[0][position] for ids in sequences):
+            return position
+    return max(length, 0)
+
+
 def generate_points(
     mixer,
     prompts: Sequence[Any],
@@ -87,28 +96,54 @@ def generate_points(
     *,
     max_new_tokens: int,
     batch_size: int,
+    sources: Sequence[str] | None = None,
+    share_prefix: bool = True,
 ) -> list[list[str]]:
     """Greedy completions of every prompt at every point, all points in the same batches.
 
     The prompts are grouped exactly as one-point generation groups them (by length, ``batch_size``
-    at a time), and each group is generated once for all ``points`` with per-row weights
-    (:meth:`PreferenceMixer.generate`), so every row keeps the padding it has alone. Returns one
-    list of completions (in prompt order) per point."""
+    at a time), so every row keeps the padding it has alone, and each group is decoded once for
+    all ``points`` with per-row weights (:meth:`PreferenceMixer.row_weights`, fused: one GEMM
+    pair per LoRA module) by :func:`lora_arith.generation.greedy_rows`, which drops rows from the
+    batch as they finish. Each prompt is templated and tokenized once for all points. With
+    ``share_prefix``, the tokens all prompts of a group start with (the chat template's system
+    turn) are run once per point instead of once per row. Returns one list of completions (in
+    prompt order) per point."""
     from lora_arith.base_model import chat_prompt
+    from lora_arith.generation import check_prompt_lengths, end_of_turn_ids, greedy_rows, left_pad
 
-    texts = [chat_prompt(mixer.tokenizer, prompt) for prompt in prompts]
+    if batch_size < 1 or max_new_tokens < 1:
+        raise LoraArithError(f"batch_size and max_new_tokens must be at least 1, got {batch_size} and {max_new_tokens}")
+    tokenizer = mixer.tokenizer
+    texts = [chat_prompt(tokenizer, prompt) for prompt in prompts]
+    check_prompt_lengths(mixer.model, tokenizer, texts, max_new_tokens, sources)
+    token_ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    stop_ids = end_of_turn_ids(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     completions = [[""] * len(prompts) for _ in points]
     for group in _chunks(order, batch_size):
         rows = [(p, i) for p in range(len(points)) for i in group]
-        replies = mixer.generate(
-            [prompts[i] for _, i in rows],
-            weights=[points[p] for p, _ in rows],
-            max_new_tokens=max_new_tokens,
-            batch_size=len(rows),
-        )
-        for (p, i), reply in zip(rows, replies):
-            completions[p][i] = reply
+        shared = _common_prefix([token_ids[i] for i in group]) if share_prefix else 0
+        input_ids, mask = left_pad([token_ids[i][shared:] for i in group], pad_id)
+        with mixer.row_weights([points[p] for p, _ in rows], fused=True) as weights:
+            generated = greedy_rows(
+                mixer.model,
+                input_ids.repeat(len(points), 1),
+                mask.repeat(len(points), 1),
+                max_new_tokens=max_new_tokens,
+                stop_ids=stop_ids,
+                keep_rows=weights.keep,
+                prefix_ids=token_ids[group[0]][:shared],
+                prefix_repeat=len(group),
+            )
+        for p in range(len(points)):
+            # model.generate pads a finished row until its whole batch (this group at this point) is done
+            point_rows = [(i, generated[p * len(group) + k]) for k, i in enumerate(group)]
+            steps = max(len(tokens) for _, tokens in point_rows)
+            for i, tokens in point_rows:
+                padded = tokens + [pad_id] * (steps - len(tokens))
+                completions[p][i] = tokenizer.decode(padded, skip_special_tokens=True).strip()
     return completions
 
 
@@ -123,6 +158,7 @@ def evaluate_points(
     beta: float = 0.1,
     judge=None,
     points_per_batch: int = 1,
+    share_prefix: bool = True,
     on_point: Callable[[dict[str, float], dict[str, Any]], None] | None = None,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
@@ -130,9 +166,10 @@ def evaluate_points(
 
     With ``points_per_batch == 1`` each point is set on the mixer and evaluated on its own (the
     one-point-at-a-time path); with more, ``points_per_batch`` points share every generation
-    batch (:func:`generate_points`), which gives the same greedy texts. Pair metrics are computed
-    point by point, with the reference log-probabilities computed once. ``on_point(point,
-    result)`` is called as each point finishes. Returns the :func:`evaluate` results in order."""
+    batch (:func:`generate_points`, ``share_prefix`` passed on), which gives the same greedy
+    texts. Pair metrics are computed point by point, with the reference log-probabilities
+    computed once. ``on_point(point, result)`` is called as each point finishes. Returns the
+    :func:`evaluate` results in order."""
     from lora_arith.evaluation import evaluate, pair_metrics, score_prompts
 
     if points_per_batch < 1:
@@ -151,7 +188,13 @@ def evaluate_points(
             chunk_results: list[dict[str, Any]] = [{} for _ in chunk]
             if prompts and len(chunk) > 1:
                 texts = generate_points(
-                    mixer, [p.prompt for p in prompts], chunk, max_new_tokens=max_new_tokens, batch_size=batch_size
+                    mixer,
+                    [p.prompt for p in prompts],
+                    chunk,
+                    max_new_tokens=max_new_tokens,
+                    batch_size=batch_size,
+                    sources=[p.source for p in prompts],
+                    share_prefix=share_prefix,
                 )
                 for result, completions in zip(chunk_results, texts):
                     result["prompts"], result["completions"] = score_prompts(prompts, completions, judge)
