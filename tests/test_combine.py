@@ -155,3 +155,36 @@ def test_parse_spec(text, expected):
 def test_parse_spec_rejects(text):
     with pytest.raises(LoraArithError):
         parse_spec(text)
+
+
+def test_modules_are_read_ahead_in_order_and_boundedly(monkeypatch):
+    """combine reads and sums the next modules in a thread while it compresses the current one:
+    in order, at most READ_AHEAD modules ahead, and no further once the loop stops (an error)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import lora_arith.combine as combine_module
+
+    started: list[str] = []
+    lock = threading.Lock()
+
+    def fake_summed(adapters, weights, name):
+        with lock:
+            started.append(name)
+        return name, 1, None
+
+    monkeypatch.setattr(combine_module, "_summed", fake_summed)
+    names = [f"module{i}" for i in range(12)]
+    ahead = combine_module.READ_AHEAD
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        seen = []
+        for index, (name, _, _) in enumerate(combine_module._read_ahead(pool, [], [], names)):
+            seen.append(name)
+            with lock:
+                assert len(started) <= index + 1 + ahead  # never more than READ_AHEAD beyond this one
+        assert seen == names
+        started.clear()
+        reading = combine_module._read_ahead(pool, [], [], names)
+        next(reading)
+        reading.close()  # as on an error in the loop
+    assert len(started) <= 1 + ahead
