@@ -8,12 +8,15 @@ optimally. Peak memory stays near the largest module plus the output.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
 import os
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
@@ -215,6 +218,42 @@ def _check_rank(modules: dict[str, ModuleInfo], rank: int | None) -> None:
             )
 
 
+READ_AHEAD = 2
+"""How many modules :func:`combine` reads and sums ahead of the one it compresses."""
+
+
+def _summed(adapters: Sequence[AdapterFile], weights: Sequence[float], name: str) -> tuple[str, int, LowRankDelta]:
+    """``(name, inputs that have it, their exact weighted sum)`` for module ``name``, read from disk."""
+    present = [(a, w) for a, w in zip(adapters, weights) if name in a.modules]
+    summed = weighted_sum([a.delta(name) for a, _ in present], [w for _, w in present])
+    require_finite(summed.B, f"module {name}", "the weighted sum overflows fp32; the weights are too large")
+    return name, len(present), summed
+
+
+def _read_ahead(
+    pool: Executor, adapters: Sequence[AdapterFile], weights: Sequence[float], names: Sequence[str]
+) -> Iterator[tuple[str, int, LowRankDelta]]:
+    """``_summed`` for every module in order, each computed in ``pool`` up to :data:`READ_AHEAD`
+    modules before it is yielded (memory stays bounded by a few modules). An error is raised
+    when its module's turn comes, so the first failing module is reported, as when reading in turn."""
+    pending: deque[Future] = deque()
+    upcoming = iter(names)
+
+    def submit_ahead() -> None:  # the module in hand, plus READ_AHEAD after it
+        for name in itertools.islice(upcoming, READ_AHEAD + 1 - len(pending)):
+            pending.append(pool.submit(_summed, adapters, weights, name))
+
+    try:
+        submit_ahead()
+        while pending:
+            result = pending.popleft().result()
+            yield result  # the caller works on this module while the next READ_AHEAD are read
+            submit_ahead()
+    finally:
+        for future in pending:  # on an error (or an abandoned loop): do not read further
+            future.cancel()
+
+
 def combine(
     specs: Sequence[AdapterSpec | str],
     *,
@@ -263,24 +302,31 @@ def combine(
     deltas: dict[str, LowRankDelta] = {}
     results: list[ModuleResult] = []
     names = list(modules)
-    if progress:
-        from tqdm import tqdm
+    weights = [spec.weight for spec in specs]
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(single_threaded())
+        pool = stack.enter_context(ThreadPoolExecutor(max_workers=2, thread_name_prefix="lora-arith-combine"))
+        # The inputs' sha256 (for the recipe) are computed on the side, and the next modules are
+        # read and summed ahead while this one is compressed: reading overlaps the arithmetic.
+        hashing = pool.submit(lambda: [adapter.sha256 for adapter in adapters])
+        reading = _read_ahead(pool, adapters, weights, names)
+        stack.callback(reading.close)  # on an error, cancel the reads not yet started
+        sums: Iterable[tuple[str, int, LowRankDelta]] = reading
+        if progress:
+            from tqdm import tqdm
 
-        names = tqdm(names, desc="combining", unit="module", leave=False)
-    with single_threaded():
-        for name in names:
-            present = [(a, s.weight) for a, s in zip(adapters, specs) if name in a.modules]
-            summed = weighted_sum([a.delta(name) for a, _ in present], [w for _, w in present])
-            require_finite(summed.B, f"module {name}", "the weighted sum overflows fp32; the weights are too large")
+            sums = tqdm(sums, desc="combining", unit="module", leave=False, total=len(names))
+        for name, present, summed in sums:
             if method == "svd":
                 compressed = compress(summed, rank=rank, energy=energy)
                 for factor in (compressed.delta.B, compressed.delta.A):
                     require_finite(factor, f"module {name}", "the SVD overflowed fp32; the weights are too large")
                 deltas[name] = compressed.delta
-                results.append(ModuleResult(name, compressed.rank, len(present), compressed.relative_error))
+                results.append(ModuleResult(name, compressed.rank, present, compressed.relative_error))
             else:
                 deltas[name] = summed
-                results.append(ModuleResult(name, summed.rank, len(present)))
+                results.append(ModuleResult(name, summed.rank, present))
+        hashing.result()
 
     kinds = {name: info.kind for name, info in modules.items()}
     config = unit_scaling_config({r.name: r.rank for r in results}, _output_template(adapters, base_model, modules))

@@ -169,6 +169,48 @@ def _rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:
     return int((kept < energy - 1e-12).sum().item()) + 1
 
 
+CHOLESKY_QR_MAX_CONDITION = 100.0
+"""The largest condition number of a factor that :func:`compress` reduces by CholeskyQR2.
+
+CholeskyQR2 (two rounds of Cholesky-QR) is as accurate as Householder QR while the first round's
+Gram matrix is well conditioned, which in fp32 holds comfortably up to this κ (κ² u₃₂ ≈ 6e-4);
+beyond it, or for a rank-deficient factor, Householder QR is used."""
+
+
+def _cholesky_qr2(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``(Q₁, T, R)`` with ``X = Q₁ T⁻¹ · R`` (``Q = Q₁ T⁻¹`` orthonormal, ``R`` upper triangular, fp64)
+    by CholeskyQR2 on the fp32 ``m × r`` matrix ``X``, or ``None`` when ``X`` is too ill conditioned
+    (see :data:`CHOLESKY_QR_MAX_CONDITION`) for it.
+
+    Round 1: ``XᵀX = R₁ᵀR₁`` (Cholesky in fp64 of the fp32 Gram matrix), ``Q₁ = X R₁⁻¹``. Round 2:
+    ``Q₁ᵀQ₁ = TᵀT`` and ``R = T R₁``. ``Q₁`` is orthonormal up to the first round's error only, which
+    ``T`` (close to the identity) removes; ``Q₁ T⁻¹`` is never formed, the caller applies ``T⁻¹`` to its small factors.
+    """
+    m, r = X.shape
+    if r > m:
+        return None
+    gram = (X.T @ X).double()
+    eigenvalues = torch.linalg.eigvalsh(gram)  # ascending; κ(X)² = λ_max / λ_min
+    if not eigenvalues[0] > eigenvalues[-1] / CHOLESKY_QR_MAX_CONDITION**2:
+        return None
+    L1, info = torch.linalg.cholesky_ex(gram)
+    if info:
+        return None
+    R1 = L1.T
+    Q1 = X @ torch.linalg.solve_triangular(R1, torch.eye(r, dtype=torch.float64), upper=True).float()
+    L2, info = torch.linalg.cholesky_ex((Q1.T @ Q1).double())
+    if info:
+        return None
+    T = L2.T
+    return Q1, T, T @ R1
+
+
+def _householder_qr(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(Q, I, R)`` by Householder QR, in the form of :func:`_cholesky_qr2` (``T`` = identity)."""
+    Q, R = torch.linalg.qr(X)
+    return Q, torch.eye(R.shape[0], dtype=torch.float64), R.double()
+
+
 @_on_one_thread
 def compress(
     delta: LowRankDelta,
@@ -200,14 +242,19 @@ def compress(
     if energy is not None and not 0.0 < energy <= 1.0:
         raise ValueError(f"energy must be in (0, 1], got {energy}")
 
-    Q_B, R_B = torch.linalg.qr(_fp32(delta.B))
-    Q_A, R_A = torch.linalg.qr(_fp32(delta.A).T)
-    core = R_B.double() @ R_A.double().T
-    U, S, Vh = torch.linalg.svd(core)
+    B, A = _fp32(delta.B), _fp32(delta.A)
+    B_qr, A_qr = _cholesky_qr2(B), _cholesky_qr2(A.T)
+    if B_qr is None or A_qr is None:  # ill conditioned or rank deficient: Householder QR
+        B_qr, A_qr = _householder_qr(B), _householder_qr(A.T)
+    (Q_B, T_B, R_B), (Q_A, T_A, R_A) = B_qr, A_qr
+    U, S, Vh = torch.linalg.svd(R_B @ R_A.T)
 
     k = rank if rank is not None else _rank_for_energy(S, energy)
     k = max(1, min(k, S.numel()))
-    left, right = _deterministic_signs(Q_B @ U[:, :k].float(), Vh[:k].float() @ Q_A.T)
+    # Q = Q₁ T⁻¹: the last triangular factor is applied to the small r×k matrices, not to Q₁.
+    left_small = torch.linalg.solve_triangular(T_B, U[:, :k], upper=True)
+    right_small = torch.linalg.solve_triangular(T_A, Vh[:k].T, upper=True)
+    left, right = _deterministic_signs(Q_B @ left_small.float(), right_small.T.float() @ Q_A.T)
     root = S[:k].sqrt().float()
     B_k = left * root
     A_k = root[:, None] * right

@@ -155,3 +155,36 @@ def test_parse_spec(text, expected):
 def test_parse_spec_rejects(text):
     with pytest.raises(LoraArithError):
         parse_spec(text)
+
+
+def test_modules_are_read_ahead_in_order_and_boundedly(monkeypatch):
+    """combine reads and sums the next modules in a thread while it compresses the current one:
+    in order, at most READ_AHEAD modules ahead, and no further once the loop stops (an error)."""
+    from concurrent.futures import Future
+
+    import lora_arith.combine as combine_module
+
+    submitted: list[str] = []
+
+    class RecordingPool:  # runs each job at once, recording when it was handed over
+        def submit(self, function, *args):
+            submitted.append(args[-1])
+            future: Future = Future()
+            future.set_result(function(*args))
+            return future
+
+    monkeypatch.setattr(combine_module, "_summed", lambda adapters, weights, name: (name, 1, None))
+    names = [f"module{i}" for i in range(12)]
+    ahead = combine_module.READ_AHEAD
+    assert ahead >= 1
+    seen = []
+    for index, (name, _, _) in enumerate(combine_module._read_ahead(RecordingPool(), [], [], names)):
+        seen.append(name)
+        # this module and the READ_AHEAD after it have been handed to the reader, no more
+        assert submitted == names[: index + 1 + ahead]
+    assert seen == names
+    submitted.clear()
+    reading = combine_module._read_ahead(RecordingPool(), [], [], names)
+    next(reading)
+    reading.close()  # as on an error in the loop: nothing more is read
+    assert submitted == names[: 1 + ahead]

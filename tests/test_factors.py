@@ -219,3 +219,53 @@ def test_projected_energy_rejects_wrong_shapes():
         projected_energy(delta, torch.zeros(6, 1), "column")
     with pytest.raises(ValueError, match="side"):
         projected_energy(delta, torch.zeros(10, 1), "left")
+
+
+# ---- CholeskyQR2 in compress: as accurate as Householder QR, and used only where it is ----------
+
+
+def conditioned_delta(out: int, inp: int, rank: int, condition: float, seed: int) -> LowRankDelta:
+    """A delta ``B A`` whose factor ``B`` has condition number ``condition`` (and ``Aᵀ`` about half of
+    it) while ``ΔW`` has the distinct singular values 1 … 0.5, so that its best rank-k is unique."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def orthonormal(rows: int) -> torch.Tensor:
+        return torch.linalg.qr(torch.randn(rows, rank, generator=generator, dtype=torch.float64))[0]
+
+    left, right, rotation = orthonormal(out), orthonormal(inp), orthonormal(rank)
+    factor_spectrum = torch.logspace(0, -torch.log10(torch.tensor(condition)).item(), rank, dtype=torch.float64)
+    spectrum = torch.linspace(1.0, 0.5, rank, dtype=torch.float64)
+    B = (left * factor_spectrum) @ rotation.T
+    A = (rotation * (spectrum / factor_spectrum)) @ right.T
+    return LowRankDelta(B.float(), A.float())
+
+
+def distance_to_optimum(delta: LowRankDelta, k: int, result: LowRankDelta) -> float:
+    """The distance of ``result`` to the optimal rank-``k`` ``ΔW_opt``, relative to ``‖ΔW_opt‖`` (fp64)."""
+    dense = delta.B.double() @ delta.A.double()
+    U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
+    optimum = (U[:, :k] * S[:k]) @ Vh[:k]
+    return relative(result.B.double() @ result.A.double(), optimum)
+
+
+@pytest.mark.parametrize("condition", [1.0, 10.0, 90.0, 1e4])
+@pytest.mark.parametrize("shape", [(600, 200), (120, 700)])
+def test_cholesky_qr2_is_as_accurate_as_householder(monkeypatch, shape, condition):
+    import lora_arith.factors as factors
+
+    delta = conditioned_delta(*shape, rank=24, condition=condition, seed=int(condition) + shape[0])
+    used = []
+    original = factors._cholesky_qr2
+    monkeypatch.setattr(factors, "_cholesky_qr2", lambda X: used.append(r := original(X)) or r)
+    fast = compress(delta, rank=12)
+    # Below the threshold both factors go through CholeskyQR2; above it, Householder QR.
+    assert all(r is not None for r in used) == (condition <= factors.CHOLESKY_QR_MAX_CONDITION)
+    monkeypatch.setattr(factors, "CHOLESKY_QR_MAX_CONDITION", 0.0)  # force Householder QR
+    householder = compress(delta, rank=12)
+    fast_distance = distance_to_optimum(delta, 12, fast.delta)
+    householder_distance = distance_to_optimum(delta, 12, householder.delta)
+    assert fast_distance <= 2 * householder_distance + 2e-7
+    if condition <= factors.CHOLESKY_QR_MAX_CONDITION:  # (fp32 factors with κ = 1e4 lose more, either way)
+        assert fast_distance < 1e-5
+    assert torch.allclose(fast.singular_values, householder.singular_values, rtol=1e-5, atol=1e-7 * float(fast.singular_values[0]))
+    assert fast.relative_error == pytest.approx(householder.relative_error, rel=1e-5, abs=1e-7)

@@ -67,7 +67,7 @@ def _compression_options(command):
 
 
 def _run_combination(specs, output, method, rank, energy, dtype, allow_base_mismatch, force) -> None:
-    from lora_arith.adapter_io import DTYPES, adapter_sources, output_kind
+    from lora_arith.adapter_io import DTYPES, adapter_sources, import_writers_in_background, output_kind
     from lora_arith.atomic import check_output
     from lora_arith.combine import combine, parse_spec
 
@@ -76,6 +76,7 @@ def _run_combination(specs, output, method, rank, energy, dtype, allow_base_mism
     output = check_output(
         output, force=force, kind=output_kind(output), inputs=[p for s in parsed for p in adapter_sources(s.path)]
     )
+    import_writers_in_background()  # overlaps the arithmetic below
     result = combine(
         parsed,
         method=method,
