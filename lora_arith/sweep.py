@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from lora_arith.errors import LoraArithError
+from lora_arith.errors import LoraArithError, OptionError
 
 HEATMAP_METRICS = {
     "refusal_rate_unsafe": "refusal rate on unsafe prompts",
@@ -94,7 +94,7 @@ def generate_points(
     at a time), and each group is generated once for all ``points`` with per-row weights
     (:meth:`PreferenceMixer.generate`), so every row keeps the padding it has alone. Returns one
     list of completions (in prompt order) per point."""
-    from lora_arith.base_model import chat_prompt
+    from lora_arith.generation import chat_prompt
 
     texts = [chat_prompt(mixer.tokenizer, prompt) for prompt in prompts]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
@@ -136,7 +136,7 @@ def evaluate_points(
     from lora_arith.evaluation import evaluate, pair_metrics, score_prompts
 
     if points_per_batch < 1:
-        raise LoraArithError("--points-per-batch must be at least 1")
+        raise OptionError("points_per_batch", "{} must be at least 1")
     reference: dict = {}
     results: list[dict[str, Any]] = []
     chunks = list(_chunks(list(points), points_per_batch))
@@ -240,8 +240,9 @@ class PointLog:
                 self.directory.unlink()
         if self.directory.exists() and not self.path.is_file():
             if not self.directory.is_dir() or any(self.directory.iterdir()):
-                raise LoraArithError(
-                    f"output {self.directory} exists and holds no sweep to resume; pass --force to overwrite it"
+                raise OptionError(
+                    "force", "output {directory} exists and holds no sweep to resume; pass {} to overwrite it",
+                    directory=self.directory,
                 )
         if not self.directory.parent.resolve().is_dir():
             raise LoraArithError(f"output directory {self.directory.parent} does not exist")
@@ -263,8 +264,8 @@ class PointLog:
                 break
             offset += len(line)
         if not valid or valid[0] != self.header:
-            raise LoraArithError(
-                f"{self.path} records a sweep with other settings or inputs; pass --force to start over"
+            raise OptionError(
+                "force", "{path} records a sweep with other settings or inputs; pass {} to start over", path=self.path
             )
         if offset < len(data):  # a record cut short by a kill: drop it
             with open(self.path, "r+b") as handle:
@@ -305,10 +306,12 @@ def heatmap_planes(
     fixed = dict(fixed or {})
     unknown = sorted(set(fixed) - set(names))
     if unknown:
-        raise LoraArithError(f"--fix names no swept vector: {', '.join(unknown)}; vectors: {', '.join(names)}")
+        raise OptionError(
+            "fix", "{} names no swept vector: {unknown}; vectors: {names}", unknown=", ".join(unknown), names=", ".join(names)
+        )
     for name, value in fixed.items():
         if not any(abs(value - v) < 1e-9 for v in grid_values[name]):
-            raise LoraArithError(f"--fix {name}={value:g} is not on the grid of {name}")
+            raise OptionError("fix", "{} {name}={value:g} is not on the grid of {name}", name=name, value=value)
     if len(names) == 1:
         return [(names[0], None, {})]
     planes = []
