@@ -263,7 +263,8 @@ def worker_ours(params: Json) -> Json:
     """
     import torch
 
-    from lora_arith.combine import AdapterSpec, combine
+    from lora_arith.combine import combine
+    from lora_arith.specs import AdapterSpec
 
     specs = [AdapterSpec(path, 1.0) for path in params["inputs"]]
     method, rank = params["method"], params["rank"] if params["method"] == "svd" else None

@@ -129,9 +129,10 @@ def worker_ours(params: Json) -> Json:
     """``lora_arith.merge.merge_adapters`` on the base and the two adapters (weights 1 and 1)."""
     import lora_arith
     from lora_arith.merge import merge_adapters
+    from lora_arith.specs import parse_specs
 
     start = time.perf_counter()
-    merge_adapters(params["base"], [f"{path}:1" for path in params["adapters"]], params["output"])
+    merge_adapters(params["base"], parse_specs(params["adapters"]), params["output"])
     return {"merge_s": time.perf_counter() - start, "peak_rss_bytes": peak_rss_bytes(), "lora_arith": lora_arith.__file__}
 
 

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from lora_arith.base_model import chat_prompt, load_base
+from lora_arith.base_model import load_base
+from lora_arith.generation import chat_prompt
 from lora_arith.data import load_pairs
 from lora_arith.evaluation import load_eval_prompts
 

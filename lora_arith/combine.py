@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import os
 from collections import Counter, deque
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -20,7 +19,6 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
-from lora_arith import __version__
 from lora_arith.adapter_io import (
     DTYPES,
     AdapterFile,
@@ -30,55 +28,15 @@ from lora_arith.adapter_io import (
     save_adapter,
     unit_scaling_config,
 )
-from lora_arith.errors import LoraArithError
+from lora_arith.errors import LoraArithError, OptionError
 from lora_arith.factors import LowRankDelta, compress, single_threaded, weighted_sum
 from lora_arith.numerics import DTYPE_HINT, require_finite
 from lora_arith.privacy import public_name
+from lora_arith.provenance import METHODS, Recipe, RecipeInput
+from lora_arith.specs import AdapterSpec
 
-METHODS = ("cat", "svd")
 # Config fields that say which modules are targeted; carried over when all inputs agree.
 _TARGETING_FIELDS = ("layers_to_transform", "layers_pattern", "exclude_modules")
-
-
-@dataclass(frozen=True)
-class AdapterSpec:
-    """An adapter reference with its weight, parsed from ``PATH[:WEIGHT]``."""
-
-    path: str
-    weight: float = 1.0
-    name: str | None = None
-    """How the input is recorded in the recipe and training records (default: the path's basename)."""
-
-    @property
-    def public_name(self) -> str:
-        """The name recorded for this input: ``name``, else the path reduced to its basename."""
-        return self.name or public_name(self.path)
-
-    def __str__(self) -> str:
-        return f"{self.path}:{self.weight:g}"
-
-
-def parse_spec(text: str) -> AdapterSpec:
-    """Parse ``PATH[:WEIGHT]``; the last colon splits the path from the weight.
-
-    A weight may be negative (``a.safetensors:-1``) and defaults to 1.0. If the text after
-    the last colon is not a number, the whole text is taken as a path only when such a path
-    exists; otherwise the weight is reported as unparsable.
-    """
-    path, colon, weight_text = text.rpartition(":")
-    if not colon:
-        return AdapterSpec(text)
-    try:
-        weight = float(weight_text)
-    except ValueError:
-        if os.path.exists(text):
-            return AdapterSpec(text)
-        raise LoraArithError(f"cannot parse the weight {weight_text!r} in {text!r} (expected PATH[:WEIGHT])") from None
-    if not math.isfinite(weight):
-        raise LoraArithError(f"the weight in {text!r} must be a finite number")
-    if not path:
-        raise LoraArithError(f"{text!r} has a weight but no path")
-    return AdapterSpec(path, weight)
 
 
 @dataclass(frozen=True)
@@ -95,13 +53,14 @@ class ModuleResult:
 class Combination:
     """The combined adapter, held in memory until :meth:`save`.
 
-    ``training`` carries the inputs' recorded training summaries (by input path) into the output.
+    ``training`` carries the inputs' recorded training summaries (by input path) into the output;
+    ``sources`` are the local files and folders the inputs were read from.
     """
 
     deltas: dict[str, LowRankDelta]
     kinds: dict[str, str]
     config: dict[str, Any]
-    recipe: dict[str, Any]
+    recipe: Recipe
     dtype: torch.dtype
     modules: list[ModuleResult] = field(default_factory=list)
     input_count: int = 0
@@ -126,9 +85,17 @@ class Combination:
         return factor_tensors(self.deltas, self.kinds, dtype or self.dtype, hint or DTYPE_HINT)
 
     def save(self, path: str | os.PathLike[str], *, force: bool = False, dtype: torch.dtype | None = None) -> Path:
-        """Write a PEFT directory, or the single-file form if ``path`` ends in ``.safetensors``."""
+        """Write a PEFT directory, or the single-file form if ``path`` ends in ``.safetensors``.
+        ``path`` may be an :class:`~lora_arith.atomic.Output` already checked; a plain path is
+        checked (once, when it is written) against :attr:`sources`."""
         return save_adapter(
-            path, self.tensors(dtype), self.config, self.recipe, training=self.training, force=force, inputs=self.sources
+            path,
+            self.tensors(dtype),
+            self.config,
+            self.recipe.to_dict(),
+            training=self.training,
+            force=force,
+            inputs=self.sources,
         )
 
 
@@ -137,8 +104,10 @@ def _check_bases(adapters: Sequence[AdapterFile], allow_mismatch: bool) -> str |
     bases = {public_name(a.base_model) for a in adapters if a.base_model}
     if len(bases) > 1 and not allow_mismatch:
         listing = ", ".join(f"{a.label} → {a.base_model}" for a in adapters if a.base_model)
-        raise LoraArithError(
-            f"adapters are for different base models ({listing}); pass --allow-base-mismatch to combine anyway"
+        raise OptionError(
+            "allow_base_mismatch",
+            "adapters are for different base models ({listing}); pass {} to combine anyway",
+            listing=listing,
         )
     return next((a.base_model for a in adapters if a.base_model), None)
 
@@ -210,11 +179,16 @@ def _check_rank(modules: dict[str, ModuleInfo], rank: int | None) -> None:
     if rank is None:
         return
     if rank < 1:
-        raise LoraArithError(f"--rank must be at least 1, got {rank}")
+        raise OptionError("rank", "{} must be at least 1, got {rank}", rank=rank)
     for name, info in modules.items():
         if rank > min(info.shape):
-            raise LoraArithError(
-                f"--rank {rank} is larger than module {name} allows (its delta is {info.shape[0]}×{info.shape[1]})"
+            raise OptionError(
+                "rank",
+                "{} {rank} is larger than module {name} allows (its delta is {rows}×{cols})",
+                rank=rank,
+                name=name,
+                rows=info.shape[0],
+                cols=info.shape[1],
             )
 
 
@@ -255,7 +229,7 @@ def _read_ahead(
 
 
 def combine(
-    specs: Sequence[AdapterSpec | str],
+    specs: Sequence[AdapterSpec],
     *,
     method: str = "cat",
     rank: int | None = None,
@@ -267,7 +241,7 @@ def combine(
     """Combine adapters into ``Σ wᵢ ΔWᵢ`` per module.
 
     Args:
-        specs: ``AdapterSpec`` objects or ``"PATH[:WEIGHT]"`` strings.
+        specs: parsed ``AdapterSpec`` objects (text is parsed by :func:`lora_arith.specs.parse_specs`).
         method: ``"cat"`` (exact; ranks add up) or ``"svd"`` (optimal rank reduction).
         rank: with ``svd``, the rank of every output module. Defaults to the largest input rank.
         energy: with ``svd``, instead of ``rank``: the smallest per-module rank keeping this
@@ -280,16 +254,17 @@ def combine(
     """
     if not specs:
         raise LoraArithError("give at least one adapter")
+    if any(not isinstance(spec, AdapterSpec) for spec in specs):
+        raise TypeError("combine() takes AdapterSpec objects; parse text with lora_arith.specs.parse_specs")
     if method not in METHODS:
         raise LoraArithError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if method == "cat" and (rank is not None or energy is not None):
-        raise LoraArithError("--rank and --energy need --method svd")
+        raise OptionError(("rank", "energy", "method"), "{} and {} need {} svd")
     if rank is not None and energy is not None:
-        raise LoraArithError("give --rank or --energy, not both")
+        raise OptionError(("rank", "energy"), "give {} or {}, not both")
     if energy is not None and not 0.0 < energy <= 1.0:
-        raise LoraArithError(f"--energy must be in (0, 1], got {energy}")
+        raise OptionError("energy", "{} must be in (0, 1], got {energy}", energy=energy)
 
-    specs = [parse_spec(s) if isinstance(s, str) else s for s in specs]
     adapters = [open_adapter(spec.path) for spec in specs]
     base_model = _check_bases(adapters, allow_base_mismatch)
     modules = _module_union(adapters)
@@ -330,22 +305,20 @@ def combine(
 
     kinds = {name: info.kind for name, info in modules.items()}
     config = unit_scaling_config({r.name: r.rank for r in results}, _output_template(adapters, base_model, modules))
-    recipe = {
-        "tool": "lora-arith",
-        "version": __version__,
-        "method": method,
-        "rank": rank,
-        "energy": energy,
-        "inputs": [
-            {
-                "path": spec.public_name,
-                "weight": spec.weight,
-                "sha256": adapter.sha256,
-                "base_model": public_name(adapter.base_model) if adapter.base_model else None,
-            }
+    recipe = Recipe(
+        method,
+        tuple(
+            RecipeInput(
+                spec.public_name,
+                spec.weight,
+                adapter.sha256,
+                public_name(adapter.base_model) if adapter.base_model else None,
+            )
             for spec, adapter in zip(specs, adapters)
-        ],
-    }
+        ),
+        rank=rank,
+        energy=energy,
+    )
     training = {s.public_name: a.training for s, a in zip(specs, adapters) if a.training}
     sources = [source for adapter in adapters for source in adapter.sources]
     return Combination(deltas, kinds, config, recipe, out_dtype, results, len(adapters), training or None, sources)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from lora_arith.errors import LoraArithError, first_line
+from lora_arith.errors import LoraArithError, OptionError, first_line
 
 __all__ = [
     "LABELS",
@@ -226,8 +226,8 @@ def _responses(record: dict[str, Any], label: str | None) -> tuple[str, str]:
             )
         return _text_field(record, "chosen"), _text_field(record, "rejected")
     if label is None:
-        raise LoraArithError(
-            "PKU-SafeRLHF records (response_0/response_1) need a label: --label helpful or --label harmless"
+        raise OptionError(
+            ("label", "label"), "PKU-SafeRLHF records (response_0/response_1) need a label: {} helpful or {} harmless"
         )
     id_field = LABELS[label]
     better = record.get(id_field)

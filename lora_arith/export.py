@@ -13,6 +13,7 @@ are served side by side with ``vllm serve --enable-lora --lora-modules NAME=PATH
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -21,9 +22,11 @@ from pathlib import Path
 
 from lora_arith.adapter_io import adapter_sources, open_adapter, save_adapter, unit_scaling_config
 from lora_arith.atomic import atomic_output, check_output
-from lora_arith.combine import AdapterSpec, combine
-from lora_arith.errors import LoraArithError
+from lora_arith.combine import combine
+from lora_arith.errors import LoraArithError, OptionError
 from lora_arith.factors import compress, single_threaded
+from lora_arith.provenance import EXPORT_METHOD
+from lora_arith.specs import AdapterSpec
 
 VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 """The values vLLM accepts for ``--max-lora-rank``."""
@@ -69,13 +72,15 @@ def parse_mix(text: str, count: int) -> tuple[str, list[float]]:
     """Parse ``NAME=W1,W2,...`` with one weight per input adapter."""
     name, sep, weights_text = text.partition("=")
     if not sep or not _MIX_NAME.match(name):
-        raise LoraArithError(f"--mix {text!r}: expected NAME=W1,W2,... (NAME of letters, digits, '.', '_', '-')")
+        raise OptionError("mix", "{} {text!r}: expected NAME=W1,W2,... (NAME of letters, digits, '.', '_', '-')", text=text)
     try:
         weights = [float(w) for w in weights_text.split(",")]
     except ValueError:
-        raise LoraArithError(f"--mix {text!r}: the weights must be numbers separated by commas") from None
+        raise OptionError("mix", "{} {text!r}: the weights must be numbers separated by commas", text=text) from None
     if len(weights) != count:
-        raise LoraArithError(f"--mix {text!r}: {len(weights)} weights for {count} adapters; give one per adapter")
+        raise OptionError(
+            "mix", "{} {text!r}: {n} weights for {count} adapters; give one per adapter", text=text, n=len(weights), count=count
+        )
     return name, weights
 
 
@@ -100,11 +105,11 @@ def _write(
     ranks = {name: delta.rank for name, delta in combination.deltas.items()}
     template = {k: v for k, v in combination.config.items() if k not in ("rank_pattern", "alpha_pattern")}
     config = unit_scaling_config(ranks, template)
-    recipe = dict(combination.recipe, method="export-vllm", max_rank=max_rank)
+    recipe = dataclasses.replace(combination.recipe, method=EXPORT_METHOD, max_rank=max_rank)
     if not checked:
         output = check_output(output, force=force, inputs=combination.sources, kind="adapter")
     hint = "its scaling, folded into the factors, does not fit the adapter's dtype; convert it to fp32 first"
-    path = save_adapter(output, combination.tensors(hint=hint), config, recipe, training=combination.training)
+    path = save_adapter(output, combination.tensors(hint=hint), config, recipe.to_dict(), training=combination.training)
     return Export(path, ranks, compressed)
 
 
@@ -120,7 +125,7 @@ def export_for_vllm(
     if Path(output).suffix == ".safetensors":
         raise LoraArithError("vLLM loads adapter folders: give -o a folder name, not a .safetensors file")
     if max_rank is not None and max_rank < 1:
-        raise LoraArithError("--max-rank must be at least 1")
+        raise OptionError("max_rank", "{} must be at least 1")
     _check_vllm_compatible([str(adapter)])
     return _write([AdapterSpec(str(adapter), 1.0)], Path(output), max_rank, force)
 
@@ -139,9 +144,9 @@ def export_mixes(
     adapters (ranks add up), compressed optimally only where a module exceeds ``max_rank``.
     """
     if not mixes:
-        raise LoraArithError("no --mix given")
+        raise OptionError("mix", "no {} given")
     if max_rank is not None and max_rank < 1:
-        raise LoraArithError("--max-rank must be at least 1")
+        raise OptionError("max_rank", "{} must be at least 1")
     _check_vllm_compatible(adapters)
     for name, weights in mixes.items():
         if len(weights) != len(adapters):

@@ -7,11 +7,30 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence
 
 import torch
 
-from lora_arith.base_model import chat_prompt
+from lora_arith.data import Prompt, to_messages
 from lora_arith.errors import LoraArithError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def chat_prompt(tokenizer: "PreTrainedTokenizerBase", prompt: Prompt) -> str:
+    """The text the model sees for ``prompt``, with the chat template and the assistant header.
+
+    Args:
+        tokenizer: a tokenizer with a chat template.
+        prompt: a user turn as a string, or chat messages ending with a user turn.
+
+    Raises:
+        LoraArithError: if the prompt is malformed or the tokenizer has no chat template.
+    """
+    try:
+        messages = to_messages(prompt)
+    except ValueError as error:
+        raise LoraArithError(f"bad prompt: {error}") from None
+    if not getattr(tokenizer, "chat_template", None):
+        raise LoraArithError("the base model's tokenizer has no chat template")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def end_of_turn_ids(tokenizer: "PreTrainedTokenizerBase") -> list[int]:

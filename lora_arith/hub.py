@@ -1,4 +1,4 @@
-"""Hugging Face Hub references: resolving ``org/name[@revision][/subfolder]`` to cached files.
+"""Hugging Face Hub references (parsed by :func:`lora_arith.specs.parse_reference`): resolving ``org/name[@revision][/subfolder]`` to cached files.
 
 Anywhere an adapter path is accepted, a Hub reference works too:
 
@@ -17,42 +17,10 @@ local cache only) all apply.
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from lora_arith.errors import LoraArithError
-
-_REFERENCE = re.compile(
-    r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+?)(?:@(?P<revision>refs/pr/\d+|[\w./-]+?))?(?:/(?P<subpath>[\w./-]+))?$"
-)
-
-
-@dataclass(frozen=True)
-class HubReference:
-    """A parsed Hub reference."""
-
-    repo_id: str
-    revision: str | None = None
-    subpath: str | None = None
-
-    @property
-    def is_single_file(self) -> bool:
-        """Whether the reference names one ``.safetensors`` file rather than a folder."""
-        return bool(self.subpath and self.subpath.endswith(".safetensors"))
-
-
-def parse_reference(text: str) -> HubReference | None:
-    """Parse ``org/name[@revision][/subpath]``; ``None`` if ``text`` is not of that form."""
-    if text.startswith((".", "/", "~")) or "\\" in text:
-        return None
-    match = _REFERENCE.match(text)
-    if not match:
-        return None
-    for part in filter(None, (match["repo"], match["revision"], match["subpath"])):
-        if any(component in ("", ".", "..") for component in part.split("/")):
-            raise LoraArithError(f"{text}: not a valid Hub reference ('.', '..' and empty path components are refused)")
-    return HubReference(match["repo"], match["revision"], match["subpath"])
+from lora_arith.specs import HubReference, parse_reference
 
 
 def _download(reference: HubReference, filename: str) -> Path:

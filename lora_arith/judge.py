@@ -26,7 +26,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
-from lora_arith.errors import LoraArithError
+from lora_arith.errors import LoraArithError, OptionError
 from lora_arith.refusal import refusal_reason
 
 CLASSES = ("full_compliance", "full_refusal", "partial_refusal")
@@ -157,7 +157,7 @@ def make_judge(spec: str | None, model: str = "judge") -> Judge:
         return EndpointJudge(spec, model)
     module_name, colon, attribute = spec.partition(":")
     if not colon or not module_name or not attribute:
-        raise LoraArithError(f"cannot read --judge {spec!r}; use strmatch, MODULE:CALLABLE or an http(s) URL")
+        raise OptionError("judge", "cannot read {} {spec!r}; use strmatch, MODULE:CALLABLE or an http(s) URL", spec=spec)
     try:
         function = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as error:

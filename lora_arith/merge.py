@@ -24,17 +24,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from lora_arith.atomic import atomic_output, check_output
-from lora_arith.errors import LoraArithError, first_line
+from lora_arith.errors import LoraArithError, OptionError, first_line
 
 if TYPE_CHECKING:
     import torch
 
     from lora_arith.adapter_io import AdapterFile
+    from lora_arith.specs import AdapterSpec
 
-REQUANTIZE_WARNING = (
+REQUANTIZE_WARNING = (  # {}: the requantize option (see OptionError)
     "merging into a 4-bit model rounds every merged weight back to NF4, whose steps (about 1/8 of each "
     "64-weight block's largest value) are far larger than a typical LoRA delta, so most of the preference "
-    "is rounded away; pass --requantize to accept that loss, or write a bf16/fp32 model instead"
+    "is rounded away; pass {} to accept that loss, or write a bf16/fp32 model instead"
 )
 
 SINGLE_FILE = "model.safetensors"
@@ -58,7 +59,7 @@ COPIED_FILES = (
 _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 _DTYPE_NAMES = {"fp32": "F32", "bf16": "BF16", "fp16": "F16"}
 _USER_NAMES = {"F64": "fp64", "F32": "fp32", "BF16": "bf16", "F16": "fp16"}
-_ALTERNATIVES = {"F16": "use --dtype fp32 or bf16", "BF16": "use --dtype fp32"}
+_ALTERNATIVES = {"F16": "use {} fp32 or bf16", "BF16": "use {} fp32"}  # {}: the dtype option
 _COPY_BLOCK = 16 << 20
 _BLOCK_ELEMENTS = 8 << 20  # rows of a weight are merged in blocks of about this many values (32 MiB in fp32)
 
@@ -229,7 +230,13 @@ def _check_finite(result: "torch.Tensor", values: "torch.Tensor", name: str, del
         return
     what = "the merged weight" if delta else "the weight"
     if all_finite(values):
-        raise LoraArithError(f"{what} {name} overflows {_USER_NAMES[dtype]}; {_ALTERNATIVES.get(dtype, 'use --dtype fp32')}")
+        raise OptionError(
+            "dtype",
+            "{what} {name} overflows {dtype}; " + _ALTERNATIVES.get(dtype, "use {} fp32"),
+            what=what,
+            name=name,
+            dtype=_USER_NAMES[dtype],
+        )
     kind = "NaN" if torch.isnan(values).any() else "Inf"
     message = f"{what} {name} has {kind} values in fp32"
     if delta:
@@ -299,7 +306,7 @@ def _copy_side_files(folder: Path, target: Path, dtype: str | None) -> None:
 
 def merge_adapters(
     base: str | None,
-    specs: Sequence[str],
+    specs: Sequence[AdapterSpec],
     output: str | os.PathLike[str],
     *,
     dtype: str | None = None,
@@ -308,14 +315,15 @@ def merge_adapters(
     force: bool = False,
     device: str | None = None,
 ) -> Path:
-    """Fold ``Σ wᵢ ΔWᵢ`` of the adapter specs (``PATH[:WEIGHT]``) into the base, shard by shard, and
+    """Fold ``Σ wᵢ ΔWᵢ`` of the parsed adapter specs into the base, shard by shard, and
     write the model folder (shards, index, config, generation config, tokenizer files) to ``output``,
     loadable with ``AutoModelForCausalLM.from_pretrained``.
 
     Args:
         base: the base (``None`` = the embedded default, via its dequantised cache; a local folder of
             safetensors, single-file or sharded; or a Hub id).
-        specs: ``[NAME=]PATH[:WEIGHT]`` adapter specs.
+        specs: the adapters with their weights (text is parsed by :func:`lora_arith.specs.parse_specs`
+            or, for ``[NAME=]PATH[:WEIGHT]``, :func:`lora_arith.specs.named_specs`).
         dtype: ``"fp32"``, ``"bf16"`` or ``"fp16"`` for the floating-point tensors; ``None`` keeps the
             base's dtype. The sum is always computed in fp32, on the CPU, one block of rows at a time.
         quantize_4bit: store the result in NF4, refused unless ``requantize`` acknowledges the loss.
@@ -327,20 +335,18 @@ def merge_adapters(
             base weight or has the wrong shape, a non-finite merged tensor); nothing is written then.
     """
     from lora_arith.adapter_io import adapter_sources, open_adapter
-    from lora_arith.mixing import named_specs
 
     if quantize_4bit and not requantize:
-        raise LoraArithError(REQUANTIZE_WARNING)
+        raise OptionError("requantize", REQUANTIZE_WARNING)
     if not specs:
-        raise LoraArithError("give at least one --adapter to merge")
+        raise OptionError("adapter", "give at least one {} to merge")
     if dtype is not None and dtype not in _DTYPE_NAMES:
         raise LoraArithError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPE_NAMES)}")
-    named = named_specs(specs)
     folder = _base_folder(base)
-    inputs = [folder] + [p for spec in named.values() for p in adapter_sources(spec.path)]
+    inputs = [folder] + [p for spec in specs for p in adapter_sources(spec.path)]
     output = check_output(output, force=force, inputs=inputs, kind="model")
     shards, sharded = _base_shards(folder)
-    plan = _plan(shards, [(open_adapter(spec.path), spec.weight) for spec in named.values()])
+    plan = _plan(shards, [(open_adapter(spec.path), spec.weight) for spec in specs])
     st_dtype = "F32" if quantize_4bit else (_DTYPE_NAMES[dtype] if dtype else None)
 
     with atomic_output(output) as temporary:

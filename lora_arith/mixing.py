@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
@@ -375,42 +373,3 @@ class PreferenceMixer:
                 "cannot fold adapters into a 4-bit base without rounding; load it with quantize_4bit=False"
             )
         return self.model.merge_and_unload(adapter_names=self.names)
-
-
-def adapter_names(specs, taken: set[str] = frozenset()) -> dict[str, Any]:
-    """Name each parsed ``PATH[:WEIGHT]`` spec by its file or folder stem (``helpful``,
-    ``harmless``…), adding ``-2``, ``-3`` to repeated stems (and to names in ``taken``).
-    Returns name → spec."""
-    named: dict[str, Any] = {}
-    for spec in specs:
-        stem = Path(spec.path.rstrip("/")).name.removesuffix(".safetensors")
-        # PEFT keeps adapters in torch ModuleDicts, whose keys cannot hold dots (runs/mix-0.5).
-        stem = re.sub(r"[^\w-]", "_", stem) or "adapter"
-        name, counter = stem, 2
-        while name in named or name in taken:
-            name, counter = f"{stem}-{counter}", counter + 1
-        named[name] = spec
-    return named
-
-
-_NAME_PREFIX = re.compile(r"^([A-Za-z0-9_][A-Za-z0-9_.-]*)=(.+)$")
-
-
-def named_specs(texts: Sequence[str]) -> dict[str, Any]:
-    """Parse ``[NAME=]PATH[:WEIGHT]`` specs (see :func:`lora_arith.combine.parse_spec`) into
-    name → spec, in the order given. Without ``NAME=`` an adapter is named by its file or
-    folder stem, as :func:`adapter_names` does; a text that is an existing path is a path."""
-    from lora_arith.combine import parse_spec
-
-    parsed: list[tuple[str | None, Any]] = []
-    for text in texts:
-        match = _NAME_PREFIX.match(text)
-        if match and not os.path.exists(text) and not os.path.exists(text.rpartition(":")[0]):
-            if any(name == match.group(1) for name, _ in parsed):
-                raise LoraArithError(f"two adapters are named {match.group(1)!r}")
-            parsed.append((match.group(1), parse_spec(match.group(2))))
-        else:
-            parsed.append((None, parse_spec(text)))
-    explicit = {name for name, _ in parsed if name is not None}
-    stems = iter(adapter_names([spec for name, spec in parsed if name is None], taken=explicit))
-    return {name if name is not None else next(stems): spec for name, spec in parsed}

@@ -11,12 +11,13 @@ import math
 
 import torch
 
-from lora_arith.errors import LoraArithError
+from lora_arith.errors import LoraArithError, OptionError
 
 __all__ = ["require_finite", "require_finite_number", "cast_finite", "dtype_name", "DTYPE_HINT"]
 
-DTYPE_HINT = "use --dtype fp32 or bf16"
-"""What to do about an fp16 overflow where the user chooses the output dtype."""
+DTYPE_HINT = "use {} fp32 or bf16"
+"""What to do about an fp16 overflow where the user chooses the output dtype (``{}``: the
+``dtype`` option, see :class:`~lora_arith.errors.OptionError`)."""
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -56,14 +57,19 @@ def require_finite_number(value: float, what: str) -> float:
 
 def cast_finite(tensor: torch.Tensor, dtype: torch.dtype, what: str, hint: str = DTYPE_HINT) -> torch.Tensor:
     """``tensor`` cast to ``dtype``, refusing values that are not finite or that the cast turns
-    into Inf (fp16 holds up to 65504). ``hint`` ends the message of an overflow."""
+    into Inf (fp16 holds up to 65504). ``hint`` ends the message of an overflow; each ``{}`` in
+    it names the ``dtype`` option."""
     require_finite(tensor, what)
     cast = tensor.to(dtype)
     if cast is not tensor and cast.is_floating_point() and not all_finite(cast):
         peak = float(tensor.detach().abs().max())
         limit = torch.finfo(dtype).max
-        raise LoraArithError(
-            f"{what} overflows {dtype_name(dtype)} (largest value {peak:.3g}, {dtype_name(dtype)} holds up to "
-            f"{limit:.3g}); {hint}"
+        raise OptionError(
+            ("dtype",) * hint.count("{}"),
+            "{what} overflows {name} (largest value {peak:.3g}, {name} holds up to {limit:.3g}); " + hint,
+            what=what,
+            name=dtype_name(dtype),
+            peak=peak,
+            limit=limit,
         )
     return cast

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from lora_arith.adapter_io import CONFIG_NAME, WEIGHTS_NAME, open_adapter, public_config
-from lora_arith.errors import LoraArithError, first_line
+from lora_arith.errors import LoraArithError, OptionError, first_line
 from lora_arith.model_card import base_license, model_card
 from lora_arith.privacy import scrub
 
@@ -111,7 +111,7 @@ def plan_upload(
         generated[CONFIG_NAME] = json.dumps(public, indent=2, sort_keys=True) + "\n"
     if include:
         if opened.weights_path.name != WEIGHTS_NAME:
-            raise LoraArithError("--include adds files of an adapter folder; this adapter is a single file")
+            raise OptionError("include", "{} adds files of an adapter folder; this adapter is a single file")
         for name, path in _included(opened.weights_path.parent, include).items():
             if name not in UPLOADED:
                 copied[name] = path

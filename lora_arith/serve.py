@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 
-from lora_arith.errors import LoraArithError
+from lora_arith.errors import LoraArithError, OptionError
 
 if TYPE_CHECKING:
     from lora_arith.mixing import PreferenceMixer
@@ -177,7 +177,7 @@ class RowGenerator:
 
     def prompt_tokens(self, messages: Sequence[Mapping[str, str]]) -> int:
         """The number of tokens of ``messages`` through the chat template."""
-        from lora_arith.base_model import chat_prompt
+        from lora_arith.generation import chat_prompt
 
         text = chat_prompt(self.tokenizer, list(messages))
         with self.tokenizer_lock:
@@ -187,7 +187,7 @@ class RowGenerator:
     def run(self, requests: Sequence[RowRequest]) -> list[RowResult]:
         from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-        from lora_arith.base_model import chat_prompt
+        from lora_arith.generation import chat_prompt
 
         texts = [chat_prompt(self.tokenizer, request.messages) for request in requests]
         with self.lock:
@@ -267,9 +267,9 @@ class Batcher:
         max_wait: float = 0.02,
     ) -> None:
         if max_batch_size < 1:
-            raise LoraArithError("--max-batch-size must be at least 1")
+            raise OptionError("max_batch_size", "{} must be at least 1")
         if max_wait < 0:
-            raise LoraArithError("--max-wait-ms must not be negative")
+            raise OptionError("max_wait_ms", "{} must not be negative")
         self.run_batch, self.max_batch_size, self.max_wait = run_batch, max_batch_size, max_wait
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="lora-arith-batcher", daemon=True)
@@ -624,7 +624,7 @@ def run_server(
 
     for name, weight in mixer.weights.items():
         if abs(weight) > max_eta:
-            raise LoraArithError(f"the default weight of {name} is above --max-eta {max_eta:g}")
+            raise OptionError("max_eta", "the default weight of {name} is above {} {max_eta:g}", name=name, max_eta=max_eta)
     generator = RowGenerator(mixer)
     settings = ServerSettings(model_id, dict(mixer.weights), max_eta, max_tokens, generator.context_length)
     batcher = Batcher(generator.run, max_batch_size=max_batch_size, max_wait=max_wait_ms / 1000)

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from lora_arith.errors import LoraArithError
+from lora_arith.errors import LoraArithError, OptionError
 
 HEATMAP_METRICS = {
     "refusal_rate_unsafe": "refusal rate on unsafe prompts",
@@ -109,8 +109,7 @@ def generate_points(
     ``share_prefix``, the tokens all prompts of a group start with (the chat template's system
     turn) are run once per point instead of once per row. Returns one list of completions (in
     prompt order) per point."""
-    from lora_arith.base_model import chat_prompt
-    from lora_arith.generation import check_prompt_lengths, end_of_turn_ids, greedy_rows, left_pad
+    from lora_arith.generation import chat_prompt, check_prompt_lengths, end_of_turn_ids, greedy_rows, left_pad
 
     if batch_size < 1 or max_new_tokens < 1:
         raise LoraArithError(f"batch_size and max_new_tokens must be at least 1, got {batch_size} and {max_new_tokens}")
@@ -173,7 +172,7 @@ def evaluate_points(
     from lora_arith.evaluation import evaluate, pair_metrics, score_prompts
 
     if points_per_batch < 1:
-        raise LoraArithError("--points-per-batch must be at least 1")
+        raise OptionError("points_per_batch", "{} must be at least 1")
     reference: dict = {}
     results: list[dict[str, Any]] = []
     chunks = list(_chunks(list(points), points_per_batch))
@@ -283,8 +282,9 @@ class PointLog:
                 self.directory.unlink()
         if self.directory.exists() and not self.path.is_file():
             if not self.directory.is_dir() or any(self.directory.iterdir()):
-                raise LoraArithError(
-                    f"output {self.directory} exists and holds no sweep to resume; pass --force to overwrite it"
+                raise OptionError(
+                    "force", "output {directory} exists and holds no sweep to resume; pass {} to overwrite it",
+                    directory=self.directory,
                 )
         if not self.directory.parent.resolve().is_dir():
             raise LoraArithError(f"output directory {self.directory.parent} does not exist")
@@ -306,8 +306,8 @@ class PointLog:
                 break
             offset += len(line)
         if not valid or valid[0] != self.header:
-            raise LoraArithError(
-                f"{self.path} records a sweep with other settings or inputs; pass --force to start over"
+            raise OptionError(
+                "force", "{path} records a sweep with other settings or inputs; pass {} to start over", path=self.path
             )
         if offset < len(data):  # a record cut short by a kill: drop it
             with open(self.path, "r+b") as handle:
@@ -348,10 +348,12 @@ def heatmap_planes(
     fixed = dict(fixed or {})
     unknown = sorted(set(fixed) - set(names))
     if unknown:
-        raise LoraArithError(f"--fix names no swept vector: {', '.join(unknown)}; vectors: {', '.join(names)}")
+        raise OptionError(
+            "fix", "{} names no swept vector: {unknown}; vectors: {names}", unknown=", ".join(unknown), names=", ".join(names)
+        )
     for name, value in fixed.items():
         if not any(abs(value - v) < 1e-9 for v in grid_values[name]):
-            raise LoraArithError(f"--fix {name}={value:g} is not on the grid of {name}")
+            raise OptionError("fix", "{} {name}={value:g} is not on the grid of {name}", name=name, value=value)
     if len(names) == 1:
         return [(names[0], None, {})]
     planes = []

@@ -22,18 +22,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import platform
-import re
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lora_arith import __version__
 from lora_arith.atomic import Output, atomic_output, check_output, removed_on_signal
 from lora_arith.data import (
     LABELS,
@@ -43,23 +39,23 @@ from lora_arith.data import (
     spec_file,
     to_messages,
 )
-from lora_arith.errors import LoraArithError
+from lora_arith.devices import default_device, use_bf16
+from lora_arith.errors import LoraArithError, OptionError
 from lora_arith.privacy import public_name, scrub
+from lora_arith.provenance import sha256_of, versions
 
 if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
     from trl import DPOTrainer
 
-__all__ = ["TrainConfig", "TrainResult", "train_preference", "use_bf16", "TRAINING_LOG", "TRAINING_METADATA"]
+__all__ = ["TrainConfig", "TrainResult", "train_preference", "TRAINING_LOG", "TRAINING_METADATA"]
 
 TRAINING_LOG = "training_log.json"
 """Per-step metrics written next to the adapter."""
 
 TRAINING_METADATA = "training_metadata.json"
 """Provenance written next to the adapter: data hashes, settings, versions, wall time."""
-
-_LOGGED_PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate")
 
 
 @dataclass
@@ -250,7 +246,7 @@ def train_preference(
         LoraArithError: for bad data, an unusable base model, or an existing output folder
             without ``force``.
     """
-    from lora_arith.base_model import base_model_id, default_device, load_base
+    from lora_arith.base_model import base_model_id, load_base
 
     started = time.time()
     output = _prepare_output(config, output, force)
@@ -282,7 +278,7 @@ def _write_run(model: Any, folder: Path, result: TrainResult) -> None:
 
     model.save_pretrained(folder, save_embedding_layers=False)  # PEFT's README.md is replaced below
     tensors = get_peft_model_state_dict(model, save_embedding_layers=False)
-    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    config = _saved_config(model)
     summary = result.summary()
     save_adapter(folder / result.single_file.name, tensors, config, training=summary)
     _write_json(folder / TRAINING_LOG, result.log)
@@ -291,6 +287,13 @@ def _write_run(model: Any, folder: Path, result: TrainResult) -> None:
     from lora_arith.model_card import model_card
 
     (folder / "README.md").write_text(model_card(public_config(config), None, summary), encoding="utf-8")
+
+
+def _saved_config(model: Any) -> dict[str, Any]:
+    """The adapter's config as ``save_pretrained`` wrote it, from memory: PEFT's own ``to_dict``,
+    saved in inference mode, its sets (the expanded ``target_modules``) as lists."""
+    config = dict(model.peft_config[model.active_adapter].to_dict(), inference_mode=True)
+    return json.loads(json.dumps(config, default=list))
 
 
 def single_file_name(output: Path) -> str:
@@ -372,7 +375,9 @@ def _make_trainer(
         peft_config=peft_config,
     )
     if len(trainer.train_dataset) == 0:
-        raise LoraArithError(f"every pair's prompt fills max_length {config.max_length}; raise --max-length")
+        raise OptionError(
+            "max_length", "every pair's prompt fills max_length {length}; raise {}", length=config.max_length
+        )
     _adapter_to_fp32(trainer.model)
     return trainer
 
@@ -425,30 +430,6 @@ def _checkpointing_argument(config_class: type) -> str:
     return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
 
 
-def use_bf16(requested: bool | None, device: str) -> bool:
-    """Whether to train with bf16 autocast: ``requested`` if given, else whether ``device`` does bf16 fast.
-
-    Raises:
-        LoraArithError: if bf16 is requested on a CUDA device without bf16 support.
-    """
-    import torch
-
-    on_cuda = device.startswith("cuda")
-    supported = torch.cuda.is_bf16_supported() if on_cuda else True  # CPUs emulate bf16 where they lack it
-    if requested and not supported:
-        raise LoraArithError(f"bf16 was requested but {device} does not support it")
-    return requested if requested is not None else (supported if on_cuda else _cpu_has_fast_bf16())
-
-
-def _cpu_has_fast_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """Whether the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX-BF16); Linux only."""
-    try:
-        cpuinfo = cpuinfo.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    return re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo) is not None
-
-
 def _adapter_to_fp32(model: PreTrainedModel) -> None:
     """Undo TRL's bf16 cast of the trainable (LoRA) parameters on a quantized base.
 
@@ -492,23 +473,10 @@ def _data_entries(report: LoadReport) -> list[dict[str, Any]]:
         if path is None:
             entry["hub_dataset"] = spec  # a Hub id: NAME[:CONFIG][@REV][:SPLIT]
         else:
-            from lora_arith.adapter_io import sha256_of
-
             entry |= {"file": path.name, "sha256": sha256_of(path)}
             entry["spec"] = public_name(spec)
         entries.append(entry)
     return entries
-
-
-def _versions() -> dict[str, str]:
-    """Versions of Python, lora-arith and the training stack."""
-    versions = {"python": platform.python_version(), "lora-arith": __version__}
-    for package in _LOGGED_PACKAGES:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
 
 
 def _hyperparameters(config: TrainConfig) -> dict[str, Any]:
@@ -549,7 +517,7 @@ def _metadata(
             "bf16_autocast": trainer.args.bf16,
         },
         "device": device,
-        "versions": _versions(),
+        "versions": versions(),
         "wall_time_s": round(time.time() - started, 2),
     }
 

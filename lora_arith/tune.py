@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from lora_arith.errors import LoraArithError
+from lora_arith.errors import LoraArithError, OptionError
 
 METRICS = {
     "refusal_rate": "refusal_rate_unsafe",
@@ -127,13 +127,13 @@ def parse_bounds(
         name, equals, rest = text.rpartition("=")
         targets = [name] if equals else list(names)
         if equals and name not in names:
-            raise LoraArithError(f"--bounds names no vector: {name}; vectors: {', '.join(names)}")
+            raise OptionError("bounds", "{} names no vector: {name}; vectors: {names}", name=name, names=", ".join(names))
         try:
             low, high = (float(part) for part in rest.split(","))
         except ValueError:
-            raise LoraArithError(f"cannot read --bounds {text!r}; use LOW,HIGH or NAME=LOW,HIGH") from None
+            raise OptionError("bounds", "cannot read {} {text!r}; use LOW,HIGH or NAME=LOW,HIGH", text=text) from None
         if not (math.isfinite(low) and math.isfinite(high) and low < high):
-            raise LoraArithError(f"--bounds {text!r}: need finite LOW < HIGH")
+            raise OptionError("bounds", "{} {text!r}: need finite LOW < HIGH", text=text)
         for target in targets:
             bounds[target] = (low, high)
     return bounds
@@ -144,7 +144,7 @@ def split_prompts(items: Sequence[Any], fraction: float, seed: int) -> tuple[lis
     ``fraction`` (rounded) goes to tuning, chosen with ``seed``. A kind left empty on either
     side is an error."""
     if not 0.0 < fraction < 1.0:
-        raise LoraArithError(f"--split must be between 0 and 1 (exclusive), got {fraction:g}")
+        raise OptionError("split", "{} must be between 0 and 1 (exclusive), got {fraction:g}", fraction=fraction)
     rng = random.Random(seed)
     tuning, held_out = [], []
     for kind in ("unsafe", "safe", "ordinary"):
@@ -154,9 +154,12 @@ def split_prompts(items: Sequence[Any], fraction: float, seed: int) -> tuple[lis
         rng.shuffle(members)
         cut = round(len(members) * fraction)
         if cut == 0 or cut == len(members):
-            raise LoraArithError(
-                f"--split {fraction:g} leaves the {kind} prompts ({len(members)}) empty on one side; "
-                "give more prompts or another split"
+            raise OptionError(
+                "split",
+                "{} {fraction:g} leaves the {kind} prompts ({count}) empty on one side; give more prompts or another split",
+                fraction=fraction,
+                kind=kind,
+                count=len(members),
             )
         tuning += members[:cut]
         held_out += members[cut:]
@@ -213,7 +216,10 @@ def search(
     sign = -1.0 if minimize else 1.0
     dimension = len(names)
     if budget < 2**dimension:
-        raise LoraArithError(f"--budget {budget} is too small for {dimension} vectors; give at least {2**dimension}")
+        raise OptionError(
+            "budget", "{} {budget} is too small for {dimension} vectors; give at least {least}",
+            budget=budget, dimension=dimension, least=2**dimension,
+        )
     k = 2
     while (k + 1) ** dimension <= budget / 2:
         k += 1

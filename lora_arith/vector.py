@@ -9,7 +9,8 @@ from pathlib import Path
 
 from lora_arith.adapter_io import DTYPES, output_kind
 from lora_arith.atomic import atomic_output, check_output, removed_on_signal
-from lora_arith.combine import AdapterSpec, combine
+from lora_arith.combine import combine
+from lora_arith.specs import AdapterSpec
 from lora_arith.train import TrainConfig, train_preference, training_inputs
 
 RUNS = (("positive", False), ("negative", True))

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from lora_arith.adapter_io import CONFIG_METADATA_KEY, open_adapter, save_adapter
 from lora_arith.combine import combine
+from lora_arith.specs import parse_specs
 from lora_arith.errors import LoraArithError
 from lora_arith.factors import to_dense
 
@@ -57,7 +58,7 @@ def test_fan_in_fan_out_matches_peft(tiny_gpt2, tmp_path):
 def test_three_input_forms_read_the_same(adapter_factory, tmp_path):
     directory = adapter_factory("dir")
     by_file = open_adapter(directory / "adapter_model.safetensors")
-    single = combine([str(directory)]).save(tmp_path / "single.safetensors")
+    single = combine(parse_specs([str(directory)])).save(tmp_path / "single.safetensors")
     for opened in (open_adapter(directory), by_file, open_adapter(single)):
         assert set(opened.modules) == set(by_file.modules)
         name = sorted(opened.modules)[0]
@@ -109,7 +110,7 @@ def test_config_rank_mismatch_is_refused(adapter_factory):
 
 
 def test_save_single_file_and_directory_round_trip(adapter_factory, tmp_path):
-    combination = combine([f"{adapter_factory()}:0.5"])
+    combination = combine(parse_specs([f"{adapter_factory()}:0.5"]))
     directory = combination.save(tmp_path / "out")
     assert {p.name for p in directory.iterdir()} == {"adapter_model.safetensors", "adapter_config.json", "README.md"}
     config = json.loads((directory / "adapter_config.json").read_text())
@@ -130,8 +131,9 @@ def test_save_refuses_existing_output_without_force(tmp_path):
         "base_model.model.m.lora_A.weight": torch.ones(1, 2),
         "base_model.model.m.lora_B.weight": torch.ones(2, 1),
     }
-    with pytest.raises(LoraArithError, match="--force"):
+    with pytest.raises(LoraArithError, match="exists; pass force") as raised:
         save_adapter(target, tensors, {"r": 1, "lora_alpha": 1})
+    assert raised.value.options == ("force",)  # the CLI names it --force
     assert target.read_text() == "keep me"
     save_adapter(target, tensors, {"r": 1, "lora_alpha": 1}, force=True)
     assert open_adapter(target).modules["m"].shape == (2, 2)

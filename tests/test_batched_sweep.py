@@ -22,7 +22,7 @@ def mixer(chat_base, two_adapters):
 
 
 def encoded(tokenizer, prompts):
-    from lora_arith.base_model import chat_prompt
+    from lora_arith.generation import chat_prompt
 
     texts = [chat_prompt(tokenizer, prompt) for prompt in prompts]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -36,7 +36,7 @@ def logits(model, ids, mask):
 
 
 def test_left_pad_matches_the_tokenizer(mixer):
-    from lora_arith.base_model import chat_prompt
+    from lora_arith.generation import chat_prompt
 
     tokenizer = mixer.tokenizer
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -112,7 +112,7 @@ def test_greedy_rows_drops_finished_rows_and_matches_generate(mixer):
 
 
 def test_a_shared_prefix_gives_the_same_tokens(mixer):
-    from lora_arith.base_model import chat_prompt
+    from lora_arith.generation import chat_prompt
     from lora_arith.sweep import _common_prefix
 
     tokenizer = mixer.tokenizer

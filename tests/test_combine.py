@@ -10,7 +10,8 @@ from helpers import dense_patched_model, load_base, logits, peft_deltas
 
 from lora_arith.adapter_io import open_adapter
 from lora_arith.analysis import similarity
-from lora_arith.combine import AdapterSpec, combine, parse_spec
+from lora_arith.combine import combine
+from lora_arith.specs import AdapterSpec, parse_spec, parse_specs
 from lora_arith.errors import LoraArithError
 from lora_arith.factors import to_dense
 
@@ -48,14 +49,14 @@ def test_round_trip_through_peft_equals_dense_patch(tiny_llama, tmp_path, varied
 
 def test_single_file_output_loads_like_directory(tiny_llama, tmp_path, adapter_factory):
     a, b = adapter_factory(), adapter_factory(r=6, lora_alpha=2)
-    single = combine([f"{a}:1", f"{b}:-0.5"]).save(tmp_path / "mix.safetensors")
-    via_dir = combine([str(single)]).save(tmp_path / "mix-dir")
+    single = combine(parse_specs([f"{a}:1", f"{b}:-0.5"])).save(tmp_path / "mix.safetensors")
+    via_dir = combine(parse_specs([str(single)])).save(tmp_path / "mix-dir")
     expected = logits(dense_patched_model(tiny_llama, [(a, 1.0), (b, -0.5)]))
     torch.testing.assert_close(peft_logits(tiny_llama, via_dir), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_output_config_and_recipe(tmp_path, varied_adapters, tiny_llama):
-    out = combine([str(p) for p in varied_adapters], method="svd", rank=2).save(tmp_path / "out")
+    out = combine(parse_specs([str(p) for p in varied_adapters]), method="svd", rank=2).save(tmp_path / "out")
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == config["lora_alpha"] == 2
     assert config["rank_pattern"] == {} and config["alpha_pattern"] == {}
@@ -79,7 +80,7 @@ def test_output_config_and_recipe(tmp_path, varied_adapters, tiny_llama):
 
 
 def test_mixed_ranks_get_rank_and_alpha_patterns(tmp_path, varied_adapters):
-    out = combine([str(p) for p in varied_adapters]).save(tmp_path / "out")
+    out = combine(parse_specs([str(p) for p in varied_adapters])).save(tmp_path / "out")
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["rank_pattern"] and config["rank_pattern"] == config["alpha_pattern"]
     opened = open_adapter(out)
@@ -89,15 +90,15 @@ def test_mixed_ranks_get_rank_and_alpha_patterns(tmp_path, varied_adapters):
 
 def test_energy_is_per_module(tmp_path, adapter_factory):
     a, b = adapter_factory(r=4), adapter_factory(r=4)
-    result = combine([str(a), str(b)], method="svd", energy=0.9)
+    result = combine(parse_specs([str(a), str(b)]), method="svd", energy=0.9)
     assert all(m.relative_error**2 <= 0.1 + 1e-6 for m in result.modules)
-    full = combine([str(a), str(b)], method="svd", energy=1.0)
+    full = combine(parse_specs([str(a), str(b)]), method="svd", energy=1.0)
     assert max(m.relative_error for m in full.modules) < 1e-5
 
 
 def test_compressed_modules_reach_dense_optimum(tiny_llama, adapter_factory):
     a, b = adapter_factory(r=4), adapter_factory(r=4)
-    result = combine([f"{a}:1", f"{b}:0.5"], method="svd", rank=3)
+    result = combine(parse_specs([f"{a}:1", f"{b}:0.5"]), method="svd", rank=3)
     deltas_a, deltas_b = peft_deltas(tiny_llama, a), peft_deltas(tiny_llama, b)
     for module in result.modules:
         dense = (deltas_a[module.name] + 0.5 * deltas_b[module.name]).double()
@@ -129,8 +130,8 @@ def test_deterministic_output(tmp_path, adapter_factory):
     from safetensors.torch import load_file
 
     a, b = adapter_factory(), adapter_factory()
-    first = combine([str(a), f"{b}:-1"], method="svd", rank=3).save(tmp_path / "1.safetensors")
-    second = combine([str(a), f"{b}:-1"], method="svd", rank=3).save(tmp_path / "2.safetensors")
+    first = combine(parse_specs([str(a), f"{b}:-1"]), method="svd", rank=3).save(tmp_path / "1.safetensors")
+    second = combine(parse_specs([str(a), f"{b}:-1"]), method="svd", rank=3).save(tmp_path / "2.safetensors")
     tensors_1, tensors_2 = load_file(first), load_file(second)
     assert tensors_1.keys() == tensors_2.keys()
     assert all(torch.equal(tensors_1[k], tensors_2[k]) for k in tensors_1)

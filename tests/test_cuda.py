@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from lora_arith.base_model import load_base
 from lora_arith.combine import combine
+from lora_arith.specs import parse_specs
 from lora_arith.mixing import PreferenceMixer
 from lora_arith.train import TrainConfig, train_preference
 
@@ -63,7 +64,7 @@ def test_mixer_on_cuda_matches_combine(chat_base, two_adapters, tmp_path):
     mixer = PreferenceMixer(str(chat_base), {"helpful": helpful, "harmless": harmless}, device="cuda")
     for index, (w_helpful, w_harmless) in enumerate([(1.0, 1.0), (0.8, -0.5)]):
         mixer.set(helpful=w_helpful, harmless=w_harmless)
-        mixed = combine([f"{helpful}:{w_helpful}", f"{harmless}:{w_harmless}"]).save(tmp_path / f"mix{index}")
+        mixed = combine(parse_specs([f"{helpful}:{w_helpful}", f"{harmless}:{w_harmless}"])).save(tmp_path / f"mix{index}")
         on_cuda = PeftModel.from_pretrained(load_base(str(chat_base), quantize_4bit=False, device="cuda")[0], mixed)
         torch.testing.assert_close(logits(mixer.model), logits(on_cuda.eval()), **BF16)
 
@@ -76,7 +77,7 @@ def test_fp32_mixer_on_cuda_matches_the_cpu_reference_and_merges(chat_base, two_
     fp32_on_cuda = load_cpu_reference(chat_base).to("cuda")  # load_base would round the weights to bf16
     mixer = PreferenceMixer(fp32_on_cuda, {"helpful": helpful, "harmless": harmless}, tokenizer=tokenizer)
     mixer.set(helpful=0.8, harmless=-0.5)
-    mixed = combine([f"{helpful}:0.8", f"{harmless}:-0.5"]).save(tmp_path / "mix")
+    mixed = combine(parse_specs([f"{helpful}:0.8", f"{harmless}:-0.5"])).save(tmp_path / "mix")
     expected = logits(PeftModel.from_pretrained(load_cpu_reference(chat_base), mixed).eval())
     torch.testing.assert_close(logits(mixer.model), expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(logits(mixer.merged_model()), expected, rtol=1e-4, atol=1e-4)

@@ -100,8 +100,9 @@ def test_pku_records_follow_the_label(tmp_path, label, chosen):
 
 def test_pku_records_need_a_label_even_when_skipping(tmp_path):
     path = write_jsonl(tmp_path / "pku.jsonl", [pku()])
-    with pytest.raises(LoraArithError, match="--label"):
+    with pytest.raises(LoraArithError, match="need a label: label helpful or label harmless") as raised:
         load_pairs([path], skip_invalid=True)
+    assert raised.value.options == ("label", "label")
 
 
 def test_unknown_label(tmp_path):

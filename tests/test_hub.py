@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from lora_arith.combine import combine
-from lora_arith.hub import HubReference, parse_reference
+from lora_arith.specs import parse_specs
+from lora_arith.specs import HubReference, parse_reference
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -59,7 +60,7 @@ def test_parse_reference(text, expected):
 
 def test_offline_resolution_of_folder_subfolder_and_single_file(adapter_factory, tmp_path):
     adapter = adapter_factory("a")
-    single = combine([str(adapter)]).save(tmp_path / "single.safetensors")
+    single = combine(parse_specs([str(adapter)])).save(tmp_path / "single.safetensors")
     hf_home = tmp_path / "hf"
     populate_cache(
         hf_home,

@@ -12,6 +12,7 @@ from helpers import load_base, logits
 from safetensors import safe_open
 
 from lora_arith.cli import main
+from lora_arith.specs import parse_specs
 
 
 def run(*args):
@@ -200,7 +201,7 @@ def test_blockwise_merge_equals_the_whole_tensor_merge(chat_base, two_adapters, 
     import lora_arith.merge as merge
 
     helpful, harmless = two_adapters
-    specs = [f"{helpful}:0.7", f"{harmless}:-1.2"]
+    specs = parse_specs([f"{helpful}:0.7", f"{harmless}:-1.2"])
     merge.merge_adapters(str(chat_base), specs, tmp_path / "whole")
     monkeypatch.setattr(merge, "_BLOCK_ELEMENTS", 100)  # a 64-wide row: one row per block
     merge.merge_adapters(str(chat_base), specs, tmp_path / "blocks")

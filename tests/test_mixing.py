@@ -11,13 +11,14 @@ from helpers import load_base, logits
 
 from lora_arith.cli import main
 from lora_arith.combine import combine
+from lora_arith.specs import parse_specs
 from lora_arith.mixing import PreferenceMixer
 
 
 def combined_logits(base, specs, tmp_path):
     from peft import PeftModel
 
-    out = combine(specs).save(tmp_path / f"mix{len(list(tmp_path.iterdir()))}")
+    out = combine(parse_specs(specs)).save(tmp_path / f"mix{len(list(tmp_path.iterdir()))}")
     return logits(PeftModel.from_pretrained(load_base(base), out).eval())
 
 
@@ -34,7 +35,7 @@ def test_mixer_equals_combine_for_several_weights(chat_base, two_adapters, tmp_p
 
 def test_mixer_loads_single_file_adapters_and_merges(chat_base, two_adapters, tmp_path):
     helpful, harmless = two_adapters
-    single = combine([str(helpful)]).save(tmp_path / "helpful.safetensors")
+    single = combine(parse_specs([str(helpful)])).save(tmp_path / "helpful.safetensors")
     mixer = PreferenceMixer(str(chat_base), {"helpful": single, "harmless": harmless})
     mixer.set(helpful=0.7, harmless=-0.4)
     expected = logits(mixer.model)

@@ -22,6 +22,7 @@ from click.testing import CliRunner
 from lora_arith import atomic
 from lora_arith.cli import main
 from lora_arith.combine import combine
+from lora_arith.specs import parse_specs
 from lora_arith.errors import LoraArithError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,7 +131,7 @@ def test_python_api_save_refuses_its_inputs(adapter_factory):
     a = adapter_factory("A")
     before = tree_digest(a)
     with pytest.raises(LoraArithError, match="input"):
-        combine([f"{a}:2"]).save(a / "adapter_model.safetensors", force=True)
+        combine(parse_specs([f"{a}:2"])).save(a / "adapter_model.safetensors", force=True)
     assert tree_digest(a) == before
 
 
@@ -244,11 +245,12 @@ def test_force_recognises_earlier_outputs_of_each_kind(tmp_path, kind, files):
         (earlier / name).parent.mkdir(parents=True, exist_ok=True)
         (earlier / name).write_text("{}")
     assert atomic.check_output(earlier, force=True, kind=kind).path == earlier
-    with pytest.raises(LoraArithError, match="exists; pass --force"):
+    with pytest.raises(LoraArithError, match="exists; pass force"):
         atomic.check_output(earlier, kind=kind)
     other = "eval" if kind != "eval" else "adapter"
-    with pytest.raises(LoraArithError, match="--force would delete"):
+    with pytest.raises(LoraArithError, match="force would delete") as raised:
         atomic.check_output(earlier, force=True, kind=other)
+    assert "--force would delete" in raised.value.message(lambda option: "--" + option)
 
 
 def test_eval_force_refuses_a_users_folder(base_copy, tmp_path):

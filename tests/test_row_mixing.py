@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from lora_arith.cli import main
 from lora_arith.combine import combine
+from lora_arith.specs import parse_specs
 from lora_arith.errors import LoraArithError
 from lora_arith.mixing import PreferenceMixer
 
@@ -51,11 +52,11 @@ def full_mix(row):
 def combined_adapter(two_adapters, mix, folder):
     helpful, harmless = two_adapters
     name = "_".join(f"{v:g}" for v in mix.values())
-    return combine([f"{helpful}:{mix['helpful']}", f"{harmless}:{mix['harmless']}"]).save(folder / f"mix{name}")
+    return combine(parse_specs([f"{helpful}:{mix['helpful']}", f"{harmless}:{mix['harmless']}"])).save(folder / f"mix{name}")
 
 
 def padded_batch(tokenizer, prompts):
-    from lora_arith.base_model import chat_prompt
+    from lora_arith.generation import chat_prompt
 
     tokenizer.padding_side = "left"
     texts = [chat_prompt(tokenizer, p) for p in prompts]
@@ -168,7 +169,7 @@ def test_generate_command_reads_weights_per_line(chat_base, two_adapters, tmp_pa
 
 
 def test_named_specs(tmp_path, monkeypatch):
-    from lora_arith.mixing import named_specs
+    from lora_arith.specs import named_specs
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "odd=name.safetensors").write_text("")

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from lora_arith.combine import combine
+from lora_arith.specs import parse_specs
 from lora_arith.mixing import PreferenceMixer
 from lora_arith.serve import Batcher, Job, RowRequest, RowResult
 
@@ -141,7 +142,7 @@ def expected(started, chat_base, two_adapters, tmp_path_factory):
     table = {}
     for index, mix in enumerate(MIXES):
         weights = {**DEFAULTS, **mix}
-        combined = combine([f"{helpful}:{weights['helpful']}", f"{harmless}:{weights['harmless']}"])
+        combined = combine(parse_specs([f"{helpful}:{weights['helpful']}", f"{harmless}:{weights['harmless']}"]))
         mixer = PreferenceMixer(str(chat_base), {"mix": combined.save(folder / f"mix{index}")})
         table[index] = dict(zip(PROMPTS, mixer.generate(PROMPTS, max_new_tokens=MAX_TOKENS)))
     return table
@@ -344,7 +345,7 @@ def test_serve_on_the_default_base_with_the_shipped_vectors(tmp_path):
         mixes = [{"helpful": 1.0, "harmless": 1.0}, {"helpful": 1.0, "harmless": -1.0}]
         prompt = "hi"  # the shipped vectors answer it differently at these two mixes
         combined = {
-            f"mix{i}": combine([f"{helpful}:{mix['helpful']}", f"{harmless}:{mix['harmless']}"]).save(
+            f"mix{i}": combine(parse_specs([f"{helpful}:{mix['helpful']}", f"{harmless}:{mix['harmless']}"])).save(
                 tmp_path / f"m{i}"
             )
             for i, mix in enumerate(mixes)

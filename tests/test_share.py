@@ -12,6 +12,7 @@ from helpers import load_base, logits, make_adapter
 from lora_arith.adapter_io import open_adapter
 from lora_arith.cli import main
 from lora_arith.combine import combine
+from lora_arith.specs import parse_specs
 from lora_arith.export import VLLM_RANKS, serving_rank
 from lora_arith.factors import to_dense
 
@@ -22,7 +23,7 @@ def run(*args):
 
 def test_push_dry_run_lists_files_and_card(adapter_factory, tmp_path):
     a, b = adapter_factory(), adapter_factory()
-    mix = combine([f"{a}:0.8", f"{b}:-0.5"]).save(tmp_path / "mix.safetensors")
+    mix = combine(parse_specs([f"{a}:0.8", f"{b}:-0.5"])).save(tmp_path / "mix.safetensors")
     result = run("push", mix, "me/mix", "--dry-run", "--private", "--license", "mit")
     assert result.exit_code == 0, result.output
     for name in ("adapter_model.safetensors", "adapter_config.json  (generated)", "README.md  (generated)"):
@@ -37,7 +38,7 @@ def test_push_dry_run_lists_files_and_card(adapter_factory, tmp_path):
 
 def hub_adapter(adapter_factory, tmp_path, name="hubmix"):
     """A PEFT folder whose base is a Hub id, with the extra files a training run leaves beside it."""
-    folder = combine([str(adapter_factory())]).save(tmp_path / name)
+    folder = combine(parse_specs([str(adapter_factory())])).save(tmp_path / name)
     config = json.loads((folder / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
     (folder / "adapter_config.json").write_text(json.dumps(config))
@@ -158,7 +159,7 @@ def test_vllm_export_keeps_each_module_rank(adapter_factory, tmp_path):
         adapter_factory(r=4, lora_alpha=8),
         adapter_factory(r=2, lora_alpha=3, use_rslora=True, target_modules=["q_proj"]),
     )
-    mix = combine([f"{a}:1", f"{b}:-1"]).save(tmp_path / "mix")  # ranks 6 (q_proj) and 4: no padding
+    mix = combine(parse_specs([f"{a}:1", f"{b}:-1"])).save(tmp_path / "mix")  # ranks 6 (q_proj) and 4: no padding
     result = run("export", mix, "-o", tmp_path / "vllm", "--for", "vllm")
     assert result.exit_code == 0, result.output
     assert "ranks 4-6" in result.output and "serve with --max-lora-rank 8" in result.output
@@ -174,7 +175,7 @@ def test_vllm_export_keeps_each_module_rank(adapter_factory, tmp_path):
 def test_vllm_export_compresses_only_modules_above_the_cap(adapter_factory, tmp_path):
     wide = adapter_factory(r=6)
     narrow = adapter_factory(r=6, target_modules=["q_proj"])
-    mix = combine([str(wide), str(narrow)]).save(tmp_path / "mix")  # q_proj rank 12, the rest rank 6
+    mix = combine(parse_specs([str(wide), str(narrow)])).save(tmp_path / "mix")  # q_proj rank 12, the rest rank 6
     result = run("export", mix, "-o", tmp_path / "vllm", "--max-rank", "8")
     assert result.exit_code == 0, result.output
     assert "2 modules above rank 8 compressed optimally; max relative error" in result.output
@@ -210,7 +211,7 @@ def test_vllm_export_writes_one_adapter_per_mix(adapter_factory, tmp_path):
     assert f"--lora-modules balanced={out / 'balanced'} safer={out / 'safer'}" in result.output
     assert "--max-lora-rank 8" in result.output
     for name, weights in {"balanced": (1, 1), "safer": (0.5, -2)}.items():
-        expected = combine([f"{a}:{weights[0]}", f"{b}:{weights[1]}"])
+        expected = combine(parse_specs([f"{a}:{weights[0]}", f"{b}:{weights[1]}"]))
         exported = open_adapter(out / name)
         assert {info.rank for info in exported.modules.values()} == {6}
         for module, delta in expected.deltas.items():

@@ -358,7 +358,8 @@ def test_parse_class_and_bad_judge_specs():
     assert parse_class(" 3_partial_refusal.") == "partial_refusal"
     assert parse_class("full compliance") == "full_compliance"
     assert parse_class("maybe") is None
-    with pytest.raises(LoraArithError, match="cannot read --judge"):
+    with pytest.raises(LoraArithError, match="cannot read judge 'nonsense'") as raised:
         make_judge("nonsense")
+    assert raised.value.options == ("judge",)
     with pytest.raises(LoraArithError, match="cannot load the judge"):
         make_judge("no_such_module_xyz:f")

@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 from helpers import PAIRS, dense_patched_model, logits
 from helpers import load_base as load_tiny
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import lora_arith.cli.train_commands  # noqa: F401  (registers ``train`` on ``main``)
@@ -18,20 +19,20 @@ from lora_arith.base_model import (
     DEFAULT_BASE_ID,
     base_model_id,
     cache_root,
-    chat_prompt,
     load_base,
     resolve_base,
 )
 from lora_arith.cli import main
 from lora_arith.data import load_pairs
+from lora_arith.devices import use_bf16
 from lora_arith.errors import LoraArithError
 from lora_arith.factors import single_threaded
+from lora_arith.generation import chat_prompt
 from lora_arith.train import (
     TrainConfig,
     _checkpointing_argument,
     _to_dataset,
     train_preference,
-    use_bf16,
 )
 
 LOGGED = ("loss", "rewards/accuracies", "rewards/margins")
@@ -62,6 +63,8 @@ def test_train_on_4bit_base_writes_adapter_log_and_metadata(chat_base, pairs_fil
     assert config["r"] == 4 and config["lora_alpha"] == 8
     adapted = {name.rsplit(".", 1)[-1] for name in config["target_modules"]}
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    with safe_open(run.single_file, framework="pt") as handle:  # built from memory, not read back
+        assert json.loads(handle.metadata()["lora_arith.adapter_config"]) == config
 
     weights = load_file(out / "adapter_model.safetensors")
     assert weights and all(tensor.dtype == torch.float32 for tensor in weights.values())
@@ -243,12 +246,12 @@ def test_checkpointing_argument_follows_the_transformers_version():
 
 
 def test_use_bf16(monkeypatch):
-    import lora_arith.train as train
+    import lora_arith.devices as devices
 
     assert use_bf16(False, "cpu") is False
     assert use_bf16(True, "cpu") is True
     for fast in (True, False):  # the default on a CPU follows its bf16 instructions
-        monkeypatch.setattr(train, "_cpu_has_fast_bf16", lambda fast=fast: fast)
+        monkeypatch.setattr(devices, "_cpu_has_fast_bf16", lambda fast=fast: fast)
         assert use_bf16(None, "cpu") is fast
     for supported in (True, False):  # and on CUDA, the device's bf16 support
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda supported=supported: supported)
@@ -258,7 +261,7 @@ def test_use_bf16(monkeypatch):
 
 
 def test_fast_bf16_cpus_are_read_from_cpuinfo(tmp_path):
-    from lora_arith.train import _cpu_has_fast_bf16
+    from lora_arith.devices import _cpu_has_fast_bf16
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("flags\t\t: fpu sse avx512f avx512_bf16 amx_tile\n")

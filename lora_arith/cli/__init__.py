@@ -18,16 +18,29 @@ from lora_arith.cli import (  # the command modules import only lora_arith.cli.o
     share_commands,
     train_commands,
 )
-from lora_arith.errors import LoraArithError
+from lora_arith.errors import LoraArithError, OptionError
+
+
+def flag(command: click.Command | None, option: str) -> str:
+    """How ``command`` spells the option the library calls ``option``: its first long flag
+    (``max_rank`` → ``--max-rank``, ``quantize_4bit`` → ``--4bit``)."""
+    for param in getattr(command, "params", ()):
+        if isinstance(param, click.Option) and param.name == option:
+            return next((o for o in param.opts if o.startswith("--")), param.opts[0])
+    return "--" + option.replace("_", "-")
 
 
 class _Group(click.Group):
-    """A group that turns :class:`LoraArithError` into a one-line error and exit status 1."""
+    """A group that turns :class:`LoraArithError` into a one-line error and exit status 1; an
+    :class:`OptionError` names its options by the command's flags."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except LoraArithError as error:
+            if isinstance(error, OptionError):
+                command = self.commands.get(ctx.invoked_subcommand or "")
+                error = error.message(lambda option: flag(command, option))
             click.echo(f"Error: {error}", err=True)
             sys.exit(1)
 

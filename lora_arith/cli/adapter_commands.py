@@ -9,7 +9,9 @@ from pathlib import Path
 import click
 
 from lora_arith.cli.options import force_option, output_option, progress_wanted
-
+from lora_arith.devices import DTYPE_NAMES
+from lora_arith.provenance import METHODS
+from lora_arith.specs import AdapterSpec, parse_specs
 
 
 def _size(path: Path) -> int:
@@ -30,7 +32,7 @@ def _compression_options(command):
     options = [
         click.option(
             "--method",
-            type=click.Choice(["cat", "svd"]),
+            type=click.Choice(METHODS),
             default="cat",
             show_default=True,
             help="cat: exact sum by concatenating factors (ranks add up). svd: optimal rank reduction by QR + SVD of a small core.",
@@ -49,7 +51,7 @@ def _compression_options(command):
         ),
         click.option(
             "--dtype",
-            type=click.Choice(["fp32", "bf16", "fp16"]),
+            type=click.Choice(DTYPE_NAMES),
             default=None,
             help="Output dtype (default: the inputs' dtype).",
         ),
@@ -66,19 +68,18 @@ def _compression_options(command):
     return command
 
 
-def _run_combination(specs, output, method, rank, energy, dtype, allow_base_mismatch, force) -> None:
+def _run_combination(specs: list[AdapterSpec], output, method, rank, energy, dtype, allow_base_mismatch, force) -> None:
     from lora_arith.adapter_io import DTYPES, adapter_sources, import_writers_in_background, output_kind
     from lora_arith.atomic import check_output
-    from lora_arith.combine import combine, parse_spec
+    from lora_arith.combine import combine
 
-    parsed = [parse_spec(s) if isinstance(s, str) else s for s in specs]
     # Checked before the work, against the local inputs; Combination.save does not check again.
     output = check_output(
-        output, force=force, kind=output_kind(output), inputs=[p for s in parsed for p in adapter_sources(s.path)]
+        output, force=force, kind=output_kind(output), inputs=[p for s in specs for p in adapter_sources(s.path)]
     )
     import_writers_in_background()  # overlaps the arithmetic below
     result = combine(
-        parsed,
+        specs,
         method=method,
         rank=rank,
         energy=energy,
@@ -90,7 +91,7 @@ def _run_combination(specs, output, method, rank, energy, dtype, allow_base_mism
 
     ranks = Counter(m.rank for m in result.modules)
     rank_text = ", ".join(f"{r}×{n}" for r, n in sorted(ranks.items()))
-    inputs = " + ".join(f"{s.weight:g}·{s.path}" for s in parsed)
+    inputs = " + ".join(f"{s.weight:g}·{s.path}" for s in specs)
     click.echo(f"combined {inputs}")
     click.echo(f"  method {method}; {len(result.modules)} modules; ranks (rank×modules): {rank_text}")
     if result.max_relative_error is not None:
@@ -116,7 +117,7 @@ def combine(specs, output, method, rank, energy, dtype, allow_base_mismatch, for
     Example:
       lora-arith combine helpful.safetensors:0.8 harmless.safetensors:0.5 -o mix/
     """
-    _run_combination(specs, output, method, rank, energy, dtype, allow_base_mismatch, force)
+    _run_combination(parse_specs(specs), output, method, rank, energy, dtype, allow_base_mismatch, force)
 
 
 @click.command()
@@ -130,8 +131,6 @@ def extract(positive, negative, output, method, rank, energy, dtype, allow_base_
     pairs with chosen and rejected swapped. The difference is exact by default
     (--method cat, rank = rank(POS) + rank(NEG)).
     """
-    from lora_arith.combine import AdapterSpec
-
     specs = [AdapterSpec(positive, 1.0), AdapterSpec(negative, -1.0)]
     _run_combination(specs, output, method, rank, energy, dtype, allow_base_mismatch, force)
 

@@ -13,7 +13,8 @@ from typing import Any
 import click
 
 from lora_arith.cli.options import force_option, output_option, progress_wanted
-from lora_arith.cli.model_commands import _adapter_option, _model_inputs, model_option_decorators
+from lora_arith.cli.model_commands import _adapter_option, _mixer, _model_inputs, model_option_decorators
+from lora_arith.specs import AdapterSpec, fixed_weights, named_paths, named_specs
 
 
 @dataclass
@@ -57,7 +58,7 @@ class EvalOptions:
         return self._inputs
 
     def checked_output(self, kind: str, adapters=(), *, resume: bool = False):
-        """The output, checked once against every input (base, adapters, prompt and pair files);
+        """The output, checked once against every input (base, ``adapters`` paths, prompt and pair files);
         ``resume``: an existing earlier output of ``kind`` may be continued without --force."""
         from lora_arith.atomic import check_output
 
@@ -157,16 +158,6 @@ def eval_options(command):
     return wrapper
 
 
-def _mixer_from_specs(options: EvalOptions, adapter_specs):
-    from lora_arith.mixing import named_specs
-
-    named = named_specs(adapter_specs)
-    mixer = options.mixer({name: spec.path for name, spec in named.items()})
-    if named:
-        mixer.set(**{name: spec.weight for name, spec in named.items()})
-    return mixer
-
-
 @click.command("eval")
 @eval_options
 @_adapter_option
@@ -180,10 +171,11 @@ def evaluate_command(options: EvalOptions, adapters):
     from lora_arith.atomic import atomic_output
     from lora_arith.evaluation import evaluate, summary_table
 
-    output = options.checked_output("eval", adapters)
+    named = named_specs(adapters)
+    output = options.checked_output("eval", [spec.path for spec in named.values()])
     prompts, pairs = options.inputs()
     judge = options.make_judge()
-    mixer = _mixer_from_specs(options, adapters)
+    mixer = _mixer(options.base, named, options.quantize_4bit, options.device)
     result = evaluate(
         mixer.model, mixer.tokenizer, prompts, pairs, progress=progress_wanted(), judge=judge,
         **options.evaluation_kwargs(),
@@ -200,35 +192,6 @@ def evaluate_command(options: EvalOptions, adapters):
             "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in completions)
         )
     click.echo(table)
-
-
-def _parse_vectors(vectors) -> dict[str, str]:
-    from lora_arith.errors import LoraArithError
-
-    named = {}
-    for item in vectors:
-        name, equals, path = item.partition("=")
-        if not equals or not name or not path:
-            raise LoraArithError(f"cannot read --vector {item!r}; use NAME=PATH")
-        if name in named:
-            raise LoraArithError(f"--vector {name} is given twice")
-        named[name] = path
-    return named
-
-
-def _parse_fix(items, names) -> dict[str, float]:
-    from lora_arith.errors import LoraArithError
-
-    fixed = {}
-    for item in items:
-        name, equals, value = item.partition("=")
-        try:
-            fixed[name] = float(value)
-        except ValueError:
-            raise LoraArithError(f"cannot read --fix {item!r}; use NAME=WEIGHT") from None
-        if not equals or name not in names:
-            raise LoraArithError(f"--fix {item!r} names no swept vector; vectors: {', '.join(names)}")
-    return fixed
 
 
 _vector_option = click.option(
@@ -275,10 +238,10 @@ def sweep(vectors, grid, fix, points_per_batch, options: EvalOptions):
     from lora_arith.sweep import PointLog, evaluate_points, grid_points, heatmap_planes, parse_grid, point_key
     from lora_arith.sweep import sweep_row, write_sweep
 
-    named = _parse_vectors(vectors)
+    named = named_paths(vectors)
     options.checked_output("sweep", named.values(), resume=True)
     values = parse_grid(grid)
-    fixed = _parse_fix(fix, list(named))
+    fixed = fixed_weights(fix, list(named))
     heatmap_planes(list(named), {n: values for n in named}, fixed)  # check --fix before any work
     prompts, pairs = options.inputs()
     judge = options.make_judge()
@@ -347,7 +310,6 @@ def tune(vectors, maximize, minimize, subject_to, bounds, budget, split, seed, c
     from lora_arith.atomic import atomic_output
     from lora_arith.combine import combine
     from lora_arith.errors import LoraArithError
-    from lora_arith.mixing import named_specs
     from lora_arith.sweep import evaluate_points, flatten
     from lora_arith import tune as tuning
 
@@ -355,7 +317,7 @@ def tune(vectors, maximize, minimize, subject_to, bounds, budget, split, seed, c
         raise LoraArithError("give one of --maximize METRIC or --minimize METRIC")
     objective = tuning.metric_key(maximize or minimize)
     constraint = tuning.parse_constraints(subject_to)
-    named = _parse_vectors(vectors)
+    named = named_paths(vectors)
     compared = named_specs(compare) if compare else {}
     clash = sorted(set(compared) & set(named))
     if clash:
@@ -432,7 +394,7 @@ def tune(vectors, maximize, minimize, subject_to, bounds, budget, split, seed, c
         },
         "evaluated": result.evaluated,
     }
-    combination = combine([f"{named[n]}:{w}" for n, w in chosen_eta.items()])
+    combination = combine([AdapterSpec(named[n], w) for n, w in chosen_eta.items()])
     with atomic_output(output) as temporary:
         combination.save(temporary / "adapter")
         (temporary / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))

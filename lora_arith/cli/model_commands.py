@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from lora_arith.cli.options import device_option, force_option, four_bit_option, output_option, progress_wanted
+from lora_arith.specs import named_specs
 
 
 _adapter_option = click.option(
@@ -51,11 +52,11 @@ def _model_options(command):
     return command
 
 
-def _mixer(base, adapter_specs, quantize_4bit, device=None):
-    """A PreferenceMixer with each ``[NAME=]PATH[:WEIGHT]`` spec attached under NAME (default: its file stem)."""
-    from lora_arith.mixing import PreferenceMixer, named_specs
+def _mixer(base, named, quantize_4bit, device=None):
+    """A PreferenceMixer with each parsed spec of ``named`` (name → :class:`~lora_arith.specs.AdapterSpec`)
+    attached under its name, at its weight."""
+    from lora_arith.mixing import PreferenceMixer
 
-    named = named_specs(adapter_specs)
     mixer = PreferenceMixer(
         base, {name: spec.path for name, spec in named.items()}, quantize_4bit=quantize_4bit, device=device
     )
@@ -64,13 +65,12 @@ def _mixer(base, adapter_specs, quantize_4bit, device=None):
     return mixer
 
 
-def _model_inputs(base, adapter_specs, *files) -> list:
-    """The local inputs of a command that loads a model: the base, the adapters and ``files``."""
+def _model_inputs(base, adapter_paths, *files) -> list:
+    """The local inputs of a command that loads a model: the base, the adapters (paths) and ``files``."""
     from lora_arith.adapter_io import adapter_sources
     from lora_arith.base_model import base_sources
-    from lora_arith.mixing import named_specs
 
-    adapters = [p for spec in named_specs(adapter_specs).values() for p in adapter_sources(spec.path)]
+    adapters = [p for path in adapter_paths for p in adapter_sources(path)]
     return [*base_sources(base), *adapters, *(Path(f) for f in files if f is not None)]
 
 
@@ -113,9 +113,11 @@ def generate(prompt, prompts_file, output, temperature, seed, force, base, adapt
         from lora_arith.data import load_prompts
 
         prompts, sources, weights = load_prompts(prompts_file)  # every line checked before any model loads
+    named = named_specs(adapters)
     if output is not None:
-        output = check_output(output, force=force, inputs=_model_inputs(base, adapters, prompts_file), kind="file")
-    mixer = _mixer(base, adapters, model["quantize_4bit"], model["device"])
+        inputs = _model_inputs(base, [spec.path for spec in named.values()], prompts_file)
+        output = check_output(output, force=force, inputs=inputs, kind="file")
+    mixer = _mixer(base, named, model["quantize_4bit"], model["device"])
     completions = mixer.generate(
         prompts,
         weights=weights if any(row is not None for row in weights) else None,
@@ -170,7 +172,7 @@ def chat(temperature, base, adapters, quantize_4bit, device, batch_size, max_new
     """
     from lora_arith.errors import LoraArithError
 
-    mixer = _mixer(base, adapters, quantize_4bit, device)
+    mixer = _mixer(base, named_specs(adapters), quantize_4bit, device)
     messages: list[dict[str, str]] = []
     interactive = sys.stdin.isatty()
     click.echo(f"adapters: {mixer.weights or 'none'}; {CHAT_HELP}")

@@ -80,7 +80,8 @@ def serve(
           --adapter harmless=adapters/harmless --weights helpful=1,harmless=1
     """
     from lora_arith.errors import LoraArithError
-    from lora_arith.mixing import PreferenceMixer, named_specs
+    from lora_arith.mixing import PreferenceMixer
+    from lora_arith.specs import named_specs
     from lora_arith.serve import run_server
 
     if max_tokens < 1:

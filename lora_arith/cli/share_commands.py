@@ -7,6 +7,8 @@ from pathlib import Path
 import click
 
 from lora_arith.cli.options import device_option, force_option, four_bit_option, output_option
+from lora_arith.devices import DTYPE_NAMES
+from lora_arith.provenance import EXPORT_TARGETS
 
 
 @click.command()
@@ -73,7 +75,7 @@ def push(adapter, repo_id, private, revision, license_, include, commit_message,
     required=True,
     type=click.Path(path_type=Path),
 )
-@click.option("--for", "target", type=click.Choice(["vllm"]), default="vllm", show_default=True, help="Serving engine.")
+@click.option("--for", "target", type=click.Choice(EXPORT_TARGETS), default="vllm", show_default=True, help="Serving engine.")
 @click.option(
     "--max-rank",
     type=int,
@@ -138,7 +140,7 @@ def export(adapters, output, target, max_rank, mixes, force):
 @output_option("Output model folder.", required=True, type=click.Path(path_type=Path))
 @click.option(
     "--dtype",
-    type=click.Choice(["fp32", "bf16", "fp16"]),
+    type=click.Choice(DTYPE_NAMES),
     default=None,
     help="Saved dtype of the floating-point weights (default: the base's own; the merge is computed in fp32).",
 )
@@ -155,10 +157,11 @@ def merge(base, adapters, output, dtype, quantize_4bit, requantize, force, devic
     logits as the base with the adapters applied.
     """
     from lora_arith.merge import merge_adapters
+    from lora_arith.specs import named_specs
 
     path = merge_adapters(
         base,
-        adapters,
+        list(named_specs(adapters).values()),
         output,
         dtype=dtype,
         quantize_4bit=quantize_4bit,

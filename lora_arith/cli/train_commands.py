@@ -9,7 +9,9 @@ import click
 
 from lora_arith.cli.options import device_option, force_option, four_bit_option, output_option
 from lora_arith.data import LABELS
+from lora_arith.devices import DTYPE_NAMES
 from lora_arith.errors import LoraArithError
+from lora_arith.provenance import METHODS
 from lora_arith.train import TrainConfig, TrainResult, train_preference
 
 def _help(name: str) -> str:
@@ -92,7 +94,7 @@ def train_command(output: Path, swap: bool, force: bool, **options) -> None:
 @click.option("--keep-runs", type=click.Path(path_type=Path), help="Keep the two DPO adapters in this folder.")
 @click.option(
     "--method",
-    type=click.Choice(["cat", "svd"]),
+    type=click.Choice(METHODS),
     default="cat",
     show_default=True,
     help="cat: exact difference (rank 2r). svd: compress it to --vector-rank.",
@@ -100,7 +102,7 @@ def train_command(output: Path, swap: bool, force: bool, **options) -> None:
 @click.option("--vector-rank", type=int, default=None, help="With --method svd: the vector's rank (default: --rank).")
 @click.option(
     "--dtype",
-    type=click.Choice(["fp32", "bf16", "fp16"]),
+    type=click.Choice(DTYPE_NAMES),
     default=None,
     help="Dtype of the written vector (default: the adapters').",
 )

@@ -1,0 +1,91 @@
+"""Provenance: what an output records about how it was made. The safetensors metadata keys, the
+:class:`Recipe` of a combination, file hashes and package versions."""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterable
+
+from lora_arith import __version__
+
+CONFIG_METADATA_KEY = "lora_arith.adapter_config"
+"""Safetensors metadata key of the LoRA config in the single-file form."""
+RECIPE_METADATA_KEY = "lora_arith.recipe"
+"""Safetensors metadata key of the :class:`Recipe` (the arithmetic that made the adapter)."""
+TRAINING_METADATA_KEY = "lora_arith.training"
+"""Safetensors metadata key of the training summaries (how the adapter or its inputs were trained)."""
+
+METHODS = ("cat", "svd")
+"""How :func:`lora_arith.combine.combine` sums: ``cat`` (exact, ranks add up) or ``svd`` (optimal rank reduction)."""
+
+EXPORT_TARGETS = ("vllm",)
+"""The serving engines :mod:`lora_arith.export` writes for."""
+
+EXPORT_METHOD = "export-vllm"
+"""The recipe method of :func:`lora_arith.export.export_for_vllm`'s outputs, which also record ``max_rank``."""
+
+TRAINING_PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate")
+"""The packages whose versions a training run records."""
+
+
+def sha256_of(path: Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def versions(packages: Iterable[str] = TRAINING_PACKAGES) -> dict[str, str]:
+    """Versions of Python, lora-arith and ``packages`` (``"not installed"`` for a missing one)."""
+    found = {"python": platform.python_version(), "lora-arith": __version__}
+    for package in packages:
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+@dataclass(frozen=True)
+class RecipeInput:
+    """One input of a recipe: its public name (no local folders), weight, hash and base."""
+
+    path: str
+    weight: float
+    sha256: str
+    base_model: str | None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a combined adapter was made, recorded in its metadata and model card."""
+
+    method: str
+    inputs: tuple[RecipeInput, ...]
+    rank: int | None = None
+    energy: float | None = None
+    max_rank: int | None = None
+    """Only for :data:`EXPORT_METHOD`: the rank above which modules were compressed."""
+    tool: str = "lora-arith"
+    version: str = __version__
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as written (JSON): ``tool``, ``version``, ``method``, ``rank``, ``energy``,
+        ``inputs``, and ``max_rank`` for an export."""
+        record: dict[str, Any] = {
+            "tool": self.tool,
+            "version": self.version,
+            "method": self.method,
+            "rank": self.rank,
+            "energy": self.energy,
+            "inputs": [asdict(item) for item in self.inputs],
+        }
+        if self.method == EXPORT_METHOD:
+            record["max_rank"] = self.max_rank
+        return record

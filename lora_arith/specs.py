@@ -1,0 +1,175 @@
+"""Adapter specs, parsed once: the command line turns text into these types, and the library
+functions (:func:`~lora_arith.combine.combine`, :func:`~lora_arith.merge.merge_adapters`, the
+mixer, …) take them parsed.
+
+The forms:
+
+* ``PATH[:WEIGHT]`` (:func:`parse_spec`, :class:`AdapterSpec`): the last colon splits the path
+  from the weight;
+* ``[NAME=]PATH[:WEIGHT]`` (:func:`named_specs`): unnamed adapters are named by their file or
+  folder stem (:func:`adapter_names`);
+* ``NAME=PATH`` (:func:`named_paths`) and ``NAME=WEIGHT`` (:func:`fixed_weights`), the sweep's
+  vectors and fixed weights;
+* Hub references ``org/name[@revision][/subpath]`` (:func:`parse_reference`, resolved by
+  :mod:`lora_arith.hub`).
+
+Errors about an option's text are :class:`~lora_arith.errors.OptionError`: they carry the
+option's name, which the command line shows as its flag.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from lora_arith.errors import LoraArithError, OptionError
+from lora_arith.privacy import public_name as _public_name
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """An adapter reference with its weight, parsed from ``PATH[:WEIGHT]``."""
+
+    path: str
+    weight: float = 1.0
+    name: str | None = None
+    """How the input is recorded in the recipe and training records (default: the path's basename)."""
+
+    @property
+    def public_name(self) -> str:
+        """The name recorded for this input: ``name``, else the path reduced to its basename."""
+        return self.name or _public_name(self.path)
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.weight:g}"
+
+
+def parse_spec(text: str) -> AdapterSpec:
+    """Parse ``PATH[:WEIGHT]``; the last colon splits the path from the weight.
+
+    A weight may be negative (``a.safetensors:-1``) and defaults to 1.0. If the text after
+    the last colon is not a number, the whole text is taken as a path only when such a path
+    exists; otherwise the weight is reported as unparsable.
+    """
+    path, colon, weight_text = text.rpartition(":")
+    if not colon:
+        return AdapterSpec(text)
+    try:
+        weight = float(weight_text)
+    except ValueError:
+        if os.path.exists(text):
+            return AdapterSpec(text)
+        raise LoraArithError(f"cannot parse the weight {weight_text!r} in {text!r} (expected PATH[:WEIGHT])") from None
+    if not math.isfinite(weight):
+        raise LoraArithError(f"the weight in {text!r} must be a finite number")
+    if not path:
+        raise LoraArithError(f"{text!r} has a weight but no path")
+    return AdapterSpec(path, weight)
+
+
+def parse_specs(texts: Iterable[str]) -> list[AdapterSpec]:
+    """:func:`parse_spec` of each text: ``parse_specs(["a:0.8", "b:0.5"])``."""
+    return [parse_spec(text) for text in texts]
+
+
+def adapter_names(specs: Sequence[AdapterSpec], taken: Iterable[str] = frozenset()) -> dict[str, AdapterSpec]:
+    """Name each spec by its file or folder stem (``helpful``, ``harmless``…), adding ``-2``,
+    ``-3`` to repeated stems (and to names in ``taken``). Returns name → spec."""
+    taken = set(taken)
+    named: dict[str, AdapterSpec] = {}
+    for spec in specs:
+        stem = Path(spec.path.rstrip("/")).name.removesuffix(".safetensors")
+        # PEFT keeps adapters in torch ModuleDicts, whose keys cannot hold dots (runs/mix-0.5).
+        stem = re.sub(r"[^\w-]", "_", stem) or "adapter"
+        name, counter = stem, 2
+        while name in named or name in taken:
+            name, counter = f"{stem}-{counter}", counter + 1
+        named[name] = spec
+    return named
+
+
+_NAME_PREFIX = re.compile(r"^([A-Za-z0-9_][A-Za-z0-9_.-]*)=(.+)$")
+
+
+def named_specs(texts: Sequence[str]) -> dict[str, AdapterSpec]:
+    """Parse ``[NAME=]PATH[:WEIGHT]`` specs (see :func:`parse_spec`) into name → spec, in the
+    order given. Without ``NAME=`` an adapter is named by its file or folder stem, as
+    :func:`adapter_names` does; a text that is an existing path is a path."""
+    parsed: list[tuple[str | None, AdapterSpec]] = []
+    for text in texts:
+        match = _NAME_PREFIX.match(text)
+        if match and not os.path.exists(text) and not os.path.exists(text.rpartition(":")[0]):
+            if any(name == match.group(1) for name, _ in parsed):
+                raise LoraArithError(f"two adapters are named {match.group(1)!r}")
+            parsed.append((match.group(1), parse_spec(match.group(2))))
+        else:
+            parsed.append((None, parse_spec(text)))
+    explicit = {name for name, _ in parsed if name is not None}
+    stems = iter(adapter_names([spec for name, spec in parsed if name is None], taken=explicit))
+    return {name if name is not None else next(stems): spec for name, spec in parsed}
+
+
+def named_paths(items: Iterable[str], option: str = "vector") -> dict[str, str]:
+    """Parse ``NAME=PATH`` items (the sweep's and tune's vectors) into name → path; ``option``
+    names the option they came from, for errors."""
+    named: dict[str, str] = {}
+    for item in items:
+        name, equals, path = item.partition("=")
+        if not equals or not name or not path:
+            raise OptionError(option, "cannot read {} {item!r}; use NAME=PATH", item=item)
+        if name in named:
+            raise OptionError(option, "{} {name} is given twice", name=name)
+        named[name] = path
+    return named
+
+
+def fixed_weights(items: Iterable[str], names: Sequence[str], option: str = "fix") -> dict[str, float]:
+    """Parse ``NAME=WEIGHT`` items, each naming one of ``names``, into name → weight."""
+    fixed: dict[str, float] = {}
+    for item in items:
+        name, equals, value = item.partition("=")
+        try:
+            fixed[name] = float(value)
+        except ValueError:
+            raise OptionError(option, "cannot read {} {item!r}; use NAME=WEIGHT", item=item) from None
+        if not equals or name not in names:
+            raise OptionError(option, "{} {item!r} names no swept vector; vectors: {names}", item=item, names=", ".join(names))
+    return fixed
+
+
+# -- Hub references -----------------------------------------------------------------------------
+
+_REFERENCE = re.compile(
+    r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+?)(?:@(?P<revision>refs/pr/\d+|[\w./-]+?))?(?:/(?P<subpath>[\w./-]+))?$"
+)
+
+
+@dataclass(frozen=True)
+class HubReference:
+    """A parsed Hub reference ``org/name[@revision][/subpath]``."""
+
+    repo_id: str
+    revision: str | None = None
+    subpath: str | None = None
+
+    @property
+    def is_single_file(self) -> bool:
+        """Whether the reference names one ``.safetensors`` file rather than a folder."""
+        return bool(self.subpath and self.subpath.endswith(".safetensors"))
+
+
+def parse_reference(text: str) -> HubReference | None:
+    """Parse ``org/name[@revision][/subpath]``; ``None`` if ``text`` is not of that form."""
+    if text.startswith((".", "/", "~")) or "\\" in text:
+        return None
+    match = _REFERENCE.match(text)
+    if not match:
+        return None
+    for part in filter(None, (match["repo"], match["revision"], match["subpath"])):
+        if any(component in ("", ".", "..") for component in part.split("/")):
+            raise LoraArithError(f"{text}: not a valid Hub reference ('.', '..' and empty path components are refused)")
+    return HubReference(match["repo"], match["revision"], match["subpath"])

@@ -1,0 +1,108 @@
+"""Parse once, check once: the spec parsers in lora_arith.specs, library functions that take parsed
+specs only, option choices taken from the library's constants, and library errors that name
+options (OptionError) which the CLI shows as its flags."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+import lora_arith
+from lora_arith.cli import flag, main
+from lora_arith.combine import combine
+from lora_arith.devices import DTYPE_NAMES
+from lora_arith.errors import LoraArithError, OptionError
+from lora_arith.provenance import EXPORT_TARGETS, METHODS
+from lora_arith.specs import AdapterSpec, fixed_weights, named_paths, parse_specs
+
+FOREIGN_FLAGS = {"--max-lora-rank", "--no-deps"}  # vLLM's and pip's, named in messages on purpose
+
+
+def _option(command: click.Command, name: str) -> click.Option:
+    return next(p for p in command.params if isinstance(p, click.Option) and p.name == name)
+
+
+def test_library_errors_name_no_cli_flags():
+    """No string in a ``raise`` of a library module (lora_arith/*.py, not cli/) spells a flag."""
+    package = Path(lora_arith.__file__).parent
+    found = []
+    for path in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Raise):
+                continue
+            for constant in ast.walk(node):
+                if isinstance(constant, ast.Constant) and isinstance(constant.value, str):
+                    words = {word.strip("'\"(),;:") for word in constant.value.split()}
+                    flags = {w for w in words if w.startswith("--") and w[2:3].isalpha()} - FOREIGN_FLAGS
+                    found += [f"{path.name}:{node.lineno}: {f}" for f in sorted(flags)]
+    assert found == []
+
+
+def test_option_error_names_options_in_python_and_as_flags():
+    error = OptionError(("rank", "energy", "method"), "{} and {} need {} svd")
+    assert str(error) == "rank and energy need method svd"
+    assert error.message(lambda option: "--" + option) == "--rank and --energy need --method svd"
+    values = OptionError("fix", "{} {item!r} is {{odd}}", item="a={b}")
+    assert str(values) == "fix 'a={b}' is {odd}"  # user text is a value, never a template
+    assert flag(main.commands["merge"], "quantize_4bit") == "--4bit"
+    assert flag(main.commands["combine"], "output") == "--output"
+    assert flag(main.commands["serve"], "max_eta") == "--max-eta"
+    assert flag(None, "max_rank") == "--max-rank"
+
+
+def test_the_cli_shows_library_option_errors_with_its_flags(adapter_factory, tmp_path):
+    adapter = adapter_factory()
+    with pytest.raises(OptionError, match="^rank must be at least 1, got 0$"):
+        combine([AdapterSpec(str(adapter))], method="svd", rank=0)
+    result = CliRunner().invoke(main, ["combine", str(adapter), "-o", str(tmp_path / "x"), "--method", "svd", "--rank", "0"])
+    assert result.exit_code == 1
+    assert result.output.strip() == "Error: --rank must be at least 1, got 0"
+    result = CliRunner().invoke(main, ["export", str(adapter), "--max-rank", "0", "-o", str(tmp_path / "e")])
+    assert result.exit_code == 1 and "Error: --max-rank must be at least 1" in result.output
+
+
+def test_library_functions_take_parsed_specs(adapter_factory):
+    adapter = adapter_factory()
+    with pytest.raises(TypeError, match="parse_specs"):
+        combine([f"{adapter}:0.5"])
+    result = combine(parse_specs([f"{adapter}:0.5"]))
+    assert [item.weight for item in result.recipe.inputs] == [0.5]
+    assert result.sources and all(isinstance(p, Path) for p in result.sources)  # the inputs, carried
+
+
+def test_sweep_names_and_fixed_weights():
+    assert named_paths(["h=a/b", "s=c:d"]) == {"h": "a/b", "s": "c:d"}
+    with pytest.raises(OptionError, match="cannot read vector 'nope'; use NAME=PATH"):
+        named_paths(["nope"])
+    with pytest.raises(OptionError, match="^vector h is given twice$"):
+        named_paths(["h=a", "h=b"])
+    assert fixed_weights(["h=0.5"], ["h", "s"]) == {"h": 0.5}
+    with pytest.raises(OptionError, match="names no swept vector; vectors: h, s"):
+        fixed_weights(["x=1"], ["h", "s"])
+    with pytest.raises(OptionError, match="cannot read fix 'h=x'"):
+        fixed_weights(["h=x"], ["h"])
+
+
+def test_sweep_reports_vector_errors_by_flag(tmp_path):
+    result = CliRunner().invoke(main, ["sweep", "--vector", "nope", "--prompts", __file__, "-o", str(tmp_path / "s")])
+    assert result.exit_code == 1 and "Error: cannot read --vector 'nope'; use NAME=PATH" in result.output
+
+
+@pytest.mark.parametrize(
+    "command, option, choices",
+    [
+        ("combine", "method", METHODS),
+        ("extract", "method", METHODS),
+        ("vector", "method", METHODS),
+        ("combine", "dtype", DTYPE_NAMES),
+        ("vector", "dtype", DTYPE_NAMES),
+        ("merge", "dtype", DTYPE_NAMES),
+        ("export", "target", EXPORT_TARGETS),
+    ],
+)
+def test_option_choices_are_the_library_constants(command, option, choices):
+    assert tuple(_option(main.commands[command], option).type.choices) == tuple(choices)
