@@ -410,17 +410,7 @@ def _resume_point(checkpoints: Path, settings: dict[str, Any], *, resume: bool, 
             raise LoraArithError(
                 f"nothing to resume: no checkpoint in {checkpoints} (checkpoints are written with --save-steps N)"
             )
-        try:
-            saved = json.loads((checkpoints / RUN_SETTINGS).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            raise LoraArithError(f"cannot resume from {last}: {checkpoints / RUN_SETTINGS} is unreadable ({error})")
-        changed = sorted(key for key in settings.keys() | saved.keys() if settings.get(key) != saved.get(key))
-        if changed:
-            details = ", ".join(f"{key} {saved.get(key)!r} -> {settings.get(key)!r}" for key in changed)
-            raise LoraArithError(
-                f"cannot resume from {last}: the settings differ from its run's ({details}); "
-                "use the same settings, or --force without --resume to start over"
-            )
+        check_same_settings(checkpoints, settings, last)
         return last
     if checkpoints.exists():
         if not force:
@@ -428,8 +418,26 @@ def _resume_point(checkpoints: Path, settings: dict[str, Any], *, resume: bool, 
                 f"{checkpoints} holds the checkpoints of an interrupted run; "
                 "pass --resume to continue it or --force to start over"
             )
-        shutil.rmtree(checkpoints, ignore_errors=True)  # every process may try; missing is fine
+        if is_main_process():
+            shutil.rmtree(checkpoints)
     return None
+
+
+def check_same_settings(folder: Path, settings: dict[str, Any], resumed: Path) -> None:
+    """Raise a one-line :class:`LoraArithError` unless ``folder``'s :data:`RUN_SETTINGS` equal
+    ``settings`` (from :func:`run_settings`), naming those that differ; ``resumed`` is what
+    would have been resumed, for the message."""
+    try:
+        saved = json.loads((folder / RUN_SETTINGS).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise LoraArithError(f"cannot resume from {resumed}: its {RUN_SETTINGS} is unreadable ({error})") from None
+    changed = sorted(key for key in settings.keys() | saved.keys() if settings.get(key) != saved.get(key))
+    if changed:
+        details = ", ".join(f"{key} {saved.get(key)!r} -> {settings.get(key)!r}" for key in changed)
+        raise LoraArithError(
+            f"cannot resume from {resumed}: the settings differ from its run's ({details}); "
+            "use the same settings, or --force without --resume to start over"
+        )
 
 
 def has_checkpoint(output: str | Path) -> bool:
@@ -437,7 +445,7 @@ def has_checkpoint(output: str | Path) -> bool:
     return last_checkpoint(checkpoint_folder(output)) is not None
 
 
-def _main_process() -> bool:
+def is_main_process() -> bool:
     """Whether this is the main process, before accelerate is set up (``RANK`` is set by launchers)."""
     return os.environ.get("RANK", "0") == "0"
 
@@ -448,7 +456,7 @@ def _work_folder(checkpoints: Path | None, settings: dict[str, Any]) -> Iterator
     written into it), or with None a temporary folder removed at the end or on a signal."""
     if checkpoints is not None:
         checkpoints.mkdir(parents=True, exist_ok=True)
-        if _main_process():
+        if is_main_process():
             from lora_arith.atomic import atomic_output
 
             with atomic_output(checkpoints / RUN_SETTINGS, force=True) as path:
