@@ -457,8 +457,6 @@ def _work_folder(checkpoints: Path | None, settings: dict[str, Any]) -> Iterator
     if checkpoints is not None:
         checkpoints.mkdir(parents=True, exist_ok=True)
         if is_main_process():
-            from lora_arith.atomic import atomic_output
-
             with atomic_output(checkpoints / RUN_SETTINGS, force=True) as path:
                 _write_json(path, settings)
         yield checkpoints
