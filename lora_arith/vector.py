@@ -66,7 +66,7 @@ def train_vector(
         keep_runs = check_output(keep_runs, force=force, inputs=inputs, kind="runs", outputs=[output.path])
     kept = checkpoint_folder(output.path)
     persistent = config.save_steps is not None or resume
-    with _runs_folder(kept if persistent else None, config, resume=resume, force=force) as work:
+    with _runs_folder(kept, config, persistent=persistent, resume=resume, force=force) as work:
         specs, main = [], True
         for (name, swap), weight in zip(RUNS, (1.0, -1.0)):
             run = work / name
@@ -95,13 +95,11 @@ def _finished(run: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _runs_folder(kept: Path | None, config: TrainConfig, *, resume: bool, force: bool) -> Iterator[Path]:
-    """The folder the two runs are written to: ``kept`` (surviving a kill, checked against
-    ``config`` when resuming), or with None a temporary folder removed at the end or on a signal."""
-    if kept is None:
-        with tempfile.TemporaryDirectory(prefix="lora-arith-vector-") as work, removed_on_signal(Path(work)):
-            yield Path(work)
-        return
+def _runs_folder(kept: Path, config: TrainConfig, *, persistent: bool, resume: bool, force: bool) -> Iterator[Path]:
+    """The folder the two runs are written to: ``kept`` when ``persistent`` (surviving a kill,
+    checked against ``config`` when resuming), else a temporary folder removed at the end or on
+    a signal. Without ``resume``, the runs of an interrupted vector in ``kept`` are refused
+    unless ``force``, which discards them."""
     settings = run_settings(config, swap=False)
     record = kept / RUN_SETTINGS
     if resume:
@@ -115,6 +113,10 @@ def _runs_folder(kept: Path | None, config: TrainConfig, *, resume: bool, force:
             )
         if is_main_process():
             shutil.rmtree(kept)
+    if not persistent:
+        with tempfile.TemporaryDirectory(prefix="lora-arith-vector-") as work, removed_on_signal(Path(work)):
+            yield Path(work)
+        return
     kept.mkdir(parents=True, exist_ok=True)
     if is_main_process() and not record.is_file():
         with atomic_output(record, force=True) as path:
