@@ -70,7 +70,7 @@ def test_accelerate_launch_two_cpu_processes(chat_base, pairs_file, tmp_path):
     train = ["-m", "lora_arith", "train", "--data", str(pairs_file), "--base", str(chat_base), "--device", "cpu"]
     train += ["--no-4bit", "--no-bf16", "--max-steps", "2", "--save-steps", "1", "--batch-size", "1"]
     train += ["--grad-accum", "1", "--max-length", "64", "--rank", "2", "-o", str(out)]
-    done = subprocess.run([*launcher, *train], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([*launcher, *train], env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     lines = done.stdout.splitlines()
