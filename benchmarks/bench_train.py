@@ -23,6 +23,7 @@ gives the median over repeats, and the ratios to raw TRL.
 Usage::
 
     python benchmarks/bench_train.py --steps 3 --repeats 1          # a quick check (minutes on 2 busy cores)
+    python benchmarks/bench_train.py --base TINY_CHAT_MODEL --steps 3 --max-length 64   # the script itself, in seconds
     python benchmarks/bench_train.py --steps 20 --repeats 3 --threads 2 --out bench_train.json   # full size
 """
 
@@ -99,7 +100,7 @@ def run_raw_trl(args: argparse.Namespace, data: list[dict], work: Path) -> dict:
     names = {item.name for item in dataclasses.fields(DPOConfig)}
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     started = time.perf_counter()
-    base = resolve_base(None)
+    base = resolve_base(args.base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(base)
     if tokenizer.pad_token is None:
@@ -138,7 +139,7 @@ def run_ours(args: argparse.Namespace, data_file: Path, work: Path, precompute: 
 
     train._make_trainer = instrumented
     try:
-        config = train.TrainConfig(data=[str(data_file)], quantize_4bit=False, bf16=False, device="cpu",
+        config = train.TrainConfig(data=[str(data_file)], base=args.base, quantize_4bit=False, bf16=False, device="cpu",
                                    gradient_checkpointing=False, precompute_ref=precompute, **settings(args))
         started = time.perf_counter()
         train.train_preference(config, work / "run")
@@ -150,6 +151,7 @@ def run_ours(args: argparse.Namespace, data_file: Path, work: Path, precompute: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DATA / "helpful" / "xstest_safe_pairs.jsonl")
+    parser.add_argument("--base", help="Another base folder (default: the default base); e.g. a tiny one to try the script.")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--grad-accum", type=int, default=1)
