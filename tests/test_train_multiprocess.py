@@ -18,7 +18,7 @@ from lora_arith.adapter_io import open_adapter
 pytestmark = pytest.mark.multiprocess
 
 # Records, per process (by RANK), every file opened for writing under $WRITES_UNDER, through
-# Python's audit hook; written to $WRITES_LOG.RANK at exit. torch.save and json writes go
+# Python's audit hook; written to $WRITES_LOG.RANK.PID at exit (RANK "launcher" for the launcher). torch.save and json writes go
 # through Python's open; safetensors writes from Rust and is not seen.
 AUDIT = '''
 import atexit, os, sys
@@ -35,7 +35,7 @@ if _under and _log:
             _seen.append(os.path.relpath(path, _under))
     sys.addaudithook(_hook)
     def _dump():
-        with open(_log + "." + os.environ.get("RANK", "0"), "w") as handle:
+        with open(f"{_log}.{os.environ.get('RANK', 'launcher')}.{os.getpid()}", "w") as handle:
             handle.write("\\n".join(_seen))
     atexit.register(_dump)
 '''
@@ -82,8 +82,11 @@ def test_accelerate_launch_two_cpu_processes(chat_base, pairs_file, tmp_path):
     assert adapter.config["r"] == 2 and adapter.modules
     assert sorted(path.name for path in runs.iterdir()) == ["run"], "checkpoints removed, no temporary left"
 
-    writes = {rank: (tmp_path / f"writes.{rank}").read_text().split("\n") for rank in ("0", "1")}
-    assert writes["1"] == [""], f"rank 1 wrote {writes['1']}"
+    writes = {}
+    for rank in ("0", "1"):
+        (log,) = tmp_path.glob(f"writes.{rank}.*")  # one process per rank
+        writes[rank] = [line for line in log.read_text().split("\n") if line]
+    assert writes["1"] == [], f"rank 1 wrote {writes['1']}"
     main = writes["0"]
     for step in (1, 2):  # each checkpoint once, by the main process
         state = f"run.checkpoints/checkpoint-{step}/trainer_state.json"
