@@ -18,8 +18,9 @@ from lora_arith.adapter_io import open_adapter
 pytestmark = pytest.mark.multiprocess
 
 # Records, per process (by RANK), every file opened for writing under $WRITES_UNDER, through
-# Python's audit hook; written to $WRITES_LOG.RANK.PID at exit (RANK "launcher" for the launcher). torch.save and json writes go
-# through Python's open; safetensors writes from Rust and is not seen.
+# Python's audit hook; written to $WRITES_LOG.RANK.PID at exit (RANK "launcher" for the
+# launcher). torch.save and json writes go through Python's open; safetensors writes from Rust
+# and is not seen.
 AUDIT = '''
 import atexit, os, sys
 _under, _log = os.environ.get("WRITES_UNDER"), os.environ.get("WRITES_LOG")
