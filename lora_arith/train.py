@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import re
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -49,7 +52,15 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
     from trl import DPOTrainer
 
-__all__ = ["TrainConfig", "TrainResult", "train_preference", "TRAINING_LOG", "TRAINING_METADATA"]
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "train_preference",
+    "checkpoint_folder",
+    "has_checkpoint",
+    "TRAINING_LOG",
+    "TRAINING_METADATA",
+]
 
 TRAINING_LOG = "training_log.json"
 """Per-step metrics written next to the adapter."""
@@ -142,6 +153,28 @@ class TrainConfig:
         default_factory=list,
         metadata={"help": "KEY=VALUE passed to TRL's DPOConfig (VALUE read as JSON, else as text)."},
     )
+    save_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Write a checkpoint (transformers' checkpoint-N: adapter, optimizer, scheduler, RNG state) "
+            "every this many optimizer steps into OUTPUT.checkpoints/, next to the output; removed once the "
+            "output is written. A killed run continues from the last one with --resume."
+        },
+    )
+    eval_data: str | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out pairs (a data spec, as --data) to evaluate on every logging step: TRL's eval_loss "
+            "and eval_rewards/* join the per-step log and the training metadata."
+        },
+    )
+    precompute_ref: bool = field(
+        default=False,
+        metadata={
+            "help": "Compute the reference log-probs of all pairs once before training (TRL's "
+            "precompute_ref_log_probs), so each step skips the reference forward passes."
+        },
+    )
 
     @classmethod
     def help(cls, name: str) -> str:
@@ -157,8 +190,10 @@ class TrainConfig:
         for name, value in positive.items():
             if not value > 0:
                 raise LoraArithError(f"{name} must be positive, not {value}")
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise LoraArithError(f"max_steps must be positive, not {self.max_steps}")
+        for name in ("max_steps", "save_steps"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise LoraArithError(f"{name} must be positive, not {value}")
         if self.sft_weight < 0:
             raise LoraArithError(f"sft_weight must be 0 or positive, not {self.sft_weight}")
         if not 0 <= self.dropout < 1:
@@ -217,6 +252,8 @@ class TrainResult:
     path: Path
     metadata: dict[str, Any]
     log: list[dict[str, Any]]
+    rank: int = 0
+    """This process's rank under ``accelerate launch`` (0, the one that writes, otherwise)."""
 
     @property
     def single_file(self) -> Path:
@@ -226,7 +263,7 @@ class TrainResult:
     @property
     def final_metrics(self) -> dict[str, Any]:
         """The last logged values of :data:`FINAL_METRICS`."""
-        last = self.log[-1] if self.log else {}
+        last = next((entry for entry in reversed(self.log) if "loss" in entry), {})
         return {k: last[k] for k in FINAL_METRICS if k in last}
 
     def summary(self) -> dict[str, Any]:
@@ -235,38 +272,191 @@ class TrainResult:
 
 
 def train_preference(
-    config: TrainConfig, output: str | Path | Output, *, swap: bool = False, force: bool = False
+    config: TrainConfig,
+    output: str | Path | Output,
+    *,
+    swap: bool = False,
+    force: bool = False,
+    resume: bool = False,
 ) -> TrainResult:
     """Train a LoRA adapter with DPO on ``config.data`` and write it to the folder ``output``.
 
     ``swap`` exchanges chosen and rejected (the negative run); ``force`` replaces an earlier
-    adapter folder at ``output``.
+    adapter folder at ``output`` and discards the checkpoints of an interrupted run; ``resume``
+    continues the interrupted run from its last checkpoint in :func:`checkpoint_folder`
+    (written with ``config.save_steps``) through transformers' ``resume_from_checkpoint``.
+
+    Under several processes (``accelerate launch``) every process trains and returns its
+    result, and only the main one writes the output (transformers has each checkpoint written
+    once, by the main process, too).
 
     Raises:
-        LoraArithError: for bad data, an unusable base model, or an existing output folder
-            without ``force``.
+        LoraArithError: for bad data, an unusable base model, an existing output folder
+            without ``force``, leftover checkpoints without ``resume`` or ``force``, or
+            ``resume`` without a checkpoint or with settings that differ from its run's.
     """
     from lora_arith.base_model import base_model_id, load_base
 
     started = time.time()
     output = _prepare_output(config, output, force)
+    checkpoints = checkpoint_folder(output.path)
+    settings = run_settings(config, swap)
+    resume_from = _resume_point(checkpoints, settings, resume=resume, force=force)
     pairs, report = load_pairs(
         config.data, label=config.label, swap=swap, skip_invalid=config.skip_invalid, seed=config.seed
     )
+    eval_pairs, eval_report = None, None
+    if config.eval_data is not None:
+        eval_pairs, eval_report = load_pairs(
+            [config.eval_data], label=config.label, swap=swap, skip_invalid=config.skip_invalid, seed=config.seed
+        )
     device = config.device or default_device()
     model, tokenizer = load_base(
         config.base, quantize_4bit=config.quantize_4bit, double_quant=config.double_quant, device=device
     )
     _check_model(model, tokenizer, config)
-    with tempfile.TemporaryDirectory(prefix="lora-arith-train-") as work_dir, _telemetry_disabled():
-        with removed_on_signal(Path(work_dir)):
-            trainer = _make_trainer(config, model, tokenizer, _to_dataset(pairs), Path(work_dir), device)
-            trainer.train()
+    keep_checkpoints = config.save_steps is not None or resume_from is not None
+    with _work_folder(checkpoints if keep_checkpoints else None, settings) as work_dir, _telemetry_disabled():
+        eval_dataset = _to_dataset(eval_pairs) if eval_pairs is not None else None
+        trainer = _make_trainer(config, model, tokenizer, _to_dataset(pairs), work_dir, device, eval_dataset)
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     metadata = _metadata(config, report, trainer, len(pairs), swap, base_model_id(config.base), device, started)
-    result = TrainResult(output.path, scrub(metadata), scrub(_step_logs(trainer)))
-    with atomic_output(output) as folder:
-        _write_run(trainer.model, folder, result)
+    if eval_report is not None:
+        metadata["eval_data"] = _data_entries(eval_report)
+    rank = trainer.accelerator.process_index
+    result = TrainResult(output.path, scrub(metadata), scrub(_step_logs(trainer)), rank=rank)
+    if trainer.accelerator.is_main_process:
+        with atomic_output(output) as folder:
+            _write_run(trainer.model, folder, result)
+        if keep_checkpoints:
+            shutil.rmtree(checkpoints, ignore_errors=True)  # the run is complete: nothing left to resume
     return result
+
+
+CHECKPOINTS_SUFFIX = ".checkpoints"
+"""The checkpoints of a run writing ``OUTPUT`` go to the sibling ``OUTPUT.checkpoints/``."""
+
+RUN_SETTINGS = "run_settings.json"
+"""The settings of the run that wrote a checkpoint folder, which ``resume`` must match."""
+
+_NOT_COMPARED = ("device", "report_to", "save_steps", "logging_steps")
+"""Settings a resumed run may change: they do not change what is trained."""
+
+
+def checkpoint_folder(output: str | Path) -> Path:
+    """Where a run writing ``output`` keeps its checkpoints: ``OUTPUT.checkpoints`` next to it.
+
+    A sibling, not a subfolder, because the output itself is written atomically at the end:
+    the checkpoints must survive a kill that leaves no output behind.
+    """
+    output = Path(output)
+    return output.with_name(output.name + CHECKPOINTS_SUFFIX)
+
+
+def last_checkpoint(folder: Path) -> Path | None:
+    """The newest complete transformers checkpoint (``checkpoint-N``) in ``folder``, or None.
+
+    transformers writes ``trainer_state.json`` last, so a checkpoint without it was cut short
+    by a kill and is passed over.
+    """
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    if not folder.is_dir():
+        return None
+    found = []
+    for entry in folder.iterdir():
+        match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", entry.name)
+        if match and (entry / "trainer_state.json").is_file():
+            found.append((int(match[1]), entry))
+    return max(found)[1] if found else None
+
+
+def run_settings(config: TrainConfig, swap: bool) -> dict[str, Any]:
+    """What a run trains, as recorded next to its checkpoints: the settings (but
+    :data:`_NOT_COMPARED`), the swap flag, and each data file as its sha256 (Hub ids as given)."""
+    from lora_arith.base_model import base_model_id
+
+    settings = asdict(config)
+    for name in _NOT_COMPARED:
+        settings.pop(name)
+    settings["data"] = [_spec_identity(spec) for spec in config.data]
+    settings["eval_data"] = _spec_identity(config.eval_data) if config.eval_data is not None else None
+    settings["base"] = base_model_id(config.base)
+    settings["swap"] = swap
+    return json.loads(json.dumps(scrub(settings)))
+
+
+def _spec_identity(spec: str) -> str:
+    """A data spec as what it reads: ``sha256:HEX`` of a local file (its prefix kept), else the Hub id."""
+    path = spec_file(spec)
+    if path is None or not path.is_file():
+        return spec
+    kind = spec[: len(spec) - len(str(path))] if spec.endswith(str(path)) else ""  # e.g. "refusal:"
+    return f"{kind}sha256:{sha256_of(path)}"
+
+
+def _resume_point(checkpoints: Path, settings: dict[str, Any], *, resume: bool, force: bool) -> Path | None:
+    """The checkpoint to continue from (``resume``), after checking its run's settings; without
+    ``resume``, refuse leftover checkpoints unless ``force``, which discards them."""
+    if resume:
+        last = last_checkpoint(checkpoints)
+        if last is None:
+            raise LoraArithError(
+                f"nothing to resume: no checkpoint in {checkpoints} (checkpoints are written with --save-steps N)"
+            )
+        check_same_settings(checkpoints, settings, last)
+        return last
+    if checkpoints.exists():
+        if not force:
+            raise LoraArithError(
+                f"{checkpoints} holds the checkpoints of an interrupted run; "
+                "pass --resume to continue it or --force to start over"
+            )
+        if is_main_process():
+            shutil.rmtree(checkpoints)
+    return None
+
+
+def check_same_settings(folder: Path, settings: dict[str, Any], resumed: Path) -> None:
+    """Raise a one-line :class:`LoraArithError` unless ``folder``'s :data:`RUN_SETTINGS` equal
+    ``settings`` (from :func:`run_settings`), naming those that differ; ``resumed`` is what
+    would have been resumed, for the message."""
+    try:
+        saved = json.loads((folder / RUN_SETTINGS).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise LoraArithError(f"cannot resume from {resumed}: its {RUN_SETTINGS} is unreadable ({error})") from None
+    changed = sorted(key for key in settings.keys() | saved.keys() if settings.get(key) != saved.get(key))
+    if changed:
+        details = ", ".join(f"{key} {saved.get(key)!r} -> {settings.get(key)!r}" for key in changed)
+        raise LoraArithError(
+            f"cannot resume from {resumed}: the settings differ from its run's ({details}); "
+            "use the same settings, or --force without --resume to start over"
+        )
+
+
+def has_checkpoint(output: str | Path) -> bool:
+    """Whether an interrupted run writing ``output`` left a complete checkpoint to resume."""
+    return last_checkpoint(checkpoint_folder(output)) is not None
+
+
+def is_main_process() -> bool:
+    """Whether this is the main process, before accelerate is set up (``RANK`` is set by launchers)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+@contextlib.contextmanager
+def _work_folder(checkpoints: Path | None, settings: dict[str, Any]) -> Iterator[Path]:
+    """The trainer's output folder: ``checkpoints`` (kept through any kill, with the run's settings
+    written into it), or with None a temporary folder removed at the end or on a signal."""
+    if checkpoints is not None:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        if is_main_process():
+            with atomic_output(checkpoints / RUN_SETTINGS, force=True) as path:
+                _write_json(path, settings)
+        yield checkpoints
+        return
+    with tempfile.TemporaryDirectory(prefix="lora-arith-train-") as work_dir, removed_on_signal(Path(work_dir)):
+        yield Path(work_dir)
 
 
 def _write_run(model: Any, folder: Path, result: TrainResult) -> None:
@@ -305,7 +495,8 @@ def training_inputs(config: TrainConfig) -> list[Path]:
     """The local files and folders a run reads (data files, the base), which its outputs must not touch."""
     from lora_arith.base_model import base_sources
 
-    files = [spec_file(spec) for spec in config.data]
+    specs = [*config.data, *([config.eval_data] if config.eval_data is not None else [])]
+    files = [spec_file(spec) for spec in specs]
     return [*(f for f in files if f is not None), *base_sources(config.base)]
 
 
@@ -354,6 +545,7 @@ def _make_trainer(
     dataset: Dataset,
     work_dir: Path,
     device: str,
+    eval_dataset: Dataset | None = None,
 ) -> DPOTrainer:
     """A ``DPOTrainer`` with a fresh LoRA adapter on ``model``, its parameters kept in fp32."""
     from peft import LoraConfig
@@ -371,6 +563,7 @@ def _make_trainer(
         model=model,
         args=_dpo_args(config, work_dir, device),
         train_dataset=dataset,
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
     )
@@ -408,11 +601,31 @@ def _dpo_args(config: TrainConfig, work_dir: Path, device: str) -> Any:
         use_cpu=not on_cuda,
         bf16=use_bf16(config.bf16, device),
         dataloader_pin_memory=on_cuda,
-        save_strategy="no",
+        **_save_args(config.save_steps),
+        **_eval_args(config),
+        precompute_ref_log_probs=config.precompute_ref,
         report_to=config.report_to,
         push_to_hub=False,
     )
     return DPOConfig(**(arguments | config.dpo_arguments()))
+
+
+def _save_args(save_steps: int | None) -> dict[str, Any]:
+    """``DPOConfig`` checkpoint arguments: a checkpoint every ``save_steps`` steps, or none."""
+    if save_steps is None:
+        return {"save_strategy": "no"}
+    return {"save_strategy": "steps", "save_steps": save_steps}
+
+
+def _eval_args(config: TrainConfig) -> dict[str, Any]:
+    """``DPOConfig`` evaluation arguments: with ``eval_data``, evaluate at every logging step."""
+    if config.eval_data is None:
+        return {"eval_strategy": "no"}
+    return {
+        "eval_strategy": "steps",
+        "eval_steps": config.logging_steps,
+        "per_device_eval_batch_size": config.batch_size,
+    }
 
 
 def _loss_args(sft_weight: float) -> dict[str, Any]:
@@ -458,8 +671,14 @@ def _telemetry_disabled() -> Iterator[None]:
 
 
 def _step_logs(trainer: DPOTrainer) -> list[dict[str, Any]]:
-    """The per-logging-step entries of the trainer's log history (loss, rewards, ...)."""
-    return [dict(entry) for entry in trainer.state.log_history if "loss" in entry]
+    """The per-logging-step entries of the trainer's log history (loss, rewards, ...), each
+    step's evaluation (``eval_loss``, ``eval_rewards/...``) merged into its entry. After a
+    resume it holds the steps before the interruption too (restored from the checkpoint)."""
+    steps: dict[int, dict[str, Any]] = {}
+    for entry in trainer.state.log_history:
+        if "loss" in entry or "eval_loss" in entry:
+            steps.setdefault(entry["step"], {}).update(entry)
+    return list(steps.values())
 
 
 def _data_entries(report: LoadReport) -> list[dict[str, Any]]:
@@ -482,7 +701,7 @@ def _data_entries(report: LoadReport) -> list[dict[str, Any]]:
 def _hyperparameters(config: TrainConfig) -> dict[str, Any]:
     """The training settings, without the data, base and device fields."""
     settings = asdict(config)
-    for name in ("data", "base", "label", "skip_invalid", "device", "report_to"):
+    for name in ("data", "base", "label", "skip_invalid", "device", "report_to", "eval_data"):
         settings.pop(name)
     settings["effective_batch_size"] = config.batch_size * config.grad_accum
     return settings
@@ -515,11 +734,19 @@ def _metadata(
             "train_loss": summary.get("train_loss"),
             "train_runtime_s": summary.get("train_runtime"),
             "bf16_autocast": trainer.args.bf16,
+            "processes": trainer.accelerator.num_processes,
+            "eval": _last_eval(trainer),
         },
         "device": device,
         "versions": versions(),
         "wall_time_s": round(time.time() - started, 2),
     }
+
+
+def _last_eval(trainer: DPOTrainer) -> dict[str, Any] | None:
+    """The last evaluation's metrics (``eval_loss``, ``eval_rewards/...``), or None without eval data."""
+    entry = next((entry for entry in reversed(trainer.state.log_history) if "eval_loss" in entry), None)
+    return None if entry is None else {k: v for k, v in entry.items() if k.startswith("eval_") or k == "step"}
 
 
 def _write_json(path: Path, content: Any) -> None:

@@ -1,17 +1,39 @@
 """``lora-arith vector``: train θ+ on the pairs, θ− on the pairs swapped, and write the
-preference vector φ = Δ+ − Δ− computed exactly on the factors."""
+preference vector φ = Δ+ − Δ− computed exactly on the factors.
+
+With ``config.save_steps`` (or ``resume``) the two runs are kept in ``OUTPUT.checkpoints/``
+next to the output (``positive/``, ``negative/`` and their own ``*.checkpoints/`` folders), so
+an interrupted vector can be resumed: a finished run is skipped, the interrupted one continues
+from its last checkpoint. The folder is removed once the vector is written.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from lora_arith.adapter_io import DTYPES, output_kind
 from lora_arith.atomic import atomic_output, check_output, removed_on_signal
 from lora_arith.combine import combine
 from lora_arith.specs import AdapterSpec
-from lora_arith.train import TrainConfig, train_preference, training_inputs
+from lora_arith.errors import LoraArithError
+from lora_arith.train import (
+    RUN_SETTINGS,
+    TRAINING_METADATA,
+    TrainConfig,
+    check_same_settings,
+    checkpoint_folder,
+    has_checkpoint,
+    is_main_process,
+    run_settings,
+    single_file_name,
+    train_preference,
+    training_inputs,
+)
 
 RUNS = (("positive", False), ("negative", True))
 """The two DPO runs of a vector: their names (in the recipe and under ``--keep-runs``) and swap flags."""
@@ -26,26 +48,78 @@ def train_vector(
     rank: int | None = None,
     dtype: str | None = None,
     force: bool = False,
-) -> Path:
+    resume: bool = False,
+) -> Path | None:
     """Train both DPO runs of ``config`` and write φ = Δ+ − Δ− to ``output`` (a ``.safetensors``
     file or a PEFT folder).
 
     The vector's metadata records both runs' training summaries, which each run's single-file
     form carries. ``keep_runs`` names a folder to keep the two intermediate adapters in (as
-    ``positive/`` and ``negative/``).
+    ``positive/`` and ``negative/``). ``resume`` continues an interrupted vector (see the
+    module's docstring); ``force`` also discards one.
+
+    Returns the written output, or None on the processes other than the main one under
+    ``accelerate launch`` (they train, the main one writes).
     """
     inputs = training_inputs(config)
     output = check_output(output, force=force, inputs=inputs, kind=output_kind(output))
     if keep_runs is not None:
         keep_runs = check_output(keep_runs, force=force, inputs=inputs, kind="runs", outputs=[output.path])
-    with tempfile.TemporaryDirectory(prefix="lora-arith-vector-") as work, removed_on_signal(Path(work)):
-        specs = []
+    kept = checkpoint_folder(output.path)
+    persistent = config.save_steps is not None or resume
+    with _runs_folder(kept, config, persistent=persistent, resume=resume, force=force) as work:
+        specs, main = [], True
         for (name, swap), weight in zip(RUNS, (1.0, -1.0)):
-            run = train_preference(config, Path(work) / name, swap=swap)
-            specs.append(AdapterSpec(str(run.single_file), weight, name=name))
+            run = work / name
+            if not _finished(run):
+                interrupted = has_checkpoint(run)
+                # force only ever discards this run's own stale checkpoints: the run itself is unfinished
+                result = train_preference(config, run, swap=swap, resume=interrupted, force=not interrupted)
+                main = result.rank == 0
+            specs.append(AdapterSpec(str(run / single_file_name(run)), weight, name=name))
+        if not main:
+            return None
         result = combine(specs, method=method, rank=rank)
         written = result.save(output, dtype=DTYPES[dtype] if dtype else None)
         if keep_runs is not None:
             with atomic_output(keep_runs) as folder:
-                shutil.copytree(work, folder, dirs_exist_ok=True)
+                for name, _ in RUNS:
+                    shutil.copytree(work / name, folder / name)
+    if persistent:
+        shutil.rmtree(kept, ignore_errors=True)
     return written
+
+
+def _finished(run: Path) -> bool:
+    """Whether the run folder holds a finished adapter (written atomically, so whole or absent)."""
+    return (run / TRAINING_METADATA).is_file() and (run / single_file_name(run)).is_file()
+
+
+@contextlib.contextmanager
+def _runs_folder(kept: Path, config: TrainConfig, *, persistent: bool, resume: bool, force: bool) -> Iterator[Path]:
+    """The folder the two runs are written to: ``kept`` when ``persistent`` (surviving a kill,
+    checked against ``config`` when resuming), else a temporary folder removed at the end or on
+    a signal. Without ``resume``, the runs of an interrupted vector in ``kept`` are refused
+    unless ``force``, which discards them."""
+    settings = run_settings(config, swap=False)
+    record = kept / RUN_SETTINGS
+    if resume:
+        if not kept.is_dir():
+            raise LoraArithError(f"nothing to resume: {kept} does not exist (it is written with --save-steps N)")
+        check_same_settings(kept, settings, kept)
+    elif kept.exists():
+        if not force:
+            raise LoraArithError(
+                f"{kept} holds the runs of an interrupted vector; pass --resume to continue it or --force to start over"
+            )
+        if is_main_process():
+            shutil.rmtree(kept)
+    if not persistent:
+        with tempfile.TemporaryDirectory(prefix="lora-arith-vector-") as work, removed_on_signal(Path(work)):
+            yield Path(work)
+        return
+    kept.mkdir(parents=True, exist_ok=True)
+    if is_main_process() and not record.is_file():
+        with atomic_output(record, force=True) as path:
+            path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+    yield kept

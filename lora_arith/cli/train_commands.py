@@ -70,8 +70,17 @@ def _config(options: dict) -> TrainConfig:
 @train_options
 @output_option("Folder to write the adapter, training log and metadata to.", required=True, type=click.Path(path_type=Path))
 @click.option("--swap", is_flag=True, help="Exchange chosen and rejected (the negative run).")
-@force_option("Replace the output folder if it is empty or holds an earlier adapter.")
-def train_command(output: Path, swap: bool, force: bool, **options) -> None:
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue an interrupted run from its last checkpoint in OUTPUT.checkpoints/ (see --save-steps); "
+    "the other settings must be the same.",
+)
+@force_option(
+    "Replace the output folder if it is empty or holds an earlier adapter; discard the checkpoints of an "
+    "interrupted run."
+)
+def train_command(output: Path, swap: bool, resume: bool, force: bool, **options) -> None:
     """Train a preference as a LoRA adapter with DPO on the (4-bit) base.
 
     Train each preference twice, on the pairs and with --swap, to make a preference vector
@@ -79,9 +88,11 @@ def train_command(output: Path, swap: bool, force: bool, **options) -> None:
     adapter, its single-file form OUTPUT/NAME.safetensors, training_log.json and
     training_metadata.json to OUTPUT.
 
-    Runs unchanged on several GPUs: `accelerate launch -m lora_arith train ...`.
+    Runs unchanged as several processes: `accelerate launch -m lora_arith train ...` (every
+    process prints a line; the main one writes the output).
     """
-    click.echo(_summary(train_preference(_config(options), output, swap=swap, force=force)))
+    run = train_preference(_config(options), output, swap=swap, force=force, resume=resume)
+    click.echo(_summary(run))
 
 
 @click.command("vector")
@@ -106,8 +117,17 @@ def train_command(output: Path, swap: bool, force: bool, **options) -> None:
     default=None,
     help="Dtype of the written vector (default: the adapters').",
 )
-@force_option("Replace the output (and --keep-runs) if they exist and are earlier outputs of this command.")
-def vector_command(output: Path, keep_runs, method, vector_rank, dtype, force, **options) -> None:
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue an interrupted vector: skip a finished run, resume the other from its last checkpoint "
+    "(in OUTPUT.checkpoints/, see --save-steps).",
+)
+@force_option(
+    "Replace the output (and --keep-runs) if they exist and are earlier outputs of this command; discard "
+    "the checkpoints of an interrupted vector."
+)
+def vector_command(output: Path, keep_runs, method, vector_rank, dtype, resume, force, **options) -> None:
     """Run the whole recipe for one preference: DPO on the pairs (θ+), DPO on the pairs with
     chosen and rejected swapped (θ−), then write φ = Δ+ − Δ−.
 
@@ -121,13 +141,20 @@ def vector_command(output: Path, keep_runs, method, vector_rank, dtype, force, *
         raise LoraArithError("--vector-rank needs --method svd")
     config = _config(options)
     rank = (vector_rank or config.rank) if method == "svd" else None
-    written = train_vector(config, output, keep_runs=keep_runs, method=method, rank=rank, dtype=dtype, force=force)
-    click.echo(f"wrote preference vector {written}")
+    written = train_vector(
+        config, output, keep_runs=keep_runs, method=method, rank=rank, dtype=dtype, force=force, resume=resume
+    )
+    if written is not None:
+        click.echo(f"wrote preference vector {written}")
 
 
 def _summary(run: TrainResult) -> str:
-    """One line about a finished run, from its metadata and log."""
+    """One line about a finished run, from its metadata and log (on the main process), or about
+    this process's part in it (on the others, under ``accelerate launch``)."""
     info, last = run.metadata, run.final_metrics
+    processes = info["training"]["processes"]
+    if run.rank != 0:
+        return f"rank {run.rank} of {processes}: trained {info['training']['steps']} steps; rank 0 writes {run.path}"
     skipped = sum(entry["skipped"] for entry in info["data"])
     parts = [
         f"{info['pairs']['used']} pairs" + (f" ({skipped} rows skipped)" if skipped else ""),
@@ -136,4 +163,9 @@ def _summary(run: TrainResult) -> str:
         f"reward accuracy {last.get('rewards/accuracies', float('nan')):.2f}",
         f"{info['wall_time_s']:.0f} s",
     ]
+    if processes > 1:
+        parts.append(f"rank 0 of {processes} processes")
+    evaluation = info["training"].get("eval")
+    if evaluation:
+        parts.append(f"eval loss {evaluation['eval_loss']:.4f}")
     return f"Wrote {run.path}: " + ", ".join(parts)
