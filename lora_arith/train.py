@@ -401,16 +401,18 @@ def _resume_point(checkpoints: Path, settings: dict[str, Any], *, resume: bool, 
     if resume:
         last = last_checkpoint(checkpoints)
         if last is None:
-            raise LoraArithError(
-                f"nothing to resume: no checkpoint in {checkpoints} (checkpoints are written with --save-steps N)"
+            raise OptionError(
+                "save_steps", "nothing to resume: no checkpoint in {where} (checkpoints are written with {} N)",
+                where=checkpoints,
             )
         check_same_settings(checkpoints, settings, last)
         return last
     if checkpoints.exists():
         if not force:
-            raise LoraArithError(
-                f"{checkpoints} holds the checkpoints of an interrupted run; "
-                "pass --resume to continue it or --force to start over"
+            raise OptionError(
+                ("resume", "force"),
+                "{where} holds the checkpoints of an interrupted run; pass {} to continue it or {} to start over",
+                where=checkpoints,
             )
         if is_main_process():
             shutil.rmtree(checkpoints)
@@ -428,9 +430,12 @@ def check_same_settings(folder: Path, settings: dict[str, Any], resumed: Path) -
     changed = sorted(key for key in settings.keys() | saved.keys() if settings.get(key) != saved.get(key))
     if changed:
         details = ", ".join(f"{key} {saved.get(key)!r} -> {settings.get(key)!r}" for key in changed)
-        raise LoraArithError(
-            f"cannot resume from {resumed}: the settings differ from its run's ({details}); "
-            "use the same settings, or --force without --resume to start over"
+        raise OptionError(
+            ("force", "resume"),
+            "cannot resume from {resumed}: the settings differ from its run's ({details}); "
+            "use the same settings, or {} without {} to start over",
+            resumed=resumed,
+            details=details,
         )
 
 

@@ -20,7 +20,7 @@ from lora_arith.adapter_io import DTYPES, output_kind
 from lora_arith.atomic import atomic_output, check_output, removed_on_signal
 from lora_arith.combine import combine
 from lora_arith.specs import AdapterSpec
-from lora_arith.errors import LoraArithError
+from lora_arith.errors import OptionError
 from lora_arith.train import (
     RUN_SETTINGS,
     TRAINING_METADATA,
@@ -105,12 +105,14 @@ def _runs_folder(kept: Path, config: TrainConfig, *, persistent: bool, resume: b
     record = kept / RUN_SETTINGS
     if resume:
         if not kept.is_dir():
-            raise LoraArithError(f"nothing to resume: {kept} does not exist (it is written with --save-steps N)")
+            raise OptionError("save_steps", "nothing to resume: {where} does not exist (it is written with {} N)", where=kept)
         check_same_settings(kept, settings, kept)
     elif kept.exists():
         if not force:
-            raise LoraArithError(
-                f"{kept} holds the runs of an interrupted vector; pass --resume to continue it or --force to start over"
+            raise OptionError(
+                ("resume", "force"),
+                "{where} holds the runs of an interrupted vector; pass {} to continue it or {} to start over",
+                where=kept,
             )
         if is_main_process():
             shutil.rmtree(kept)
