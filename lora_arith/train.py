@@ -407,16 +407,21 @@ def _resume_point(checkpoints: Path, settings: dict[str, Any], *, resume: bool, 
             )
         check_same_settings(checkpoints, settings, last)
         return last
-    if checkpoints.exists():
-        if not force:
-            raise OptionError(
-                ("resume", "force"),
-                "{where} holds the checkpoints of an interrupted run; pass {} to continue it or {} to start over",
-                where=checkpoints,
-            )
-        if is_main_process():
-            shutil.rmtree(checkpoints)
+    discard_leftovers(checkpoints, "the checkpoints of an interrupted run", force=force)
     return None
+
+
+def discard_leftovers(folder: Path, what: str, *, force: bool) -> None:
+    """Refuse ``folder`` (holding ``what``) left by an interrupted run, unless ``force``, which
+    removes it (on the main process)."""
+    if not folder.exists():
+        return
+    if not force:
+        raise OptionError(
+            ("resume", "force"), "{where} holds {what}; pass {} to continue it or {} to start over", where=folder, what=what
+        )
+    if is_main_process():
+        shutil.rmtree(folder)
 
 
 def check_same_settings(folder: Path, settings: dict[str, Any], resumed: Path) -> None:

@@ -26,6 +26,7 @@ from lora_arith.train import (
     TRAINING_METADATA,
     TrainConfig,
     check_same_settings,
+    discard_leftovers,
     checkpoint_folder,
     has_checkpoint,
     is_main_process,
@@ -107,15 +108,8 @@ def _runs_folder(kept: Path, config: TrainConfig, *, persistent: bool, resume: b
         if not kept.is_dir():
             raise OptionError("save_steps", "nothing to resume: {where} does not exist (it is written with {} N)", where=kept)
         check_same_settings(kept, settings, kept)
-    elif kept.exists():
-        if not force:
-            raise OptionError(
-                ("resume", "force"),
-                "{where} holds the runs of an interrupted vector; pass {} to continue it or {} to start over",
-                where=kept,
-            )
-        if is_main_process():
-            shutil.rmtree(kept)
+    else:
+        discard_leftovers(kept, "the runs of an interrupted vector", force=force)
     if not persistent:
         with tempfile.TemporaryDirectory(prefix="lora-arith-vector-") as work, removed_on_signal(Path(work)):
             yield Path(work)
