@@ -17,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+from lora_arith.atomic import atomic_output
 from lora_arith.tune import pareto_front
 
 X, Y, ORDINARY = "compliance_rate_safe", "refusal_rate_unsafe", "ordinary_compliance_rate"
@@ -26,8 +27,8 @@ def load(folder: Path) -> dict:
     return json.loads((folder / "report.json").read_text(encoding="utf-8"))
 
 
-def eligible(report: dict, floor: float) -> list[dict]:
-    return [r for r in report["evaluated"] if r.get(ORDINARY) is None or r[ORDINARY] >= floor]
+def eligible(rows: list[dict], floor: float) -> list[dict]:
+    return [r for r in rows if r.get(ORDINARY) is None or r[ORDINARY] >= floor]
 
 
 def dominates(new: list[dict], old: list[dict]) -> bool:
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     fronts = []
     for report, label, colour in zip(reports, labels, ("tab:gray", "tab:blue")):
         rows = [r for r in report["evaluated"] if r.get(X) is not None and r.get(Y) is not None]
-        good = eligible({"evaluated": rows}, args.ordinary_at_least)
+        good = eligible(rows, args.ordinary_at_least)
         low = [r for r in rows if r not in good]
         axes.scatter([r[X] for r in good], [r[Y] for r in good], s=18, color=colour, alpha=0.7)
         axes.scatter([r[X] for r in low], [r[Y] for r in low], s=18, facecolors="none", edgecolors=colour, alpha=0.7)
@@ -82,10 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, loc="best")
     figure.tight_layout()
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = args.output.with_name(f".{args.output.name}.tmp")
-    figure.savefig(temporary, dpi=120, format="png")
-    temporary.replace(args.output)
+    with atomic_output(args.output, force=args.force) as temporary:
+        figure.savefig(temporary, dpi=120, format="png")
     for label, front in zip(labels, fronts):
         points = ", ".join(f"({r[X]:.3f}, {r[Y]:.3f})" for r in front)
         print(f"{label} frontier (compliance, refusal): {points or 'empty'}")

@@ -36,6 +36,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from lora_arith.atomic import atomic_output
 from lora_arith.data import REFUSALS
 
 HELD_OUT = 200
@@ -100,10 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"contrast prompts: {len(ours)} × {args.copies} = {len(pairs)} pairs, "
           f"words per prompt deciles {deciles([words(p) for p in ours])}", file=sys.stderr)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = output.with_name(f".{output.name}.tmp")
-    temporary.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8")
-    temporary.replace(output)
+    with atomic_output(output, force=args.force) as temporary:
+        temporary.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8")
     return 0
 
 

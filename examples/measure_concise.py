@@ -26,19 +26,10 @@ import math
 import statistics
 from pathlib import Path
 
+from lora_arith.evaluation import wilson_interval
 from lora_arith.refusal import refusal_reason
 
 RESULTS = Path("examples/results")
-
-
-def wilson(successes: int, total: int, z: float = 1.959964) -> tuple[float, float]:
-    """The Wilson score interval of a binomial proportion (95% by default)."""
-    if total == 0:
-        return (math.nan, math.nan)
-    p = successes / total
-    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
-    return (centre - half, centre + half)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -59,7 +50,7 @@ def percent(value: float) -> str:
 
 def rate_cell(rate: float, total: int) -> str:
     successes = round(rate * total)
-    low, high = wilson(successes, total)
+    low, high = wilson_interval(successes, total) or (math.nan, math.nan)
     return f"{percent(rate)} [{percent(low)}, {percent(high)}] ({successes}/{total})"
 
 

@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from lora_arith.atomic import atomic_output
+
 
 def moving_average(values: list[float], window: int) -> list[float]:
     out = []
@@ -60,10 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         axes.grid(alpha=0.3)
         axes.legend(fontsize=8)
     figure.tight_layout()
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = args.output.with_name(f".{args.output.name}.tmp")
-    figure.savefig(temporary, dpi=110, format="png")
-    temporary.replace(args.output)
+    with atomic_output(args.output, force=args.force) as temporary:
+        figure.savefig(temporary, dpi=110, format="png")
     return 0
 
 
