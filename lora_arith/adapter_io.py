@@ -13,13 +13,10 @@ Every delta is returned with the adapter's scaling folded into ``B``, so callers
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import json
 import math
 import os
 import re
-import threading
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -38,9 +35,8 @@ from lora_arith.model_card import model_card
 from lora_arith.numerics import DTYPE_HINT, all_finite, cast_finite, require_finite
 from lora_arith.privacy import scrub
 from lora_arith.provenance import CONFIG_METADATA_KEY, RECIPE_METADATA_KEY, TRAINING_METADATA_KEY, sha256_of
+from lora_arith.specs import CONFIG_NAME, WEIGHTS_NAME
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 
 LINEAR, EMBEDDING = "linear", "embedding"
@@ -443,21 +439,6 @@ def _metadata(
         if value is not None:
             metadata[key] = json.dumps(value, sort_keys=True)
     return metadata
-
-
-def import_writers_in_background() -> threading.Thread:
-    """Start importing, in a daemon thread, what :func:`save_adapter` imports on first use (the model
-    card's huggingface_hub: about 0.35 s of CPU), so that a caller with arithmetic to do before
-    saving overlaps the two. Returns the thread (joining it is optional: an import in progress is
-    simply waited for by a second importer)."""
-
-    def load() -> None:
-        with contextlib.suppress(Exception):  # a failed import is reported where it is used
-            importlib.import_module("huggingface_hub.repocard")
-
-    thread = threading.Thread(target=load, name="lora-arith-import-writers", daemon=True)
-    thread.start()
-    return thread
 
 
 def save_adapter(

@@ -15,7 +15,7 @@ from collections import Counter, deque
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 
@@ -193,7 +193,9 @@ def _check_rank(modules: dict[str, ModuleInfo], rank: int | None) -> None:
 
 
 READ_AHEAD = 2
-"""How many modules :func:`combine` reads and sums ahead of the one it compresses."""
+"""How many modules :func:`combine` works on ahead of the one it collects."""
+
+_T = TypeVar("_T")
 
 
 def _summed(adapters: Sequence[AdapterFile], weights: Sequence[float], name: str) -> tuple[str, int, LowRankDelta]:
@@ -204,27 +206,44 @@ def _summed(adapters: Sequence[AdapterFile], weights: Sequence[float], name: str
     return name, len(present), summed
 
 
-def _read_ahead(
-    pool: Executor, adapters: Sequence[AdapterFile], weights: Sequence[float], names: Sequence[str]
-) -> Iterator[tuple[str, int, LowRankDelta]]:
-    """``_summed`` for every module in order, each computed in ``pool`` up to :data:`READ_AHEAD`
-    modules before it is yielded (memory stays bounded by a few modules). An error is raised
-    when its module's turn comes, so the first failing module is reported, as when reading in turn."""
+def _module_result(
+    adapters: Sequence[AdapterFile],
+    weights: Sequence[float],
+    name: str,
+    method: str,
+    rank: int | None,
+    energy: float | None,
+) -> tuple[LowRankDelta, ModuleResult]:
+    """Module ``name`` of the output: the exact weighted sum (``cat``) or its optimal compression to
+    ``rank`` or ``energy`` (``svd``)."""
+    name, present, summed = _summed(adapters, weights, name)
+    if method == "cat":
+        return summed, ModuleResult(name, summed.rank, present)
+    compressed = compress(summed, rank=rank, energy=energy)
+    for factor in (compressed.delta.B, compressed.delta.A):
+        require_finite(factor, f"module {name}", "the SVD overflowed fp32; the weights are too large")
+    return compressed.delta, ModuleResult(name, compressed.rank, present, compressed.relative_error)
+
+
+def _in_order(pool: Executor, work: Callable[[str], _T], names: Sequence[str]) -> Iterator[_T]:
+    """``work(name)`` for every name, in order, each computed in ``pool`` up to :data:`READ_AHEAD`
+    modules before it is yielded (memory stays bounded by a few modules). An error is raised when
+    its module's turn comes, so the first failing module is reported, as when working in turn."""
     pending: deque[Future] = deque()
     upcoming = iter(names)
 
     def submit_ahead() -> None:  # the module in hand, plus READ_AHEAD after it
         for name in itertools.islice(upcoming, READ_AHEAD + 1 - len(pending)):
-            pending.append(pool.submit(_summed, adapters, weights, name))
+            pending.append(pool.submit(work, name))
 
     try:
         submit_ahead()
         while pending:
             result = pending.popleft().result()
-            yield result  # the caller works on this module while the next READ_AHEAD are read
+            yield result
             submit_ahead()
     finally:
-        for future in pending:  # on an error (or an abandoned loop): do not read further
+        for future in pending:  # on an error (or an abandoned loop): do not start more
             future.cancel()
 
 
@@ -281,26 +300,19 @@ def combine(
     with contextlib.ExitStack() as stack:
         stack.enter_context(single_threaded())
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=2, thread_name_prefix="lora-arith-combine"))
-        # The inputs' sha256 (for the recipe) are computed on the side, and the next modules are
-        # read and summed ahead while this one is compressed: reading overlaps the arithmetic.
+        # Modules are read, summed and compressed in the pool, each on one thread, several at a
+        # time (the arithmetic releases the GIL), and collected here in order; the inputs' sha256
+        # (for the recipe) are computed on the side.
         hashing = pool.submit(lambda: [adapter.sha256 for adapter in adapters])
-        reading = _read_ahead(pool, adapters, weights, names)
-        stack.callback(reading.close)  # on an error, cancel the reads not yet started
-        sums: Iterable[tuple[str, int, LowRankDelta]] = reading
+        outputs = _in_order(pool, lambda name: _module_result(adapters, weights, name, method, rank, energy), names)
+        stack.callback(outputs.close)  # on an error, cancel the modules not yet started
         if progress:
             from tqdm import tqdm
 
-            sums = tqdm(sums, desc="combining", unit="module", leave=False, total=len(names))
-        for name, present, summed in sums:
-            if method == "svd":
-                compressed = compress(summed, rank=rank, energy=energy)
-                for factor in (compressed.delta.B, compressed.delta.A):
-                    require_finite(factor, f"module {name}", "the SVD overflowed fp32; the weights are too large")
-                deltas[name] = compressed.delta
-                results.append(ModuleResult(name, compressed.rank, present, compressed.relative_error))
-            else:
-                deltas[name] = summed
-                results.append(ModuleResult(name, summed.rank, present))
+            outputs = tqdm(outputs, desc="combining", unit="module", leave=False, total=len(names))
+        for delta, result in outputs:
+            deltas[result.name] = delta
+            results.append(result)
         hashing.result()
 
     kinds = {name: info.kind for name, info in modules.items()}

@@ -58,18 +58,21 @@ def require_finite_number(value: float, what: str) -> float:
 def cast_finite(tensor: torch.Tensor, dtype: torch.dtype, what: str, hint: str = DTYPE_HINT) -> torch.Tensor:
     """``tensor`` cast to ``dtype``, refusing values that are not finite or that the cast turns
     into Inf (fp16 holds up to 65504). ``hint`` ends the message of an overflow; each ``{}`` in
-    it names the ``dtype`` option."""
-    require_finite(tensor, what)
+    it names the ``dtype`` option.
+
+    One check of the cast result covers both (a cast keeps NaN and Inf); only when it fails is
+    the input checked, to tell a non-finite input from an overflow."""
     cast = tensor.to(dtype)
-    if cast is not tensor and cast.is_floating_point() and not all_finite(cast):
-        peak = float(tensor.detach().abs().max())
-        limit = torch.finfo(dtype).max
-        raise OptionError(
-            ("dtype",) * hint.count("{}"),
-            "{what} overflows {name} (largest value {peak:.3g}, {name} holds up to {limit:.3g}); " + hint,
-            what=what,
-            name=dtype_name(dtype),
-            peak=peak,
-            limit=limit,
-        )
-    return cast
+    if not cast.is_floating_point() or all_finite(cast):
+        return cast
+    require_finite(tensor, what)
+    peak = float(tensor.detach().abs().max())
+    limit = torch.finfo(dtype).max
+    raise OptionError(
+        ("dtype",) * hint.count("{}"),
+        "{what} overflows {name} (largest value {peak:.3g}, {name} holds up to {limit:.3g}); " + hint,
+        what=what,
+        name=dtype_name(dtype),
+        peak=peak,
+        limit=limit,
+    )

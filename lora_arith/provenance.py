@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
+import threading
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -32,13 +34,55 @@ TRAINING_PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "da
 """The packages whose versions a training run records."""
 
 
-def sha256_of(path: Path) -> str:
-    """The hex sha256 of a file, read in 1 MiB blocks."""
+def _hash_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _file_key(path: str | os.PathLike[str]) -> tuple[str, int, int] | None:
+    """``(real path, size, mtime)``: a hash computed ahead is used only for the same file, unchanged."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return os.path.realpath(path), stat.st_size, stat.st_mtime_ns
+
+
+_AHEAD: dict[tuple[str, int, int], threading.Thread] = {}
+_AHEAD_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def hash_ahead(paths: Iterable[str | os.PathLike[str]]) -> None:
+    """Start computing the sha256 of each existing file in ``paths`` in a daemon thread, for a later
+    :func:`sha256_of`. Only the standard library runs there, and hashing releases the GIL, so a
+    caller that is about to import torch (a second or so on one core) overlaps the two."""
+    keys = [key for key in map(_file_key, paths) if key is not None and key not in _AHEAD]
+
+    def run(key: tuple[str, int, int]) -> None:
+        try:
+            _AHEAD_DIGESTS[key] = _hash_file(Path(key[0]))
+        except OSError:  # reported by sha256_of, which then reads the file itself
+            pass
+
+    for key in dict.fromkeys(keys):
+        thread = threading.Thread(target=run, args=(key,), name="lora-arith-hash", daemon=True)
+        _AHEAD[key] = thread
+        thread.start()
+
+
+def sha256_of(path: str | os.PathLike[str]) -> str:
+    """The hex sha256 of a file, read in 1 MiB blocks (or waited for, if :func:`hash_ahead` is on it)."""
+    key = _file_key(path)
+    thread = _AHEAD.get(key) if key is not None else None
+    if thread is not None:
+        thread.join()
+        digest = _AHEAD_DIGESTS.get(key)
+        if digest is not None and _file_key(path) == key:
+            return digest
+    return _hash_file(Path(path))
 
 
 def versions(packages: Iterable[str] = TRAINING_PACKAGES) -> dict[str, str]:

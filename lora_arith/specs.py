@@ -29,6 +29,10 @@ from typing import Iterable, Sequence
 from lora_arith.errors import LoraArithError, OptionError
 from lora_arith.privacy import public_name as _public_name
 
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+"""The file names of a PEFT adapter folder."""
+
 
 @dataclass(frozen=True)
 class AdapterSpec:
@@ -43,6 +47,13 @@ class AdapterSpec:
     def public_name(self) -> str:
         """The name recorded for this input: ``name``, else the path reduced to its basename."""
         return self.name or _public_name(self.path)
+
+    @property
+    def weights_file(self) -> Path:
+        """The weights file this spec names if it is local: ``PATH/adapter_model.safetensors`` for a
+        folder, else ``PATH`` itself (for a Hub reference, a path that does not exist)."""
+        path = Path(self.path).expanduser()
+        return path / WEIGHTS_NAME if path.is_dir() else path
 
     def __str__(self) -> str:
         return f"{self.path}:{self.weight:g}"

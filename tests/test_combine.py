@@ -158,9 +158,9 @@ def test_parse_spec_rejects(text):
         parse_spec(text)
 
 
-def test_modules_are_read_ahead_in_order_and_boundedly(monkeypatch):
-    """combine reads and sums the next modules in a thread while it compresses the current one:
-    in order, at most READ_AHEAD modules ahead, and no further once the loop stops (an error)."""
+def test_modules_are_worked_on_ahead_in_order_and_boundedly(monkeypatch):
+    """combine reads, sums and compresses the next modules in a pool while it collects the current
+    one: in order, at most READ_AHEAD modules ahead, and no further once the loop stops (an error)."""
     from concurrent.futures import Future
 
     import lora_arith.combine as combine_module
@@ -174,18 +174,17 @@ def test_modules_are_read_ahead_in_order_and_boundedly(monkeypatch):
             future.set_result(function(*args))
             return future
 
-    monkeypatch.setattr(combine_module, "_summed", lambda adapters, weights, name: (name, 1, None))
     names = [f"module{i}" for i in range(12)]
     ahead = combine_module.READ_AHEAD
     assert ahead >= 1
     seen = []
-    for index, (name, _, _) in enumerate(combine_module._read_ahead(RecordingPool(), [], [], names)):
+    for index, name in enumerate(combine_module._in_order(RecordingPool(), str.upper, names)):
         seen.append(name)
-        # this module and the READ_AHEAD after it have been handed to the reader, no more
+        # this module and the READ_AHEAD after it have been handed to the pool, no more
         assert submitted == names[: index + 1 + ahead]
-    assert seen == names
+    assert seen == [name.upper() for name in names]
     submitted.clear()
-    reading = combine_module._read_ahead(RecordingPool(), [], [], names)
-    next(reading)
-    reading.close()  # as on an error in the loop: nothing more is read
+    working = combine_module._in_order(RecordingPool(), str.upper, names)
+    next(working)
+    working.close()  # as on an error in the loop: nothing more is started
     assert submitted == names[: 1 + ahead]

@@ -69,7 +69,10 @@ def _compression_options(command):
 
 
 def _run_combination(specs: list[AdapterSpec], output, method, rank, energy, dtype, allow_base_mismatch, force) -> None:
-    from lora_arith.adapter_io import DTYPES, adapter_sources, import_writers_in_background, output_kind
+    from lora_arith.provenance import hash_ahead
+
+    hash_ahead(spec.weights_file for spec in specs)  # the recipe's hashes, computed while torch imports
+    from lora_arith.adapter_io import DTYPES, adapter_sources, output_kind
     from lora_arith.atomic import check_output
     from lora_arith.combine import combine
 
@@ -77,7 +80,6 @@ def _run_combination(specs: list[AdapterSpec], output, method, rank, energy, dty
     output = check_output(
         output, force=force, kind=output_kind(output), inputs=[p for s in specs for p in adapter_sources(s.path)]
     )
-    import_writers_in_background()  # overlaps the arithmetic below
     result = combine(
         specs,
         method=method,

@@ -1,0 +1,27 @@
+"""provenance.hash_ahead / sha256_of: a hash computed ahead is the file's sha256, and is used only
+for the same file unchanged."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from lora_arith import provenance
+
+
+def test_hash_ahead_gives_the_files_sha256_and_never_a_stale_one(tmp_path, monkeypatch):
+    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    first.write_bytes(b"x" * (3 << 20) + b"tail")
+    second.write_bytes(b"y" * 1000)
+    provenance.hash_ahead([first, second, tmp_path / "missing.safetensors", first])
+    reads = []
+    monkeypatch.setattr(provenance, "_hash_file", lambda path: reads.append(path) or "read again")
+    assert provenance.sha256_of(first) == hashlib.sha256(first.read_bytes()).hexdigest()
+    assert reads == []  # served by the thread that hashed ahead
+    second.write_bytes(b"z" * 2000)  # changed after hashing ahead: its hash is computed again
+    assert provenance.sha256_of(second) == "read again"
+    assert provenance.sha256_of(tmp_path / "c") == "read again"  # never hashed ahead
+    stat = first.stat()
+    first.write_bytes(b"w" * (3 << 20) + b"tail")  # same size, new content (and mtime)
+    os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert provenance.sha256_of(first) == "read again"
