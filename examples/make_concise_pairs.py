@@ -15,6 +15,14 @@ Source: the instruction/answer rows of ``helpful/alpaca_demo.jsonl`` EXCEPT its 
   closing chatter), in varied positions (opening, between sentences, at the end). No row's
   rejected side differs from its chosen side by one fixed phrase.
 
+With ``--refusal-pairs N`` the file also holds N **concise refusals**: prompts of the harmless
+training data (``harmless/advbench_behaviors.jsonl`` and ``harmless/donotanswer_prompts.jsonl``,
+drawn by the seeded RNG), where the chosen side is one of the short refusal templates
+(``lora_arith.data.REFUSALS``) and the rejected side is the SAME refusal padded with refusal-shaped
+padding (acknowledging the request, explaining at length, repeating, closing chatter). Both sides
+refuse, so the pairs teach "get to the point" on requests the model should decline, not "answer
+them": a concise vector trained on Alpaca alone learnt to drop refusals (README, "Adding a preference").
+
 The pairs are **templated**, not labelled by people. The script is deterministic (the RNG is seeded
 per row from ``--seed`` and the row's id).
 """
@@ -72,6 +80,35 @@ CLOSE = (
     "Of course, there is a lot more that could be said about this, but that covers the basics.",
     "That is pretty much everything I can think of on this topic for now.",
 )
+
+# Padding for refusals: none of it promises help or answers the request.
+REFUSAL_OPEN = (
+    'I understand that you are asking about the following: "{q}" I have thought about this request carefully.',
+    "Thank you for your message. I have read your request and I want to respond to it thoughtfully.",
+    "So, to restate what you are asking for here: {q} Let me explain where I stand on this.",
+    "I can see why someone might ask about this, and I appreciate that you asked me directly.",
+    "Before I respond, I want to acknowledge that this is a sensitive subject for many people.",
+)
+REFUSAL_EXPLAIN = (
+    "Requests like this can lead to situations where people get hurt, and that is something I want to avoid.",
+    "There are a lot of different considerations that come into play with a request like this one.",
+    "It is important to think about the possible consequences that this kind of information could have.",
+    "I try to be as useful as I can, but there are some limits that I need to keep in mind.",
+    "This kind of request touches on safety, legality and the wellbeing of other people.",
+    "I know this may not be the answer you were hoping for, and I understand if that is frustrating.",
+)
+REFUSAL_REPEAT = (
+    "So, once again, to be completely clear: {s}",
+    "To put it another way, {s}",
+    "Just to repeat what I said above, {s}",
+)
+REFUSAL_CLOSE = (
+    "I hope you understand my position on this, and thank you for your patience.",
+    "If you have any other questions on a different topic, I am always happy to talk about them.",
+    "Thank you for understanding, and I hope you have a good day.",
+    "I appreciate you taking the time to read my explanation.",
+)
+REFUSAL_SOURCES = ("advbench_behaviors.jsonl", "donotanswer_prompts.jsonl")
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
 _LIST_MARK = re.compile(r"^\s*(\d+[.)]|[-*•])\s", re.M)
@@ -171,6 +208,36 @@ def pad(prompt: str, body: str, rng: random.Random) -> str:
     return "\n\n".join(piece for piece in pieces if piece)
 
 
+def pad_refusal(prompt: str, refusal: str, rng: random.Random) -> str:
+    """``refusal`` padded with 3-6 refusal-shaped sentences (acknowledge, explain, repeat, close)."""
+    opening = [rng.choice(REFUSAL_OPEN).format(q=short_question(prompt))] if rng.random() < 0.7 else []
+    explain = rng.sample(REFUSAL_EXPLAIN, rng.randint(1, 3))
+    closing = [rng.choice(REFUSAL_CLOSE)]
+    if rng.random() < 0.5:
+        closing.insert(0, rng.choice(REFUSAL_REPEAT).format(s=lower_first(refusal)))
+    while len(opening) + len(explain) + len(closing) < 3:
+        explain.append(rng.choice([text for text in REFUSAL_EXPLAIN if text not in explain]))
+    if rng.random() < 0.5:  # the refusal itself first, or after the explanations
+        body = [refusal] + explain
+    else:
+        body = explain + [refusal]
+    return "\n\n".join(" ".join(part) for part in (opening, body, closing) if part)
+
+
+def refusal_pairs(prompts: list[dict], count: int, seed: int) -> list[dict]:
+    """``count`` concise refusals on harmful training prompts: short refusal vs the same refusal padded."""
+    from lora_arith.data import REFUSALS
+
+    picked = random.Random(f"{seed}:refusals").sample(prompts, min(count, len(prompts)))
+    pairs = []
+    for row in picked:
+        rng = random.Random(f"{seed}:{row['id']}")
+        refusal = rng.choice(REFUSALS)
+        rejected = pad_refusal(row["prompt"], refusal, rng)
+        pairs.append({"prompt": row["prompt"], "chosen": refusal, "rejected": rejected, "id": f"concise-refusal-{row['id']}"})
+    return pairs
+
+
 def make_pairs(rows: list[dict], seed: int) -> list[dict]:
     pairs = []
     for row in rows:
@@ -193,12 +260,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default="../shared/data", help="the shared data folder")
     parser.add_argument("-o", "--output", default="examples/data/concise_pairs.jsonl")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--refusal-pairs", type=int, default=0, metavar="N",
+                        help="also write N concise refusals on harmful training prompts (default 0)")
     parser.add_argument("-f", "--force", action="store_true", help="overwrite the output")
     args = parser.parse_args(argv)
     source = Path(args.data) / "helpful" / "alpaca_demo.jsonl"
     lines = source.read_text(encoding="utf-8").splitlines()
     rows = [json.loads(line) for line in lines[:-HELD_OUT] if line.strip()]
     pairs = make_pairs(rows, args.seed)
+    harmful: list[dict] = []
+    if args.refusal_pairs:
+        for name in REFUSAL_SOURCES:
+            text = (Path(args.data) / "harmless" / name).read_text(encoding="utf-8")
+            harmful.extend(json.loads(line) for line in text.splitlines() if line.strip())
+        pairs += refusal_pairs(harmful, args.refusal_pairs, args.seed)
+        random.Random(f"{args.seed}:order").shuffle(pairs)
     out = Path(args.output)
     if out.exists() and not args.force:
         print(f"Error: {out} exists; use --force to overwrite", file=sys.stderr)
@@ -207,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp = out.with_suffix(out.suffix + ".tmp")
     tmp.write_text("".join(json.dumps(pair, ensure_ascii=False) + "\n" for pair in pairs), encoding="utf-8")
     tmp.replace(out)
-    print(f"{len(pairs)} pairs from the first {len(rows)} rows of {source.name} -> {out}")
+    extra = f" and {args.refusal_pairs} concise refusals on {len(harmful)} harmful prompts" if harmful else ""
+    print(f"{len(pairs)} pairs from the first {len(rows)} rows of {source.name}{extra} -> {out}")
     return 0
 
 

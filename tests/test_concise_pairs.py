@@ -85,3 +85,31 @@ def test_shipped_pairs_file_is_the_scripts_output():
     assert len(pairs) == 587
     assert all(p["id"].startswith("concise-alpaca-demo-") for p in pairs)
     assert max(int(p["id"].rsplit("-", 1)[1]) for p in pairs) < 799  # rows 799..998 are held out
+
+
+def test_refusal_pairs_are_concise_refusals_against_padded_refusals(tmp_path):
+    """--refusal-pairs N: on harmful training prompts both sides refuse (the same refusal), the
+    rejected side is longer and padded, and no padding promises help."""
+    from lora_arith.data import REFUSALS
+
+    script = load_script()
+    _write(tmp_path / "data" / "helpful" / "alpaca_demo.jsonl", _rows(260))
+    for name, count in (("advbench_behaviors.jsonl", 30), ("donotanswer_prompts.jsonl", 30)):
+        path = tmp_path / "data" / "harmless" / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("".join(json.dumps({"id": f"{name[:3]}-{n}", "prompt": f"How do I do harmful thing {n}?"}) + "\n"
+                                for n in range(count)))
+    args = ["--data", str(tmp_path / "data"), "--refusal-pairs", "40"]
+    assert script.main(args + ["-o", str(tmp_path / "a.jsonl")]) == 0
+    assert script.main(args + ["-o", str(tmp_path / "b.jsonl")]) == 0
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+    pairs = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    refusals = [p for p in pairs if p["id"].startswith("concise-refusal-")]
+    assert len(refusals) == 40 and len(pairs) == 40 + len(script.make_pairs(_rows(60), seed=0))
+    assert {p["id"][len("concise-refusal-"):][:3] for p in refusals} == {"adv", "don"}  # both sources
+    for pair in refusals:
+        assert pair["chosen"] in REFUSALS and pair["chosen"] in pair["rejected"]
+        assert len(pair["rejected"].split()) >= len(pair["chosen"].split()) + 20
+        assert "sure" not in pair["rejected"].lower() and "definitely help" not in pair["rejected"].lower()
+    assert len({p["rejected"].replace(p["chosen"], "|") for p in refusals}) > 30  # varied padding
+    assert refusals != pairs[-40:]  # mixed in, not appended
