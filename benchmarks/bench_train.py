@@ -25,6 +25,10 @@ Usage::
     python benchmarks/bench_train.py --steps 3 --repeats 1          # a quick check (minutes on 2 busy cores)
     python benchmarks/bench_train.py --base TINY_CHAT_MODEL --steps 3 --max-length 64   # the script itself, in seconds
     python benchmarks/bench_train.py --steps 20 --repeats 3 --threads 2 --out bench_train.json   # full size
+    python benchmarks/bench_train.py --steps 6 --repeats 4 --threads 2 --skip-precompute   # the README's figure
+
+The step's wall time varies a lot between runs on a shared or small machine, so each step's CPU time
+(``time.process_time``, all threads) is reported beside it.
 """
 
 from __future__ import annotations
@@ -48,13 +52,15 @@ def step_timer():
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
             self.steps: list[float] = []
-            self._start = 0.0
+            self.cpu_steps: list[float] = []  # the process's CPU time (all threads) per step
+            self._start = self._cpu_start = 0.0
 
         def on_step_begin(self, args, state, control, **kwargs):
-            self._start = time.perf_counter()
+            self._start, self._cpu_start = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kwargs):
             self.steps.append(time.perf_counter() - self._start)
+            self.cpu_steps.append(time.process_time() - self._cpu_start)
 
     return StepTimer()
 
@@ -120,7 +126,7 @@ def run_raw_trl(args: argparse.Namespace, data: list[dict], work: Path) -> dict:
     trainer.add_callback(timer)
     setup = time.perf_counter() - started
     trainer.train()
-    return {"steps": timer.steps, "setup_s": setup, "wall_s": time.perf_counter() - started}
+    return {"steps": timer.steps, "cpu_steps": timer.cpu_steps, "setup_s": setup, "wall_s": time.perf_counter() - started}
 
 
 def run_ours(args: argparse.Namespace, data_file: Path, work: Path, precompute: bool) -> dict:
@@ -145,7 +151,8 @@ def run_ours(args: argparse.Namespace, data_file: Path, work: Path, precompute: 
         train.train_preference(config, work / "run")
     finally:
         train._make_trainer = original
-    return {"steps": timer.steps, "setup_s": built["at"] - started, "wall_s": time.perf_counter() - started}
+    return {"steps": timer.steps, "cpu_steps": timer.cpu_steps, "setup_s": built["at"] - started,
+            "wall_s": time.perf_counter() - started}
 
 
 def main() -> None:
@@ -159,6 +166,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, help="Also write the measurements as JSON here.")
+    parser.add_argument("--skip-precompute", action="store_true", help="Only raw TRL and lora-arith (no --precompute-ref run).")
     args = parser.parse_args()
     if args.steps < 2:
         parser.error("--steps must be at least 2 (the first step is warm-up)")
@@ -167,13 +175,13 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     data = rows(args.data, args.steps * args.batch_size * args.grad_accum)
-    names = ["raw TRL", "lora-arith", "lora-arith --precompute-ref"]
+    names = ["raw TRL", "lora-arith"] + ([] if args.skip_precompute else ["lora-arith --precompute-ref"])
     results: dict[str, list[dict]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         data_file = Path(tmp) / "pairs.jsonl"
         data_file.write_text("".join(json.dumps(row) + "\n" for row in data), encoding="utf-8")
         for repeat in range(args.repeats):
-            order = names[repeat % 3 :] + names[: repeat % 3]
+            order = names[repeat % len(names) :] + names[: repeat % len(names)]
             for name in order:
                 work = Path(tempfile.mkdtemp(dir=tmp))
                 if name == "raw TRL":
@@ -181,21 +189,27 @@ def main() -> None:
                 else:
                     measured = run_ours(args, data_file, work, precompute=name.endswith("precompute-ref"))
                 measured["step_s"] = statistics.median(measured["steps"][1:])
+                measured["step_cpu_s"] = statistics.median(measured["cpu_steps"][1:])
                 results[name].append(measured)
-                print(f"repeat {repeat + 1} {name}: step {measured['step_s']:.3f} s, set-up {measured['setup_s']:.1f} s",
-                      flush=True)
+                print(f"repeat {repeat + 1} {name}: step {measured['step_s']:.3f} s (CPU {measured['step_cpu_s']:.3f} s), "
+                      f"set-up {measured['setup_s']:.1f} s", flush=True)
 
-    summary = {name: {key: statistics.median(r[key] for r in runs) for key in ("step_s", "setup_s", "wall_s")}
+    summary = {name: {key: statistics.median(r[key] for r in runs) for key in ("step_s", "step_cpu_s", "setup_s", "wall_s")}
                for name, runs in results.items()}
+    raw_cpu = summary["raw TRL"]["step_cpu_s"]
     raw = summary["raw TRL"]["step_s"]
     print(f"\n{args.steps} steps, batch {args.batch_size}x{args.grad_accum}, max length {args.max_length}, "
           f"{args.threads} thread(s), {args.repeats} repeat(s), medians")
-    print("| run | step time (s) | vs raw TRL | set-up (s) | wall (s) |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| run | step time (s) | vs raw TRL | step CPU time (s) | vs raw TRL | set-up (s) | wall (s) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, row in summary.items():
-        print(f"| {name} | {row['step_s']:.3f} | {row['step_s'] / raw:.3f}x | {row['setup_s']:.1f} | {row['wall_s']:.1f} |")
+        print(f"| {name} | {row['step_s']:.3f} | {row['step_s'] / raw:.3f}x | {row['step_cpu_s']:.3f} | "
+              f"{row['step_cpu_s'] / raw_cpu:.3f}x | {row['setup_s']:.1f} | {row['wall_s']:.1f} |")
     overhead = summary["lora-arith"]["step_s"] / raw - 1
-    print(f"\nwrapper overhead on the step: {overhead:+.1%} (target <= +5%)")
+    cpu_overhead = summary["lora-arith"]["step_cpu_s"] / raw_cpu - 1
+    spread = {name: f"{min(r['step_s'] for r in runs):.2f}-{max(r['step_s'] for r in runs):.2f} s" for name, runs in results.items()}
+    print(f"\nwrapper overhead on the step: {overhead:+.1%} wall, {cpu_overhead:+.1%} CPU (target <= +5%); "
+          f"per-repeat step medians: {spread}")
     if args.out:
         args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": results,
                                         "summary": summary}, indent=2) + "\n", encoding="utf-8")

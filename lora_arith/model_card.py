@@ -1,7 +1,7 @@
 """The README model card written beside every adapter this toolkit saves.
 
-The card is built with huggingface_hub's :class:`~huggingface_hub.ModelCard` and
-:class:`~huggingface_hub.ModelCardData`, so the Hub reads its metadata as it reads any PEFT
+The card's metadata is huggingface_hub's :class:`~huggingface_hub.ModelCardData` as YAML front matter
+(exactly what :class:`~huggingface_hub.ModelCard` writes), so the Hub reads it as it reads any PEFT
 adapter's: ``library_name: peft``, ``pipeline_tag: text-generation``, ``base_model`` with the
 ``base_model:adapter:<id>`` tag, ``datasets`` when the training data came from the Hub, and a
 licence taken from the caller (``--license``) or from the base model's own card.

@@ -117,6 +117,9 @@ def test_model_card_is_one_the_hub_understands(adapter_factory, tmp_path):
     assert str(tmp_path) not in str(card)
     unknown = ModelCard(model_card({"base_model_name_or_path": "nowhere-local", "r": 8}))
     assert unknown.data.license is None  # not always apache-2.0
+    for text in (model_card({"base_model_name_or_path": "org/base", "r": 8}, {"method": "svd"}, training),
+                 model_card({"base_model_name_or_path": str(base), "r": 8}, None, training)):
+        assert str(ModelCard(text)) == text  # written exactly as huggingface_hub's ModelCard writes it
 
 
 def test_model_card_includes_training_data_and_metrics():
