@@ -53,9 +53,23 @@ def step_timer():
         def __init__(self) -> None:
             self.steps: list[float] = []
             self.cpu_steps: list[float] = []  # the process's CPU time (all threads) per step
+            self.setup: dict = {}
             self._start = self._cpu_start = 0.0
 
-        def on_step_begin(self, args, state, control, **kwargs):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 0 and model is not None:  # what the step runs, to compare the trainers
+                import torch
+
+                trainable = [p for p in model.parameters() if p.requires_grad]
+                self.setup = {
+                    "torch_threads": torch.get_num_threads(),
+                    "attention": getattr(model.config, "_attn_implementation", None),
+                    "trainable_parameters": sum(p.numel() for p in trainable),
+                    "trainable_dtypes": sorted({str(p.dtype) for p in trainable}),
+                    "activation_checkpointing": bool(
+                        getattr(model, "is_activation_checkpointing", getattr(model, "is_gradient_checkpointing", False))
+                    ),
+                }
             self._start, self._cpu_start = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -126,7 +140,8 @@ def run_raw_trl(args: argparse.Namespace, data: list[dict], work: Path) -> dict:
     trainer.add_callback(timer)
     setup = time.perf_counter() - started
     trainer.train()
-    return {"steps": timer.steps, "cpu_steps": timer.cpu_steps, "setup_s": setup, "wall_s": time.perf_counter() - started}
+    return {"steps": timer.steps, "cpu_steps": timer.cpu_steps, "setup_s": setup, "wall_s": time.perf_counter() - started,
+            "config": timer.setup}
 
 
 def run_ours(args: argparse.Namespace, data_file: Path, work: Path, precompute: bool) -> dict:
@@ -152,7 +167,7 @@ def run_ours(args: argparse.Namespace, data_file: Path, work: Path, precompute: 
     finally:
         train._make_trainer = original
     return {"steps": timer.steps, "cpu_steps": timer.cpu_steps, "setup_s": built["at"] - started,
-            "wall_s": time.perf_counter() - started}
+            "wall_s": time.perf_counter() - started, "config": timer.setup}
 
 
 def main() -> None:
@@ -192,7 +207,7 @@ def main() -> None:
                 measured["step_cpu_s"] = statistics.median(measured["cpu_steps"][1:])
                 results[name].append(measured)
                 print(f"repeat {repeat + 1} {name}: step {measured['step_s']:.3f} s (CPU {measured['step_cpu_s']:.3f} s), "
-                      f"set-up {measured['setup_s']:.1f} s", flush=True)
+                      f"set-up {measured['setup_s']:.1f} s; runs with {measured['config']}", flush=True)
 
     summary = {name: {key: statistics.median(r[key] for r in runs) for key in ("step_s", "step_cpu_s", "setup_s", "wall_s")}
                for name, runs in results.items()}

@@ -153,8 +153,8 @@ def _signed_columns(transposed: torch.Tensor, rows: torch.Tensor) -> tuple[torch
     ``rows`` (``A'``, k × in) in place so that each left singular vector (a row of ``transposed``, a
     column of ``B'``) has its largest-magnitude entry positive. Returns ``(B', A')``.
 
-    Working on ``B'ᵀ`` keeps the per-vector maximum a reduction along contiguous memory (for a
-    row-major ``out × k`` matrix it runs about 25× slower), and the flip happens only where needed."""
+    Working on ``B'ᵀ`` keeps the per-vector maximum a reduction along contiguous memory (down the
+    columns of a row-major ``out × k`` matrix it is much slower), and the flip happens only where needed."""
     if transposed.numel():
         flip = transposed.amax(dim=1) < -transposed.amin(dim=1)
         if bool(flip.any()):

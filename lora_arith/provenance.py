@@ -8,7 +8,6 @@ import os
 import platform
 import threading
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -87,6 +86,8 @@ def sha256_of(path: str | os.PathLike[str]) -> str:
 
 def versions(packages: Iterable[str] = TRAINING_PACKAGES) -> dict[str, str]:
     """Versions of Python, lora-arith and ``packages`` (``"not installed"`` for a missing one)."""
+    from importlib import metadata  # here, not at import: this module is on the CLI's start-up path
+
     found = {"python": platform.python_version(), "lora-arith": __version__}
     for package in packages:
         try:

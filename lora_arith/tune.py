@@ -52,6 +52,11 @@ class Constraint:
     def key(self) -> str:
         return metric_key(self.metric)
 
+    @property
+    def items(self) -> tuple["Constraint", ...]:
+        """This constraint alone, as :class:`Constraints` lists its own."""
+        return (self,)
+
     def holds(self, row: dict[str, Any]) -> bool:
         value = row.get(self.key)
         return value is not None and _OPERATORS[self.operator](value, self.value)
@@ -309,7 +314,7 @@ def plot_frontier(
     axes.plot(
         [r[x_key] for r in front], [r[y_key] for r in front], "-o", color="tab:blue", ms=4, label="Pareto frontier"
     )
-    for line in getattr(constraint, "items", (constraint,)):
+    for line in constraint.items:
         if line.key == x_key:
             axes.axvline(line.value, color="tab:red", ls="--", lw=1, label=str(line))
         elif line.key == y_key:

@@ -15,7 +15,7 @@ import lora_arith
 from lora_arith.cli import flag, main
 from lora_arith.combine import combine
 from lora_arith.devices import DTYPE_NAMES
-from lora_arith.errors import LoraArithError, OptionError
+from lora_arith.errors import OptionError
 from lora_arith.provenance import EXPORT_TARGETS, METHODS
 from lora_arith.specs import AdapterSpec, fixed_weights, named_paths, parse_specs
 
