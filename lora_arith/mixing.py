@@ -165,7 +165,11 @@ class RowWeights:
 
         def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             result = layer.base_layer(x, *args, **kwargs)
-            low = torch.nn.functional.linear(x.to(stacked_a.dtype), stacked_a) * state[0]
+            low = torch.nn.functional.linear(x.to(stacked_a.dtype), stacked_a).mul_(state[0])
+            if result.dtype == stacked_b.dtype and result.is_contiguous() and not torch.is_grad_enabled():
+                # one pass over the output: result += low · Bᵀ in the GEMM itself
+                result.view(-1, result.shape[-1]).addmm_(low.reshape(-1, low.shape[-1]), stacked_b.t())
+                return result
             return (result + torch.nn.functional.linear(low, stacked_b)).to(result.dtype)
 
         layer.forward = forward  # an instance attribute: nn.Module.__call__ uses it; removed on exit

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_arith.generation import end_of_turn_ids, greedy_rows, left_pad
+from lora_arith.generation import end_of_turn_ids, greedy_rows, left_pad, reserved_cache
 from lora_arith.mixing import PreferenceMixer
 from test_sweep_tune import one_thread  # noqa: F401  (autouse: one torch thread)
 
@@ -73,7 +73,8 @@ def test_fused_row_weights_give_the_logits_of_per_row_scaling(mixer):
     torch.testing.assert_close(logits(mixer.model, ids, mask), plain, rtol=0, atol=0)  # the mixer's weights are back
 
 
-def test_greedy_rows_drops_finished_rows_and_matches_generate(mixer):
+@pytest.mark.parametrize("compact_share", [0.0, 0.5])  # each row at once; half the batch at a time
+def test_greedy_rows_drops_finished_rows_and_matches_generate(mixer, compact_share):
     from transformers import LogitsProcessorList
 
     from lora_arith.generation import _RequireFiniteLogits
@@ -88,9 +89,13 @@ def test_greedy_rows_drops_finished_rows_and_matches_generate(mixer):
     stops = end_of_turn_ids(tokenizer) + [stop]
     dropped: list[list[int]] = []
     got = greedy_rows(
-        model, ids, mask, max_new_tokens=10, stop_ids=stops, keep_rows=lambda k: dropped.append(k.tolist())
-    )
-    assert dropped  # rows really left the batch
+        model, ids, mask, max_new_tokens=10, stop_ids=stops, keep_rows=lambda k: dropped.append(k.tolist()),
+        compact_share=compact_share,
+    )  # fmt: skip
+    if compact_share:  # finished rows wait (decoded on, their tokens dropped) until half the batch is done
+        assert all(len(kept) <= len(ids) - len(ids) * compact_share for kept in dropped[:1])
+    else:
+        assert dropped  # rows really left the batch
     with torch.no_grad():
         output = model.generate(
             input_ids=ids,
@@ -138,3 +143,33 @@ def test_a_shared_prefix_gives_the_same_tokens(mixer):
         )  # fmt: skip
     assert got == expected
     assert expected[: len(PROMPTS)] != expected[len(PROMPTS) :]  # the two points really differ
+
+
+def test_the_reserved_cache_holds_what_the_dynamic_cache_holds():
+    from transformers import DynamicCache
+
+    generator = torch.Generator().manual_seed(0)
+
+    def states(rows, steps):
+        return [torch.randn(rows, 2, steps, 4, generator=generator) for _ in range(2)]
+
+    reserved, dynamic = reserved_cache(6), DynamicCache()
+    for layer in (0, 1):  # a prefix of 3 positions, run once, then copied to blocks of 2 rows
+        keys, values = states(2, 3)
+        for cache in (reserved, dynamic):
+            cache.update(keys, values, layer)
+    for cache in (reserved, dynamic):
+        cache.batch_repeat_interleave(2)
+    # steps of one position, rows leaving the batch, then past the reservation (6 positions)
+    for steps, keep in ((2, None), (1, torch.tensor([0, 2, 3])), (1, None), (1, torch.tensor([2, 0])), (1, None)):
+        rows = dynamic.layers[0].keys.shape[0]
+        for layer in (0, 1):
+            keys, values = states(rows, steps)
+            got = reserved.update(keys, values, layer)
+            expected = dynamic.update(keys, values, layer)
+            assert all(torch.equal(a, b) for a, b in zip(got, expected))
+        if keep is not None:
+            for cache in (reserved, dynamic):
+                cache.batch_select_indices(keep)
+        assert reserved.get_seq_length() == dynamic.get_seq_length()
+    assert reserved.get_seq_length() == 9  # grown past the 6 reserved positions
