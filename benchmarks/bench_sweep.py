@@ -14,7 +14,9 @@ first N unsafe and N safe ones), greedy, ``--max-new-tokens`` (default 24), batc
   fused=True)``) and a greedy loop that drops rows as they finish (``generation.greedy_rows``).
 
 The two runs alternate by point chunk (one chunk of P points one way, then the same chunk the
-other way), so load from other jobs on the machine hits both alike. Prints a table and the ratio.
+other way, the first of the two alternating from chunk to chunk and round to round), so load from
+other jobs on the machine hits both alike; ``--repeats R`` runs R rounds and reports the medians.
+Prints a table and the ratio.
 
 Usage::
 
@@ -22,13 +24,14 @@ Usage::
     python benchmarks/bench_sweep.py --prompts-per-kind 200   # all 234 prompts (~40 min on 2 cores)
     python benchmarks/bench_sweep.py --threads 2 --out bench.json
     python benchmarks/bench_sweep.py --threads 1 --max-points 10 --points-per-batch 10   # a quicker subset
-    python benchmarks/bench_sweep.py --max-points 5 --profile   # where the time goes: top torch ops of each path
+    python benchmarks/bench_sweep.py --max-points 5 --max-new-tokens 8 --profile   # top torch ops of each path
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -46,6 +49,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="Rounds of the whole comparison; medians are reported (default 1)."
+    )
     parser.add_argument("--out", type=Path, default=None, help="Also write the figures as JSON here.")
     parser.add_argument(
         "--share-prefix",
@@ -54,7 +60,10 @@ def main() -> None:
         help="Batched path: run the prompts' common prefix (system turn) once per point (default: yes).",
     )
     parser.add_argument(
-        "--profile", action="store_true", help="Profile the first chunk of each path (torch profiler, top ops)."
+        "--profile",
+        action="store_true",
+        help="Profile the first chunk of each path (torch profiler, top ops). It keeps every op: use a short "
+        "--max-new-tokens (e.g. 8), or it runs out of memory.",
     )
     args = parser.parse_args()
 
@@ -76,55 +85,77 @@ def main() -> None:
     options = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     mixer.generate(["hi"], max_new_tokens=2)  # warm-up
 
-    times = {"one point at a time": 0.0, "batched": 0.0}
-    texts = {"one point at a time": [], "batched": []}
     size = args.points_per_batch
-    for start in range(0, len(points), size):
-        chunk = points[start : start + size]
-        for label, per_batch in (("one point at a time", 1), ("batched", size)):
-            profiler = None
-            if args.profile and start == 0:
-                from torch.profiler import ProfilerActivity, profile
+    paths = (("one point at a time", 1), ("batched", size))
+    totals: dict[str, list[float]] = {label: [] for label, _ in paths}
+    texts: dict[str, list] = {}
+    same = True
+    for repeat in range(args.repeats):
+        times = {label: 0.0 for label, _ in paths}
+        run_texts: dict[str, list] = {label: [] for label, _ in paths}
+        for number, start in enumerate(range(0, len(points), size)):
+            chunk = points[start : start + size]
+            order = paths if (repeat + number) % 2 == 0 else paths[::-1]  # who goes first alternates
+            for label, per_batch in order:
+                profiler = None
+                if args.profile and start == 0 and repeat == 0:
+                    from torch.profiler import ProfilerActivity, profile
 
-                profiler = profile(activities=[ProfilerActivity.CPU])
-                profiler.__enter__()
-            began = time.perf_counter()
-            results = evaluate_points(
-                mixer, chunk, items, points_per_batch=per_batch, share_prefix=args.share_prefix, **options
+                    profiler = profile(activities=[ProfilerActivity.CPU])
+                    profiler.__enter__()
+                began = time.perf_counter()
+                results = evaluate_points(
+                    mixer, chunk, items, points_per_batch=per_batch, share_prefix=args.share_prefix, **options
+                )
+                times[label] += time.perf_counter() - began
+                if profiler is not None:
+                    profiler.__exit__(None, None, None)
+                    print(f"profile of {label} ({len(chunk)} points):", flush=True)
+                    print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=10), flush=True)
+                run_texts[label] += [[c["completion"] for c in result["completions"]] for result in results]
+            done = start + len(chunk)
+            print(
+                f"round {repeat + 1}/{args.repeats}, {done}/{len(points)} points: "
+                f"one at a time {times['one point at a time']:.1f} s, batched {times['batched']:.1f} s",
+                flush=True,
             )
-            times[label] += time.perf_counter() - began
-            if profiler is not None:
-                profiler.__exit__(None, None, None)
-                print(f"profile of {label} ({len(chunk)} points):", flush=True)
-                print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=10), flush=True)
-            texts[label] += [[c["completion"] for c in result["completions"]] for result in results]
-        done = start + len(chunk)
-        print(
-            f"{done}/{len(points)} points: one at a time {times['one point at a time']:.1f} s, "
-            f"batched {times['batched']:.1f} s",
-            flush=True,
-        )
-    same = texts["one point at a time"] == texts["batched"]
+        for label, _ in paths:
+            totals[label].append(times[label])
+        same = same and run_texts["one point at a time"] == run_texts["batched"]
+        texts = texts or run_texts
     differing = sum(
         a != b for row_a, row_b in zip(texts["one point at a time"], texts["batched"]) for a, b in zip(row_a, row_b)
     )
-    ratio = times["one point at a time"] / times["batched"]
+    seconds = {label: statistics.median(values) for label, values in totals.items()}
+    ratio = seconds["one point at a time"] / seconds["batched"]
+    ratios = [one / batched for one, batched in zip(totals["one point at a time"], totals["batched"])]
     work = f"{len(points)} points × {len(items)} prompts, {args.max_new_tokens} new tokens, batch {args.batch_size}"
     work += f", prefix {'shared' if args.share_prefix else 'not shared'}"
     print()
-    print(f"Workload: {work}; threads {torch.get_num_threads()}")
+    print(f"Workload: {work}; threads {torch.get_num_threads()}; {args.repeats} round(s), medians")
     print()
     print("| path | wall time (s) | per point (s) | speed-up |")
     print("| --- | --- | --- | --- |")
-    for label, seconds in times.items():
+    for label, value in seconds.items():
         speed = 1.0 if label == "one point at a time" else ratio
         name = label if label != "batched" else f"batched ({size} points per batch)"
-        print(f"| {name} | {seconds:.1f} | {seconds / len(points):.2f} | {speed:.2f}× |")
+        print(f"| {name} | {value:.1f} | {value / len(points):.2f} | {speed:.2f}× |")
     print()
-    print(f"identical greedy texts: {same} ({differing} of {len(points) * len(items)} completions differ)")
+    if args.repeats > 1:
+        print("speed-up of each round: " + ", ".join(f"{value:.2f}×" for value in ratios))
+    print(f"identical greedy texts: {same} ({differing} of {len(points) * len(items)} completions differ in round 1)")
     if args.out:
         args.out.write_text(
-            json.dumps({"workload": work, "seconds": times, "ratio": ratio, "identical": same, "differing": differing})
+            json.dumps(
+                {
+                    "workload": work,
+                    "seconds": seconds,
+                    "rounds": totals,
+                    "ratio": ratio,
+                    "identical": same,
+                    "differing": differing,
+                }
+            )
         )
 
 

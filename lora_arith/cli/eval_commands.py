@@ -217,9 +217,10 @@ _vector_option = click.option(
 )
 @click.option(
     "--points-per-batch",
-    default=5,
+    default=10,
     show_default=True,
-    help="Grid points generated together in one batch (per-row weights; same texts as one at a time).",
+    help="Grid points generated together in one batch (per-row weights; same texts as one at a time; "
+    "--batch-size × this many rows).",
 )
 @eval_options
 def sweep(vectors, grid, fix, points_per_batch, options: EvalOptions):
