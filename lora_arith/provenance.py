@@ -9,7 +9,7 @@ import platform
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from lora_arith import __version__
 
@@ -50,35 +50,37 @@ def _file_key(path: str | os.PathLike[str]) -> tuple[str, int, int] | None:
     return os.path.realpath(path), stat.st_size, stat.st_mtime_ns
 
 
-_AHEAD: dict[tuple[str, int, int], threading.Thread] = {}
-_AHEAD_DIGESTS: dict[tuple[str, int, int], str] = {}
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+_AHEAD: dict[tuple[str, int, int], Future] = {}
+"""The hashes :func:`hash_ahead` started, by :func:`_file_key`: each future gives the hex digest,
+or ``None`` when the file could not be read."""
 
 
 def hash_ahead(paths: Iterable[str | os.PathLike[str]]) -> None:
     """Start computing the sha256 of each existing file in ``paths`` in a daemon thread, for a later
     :func:`sha256_of`. Only the standard library runs there, and hashing releases the GIL, so a
     caller that is about to import torch (a second or so on one core) overlaps the two."""
-    keys = [key for key in map(_file_key, paths) if key is not None and key not in _AHEAD]
+    from concurrent.futures import Future  # here: this module is on the CLI's start-up path
 
-    def run(key: tuple[str, int, int]) -> None:
+    def run(key: tuple[str, int, int], future: Future) -> None:
         try:
-            _AHEAD_DIGESTS[key] = _hash_file(Path(key[0]))
+            future.set_result(_hash_file(Path(key[0])))
         except OSError:  # reported by sha256_of, which then reads the file itself
-            pass
+            future.set_result(None)
 
-    for key in dict.fromkeys(keys):
-        thread = threading.Thread(target=run, args=(key,), name="lora-arith-hash", daemon=True)
-        _AHEAD[key] = thread
-        thread.start()
+    for key in map(_file_key, paths):
+        if key is not None and key not in _AHEAD:
+            _AHEAD[key] = Future()
+            threading.Thread(target=run, args=(key, _AHEAD[key]), name="lora-arith-hash", daemon=True).start()
 
 
 def sha256_of(path: str | os.PathLike[str]) -> str:
     """The hex sha256 of a file, read in 1 MiB blocks (or waited for, if :func:`hash_ahead` is on it)."""
     key = _file_key(path)
-    thread = _AHEAD.get(key) if key is not None else None
-    if thread is not None:
-        thread.join()
-        digest = _AHEAD_DIGESTS.get(key)
+    if key in _AHEAD:
+        digest = _AHEAD[key].result()
         if digest is not None and _file_key(path) == key:
             return digest
     return _hash_file(Path(path))

@@ -6,6 +6,7 @@ its body, so start-up stays fast."""
 from __future__ import annotations
 
 import atexit
+import functools
 import gc
 import sys
 
@@ -47,18 +48,13 @@ class _Group(click.Group):
             sys.exit(1)
 
 
-_exit_freeze_registered = False
-
-
+@functools.cache  # registered once, however often main() runs in one process
 def _freeze_heap_at_exit() -> None:
     """Have the garbage collector skip every object alive at interpreter exit (``gc.freeze``, run
     by ``atexit`` after the command). Shutdown still releases everything and runs every
     finalizer, but its collections no longer walk torch's import-time heap: about 0.4 s of each
     command's wall time on 2 CPUs (``benchmarks/bench_combine.py`` measures the whole process)."""
-    global _exit_freeze_registered
-    if not _exit_freeze_registered:
-        atexit.register(gc.freeze)  # registered first, so it runs after the handlers registered later
-        _exit_freeze_registered = True
+    atexit.register(gc.freeze)  # registered first, so it runs after the handlers registered later
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
