@@ -147,21 +147,27 @@ def _lora_weight(layer, name: str) -> torch.Tensor:
 
 
 class RowWeights:
-    """The per-row weights that :meth:`PreferenceMixer.row_weights` put on the LoRA layers."""
+    """The per-row weights that :meth:`PreferenceMixer.row_weights` put on the LoRA layers.
+
+    :meth:`assign` gives the layers the weights of a new set of rows (a decoding loop whose batch
+    changes: rows joining, rows leaving); :meth:`keep` drops rows. Layers whose ranks have the same
+    adapters and ``α / r`` share one scale tensor, so either costs a few tensor ops per distinct
+    layout rather than per layer."""
 
     def __init__(self) -> None:
-        self._scaled: list[tuple[Any, str, Any]] = []  # (layer, adapter, the float it replaced)
+        # (layer, adapter, the float it replaced, column in the mix, α / r, dtype, device)
+        self._scaled: list[tuple[Any, str, Any, int, float, torch.dtype, torch.device]] = []
         self._fused: dict[Any, list] = {}  # layer -> [per-row rank scales (batch, 1, R)]
+        self._layouts: dict[Any, tuple] = {}  # layer -> (columns, α / r of each rank, dtype, device)
 
-    def _scale(self, layer, name: str, scale: torch.Tensor) -> None:
-        self._scaled.append((layer, name, layer.scaling[name]))
-        layer.scaling[name] = scale
+    def _scale(self, layer, name: str, column: int, unit: float, dtype: torch.dtype, device: torch.device) -> None:
+        self._scaled.append((layer, name, layer.scaling[name], column, unit, dtype, device))
 
-    def _fuse(self, layer, factors, etas: torch.Tensor) -> None:
+    def _fuse(self, layer, factors) -> None:
         stacked_a, stacked_b, columns, units = factors
-        scales = (etas[:, columns] * units).to(dtype=stacked_a.dtype, device=stacked_a.device)
-        state = [scales[:, None, :]]
+        state: list = [None]
         self._fused[layer] = state
+        self._layouts[layer] = (tuple(columns), tuple(units.tolist()), stacked_a.dtype, stacked_a.device)
 
         def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             result = layer.base_layer(x, *args, **kwargs)
@@ -174,19 +180,44 @@ class RowWeights:
 
         layer.forward = forward  # an instance attribute: nn.Module.__call__ uses it; removed on exit
 
+    def assign(self, etas: torch.Tensor) -> None:
+        """Give row ``i`` of the batches that follow the weights ``etas[i]`` (one column per adapter
+        of the mixer, in its order)."""
+        etas = etas.to(torch.float64)
+        made: dict[tuple, torch.Tensor] = {}
+        for layer, state in self._fused.items():
+            layout = self._layouts[layer]
+            if layout not in made:
+                columns, units, dtype, device = layout
+                scales = etas[:, list(columns)] * torch.tensor(units, dtype=torch.float64)
+                made[layout] = scales.to(dtype=dtype, device=device)[:, None, :]
+            state[0] = made[layout]
+        for layer, name, _, column, unit, dtype, device in self._scaled:
+            key = (column, unit, dtype, device)
+            if key not in made:
+                made[key] = (etas[:, column] * unit).to(dtype=dtype, device=device).view(-1, 1, 1)
+            layer.scaling[name] = made[key]
+
     def keep(self, indices: torch.Tensor) -> None:
         """Keep only the rows ``indices`` (of the current batch) in the batches that follow."""
-        for layer, name, _ in self._scaled:
-            layer.scaling[name] = layer.scaling[name][indices.to(layer.scaling[name].device)]
+        kept: dict[int, torch.Tensor] = {}
+
+        def select(tensor: torch.Tensor) -> torch.Tensor:
+            if id(tensor) not in kept:
+                kept[id(tensor)] = tensor[indices.to(tensor.device)]
+            return kept[id(tensor)]
+
+        for layer, name, *_ in self._scaled:
+            layer.scaling[name] = select(layer.scaling[name])
         for state in self._fused.values():
-            state[0] = state[0][indices.to(state[0].device)]
+            state[0] = select(state[0])
 
     def _restore(self) -> None:
-        for layer, name, value in reversed(self._scaled):
+        for layer, name, value, *_ in reversed(self._scaled):
             layer.scaling[name] = value
         for layer in self._fused:
             layer.__dict__.pop("forward", None)
-        self._scaled, self._fused = [], {}
+        self._scaled, self._fused, self._layouts = [], {}, {}
 
 
 class PreferenceMixer:
@@ -290,25 +321,40 @@ class PreferenceMixer:
         Yields a :class:`RowWeights`, whose ``keep(indices)`` drops rows from the batch (for a
         decoding loop that drops finished rows).
         """
+        handle = self.row_handle(fused=fused)
+        try:
+            handle.assign(self.row_etas(rows))
+            yield handle
+        finally:
+            handle._restore()
+
+    def row_etas(self, rows: Sequence[Mapping[str, Any] | None]) -> torch.Tensor:
+        """The ``(rows, adapters)`` float64 weights of each row's full mix (see :meth:`row_mix`)."""
         mixes = [self.row_mix(row) for row in rows]
-        etas = torch.tensor([[mix[name] for name in self.names] for mix in mixes], dtype=torch.float64)
+        return torch.tensor([[mix[name] for name in self.names] for mix in mixes], dtype=torch.float64).view(
+            len(mixes), len(self.names)
+        )
+
+    def row_handle(self, *, fused: bool = False) -> "RowWeights":
+        """Put per-row weights on the LoRA layers, for :meth:`RowWeights.assign` to fill; the caller
+        must call its ``_restore()`` (:meth:`row_weights` is the context manager that does)."""
         handle = RowWeights()
         try:
             for layer in self._lora_layers:
                 factors = self._fused_factors(layer) if fused else None
                 if factors is not None:
-                    handle._fuse(layer, factors, etas)
+                    handle._fuse(layer, factors)
                     continue
                 for column, name in enumerate(self.names):
                     if name not in layer.scaling:
                         continue
                     weight = _lora_weight(layer, name)
                     dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
-                    scale = (etas[:, column] * _unit_scaling(layer, name)).to(dtype=dtype, device=weight.device)
-                    handle._scale(layer, name, scale.view(-1, 1, 1))
-            yield handle
-        finally:
+                    handle._scale(layer, name, column, _unit_scaling(layer, name), dtype, weight.device)
+        except BaseException:
             handle._restore()
+            raise
+        return handle
 
     def _fused_factors(self, layer) -> "tuple[torch.Tensor, torch.Tensor, list[int], torch.Tensor] | None":
         """``(A stacked, B side by side, the column in self.names of each rank, α / r of each rank)``

@@ -20,7 +20,6 @@ import pytest
 from lora_arith.combine import combine
 from lora_arith.specs import parse_specs
 from lora_arith.mixing import PreferenceMixer
-from lora_arith.serve import Batcher, Job, RowRequest, RowResult
 
 openai = pytest.importorskip("openai")
 
@@ -109,8 +108,6 @@ def started(chat_base, two_adapters):
         "helpful=0.25",
         "--max-batch-size",
         "8",
-        "--max-wait-ms",
-        "50",
         "--max-tokens",
         "64",
     )
@@ -305,36 +302,6 @@ def test_disconnected_stream_frees_its_slot_then_sigterm_exits_0(server):
     assert first.choices[0].delta.role == "assistant"
     assert rest[-1].choices[0].finish_reason in ("stop", "length")
     assert server.stop(signal.SIGTERM) == 0, "".join(server.lines)
-
-
-def test_batcher_collects_up_to_the_size_or_the_wait():
-    seen: list[list[str]] = []
-
-    def run_batch(requests):
-        seen.append([r.messages[0]["content"] for r in requests])
-        time.sleep(0.05)
-        return [RowResult(r.messages[0]["content"].upper(), "stop", 1, 1) for r in requests]
-
-    batcher = Batcher(run_batch, max_batch_size=3, max_wait=0.2).start()
-    results: dict[str, str] = {}
-    done = threading.Semaphore(0)
-
-    def job(text, cancelled=False):
-        request = RowRequest([{"role": "user", "content": text}])
-        if cancelled:
-            request.cancelled.set()
-        return Job(request, lambda result: (results.__setitem__(text, result.text), done.release()), print)
-
-    for text in ["a", "b", "c", "d", "e"]:
-        batcher.submit(job(text))
-    batcher.submit(job("gone", cancelled=True))
-    for _ in range(5):
-        assert done.acquire(timeout=10)
-    batcher.close(timeout=10)
-    assert seen == [["a", "b", "c"], ["d", "e"]]  # at most 3; then the wait ended the batch
-    assert results == {t: t.upper() for t in "abcde"}
-    with pytest.raises(Exception, match="shutting down"):
-        batcher.submit(job("late"))
 
 
 @pytest.mark.base

@@ -37,57 +37,84 @@ def parse_weights(text: str) -> dict[str, float]:
 @click.option("--weights", default="", metavar="NAME=W,...", help="Default weights (override the specs' :WEIGHT).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, help="Port to listen on (0: any free port).")
-@click.option("--max-batch-size", default=16, show_default=True, help="Requests generated together at most.")
 @click.option(
-    "--max-wait-ms", default=20.0, show_default=True, help="How long a request waits for others to batch with."
+    "--api-key",
+    envvar="LORA_ARITH_API_KEY",
+    default=None,
+    metavar="KEY",
+    help="Require 'Authorization: Bearer KEY' on /v1/* (or set LORA_ARITH_API_KEY). /health, /metrics and / stay open.",
+)
+@click.option(
+    "--allowed-origin",
+    "allowed_origins",
+    multiple=True,
+    metavar="ORIGIN",
+    help="Let web pages from ORIGIN call the API (CORS; repeatable). Default: no cross-origin calls.",
+)
+@click.option(
+    "--max-batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Rows decoded together at most."
+)
+@click.option(
+    "--max-queue",
+    default=256,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Requests waiting to join the batch at most; beyond, 429 with Retry-After.",
+)
+@click.option(
+    "--max-request-bytes",
+    default=4 * 2**20,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Largest request body; larger ones get 413 before they are read.",
+)
+@click.option(
+    "--request-timeout",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds a client has to send a whole request (head and body); then the connection is closed or gets 408.",
 )
 @click.option("--max-eta", default=4.0, show_default=True, help="Largest |weight| a request may ask for.")
 @click.option(
-    "--max-tokens", default=512, show_default=True, help="Largest max_tokens a request may ask for (and the default)."
+    "--max-tokens",
+    default=512,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Largest max_tokens a request may ask for (and the default).",
 )
 @click.option(
     "--shutdown-timeout",
     default=30.0,
     show_default=True,
-    help="Seconds running requests get to finish on Ctrl-C/SIGTERM.",
+    type=click.FloatRange(min=0),
+    help="Seconds running requests get to finish on Ctrl-C/SIGTERM; then they get an error.",
 )
 @four_bit_option(False, "Load the base in 4-bit NF4 (bitsandbytes).")
 @device_option()
-def serve(
-    base,
-    adapters,
-    weights,
-    host,
-    port,
-    max_batch_size,
-    max_wait_ms,
-    max_eta,
-    max_tokens,
-    shutdown_timeout,
-    quantize_4bit,
-    device,
-):
+def serve(base, adapters, weights, host, port, api_key, allowed_origins, max_eta, quantize_4bit, device, **limits):
     """Serve an OpenAI-compatible chat API; each request may carry its own preference weights.
 
     Requests add "preferences": {"helpful": 0.8, "harmless": 1.0} (with the openai client:
-    extra_body={"preferences": {...}}); names left out take the server's defaults. Concurrent
-    requests are generated together in one batch, each row with its own mix. GET / is a
-    playground page.
+    extra_body={"preferences": {...}}); names left out take the server's defaults. Requests are
+    batched continuously: each joins the running batch at the next decoding step, with its own
+    mix, and leaves it the moment it is done. GET / is a playground page, GET /metrics Prometheus
+    metrics.
 
     \b
     Example:
       lora-arith serve --adapter helpful=adapters/helpful \\
-          --adapter harmless=adapters/harmless --weights helpful=1,harmless=1
+          --adapter harmless=adapters/harmless --weights helpful=1,harmless=1 --api-key "$KEY"
     """
     from lora_arith.errors import LoraArithError
     from lora_arith.mixing import PreferenceMixer
+    from lora_arith.serving.app import AccessSettings, run_server
     from lora_arith.specs import named_specs
-    from lora_arith.serve import run_server
 
-    if max_tokens < 1:
-        raise LoraArithError("--max-tokens must be at least 1")
     if max_eta <= 0:
         raise LoraArithError("--max-eta must be positive")
+    if api_key is not None and not api_key:
+        raise LoraArithError("--api-key (or LORA_ARITH_API_KEY) must not be empty")
     named = named_specs(adapters)
     defaults = {name: spec.weight for name, spec in named.items()}
     overrides = parse_weights(weights)
@@ -98,6 +125,12 @@ def serve(
     for name, weight in defaults.items():
         if abs(weight) > max_eta:
             raise LoraArithError(f"the default weight of {name} ({weight:g}) is above --max-eta {max_eta:g}")
+    access = AccessSettings(
+        api_key=api_key,
+        allowed_origins=allowed_origins,
+        max_request_bytes=limits.pop("max_request_bytes"),
+        request_timeout=limits.pop("request_timeout"),
+    )
     mixer = PreferenceMixer(
         base, {name: spec.path for name, spec in named.items()}, quantize_4bit=quantize_4bit, device=device
     )
@@ -107,11 +140,9 @@ def serve(
         mixer,
         host=host,
         port=port,
-        max_batch_size=max_batch_size,
-        max_wait_ms=max_wait_ms,
         max_eta=max_eta,
-        max_tokens=max_tokens,
-        shutdown_timeout=shutdown_timeout,
+        access=access,
         model_id="lora-arith",
         announce=lambda line: click.echo(line, err=True),
+        **limits,
     )

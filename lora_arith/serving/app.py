@@ -1,0 +1,581 @@
+"""The HTTP side of ``serve``: a FastAPI app over an :class:`~lora_arith.serving.engine.Engine`,
+guarded for many users, and :func:`run_server`, which runs it under uvicorn.
+
+Routes: ``POST /v1/chat/completions`` and ``GET /v1/models`` (behind the API key, if one is
+set), ``GET /health``, ``GET /metrics`` (Prometheus) and the playground at ``GET /``.
+
+The guard, an ASGI layer in front of the app, in this order:
+
+* **Host**: on a loopback address, a ``Host`` header that names anything but a loopback host is
+  refused (403), as Jupyter does, so that a DNS-rebinding page cannot read replies;
+* **CORS**: off (no CORS headers at all) unless ``allowed_origins`` are given;
+* **API key** on ``/v1/*``: ``Authorization: Bearer KEY``, compared in constant time (401);
+* **content type**: a POST must be ``application/json`` (415): a cross-site "simple request"
+  (``text/plain``) is never served;
+* **body**: read in full before the app sees it, at most ``max_request_bytes`` (413, refused
+  from ``Content-Length`` before reading when it is given) and within ``request_timeout``
+  seconds (408).
+
+Parsing, validation and tokenising run in a worker thread, off the event loop.
+"""
+
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import math
+import secrets
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from lora_arith.errors import LoraArithError, OptionError
+from lora_arith.serving.engine import Engine, EngineClosed, EngineFull, RowRequest, RowResult
+from lora_arith.serving.protocol import ChatRequest, RequestError, ServerSettings, parse_body, parse_chat_request
+
+if TYPE_CHECKING:
+    from lora_arith.mixing import PreferenceMixer
+
+__all__ = ["AccessSettings", "Metrics", "create_app", "run_server"]
+
+LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
+
+
+class AccessSettings:
+    """Who may use the server and how much they may send.
+
+    Args:
+        api_key: the key ``/v1/*`` requires (``None``: none).
+        allowed_origins: origins a browser page may call from (CORS); none by default.
+        loopback_only: refuse ``Host`` headers that do not name a loopback host (``None``, the
+            default: when the server listens on a loopback address).
+        max_request_bytes: the largest request body.
+        request_timeout: seconds a client has to send a request's headers and body.
+    """
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        allowed_origins: Sequence[str] = (),
+        loopback_only: bool | None = None,
+        max_request_bytes: int = 4 * 2**20,
+        request_timeout: float = 30.0,
+    ) -> None:
+        if api_key is not None and not api_key:
+            raise OptionError("api_key", "{} must not be empty")
+        if max_request_bytes < 1:
+            raise OptionError("max_request_bytes", "{} must be at least 1")
+        if request_timeout <= 0:
+            raise OptionError("request_timeout", "{} must be positive")
+        self.api_key, self.allowed_origins = api_key, list(allowed_origins)
+        self.loopback_only, self.max_request_bytes, self.request_timeout = (
+            loopback_only,
+            max_request_bytes,
+            request_timeout,
+        )
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` (an address or a name, without the port) is this machine's loopback."""
+    host = host.strip("[]").lower().rstrip(".")
+    if host in LOOPBACK_NAMES or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_name(header: str) -> str:
+    """The host of a ``Host`` header, without its port."""
+    if header.startswith("["):
+        return header[1 : header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def _error_body(message: str, *, kind: str, code: str | None = None, param: str | None = None) -> bytes:
+    return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}}).encode()
+
+
+class Metrics:
+    """Prometheus metrics of one server (its own registry), in vLLM's spirit: requests, tokens,
+    queue depth, batch size and time to first token."""
+
+    def __init__(self, engine_state: Callable[[], tuple[int, int]]) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "lora_arith_requests", "Requests answered, by outcome", ["outcome"], registry=self.registry
+        )
+        self.prompt_tokens = Counter("lora_arith_prompt_tokens", "Prompt tokens prefilled", registry=self.registry)
+        self.generation_tokens = Counter(
+            "lora_arith_generation_tokens", "Tokens generated", registry=self.registry
+        )
+        running = Gauge("lora_arith_requests_running", "Rows in the running batch", registry=self.registry)
+        waiting = Gauge("lora_arith_requests_waiting", "Requests waiting to join the batch", registry=self.registry)
+        running.set_function(lambda: engine_state()[0])
+        waiting.set_function(lambda: engine_state()[1])
+        self.batch_size = Histogram(
+            "lora_arith_batch_size",
+            "Rows in each decoding step",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=self.registry,
+        )
+        self.time_to_first_token = Histogram(
+            "lora_arith_time_to_first_token_seconds",
+            "Seconds from a request's arrival at the engine to its first token",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "lora_arith_e2e_request_latency_seconds",
+            "Seconds from a request's arrival at the engine to its end",
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            registry=self.registry,
+        )
+
+    def observe(self, event: str, *values: Any) -> None:
+        """The engine's ``observe`` hook."""
+        if event == "step":
+            self.batch_size.observe(values[0])
+        elif event == "first_token":
+            self.time_to_first_token.observe(values[0])
+        elif event == "finished":
+            result, seconds = values
+            self.requests.labels(result.finish_reason).inc()
+            self.prompt_tokens.inc(result.prompt_tokens)
+            self.generation_tokens.inc(result.completion_tokens)
+            self.latency.observe(seconds)
+        elif event == "failed":
+            self.requests.labels("error").inc()
+
+    def rejected(self, status: int) -> None:
+        self.requests.labels(f"rejected_{status}").inc()
+
+    def text(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _headers(scope) -> dict[str, str]:
+    return {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
+
+
+class _Layer:
+    """An ASGI layer that answers some requests itself with an OpenAI-style JSON error."""
+
+    def __init__(self, app, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def _refuse(self, send, status: int, message: str, *, kind: str, code: str, headers=()) -> None:
+        self.metrics.rejected(status)
+        body = _error_body(message, kind=kind, code=code)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                    *headers,
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+class _HostCheck(_Layer):
+    """Refuses a ``Host`` header that does not name a loopback host (against DNS rebinding)."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and not is_loopback_host(_host_name(_headers(scope).get("host", "localhost"))):
+            message = "this server answers only requests addressed to a loopback host"
+            return await self._refuse(send, 403, message, kind="permission_error", code="host_not_allowed")
+        return await self.app(scope, receive, send)
+
+
+class _Guard(_Layer):
+    """API key, content type and bounded body (see the module docstring)."""
+
+    def __init__(self, app, access: AccessSettings, metrics: Metrics, stopping: asyncio.Event | None = None) -> None:
+        super().__init__(app, metrics)
+        self.access, self.stopping = access, stopping or asyncio.Event()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = _headers(scope)
+        if scope["method"] == "OPTIONS":  # a CORS preflight: the CORS layer above answers it, or nobody
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        if self.access.api_key is not None and path.startswith("/v1/"):
+            given = headers.get("authorization", "")
+            token = given[7:] if given[:7].lower() == "bearer " else ""
+            if not hmac.compare_digest(token.encode("utf-8", "surrogateescape"), self.access.api_key.encode()):
+                return await self._refuse(
+                    send,
+                    401,
+                    "a valid API key is required: send 'Authorization: Bearer KEY'",
+                    kind="invalid_request_error",
+                    code="invalid_api_key",
+                    headers=[(b"www-authenticate", b"Bearer")],
+                )
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            return await self._refuse(
+                send,
+                415,
+                f"the request body must be application/json, not {content_type[:60] or 'untyped'}",
+                kind="invalid_request_error",
+                code="unsupported_media_type",
+            )
+        limit = self.access.max_request_bytes
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            return await self._refuse(send, 413, f"the request body is over {limit} bytes", kind="invalid_request_error", code="request_too_large")
+        body = await self._read(receive, limit)
+        if isinstance(body, int):
+            if body == 0:
+                return None  # the client went away
+            messages = {
+                408: ("the request body did not arrive in time", "request_timeout"),
+                413: (f"the request body is over {limit} bytes", "request_too_large"),
+                503: ("the server is shutting down", "shutting_down"),
+            }
+            message, code = messages[body]
+            kind = "server_error" if body == 503 else "invalid_request_error"
+            return await self._refuse(send, body, message, kind=kind, code=code)
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+    async def _read(self, receive, limit: int) -> bytes | int:
+        """The whole body, or a status: 413 (too large), 408 (too slow), 503 (shutting down), 0 (gone)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.access.request_timeout
+        chunks, size = [], 0
+        while True:
+            remaining = deadline - loop.time()
+            get = asyncio.ensure_future(receive())
+            stop = asyncio.ensure_future(self.stopping.wait())
+            done, _ = await asyncio.wait({get, stop}, timeout=max(remaining, 0), return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            if get not in done:
+                get.cancel()
+                return 503 if self.stopping.is_set() else 408
+            message = get.result()
+            if message["type"] == "http.disconnect":
+                return 0
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return 413
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+
+def _usage(result: RowResult) -> dict[str, int]:
+    total = result.prompt_tokens + result.completion_tokens
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens, "total_tokens": total}
+
+
+def _finish_reason(result: RowResult) -> str:
+    return "length" if result.finish_reason == "length" else "stop"
+
+
+def _failure(error: BaseException) -> RequestError:
+    """The error a client gets when its row failed in the engine."""
+    if isinstance(error, EngineClosed):
+        return RequestError(str(error), status=503, code="shutting_down", kind="server_error")
+    return RequestError(f"generation failed: {str(error).splitlines()[0][:200] if str(error) else type(error).__name__}", status=500, kind="server_error")
+
+
+def create_app(
+    engine: Engine,
+    settings: ServerSettings,
+    access: AccessSettings | None = None,
+    *,
+    stopping: asyncio.Event | None = None,
+):
+    """The FastAPI app behind its guard (an ASGI app). ``stopping``, once set, makes requests whose
+    body is still arriving get 503 at once (the server is shutting down)."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+    from starlette.exceptions import HTTPException
+
+    access = access or AccessSettings()
+    metrics = Metrics(lambda: (engine.running, engine.queued()))
+    engine._observe_hook = metrics.observe
+    app = FastAPI(title="lora-arith", docs_url=None, redoc_url=None, openapi_url=None)
+    started = int(time.time())
+
+    def error_response(error: RequestError, headers: dict[str, str] | None = None) -> JSONResponse:
+        if error.status < 500:
+            metrics.rejected(error.status)
+        return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException):
+        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+        message = f"no route {request.method} {request.url.path[:100]}" if error.status_code in (404, 405) else str(error.detail)
+        return error_response(RequestError(message, status=error.status_code, kind=kind, code=str(error.status_code)))
+
+    @app.get("/health")
+    def health():
+        return {
+            "status": "ok",
+            "model": settings.model_id,
+            "preferences": settings.defaults,
+            "running": engine.running,
+            "queued": engine.queued(),
+            "generated_tokens": engine.generated_tokens,
+            "batch_sizes": list(engine.batch_sizes),
+        }
+
+    @app.get("/metrics")
+    def prometheus():
+        body, content_type = metrics.text()
+        return Response(body, media_type=content_type)
+
+    @app.get("/v1/models")
+    def models():
+        card = {"id": settings.model_id, "object": "model", "created": started, "owned_by": "lora-arith"}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/", response_class=HTMLResponse)
+    def playground():
+        from importlib.resources import files
+
+        page = files("lora_arith").joinpath("playground.html").read_text(encoding="utf-8")
+        config = {
+            "model": settings.model_id,
+            "preferences": settings.defaults,
+            "max_eta": settings.max_eta,
+            "api_key_required": access.api_key is not None,
+        }
+        return page.replace("/*CONFIG*/null", json.dumps(config).replace("<", "\\u003c"))
+
+    def prepare(raw: bytes) -> tuple[ChatRequest, list[int]]:
+        """Parse, check and tokenise (in a worker thread)."""
+        chat = parse_chat_request(parse_body(raw), settings)
+        try:
+            prompt_ids = engine.encode(chat.messages)
+        except (LoraArithError, ValueError, UnicodeError) as error:
+            raise RequestError(str(error).splitlines()[0][:200], param="messages") from None
+        if len(prompt_ids) >= settings.context_length:
+            message = f"the prompt has {len(prompt_ids)} tokens; this model's context is {settings.context_length}"
+            raise RequestError(message, param="messages", code="context_length_exceeded")
+        return chat, prompt_ids
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(http: Request):
+        try:
+            chat, prompt_ids = await asyncio.to_thread(prepare, await http.body())
+        except RequestError as error:
+            return error_response(error)
+        request = RowRequest(
+            prompt_ids=prompt_ids,
+            weights=chat.weights,
+            max_tokens=min(chat.max_tokens, settings.context_length - len(prompt_ids)),
+            temperature=chat.temperature,
+            top_p=chat.top_p,
+            seed=chat.seed,
+            stop=chat.stop,
+        )
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def put(kind: str, value: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, (kind, value))
+            except RuntimeError:  # the event loop is gone (forced shutdown): nobody is listening
+                request.cancelled.set()
+
+        if chat.stream:
+            request.on_text = lambda text: put("text", text)
+        try:
+            engine.submit(request, lambda result: put("done", result), lambda error: put("error", error))
+        except EngineFull as error:
+            return error_response(RequestError(str(error), status=429, code="queue_full", kind="server_error"), {"Retry-After": "1"})
+        except EngineClosed as error:
+            return error_response(RequestError(str(error), status=503, code="shutting_down", kind="server_error"))
+        head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": settings.model_id}
+        if not chat.stream:
+            try:
+                kind, value = await events.get()
+                while kind == "text":
+                    kind, value = await events.get()
+            except asyncio.CancelledError:
+                request.cancelled.set()
+                raise
+            if kind == "error":
+                return error_response(_failure(value))
+            message = {"role": "assistant", "content": value.text}
+            choice = {"index": 0, "message": message, "finish_reason": _finish_reason(value), "logprobs": None}
+            return {
+                **head,
+                "object": "chat.completion",
+                "choices": [choice],
+                "usage": _usage(value),
+                "preferences": request.weights,
+            }
+
+        def event(payload: dict) -> str:
+            return "data: " + json.dumps(payload) + "\n\n"
+
+        def chunk(delta: dict, finish_reason: str | None = None) -> str:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+            return event({**head, "object": "chat.completion.chunk", "choices": [choice]})
+
+        async def chunks():
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                while True:
+                    kind, value = await events.get()
+                    if kind == "text":
+                        yield chunk({"content": value})
+                    elif kind == "error":
+                        yield event(_failure(value).body())
+                        break
+                    else:
+                        yield chunk({}, _finish_reason(value))
+                        if chat.include_usage:
+                            yield event({**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(value)})
+                        break
+                yield "data: [DONE]\n\n"
+            finally:  # the client went away, or the stream ended: either way the row is no longer needed
+                request.cancelled.set()
+
+        return StreamingResponse(chunks(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    guarded: Any = _Guard(app, access, metrics, stopping)
+    if access.allowed_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        guarded = CORSMiddleware(
+            guarded,
+            allow_origins=access.allowed_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    if access.loopback_only is not False:  # first of all, CORS preflights included
+        guarded = _HostCheck(guarded, metrics)
+    return guarded
+
+
+def _protocol(request_timeout: float):
+    """uvicorn's h11 protocol, but a connection must send a whole request head within
+    ``request_timeout`` seconds of opening (or of its previous response): uvicorn times out only
+    idle keep-alive connections, never a new one that sends nothing or half a head."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        def _arm(self) -> None:
+            self._head_timer = self.loop.call_later(request_timeout, self._head_timeout)
+
+        def _head_timeout(self) -> None:
+            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._head_timer.cancel()
+            self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._head_timer.cancel()
+            super().connection_lost(exc)
+
+    return Protocol
+
+
+def run_server(
+    mixer: "PreferenceMixer",
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch_size: int = 32,
+    max_queue: int = 256,
+    max_eta: float = 4.0,
+    max_tokens: int = 512,
+    shutdown_timeout: float = 30.0,
+    access: AccessSettings | None = None,
+    model_id: str = "lora-arith",
+    announce: Callable[[str], None] = print,
+) -> None:
+    """Serve ``mixer`` until SIGINT or SIGTERM. Requests still running then get ``shutdown_timeout``
+    seconds to finish; those that do not get a JSON error (or an error event and ``[DONE]``).
+    ``port`` 0 picks a free port (announced)."""
+    import signal
+    import socket
+
+    import uvicorn
+
+    for name, weight in mixer.weights.items():
+        if abs(weight) > max_eta:
+            raise OptionError("max_eta", "the default weight of {name} is above {} {max_eta:g}", name=name, max_eta=max_eta)
+    access = access or AccessSettings()
+    if access.loopback_only is None:
+        access.loopback_only = is_loopback_host(host)
+    engine = Engine(mixer, max_batch_size=max_batch_size, max_queue=max_queue)
+    settings = ServerSettings(model_id, dict(mixer.weights), max_eta, max_tokens, engine.context_length)
+    stopping = asyncio.Event()
+    app = create_app(engine, settings, access, stopping=stopping)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise LoraArithError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+    bound = sock.getsockname()[1]
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            # Requests still arriving are refused; the engine finishes the rest or, at the
+            # deadline, fails them, so their handlers answer before uvicorn's own (later) timeout.
+            stopping.set()
+            threading.Thread(target=engine.close, args=(shutdown_timeout,), daemon=True).start()
+            await super().shutdown(sockets)
+
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        timeout_graceful_shutdown=int(math.ceil(shutdown_timeout)) + 5,
+        timeout_keep_alive=5,
+        http=_protocol(access.request_timeout),
+        lifespan="off",
+    )
+    server = Server(config)
+    # uvicorn re-raises the signal that stopped it once it is done; let that be a no-op so the
+    # process ends normally, with status 0.
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    engine.start()
+    announce(f"serving {model_id} with {settings.defaults or 'no adapters'} on http://{host}:{bound}")
+    try:
+        server.run(sockets=[sock])
+    finally:
+        engine.close(timeout=0)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        sock.close()

@@ -1,0 +1,647 @@
+"""Continuous (iteration-level) batching with a mix of preference vectors per row.
+
+One worker thread runs one decoding loop. Requests join the running batch at step boundaries
+and leave it the moment they finish; each row carries its own weights η, sampling (temperature,
+top_p, seed), ``max_tokens`` and stop strings. The fast path is the one ``sweep`` uses: fused
+per-row LoRA inside the GEMM (:meth:`PreferenceMixer.row_handle` with ``fused=True``) and a KV
+cache written in place (:class:`SlotCache`).
+
+**How prefill interleaves with decoding.** At each step boundary the loop first prefills the
+requests that have arrived (as many as there are free rows, and at most ``max_prefill_tokens``
+prompt tokens in one go), then runs one decoding step for the whole batch, new rows included.
+Prefill first, as vLLM's scheduler does without chunked prefill, because on the chat prompts
+this server sees (tens to a few hundred tokens) one prefill costs about as much as a few decoding
+steps of the batch: a new request starts at once, and the rows already running wait one short
+prefill. The token budget bounds that wait when a burst of long prompts arrives; the requests
+beyond it join at the next boundaries. A prefill is a separate forward (its own small cache)
+whose keys and values are then copied into free rows of the batch's cache, right-aligned on
+the batch's time axis, so the decoding step stays one ``(rows, 1)`` forward.
+
+**Isolation.** Requests are validated before they are submitted (see ``serving.protocol``).
+Whatever still fails in a row (non-finite logits, a sampling error, a callback that raises)
+fails that row alone; only an error of the forward pass itself fails the rows in it.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import secrets
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import torch
+
+from lora_arith.errors import LoraArithError, OptionError
+
+if TYPE_CHECKING:
+    from lora_arith.mixing import PreferenceMixer, RowWeights
+
+__all__ = ["Engine", "EngineClosed", "EngineFull", "RowRequest", "RowResult", "SlotCache", "cut_at_stop"]
+
+
+class EngineFull(LoraArithError):
+    """The queue of waiting requests is full (answered 429)."""
+
+
+class EngineClosed(LoraArithError):
+    """The engine is shutting down, or shut down before the request finished."""
+
+
+@dataclasses.dataclass
+class RowRequest:
+    """One request as the engine runs it: prompt tokens (chat template applied), mix and sampling."""
+
+    prompt_ids: list[int]
+    weights: dict[str, float] = dataclasses.field(default_factory=dict)
+    max_tokens: int = 128
+    temperature: float = 0.0
+    """0: greedy. Anything else samples (validated to at least 1e-2 by the protocol)."""
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = dataclasses.field(default_factory=list)
+    on_text: Callable[[str], None] | None = None
+    """Called from the engine's thread with each new piece of the reply (for streaming)."""
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    """Set it to stop generating this row (its client went away)."""
+
+
+@dataclasses.dataclass
+class RowResult:
+    text: str
+    finish_reason: str  # "stop", "length" or "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """``text`` up to the first occurrence of any stop string, and whether one occurred."""
+    positions = [text.find(stop) for stop in stops if stop and stop in text]
+    return (text[: min(positions)], True) if positions else (text, False)
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """How many characters at the end of ``text`` could begin a stop string."""
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:size]):
+                longest = size
+                break
+    return longest
+
+
+class _Row:
+    """A request in the engine: its tokens, its text, what was streamed, and how to report back."""
+
+    def __init__(self, request: RowRequest, engine: "Engine", on_done, on_error) -> None:
+        self.request, self.engine = request, engine
+        self.on_done, self.on_error = on_done, on_error
+        self.tokens: list[int] = []
+        self.generated = 0
+        self.done: str | None = None
+        self.sent = ""
+        self.submitted = time.monotonic()
+        self.generator: torch.Generator | None = None
+        if request.temperature > 0:
+            seed = request.seed if request.seed is not None else secrets.randbits(63)
+            self.generator = torch.Generator().manual_seed(seed % 2**64)
+
+    def text(self) -> str:
+        raw = self.engine.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        return cut_at_stop(raw, self.request.stop)[0].strip()
+
+    def add(self, token: int) -> None:
+        """Take the next token; sets :attr:`done` when the row ends."""
+        if self.generated == 0:
+            self.engine._observe("first_token", time.monotonic() - self.submitted)
+        self.generated += 1
+        if token in self.engine.stop_ids:
+            self.done = "stop"
+            return
+        self.tokens.append(token)
+        stops = self.request.stop
+        if not stops and self.request.on_text is None:
+            if self.generated >= self.request.max_tokens:
+                self.done = "length"
+            return
+        raw = self.engine.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        cut, stopped = cut_at_stop(raw, stops)
+        if stopped:
+            self.done = "stop"
+        elif self.generated >= self.request.max_tokens:
+            self.done = "length"
+        elif self.request.on_text is not None:  # stream what can no longer change
+            safe = cut[: len(cut) - _held_back(cut, stops)].strip()
+            self._send(safe.rstrip("\ufffd"))  # an incomplete UTF-8 character waits
+
+    def _send(self, text: str) -> None:
+        if len(text) > len(self.sent) and text.startswith(self.sent):
+            self.request.on_text(text[len(self.sent) :])
+            self.sent = text
+
+    def finish(self) -> None:
+        text = self.text()
+        if self.request.on_text is not None:
+            self._send(text)
+        prompt = len(self.request.prompt_ids)
+        result = RowResult(text, self.done or "length", prompt, self.generated)
+        self.engine._observe("finished", result, time.monotonic() - self.submitted)
+        self.on_done(result)
+
+    def fail(self, error: BaseException) -> None:
+        self.done = "error"
+        self.engine._observe("failed", error)
+        try:
+            self.on_error(error)
+        except Exception:  # noqa: BLE001 - a broken callback must not stop the engine
+            pass
+
+
+@functools.cache
+def _slot_layer_class() -> type:
+    """The cache layer of :class:`SlotCache` (made on first use: transformers loads lazily)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class SlotLayer(DynamicLayer):
+        """One attention layer's keys and values in buffers of reserved rows and columns; a
+        decoding step writes its column in place and the model sees views of the used part."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+            super().__init__()
+            self._keys, self._values = keys, values
+            self.rows, self.length = 0, 0
+            self.device, self.dtype = keys.device, keys.dtype
+            self.is_initialized = True
+            self._views()
+
+        def _views(self) -> None:
+            self.keys = self._keys[: self.rows, :, : self.length]
+            self.values = self._values[: self.rows, :, : self.length]
+
+        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+            pass  # made with its buffers
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+            start, stop = self.length, self.length + key_states.shape[-2]
+            self._keys[: self.rows, :, start:stop] = key_states
+            self._values[: self.rows, :, start:stop] = value_states
+            self.length = stop
+            self._views()
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def get_max_length(self) -> int:
+            return -1
+
+        def crop(self, tokens_to_remove: int) -> None:
+            raise NotImplementedError("a slot cache is not cropped")
+
+        def reset(self) -> None:
+            raise NotImplementedError("a slot cache is not reset")
+
+    return SlotLayer
+
+
+class SlotCache:
+    """The KV cache of a batch that rows join and leave: per layer, buffers of
+    ``(max_rows, heads, capacity, head_dim)``, row ``i`` of the batch in slot ``i``, every row on
+    one time axis of :attr:`length` columns, right-aligned (a row's columns end at the last one);
+    :attr:`mask` marks the columns each row attends to.
+
+    * :meth:`insert` copies a prefill's cache into the next free slots (shifting the time axis
+      right when the new prompt is longer than it);
+    * :meth:`remove` fills the slots of leaving rows with the last rows (copying only those);
+    * :meth:`trim` drops leading columns no row uses any more;
+    * a decoding step writes one column for every row in place (no concatenation).
+    """
+
+    def __init__(self, max_rows: int) -> None:
+        self.max_rows = max_rows
+        self.cache = None
+        self.layers: list = []
+        self.rows = 0
+        self.length = 0
+        self.mask = torch.zeros((max_rows, 0), dtype=torch.long)
+
+    def _capacity(self) -> int:
+        return self.mask.shape[1]
+
+    def reserve(self, columns: int) -> None:
+        """Make room for ``columns`` columns (doubling, so that growth is amortised)."""
+        if columns <= self._capacity():
+            return
+        capacity = max(columns, 2 * self._capacity(), 64)
+        mask = self.mask.new_zeros((self.max_rows, capacity))
+        mask[:, : self.length] = self.mask[:, : self.length]
+        self.mask = mask
+        for layer in self.layers:
+            for name in ("_keys", "_values"):
+                old = getattr(layer, name)
+                new = old.new_empty((old.shape[0], old.shape[1], capacity, old.shape[3]))
+                new[:, :, : self.length] = old[:, :, : self.length]
+                setattr(layer, name, new)
+            layer._views()
+
+    def _sync(self) -> None:
+        for layer in self.layers:
+            layer.rows, layer.length = self.rows, self.length
+            layer._views()
+
+    def _shift(self, by: int) -> None:
+        """Move every row's columns ``by`` to the right (``by`` < 0: to the left)."""
+        rows, length = self.rows, self.length
+        new_length = length + by
+        self.reserve(new_length)
+        tensors = [self.mask] + [getattr(layer, name) for layer in self.layers for name in ("_keys", "_values")]
+        for tensor in tensors:
+            time_axis = tensor.dim() - 2 if tensor.dim() == 4 else 1
+            source = tensor[:rows].narrow(time_axis, max(0, -by), length - max(0, -by)).clone()
+            tensor[:rows].narrow(time_axis, max(0, by), source.shape[time_axis]).copy_(source)
+        if by > 0:
+            self.mask[:rows, :by] = 0
+        self.length = new_length
+        self._sync()
+
+    def insert(self, prefill, prefill_mask: torch.Tensor) -> None:
+        """Append the rows of ``prefill`` (a transformers cache of left-padded prompts, with its
+        ``(rows, width)`` attention mask) to the batch."""
+        from transformers.cache_utils import Cache
+
+        count, width = prefill_mask.shape
+        if self.rows + count > self.max_rows:
+            raise ValueError(f"{self.rows} + {count} rows exceed {self.max_rows}")
+        if self.cache is None:
+            layer_class, self.layers = _slot_layer_class(), []
+            for layer in prefill.layers:
+                keys, values = layer.keys, layer.values
+                shape = (self.max_rows, keys.shape[1], max(width, 64), keys.shape[3])
+                self.layers.append(layer_class(keys.new_empty(shape), values.new_empty(shape[:3] + values.shape[3:])))
+            self.mask = self.mask.new_zeros((self.max_rows, max(width, 64)))
+            self.cache = Cache(layers=self.layers)
+        if self.rows == 0:
+            self.length = 0
+        if width > self.length:
+            self._shift(width - self.length)
+        start, end, first = self.length - width, self.length, self.rows
+        for layer, source in zip(self.layers, prefill.layers):
+            layer._keys[first : first + count, :, start:end] = source.keys
+            layer._values[first : first + count, :, start:end] = source.values
+        self.mask[first : first + count, :start] = 0
+        self.mask[first : first + count, start:end] = prefill_mask.to(self.mask.device)
+        self.rows += count
+        self._sync()
+
+    def remove(self, leaving: Sequence[int]) -> list[int]:
+        """Drop the rows ``leaving``; returns, for each slot that stays, the slot its row was in."""
+        leaving_set = set(leaving)
+        rows = self.rows - len(leaving_set)
+        order = list(range(rows))
+        holes = [slot for slot in sorted(leaving_set) if slot < rows]
+        movers = [slot for slot in range(rows, self.rows) if slot not in leaving_set]
+        if movers:
+            source = torch.tensor(movers, device=self.mask.device)
+            target = torch.tensor(holes, device=self.mask.device)
+            self.mask[target] = self.mask[source]
+            for layer in self.layers:
+                for name in ("_keys", "_values"):
+                    buffer = getattr(layer, name)
+                    buffer[target.to(buffer.device), :, : self.length] = buffer[source.to(buffer.device), :, : self.length]
+            for hole, mover in zip(holes, movers):
+                order[hole] = mover
+        self.rows = rows
+        if rows == 0:
+            self.length = 0
+        self._sync()
+        return order
+
+    def trim(self, least: int = 64) -> None:
+        """Drop the leading columns no row attends to, when there are at least ``least`` of them
+        and they are at least a quarter of the time axis."""
+        if not self.rows:
+            return
+        used = self.mask[: self.rows, : self.length].any(0).nonzero()
+        dead = int(used[0]) if len(used) else self.length
+        if dead >= least and 4 * dead >= self.length:
+            self._shift(-dead)
+
+    def step_mask(self) -> torch.Tensor | None:
+        """The attention mask of a decoding step (one new column for every row), or ``None`` when
+        every row attends to every column."""
+        self.reserve(self.length + 1)
+        self.mask[: self.rows, self.length] = 1
+        mask = self.mask[: self.rows, : self.length + 1]
+        return None if bool(mask.all()) else mask
+
+
+class Engine:
+    """Continuous batching over a :class:`~lora_arith.mixing.PreferenceMixer`, on one worker thread.
+
+    Args:
+        mixer: the base with its adapters; the engine owns it while it runs.
+        max_batch_size: rows decoded together at most.
+        max_queue: requests waiting to join at most; :meth:`submit` raises :class:`EngineFull` beyond.
+        max_prefill_tokens: prompt tokens prefilled at one step boundary at most (at least one
+            request is always admitted when a row is free).
+        observe: ``observe(event, *values)`` is called from the worker thread with ``"step"``
+            (rows), ``"first_token"`` (seconds), ``"finished"`` (result, seconds) and ``"failed"``
+            (error), e.g. for metrics.
+    """
+
+    def __init__(
+        self,
+        mixer: "PreferenceMixer",
+        *,
+        max_batch_size: int = 32,
+        max_queue: int = 256,
+        max_prefill_tokens: int = 2048,
+        observe: Callable[..., None] | None = None,
+    ) -> None:
+        from lora_arith.generation import context_length, end_of_turn_ids
+
+        if max_batch_size < 1:
+            raise OptionError("max_batch_size", "{} must be at least 1")
+        if max_queue < 0:
+            raise OptionError("max_queue", "{} must not be negative")
+        self.mixer, self.tokenizer = mixer, mixer.tokenizer
+        self.max_batch_size, self.max_queue, self.max_prefill_tokens = max_batch_size, max_queue, max_prefill_tokens
+        self.stop_ids = set(end_of_turn_ids(self.tokenizer))
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else min(self.stop_ids, default=0)
+        self.context_length = context_length(mixer.model, self.tokenizer) or 2048
+        self.device = next(mixer.model.parameters()).device
+        self._observe_hook = observe
+        self._pending: collections.deque[_Row] = collections.deque()
+        self._rows: list[_Row] = []
+        self._condition = threading.Condition()
+        self._closing = False
+        self._deadline: float | None = None
+        self._thread = threading.Thread(target=self._loop, name="lora-arith-engine", daemon=True)
+        self._tokenizer_lock = threading.Lock()
+        self.generated_tokens = 0
+        self.steps = 0
+        self.batch_sizes: collections.deque[int] = collections.deque(maxlen=100)
+
+    # -- the API the server uses -------------------------------------------------------------
+
+    def encode(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """The prompt tokens of chat ``messages`` (the chat template, with the assistant header)."""
+        from lora_arith.generation import chat_prompt
+
+        text = chat_prompt(self.tokenizer, list(messages))
+        with self._tokenizer_lock:  # a tokenizer is not safe to call from several threads at once
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def start(self) -> "Engine":
+        self._thread.start()
+        return self
+
+    def submit(
+        self,
+        request: RowRequest,
+        on_done: Callable[[RowResult], None],
+        on_error: Callable[[BaseException], None],
+    ) -> None:
+        """Queue ``request``; ``on_done(result)`` or ``on_error(error)`` is called from the
+        engine's thread when it ends. Raises :class:`EngineFull` or :class:`EngineClosed`."""
+        row = _Row(request, self, on_done, on_error)
+        with self._condition:
+            if self._closing:
+                raise EngineClosed("the server is shutting down")
+            if len(self._pending) >= self.max_queue:
+                raise EngineFull(f"{len(self._pending)} requests are already waiting; try again shortly")
+            self._pending.append(row)
+            self._condition.notify()
+
+    def generate(self, requests: Sequence[RowRequest], timeout: float | None = None) -> list[RowResult]:
+        """Run ``requests`` to the end and return their results (in order); the first error raises."""
+        results: list[Any] = [None] * len(requests)
+        done = threading.Semaphore(0)
+
+        def reporter(index: int):
+            def report(value: Any) -> None:
+                results[index] = value
+                done.release()
+
+            return report
+
+        for index, request in enumerate(requests):
+            self.submit(request, reporter(index), reporter(index))
+        for _ in requests:
+            if not done.acquire(timeout=timeout):
+                raise LoraArithError("generation timed out")
+        for value in results:
+            if isinstance(value, BaseException):
+                raise value
+        return results
+
+    @property
+    def running(self) -> int:
+        return len(self._rows)
+
+    def queued(self) -> int:
+        return len(self._pending)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Take no more requests; finish the running and queued ones for up to ``timeout`` seconds,
+        then fail those left with :class:`EngineClosed`, and stop the worker."""
+        with self._condition:
+            self._closing = True
+            self._deadline = time.monotonic() + timeout
+            self._condition.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout + 10)
+
+    # -- the worker --------------------------------------------------------------------------
+
+    def _observe(self, event: str, *values: Any) -> None:
+        if self._observe_hook is not None:
+            try:
+                self._observe_hook(event, *values)
+            except Exception:  # noqa: BLE001 - metrics must not break generation
+                pass
+
+    def _admit(self) -> list[_Row]:
+        """Pop the waiting requests that join at this boundary (called with the lock held)."""
+        admitted: list[_Row] = []
+        budget = self.max_prefill_tokens
+        while self._pending and len(self._rows) + len(admitted) < self.max_batch_size:
+            row = self._pending[0]
+            if row.request.cancelled.is_set():
+                self._pending.popleft()
+                row.done = "cancelled"
+                row.finish()
+                continue
+            size = len(row.request.prompt_ids)
+            if admitted and size > budget:
+                break
+            budget -= size
+            admitted.append(self._pending.popleft())
+        return admitted
+
+    def _loop(self) -> None:
+        handle = self.mixer.row_handle(fused=True)
+        self._cache = SlotCache(self.max_batch_size)
+        self._next = torch.zeros(self.max_batch_size, dtype=torch.long, device=self.device)
+        self._positions = torch.zeros(self.max_batch_size, dtype=torch.long, device=self.device)
+        self._batch_etas = self.mixer.row_etas([])
+        self._etas: torch.Tensor | None = None  # the weights the layers hold now
+        error: BaseException = EngineClosed("the server shut down before this request finished")
+        try:
+            while True:
+                with self._condition:
+                    while not self._pending and not self._rows and not self._closing:
+                        self._condition.wait()
+                    if self._closing and (
+                        (not self._pending and not self._rows) or time.monotonic() >= (self._deadline or 0)
+                    ):
+                        break
+                    admitted = self._admit()
+                with torch.no_grad():
+                    if admitted:
+                        self._prefill(admitted, handle)
+                    if self._rows:
+                        self._step(handle)
+        except BaseException as crash:  # noqa: BLE001 - a bug in the loop: nobody must wait forever
+            error = crash
+            raise
+        finally:
+            handle._restore()
+            with self._condition:
+                self._closing = True
+                leftover, self._rows = list(self._pending) + self._rows, []
+                self._pending.clear()
+            self._rows_failed(leftover, error)
+
+    def _rows_failed(self, rows: Sequence[_Row], error: BaseException) -> None:
+        for row in rows:
+            row.fail(error)
+
+    def _prefill(self, admitted: list[_Row], handle: "RowWeights") -> None:
+        from transformers.cache_utils import DynamicCache
+
+        from lora_arith.generation import left_pad
+
+        valid = []
+        for row in admitted:  # validated before submit; a row whose mix still fails fails alone
+            try:
+                valid.append((row, self.mixer.row_etas([row.request.weights])))
+            except LoraArithError as error:
+                row.fail(error)
+        if not valid:
+            return
+        admitted = [row for row, _ in valid]
+        etas = torch.cat([row_etas for _, row_etas in valid])
+        ids, mask = left_pad([row.request.prompt_ids for row in admitted], self.pad_id)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        try:
+            handle.assign(etas)
+            output = self.mixer.model(
+                input_ids=ids,
+                attention_mask=None if bool(mask.all()) else mask,
+                position_ids=positions,
+                cache=DynamicCache(),
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        except Exception as error:  # noqa: BLE001 - the forward of these rows failed: they fail
+            return self._rows_failed(admitted, error)
+        finally:
+            self._etas = None  # the layers hold the prefill's weights
+        going = self._take(admitted, output.logits[:, -1, :])
+        if not going:
+            return
+        keep = torch.tensor(going, device=self.device)
+        prefill = output.cache
+        for layer in prefill.layers:
+            layer.keys, layer.values = layer.keys[keep], layer.values[keep]
+        first = self._cache.rows
+        self._cache.trim()
+        self._cache.insert(prefill, mask[keep])
+        rows = [admitted[i] for i in going]
+        self._next[first : first + len(rows)] = torch.tensor([row.tokens[-1] for row in rows], device=self.device)
+        self._positions[first : first + len(rows)] = mask[keep].sum(-1)
+        self._rows.extend(rows)
+        self._batch_etas = torch.cat([self._batch_etas, etas[going]]) if first else etas[going]
+
+    def _step(self, handle: "RowWeights") -> None:
+        rows = len(self._rows)
+        if self._etas is None or self._etas.shape[0] != rows:
+            handle.assign(self._batch_etas)
+            self._etas = self._batch_etas
+        mask = self._cache.step_mask()
+        try:
+            output = self.mixer.model(
+                input_ids=self._next[:rows, None],
+                attention_mask=mask,
+                position_ids=self._positions[:rows, None],
+                cache=self._cache.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        except Exception as error:  # noqa: BLE001 - the step failed: every row in it fails
+            failed, self._rows = self._rows, []
+            self._cache = SlotCache(self.max_batch_size)
+            return self._rows_failed(failed, error)
+        self._cache.length += 1
+        self._positions[:rows] += 1
+        self.steps += 1
+        self.batch_sizes.append(rows)
+        self._observe("step", rows)
+        going = set(self._take(self._rows, output.logits[:, -1, :]))
+        leaving = [slot for slot in range(rows) if slot not in going]
+        if leaving:
+            order = self._cache.remove(leaving)
+            index = torch.tensor(order, dtype=torch.long)
+            self._rows = [self._rows[slot] for slot in order]
+            self._next[: len(order)] = self._next[index.to(self.device)].clone()
+            self._positions[: len(order)] = self._positions[index.to(self.device)].clone()
+            self._batch_etas = self._batch_etas[index]
+            self._etas = None
+            self._cache.trim()
+        if self._rows:
+            self._next[: len(self._rows)] = torch.tensor([row.tokens[-1] for row in self._rows], device=self.device)
+
+    def _take(self, rows: Sequence[_Row], logits: torch.Tensor) -> list[int]:
+        """Choose each row's next token from its ``logits``, add it, and report the rows that end;
+        returns the indices of the rows that go on."""
+        scores = logits.to(dtype=torch.float32)
+        broken = (torch.isnan(scores).any(-1) | torch.isposinf(scores).any(-1)).tolist()
+        greedy = scores.argmax(-1).tolist()
+        going = []
+        for index, row in enumerate(rows):
+            try:
+                if row.request.cancelled.is_set():
+                    row.done = "cancelled"
+                elif broken[index]:
+                    raise LoraArithError(
+                        "the model's logits are NaN or Inf: an adapter weight is too large for this model"
+                    )
+                else:
+                    row.add(self._sample(row, scores[index]) if row.generator is not None else greedy[index])
+                    self.generated_tokens += 1
+                if row.done:
+                    row.finish()
+                else:
+                    going.append(index)
+            except Exception as error:  # noqa: BLE001 - this row fails alone
+                row.fail(error)
+        return going
+
+    @staticmethod
+    def _sample(row: _Row, logits: torch.Tensor) -> int:
+        request = row.request
+        probabilities = torch.softmax(logits / request.temperature, dim=-1)
+        if request.top_p < 1.0:
+            ordered, order = probabilities.sort(descending=True)
+            outside = ordered.cumsum(-1) - ordered > request.top_p
+            ordered[outside] = 0.0
+            probabilities = torch.zeros_like(probabilities).scatter(0, order, ordered)
+        if not bool(torch.isfinite(probabilities).all()) or float(probabilities.sum()) <= 0:
+            raise LoraArithError("sampling failed: the probabilities are not finite")
+        return int(torch.multinomial(probabilities.cpu(), 1, generator=row.generator))

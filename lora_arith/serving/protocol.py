@@ -1,0 +1,207 @@
+"""The OpenAI chat-completions protocol as ``serve`` speaks it: request validation and errors.
+
+Every request is checked in full here, before it joins a batch, within vLLM's bounds (a seed
+within int64; a temperature in (0, 1e-2) is raised to 1e-2, as vLLM's ``SamplingParams`` does,
+so that dividing the logits by it cannot overflow), so that nothing a client sends can fail the
+other rows of its batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, Mapping
+
+__all__ = ["ChatRequest", "RequestError", "ServerSettings", "parse_body", "parse_chat_request"]
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+"""Accepted roles and what the chat template sees (``developer`` is OpenAI's newer ``system``)."""
+MIN_TEMPERATURE = 1e-2
+"""Positive temperatures below this are raised to it (vLLM's ``_MAX_TEMP``)."""
+INT64 = (-(2**63), 2**63 - 1)
+
+
+class RequestError(Exception):
+    """A request the server refuses: answered with an OpenAI-style error and ``status``."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        status: int = 400,
+        kind: str = "invalid_request_error",
+    ):
+        super().__init__(message)
+        self.message, self.param, self.code, self.status, self.kind = message, param, code, status, kind
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+@dataclasses.dataclass
+class ServerSettings:
+    """What the server checks requests against."""
+
+    model_id: str
+    defaults: dict[str, float]
+    """The server's weight of every attached vector; requests override some of them."""
+    max_eta: float = 4.0
+    max_tokens: int = 512
+    """The largest ``max_tokens`` a request may ask for (and the default)."""
+    context_length: int = 2048
+
+
+@dataclasses.dataclass
+class ChatRequest:
+    """A checked chat-completions request."""
+
+    messages: list[dict[str, str]]
+    weights: dict[str, float]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+
+
+def parse_body(raw: bytes) -> Any:
+    """JSON of a request body; anything unreadable (bad UTF-8 or JSON, nesting past the recursion
+    limit, an integer past Python's digit limit) is a :class:`RequestError`."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise RequestError("the request body is nested too deeply") from None
+    except (ValueError, UnicodeError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        detail = str(error).splitlines()[0][:120]
+        raise RequestError(f"the request body is not valid JSON ({detail})") from None
+
+
+def _finite(value: Any) -> float | None:
+    """``value`` as a finite float, or ``None`` (not a number, infinite, or too large for a float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _number(body: Mapping[str, Any], key: str, default: float, low: float, high: float) -> float:
+    value = body.get(key)
+    if value is None:
+        return default
+    number = _finite(value)
+    if number is None:
+        raise RequestError(f"'{key}' must be a finite number", param=key)
+    if not low <= number <= high:
+        raise RequestError(f"'{key}' must be between {low:g} and {high:g}", param=key)
+    return number
+
+
+def _text(value: Any, param: str) -> str:
+    if isinstance(value, list):  # [{"type": "text", "text": ...}, ...]
+        if all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value):
+            value = "".join(part["text"] for part in value)
+    if not isinstance(value, str):
+        raise RequestError(f"{param} must be a string", param=param)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(f"{param} holds a lone surrogate, which is not text", param=param) from None
+    return value
+
+
+def _messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("'messages' must be a non-empty list", param="messages")
+    parsed = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise RequestError(f"messages[{index}] must be an object", param=f"messages[{index}]")
+        role = message.get("role")
+        if not isinstance(role, str) or role not in ROLES:
+            raise RequestError(
+                f"messages[{index}].role must be one of {', '.join(ROLES)}, not {json.dumps(role)[:40]}",
+                param=f"messages[{index}].role",
+            )
+        parsed.append({"role": ROLES[role], "content": _text(message.get("content"), f"messages[{index}].content")})
+    if parsed[-1]["role"] == "assistant":
+        raise RequestError("the last message must come from the user or the system", param="messages")
+    return parsed
+
+
+def _weights(body: Mapping[str, Any], settings: ServerSettings) -> dict[str, float]:
+    preferences = body.get("preferences") or {}
+    if not isinstance(preferences, dict):
+        raise RequestError("'preferences' must be an object NAME: WEIGHT", param="preferences")
+    weights = dict(settings.defaults)
+    for name, value in preferences.items():
+        param = f"preferences.{name}"
+        if name not in settings.defaults:
+            known = ", ".join(settings.defaults) or "none"
+            raise RequestError(f"unknown preference {name[:80]!r}; this server has: {known}", param=param)
+        number = _finite(value)
+        if number is None:
+            raise RequestError(f"the weight of {name!r} must be a finite number", param=param)
+        if abs(number) > settings.max_eta:
+            raise RequestError(f"|weight| of {name!r} is above this server's limit of {settings.max_eta:g}", param=param)
+        weights[name] = number
+    return weights
+
+
+def parse_chat_request(body: Any, settings: ServerSettings) -> ChatRequest:
+    """Check an OpenAI chat-completions request body. Raises :class:`RequestError`."""
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    model = body.get("model")
+    if model is not None and model != settings.model_id:
+        shown = json.dumps(model)[:80]
+        raise RequestError(
+            f"the model {shown} does not exist; this server serves {settings.model_id!r}",
+            param="model",
+            code="model_not_found",
+            status=404,
+        )
+    messages = _messages(body)
+    weights = _weights(body, settings)
+    if body.get("n", 1) not in (1, None):
+        raise RequestError("only n=1 is supported", param="n")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is None:
+        max_tokens = settings.max_tokens
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 0 < max_tokens <= settings.max_tokens:
+        raise RequestError(f"'max_tokens' must be an integer from 1 to {settings.max_tokens}", param="max_tokens")
+    stop = body.get("stop") or []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise RequestError("'stop' must be a string or a list of up to 4 non-empty strings", param="stop")
+    stop = [_text(s, "stop") for s in stop]
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not INT64[0] <= seed <= INT64[1]):
+        raise RequestError("'seed' must be an integer within int64", param="seed")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise RequestError("'stream' must be true, false or null", param="stream")
+    options = body.get("stream_options") or {}
+    temperature = _number(body, "temperature", 0.0, 0.0, 2.0)
+    if 0 < temperature < MIN_TEMPERATURE:
+        temperature = MIN_TEMPERATURE
+    return ChatRequest(
+        messages=messages,
+        weights=weights,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0) or 1e-9,
+        seed=seed,
+        stop=stop,
+        stream=bool(stream),
+        include_usage=bool(isinstance(options, dict) and options.get("include_usage")),
+    )
