@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
-import subprocess
-import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -22,6 +18,7 @@ from lora_arith.specs import parse_specs
 from lora_arith.mixing import PreferenceMixer
 
 openai = pytest.importorskip("openai")
+from serving_helpers import Server  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 MIXES = [
@@ -32,65 +29,6 @@ MIXES = [
 ]
 DEFAULTS = {"helpful": 0.25, "harmless": 0.75}
 MAX_TOKENS = 10
-
-
-class Server:
-    """A ``lora-arith serve`` subprocess on 127.0.0.1 and a free port."""
-
-    def __init__(self, *args: str) -> None:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-        env["OMP_NUM_THREADS"] = "1"  # the test process computes too: two threads each thrash on 2 cores
-        command = [sys.executable, "-m", "lora_arith", "serve", "--host", "127.0.0.1", "--port", "0", *args]
-        self.process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-
-    def wait(self, timeout: float = 120) -> "Server":
-        """Wait until the server listens (it announces its port on stderr)."""
-        if hasattr(self, "url"):
-            return self
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.process.stderr.readline()
-            if not line:
-                break
-            self.lines.append(line)
-            match = re.search(r"on http://127\.0\.0\.1:(\d+)", line)
-            if match:
-                self.url = f"http://127.0.0.1:{match.group(1)}"
-                break
-        else:
-            self.stop()
-        if not hasattr(self, "url"):
-            self.stop()
-            raise RuntimeError("the server did not start:\n" + "".join(self.lines))
-        threading.Thread(target=self._drain, daemon=True).start()
-        return self
-
-    def _drain(self) -> None:
-        for line in self.process.stderr:
-            self.lines.append(line)
-
-    def client(self, **kwargs):
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=300, **kwargs)
-
-    def post(self, body: bytes | dict, path: str = "/v1/chat/completions") -> tuple[int, dict]:
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read())
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
 
 
 @pytest.fixture(scope="module")

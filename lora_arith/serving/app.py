@@ -545,6 +545,7 @@ def run_server(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(2048)  # connections made before uvicorn starts wait in the backlog
     except OSError as error:
         sock.close()
         raise LoraArithError(f"cannot listen on {host}:{port}: {error.strerror}") from None

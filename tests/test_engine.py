@@ -1,0 +1,135 @@
+"""The continuous-batching engine behind ``serve``, in-process on the tiny chat model."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from lora_arith.mixing import PreferenceMixer
+from lora_arith.serving.engine import Engine, EngineClosed, EngineFull, RowRequest, SlotCache
+
+PROMPTS = ["How do I bake bread?", "hi", "Tell me a joke about cats.", "What is the capital of France?"]
+MIXES = [{"helpful": 1.0, "harmless": 1.0}, {"helpful": 0.5, "harmless": -1.0}, {"helpful": -1.0, "harmless": 0.2}]
+
+
+@pytest.fixture(scope="module")
+def mixer(chat_base, two_adapters):
+    """The engine's mixer (an engine owns its mixer while it runs)."""
+    helpful, harmless = two_adapters
+    return PreferenceMixer(str(chat_base), {"helpful": helpful, "harmless": harmless})
+
+
+@pytest.fixture(scope="module")
+def reference(chat_base, two_adapters):
+    """Another mixer of the same base and adapters, for the texts ``generate`` gives."""
+    helpful, harmless = two_adapters
+    return PreferenceMixer(str(chat_base), {"helpful": helpful, "harmless": harmless})
+
+
+@pytest.fixture
+def engine(mixer):
+    engine = Engine(mixer, max_batch_size=4).start()
+    yield engine
+    engine.close(timeout=10)
+
+
+def request(engine, prompt, weights, **options):
+    return RowRequest(engine.encode([{"role": "user", "content": prompt}]), dict(weights), **options)
+
+
+def test_rows_joining_and_leaving_get_what_generate_gives(reference, engine):
+    """12 requests on 4 rows, with different lengths: rows join as others leave, each keeps its mix."""
+    jobs = [(PROMPTS[i % 4], MIXES[i % 3], 3 + 2 * i) for i in range(12)]
+    expected = [
+        reference.generate([prompt], weights=[mix], max_new_tokens=length)[0] for prompt, mix, length in jobs
+    ]
+    results = engine.generate([request(engine, p, m, max_tokens=n) for p, m, n in jobs], timeout=120)
+    assert [result.text for result in results] == expected
+    assert max(engine.batch_sizes) == 4  # the batch was full
+    assert len(set(engine.batch_sizes)) > 1  # and changed as rows left and joined
+
+
+def test_a_row_that_fails_fails_alone(reference, engine):
+    """A temperature far below the protocol's floor overflows the softmax: that row fails, the
+    rows batched with it finish with the text they get alone."""
+    good = [request(engine, PROMPTS[i], MIXES[i % 3], max_tokens=8) for i in range(3)]
+    bad = request(engine, PROMPTS[0], MIXES[0], max_tokens=8, temperature=1e-300, seed=2**64 - 1)
+    outcomes: dict[int, object] = {}
+    done = threading.Semaphore(0)
+    for index, row in enumerate([good[0], bad, good[1], good[2]]):
+        report = lambda value, index=index: (outcomes.__setitem__(index, value), done.release())  # noqa: E731
+        engine.submit(row, report, report)
+    for _ in range(4):
+        assert done.acquire(timeout=60)
+    assert isinstance(outcomes[1], Exception) and "sampling failed" in str(outcomes[1])
+    expected = [reference.generate([PROMPTS[i]], weights=[MIXES[i % 3]], max_new_tokens=8)[0] for i in range(3)]
+    assert [outcomes[i].text for i in (0, 2, 3)] == expected
+    assert engine.generate([request(engine, PROMPTS[1], MIXES[0], max_tokens=4)], timeout=30)  # still serving
+
+
+def test_short_requests_do_not_wait_for_a_long_one(engine):
+    """Head-of-line blocking: 8-token requests sent while a 200-token request runs finish within
+    a few steps of their own length, long before the long one ends."""
+    long_done = threading.Event()
+    long = request(engine, PROMPTS[1], MIXES[0], max_tokens=200)
+    long.stop = ["\x00never"]  # no early end from a stop string
+    engine.submit(long, lambda result: long_done.set(), lambda error: long_done.set())
+    while engine.steps < 5:
+        time.sleep(0.001)
+    started = engine.steps
+    short = [request(engine, PROMPTS[2], MIXES[1], max_tokens=8) for _ in range(3)]
+    results = engine.generate(short, timeout=60)
+    finished = engine.steps
+    assert all(result.completion_tokens <= 8 for result in results)
+    assert finished - started <= 8 + 3, (started, finished)
+    assert not long_done.is_set() or long.cancelled.is_set()
+    long.cancelled.set()
+    assert long_done.wait(30)
+
+
+def test_the_queue_is_bounded_and_close_fails_what_is_left(mixer):
+    engine = Engine(mixer, max_batch_size=2, max_queue=3)  # not started: nothing leaves the queue
+    errors: list[BaseException] = []
+    for _ in range(3):
+        engine.submit(request(engine, "hi", {}, max_tokens=4), print, errors.append)
+    with pytest.raises(EngineFull, match="3 requests are already waiting"):
+        engine.submit(request(engine, "hi", {}, max_tokens=4), print, errors.append)
+    engine.start().close(timeout=0)
+    assert len(errors) == 3 and all(isinstance(error, EngineClosed) for error in errors)
+    with pytest.raises(EngineClosed):
+        engine.submit(request(engine, "hi", {}, max_tokens=4), print, print)
+
+
+def test_slot_cache_keeps_each_rows_keys_through_joins_shifts_and_departures():
+    """Rows right-aligned on one time axis: a longer prompt shifts the others; a departure moves
+    the last row into the hole; trimming drops columns nobody uses."""
+
+    class Prefill:  # a transformers cache's layers, as the engine hands them over
+        def __init__(self, keys):
+            self.layers = [type("L", (), {"keys": keys, "values": -keys})()]
+
+    cache = SlotCache(max_rows=4)
+    a = torch.arange(1, 4, dtype=torch.float32).view(1, 1, 3, 1)  # a row with 3 columns
+    cache.insert(Prefill(a), torch.ones(1, 3, dtype=torch.long))
+    b = torch.arange(10, 15, dtype=torch.float32).view(1, 1, 5, 1)  # longer: the axis shifts right by 2
+    cache.insert(Prefill(b), torch.ones(1, 5, dtype=torch.long))
+    keys = cache.layers[0]._keys
+    assert cache.length == 5 and cache.rows == 2
+    assert keys[0, 0, 2:5, 0].tolist() == [1, 2, 3] and cache.mask[0, :5].tolist() == [0, 0, 1, 1, 1]
+    assert keys[1, 0, :5, 0].tolist() == [10, 11, 12, 13, 14]
+    c = torch.full((1, 1, 2, 1), 7.0)
+    cache.insert(Prefill(c), torch.ones(1, 2, dtype=torch.long))
+    assert cache.mask[2, :5].tolist() == [0, 0, 0, 1, 1]
+    assert cache.remove([0]) == [2, 1]  # the last row fills the hole
+    assert cache.rows == 2 and cache.layers[0].keys.shape[0] == 2
+    assert cache.mask[0, :5].tolist() == [0, 0, 0, 1, 1] and keys[0, 0, 3:5, 0].tolist() == [7, 7]
+    assert cache.layers[0]._values[0, 0, 3:5, 0].tolist() == [-7, -7]
+    cache.trim(least=1)  # no row uses column 0 any more... but row 1 (b) does: nothing to trim
+    assert cache.length == 5
+    cache.remove([1])
+    cache.trim(least=1)  # only c is left: its 3 leading masked columns go
+    assert cache.length == 2 and cache.layers[0].keys[0, 0, :, 0].tolist() == [7, 7]
+    assert cache.step_mask() is None  # every column of every row is used

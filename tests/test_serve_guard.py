@@ -1,0 +1,234 @@
+"""``serve`` shared by many users: isolation, access control, bounded input, backpressure,
+timeouts, shutdown, metrics and OpenAI conformance, on a live server on 127.0.0.1.
+
+Each test here failed on the static batcher this engine replaced (commit c6acb08)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from serving_helpers import Server
+
+openai = pytest.importorskip("openai")
+
+KEY = "s3cret-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+GOOD = {"model": "lora-arith", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6}
+
+
+@pytest.fixture(scope="module")
+def server(chat_base, two_adapters):
+    helpful, harmless = two_adapters
+    server = Server(
+        "--base", str(chat_base),
+        "--adapter", f"helpful={helpful}", "--adapter", f"harmless={harmless}",
+        "--api-key", KEY,
+        "--allowed-origin", "http://allowed.example",
+        "--max-batch-size", "2", "--max-queue", "2",
+        "--max-request-bytes", "65536", "--request-timeout", "1",
+        "--max-tokens", "480", "--shutdown-timeout", "0",
+    )  # fmt: skip
+    yield server.wait()
+    server.stop(signal.SIGKILL)
+
+
+def post(server, body, headers=AUTH, path="/v1/chat/completions"):
+    return server.request(path, body, headers)
+
+
+def raw_exchange(server, data: bytes, wait: float = 10) -> bytes:
+    """Send ``data`` on a fresh connection and read until the server closes it (or ``wait`` passes)."""
+    port = int(server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as connection:
+        connection.sendall(data)
+        received = b""
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                chunk = connection.recv(65536)
+            except socket.timeout:
+                break
+            if not chunk:
+                return received
+            received += chunk
+        raise AssertionError(f"the server kept the connection open for {wait} s; got {received[:200]!r}")
+
+
+def test_api_key_is_required_on_v1_only(server):
+    for path, body in (("/v1/models", None), ("/v1/chat/completions", GOOD)):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+            status, reply, sent = server.request(path, body, headers)
+            assert status == 401 and reply["error"]["code"] == "invalid_api_key", (path, headers, reply)
+            assert sent.get("www-authenticate") == "Bearer"
+    assert post(server, GOOD)[0] == 200
+    for path in ("/health", "/metrics", "/"):  # open: probes, scrapers and the playground page
+        with __import__("urllib.request").request.urlopen(server.url + path, timeout=10) as response:
+            assert response.status == 200
+    client = server.client(api_key=KEY)
+    assert [model.id for model in client.models.list().data] == ["lora-arith"]
+    with pytest.raises(openai.AuthenticationError):
+        server.client(api_key="nope").models.list()
+
+
+def test_only_json_is_served_and_only_to_loopback_hosts(server):
+    status, reply, _ = server.request("/v1/chat/completions", json.dumps(GOOD).encode(), {**AUTH, "Content-Type": "text/plain"})
+    assert status == 415 and reply["error"]["code"] == "unsupported_media_type"
+    for host in ("evil.example", "evil.example:80", "127.0.0.1.nip.io", "10.0.0.1"):
+        status, reply, _ = server.request("/health", None, {"Host": host})
+        assert status == 403 and reply["error"]["code"] == "host_not_allowed", host
+    for host in ("localhost", "127.0.0.1:1234", "[::1]:80", "app.localhost"):
+        assert server.request("/health", None, {"Host": host})[0] == 200, host
+
+
+def test_cors_only_for_the_allowed_origin(server):
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+    port = int(server.url.rsplit(":", 1)[1])
+    for origin, allowed in (("http://allowed.example", True), ("http://evil.example", False)):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request("OPTIONS", "/v1/chat/completions", headers={"Origin": origin, **preflight})
+        response = connection.getresponse()
+        response.read()
+        assert (response.getheader("access-control-allow-origin") == origin) is allowed, origin
+        connection.close()
+        _, _, headers = post(server, GOOD, {**AUTH, "Origin": origin})
+        assert (headers.get("access-control-allow-origin") == origin) is allowed
+
+
+def test_bodies_over_the_limit_get_413_before_they_are_read(server):
+    big = json.dumps({**GOOD, "messages": [{"role": "user", "content": "x" * 70000}]}).encode()
+    status, reply, _ = post(server, big)
+    assert status == 413 and reply["error"]["code"] == "request_too_large"
+    # a 10 MB body announced by its Content-Length: refused from the header, nothing read
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {10 * 2**20}\r\n\r\n"
+    ).encode()
+    started = time.monotonic()
+    reply = raw_exchange(server, head + b"{")
+    assert reply.startswith(b"HTTP/1.1 413") and time.monotonic() - started < 5
+    # chunked, with no Content-Length: counted as it arrives
+    chunked = head.replace(f"Content-Length: {10 * 2**20}".encode(), b"Transfer-Encoding: chunked")
+    chunk = b"x" * 40000
+    body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(2)) + b"0\r\n\r\n"
+    assert raw_exchange(server, chunked + body).startswith(b"HTTP/1.1 413")
+
+
+MALFORMED = [
+    (b"[" * 20000 + b"]" * 20000, "nested too deeply"),
+    (json.dumps(GOOD).encode()[:-1] + b', "seed": ' + b"1" * 5000 + b"}", "not valid JSON"),
+    (json.dumps({**GOOD, "temperature": 10**400}).encode(), "'temperature' must be a finite number"),
+    (json.dumps({**GOOD, "preferences": {"helpful": 10**400}}).encode(), "finite number"),
+    (json.dumps({**GOOD, "messages": [{"role": "user", "content": "\ud800"}]}).encode(), "lone surrogate"),
+    (json.dumps({**GOOD, "stop": ["\udfff"]}).encode(), "lone surrogate"),
+    (json.dumps({**GOOD, "seed": 2**64}).encode(), "int64"),
+    (json.dumps({**GOOD, "seed": 10**30}).encode(), "int64"),
+    (b"\xff\xfe{}", "not valid JSON"),
+]
+
+
+def test_client_mistakes_get_400_and_leave_no_traceback(server):
+    assert b"1" * 5000 in MALFORMED[1][0]  # an integer over Python's 4,300-digit limit
+    for body, message in MALFORMED:
+        status, reply, _ = post(server, body)
+        assert status == 400 and message in reply["error"]["message"], (body[:60], reply)
+    assert not any("Traceback" in line for line in server.lines), "".join(server.lines)
+
+
+def test_a_tiny_temperature_is_raised_not_fatal_to_the_batch(server):
+    """vLLM raises temperatures in (0, 1e-2) to 1e-2; those rows sample, and greedy rows batched
+    with them keep their text."""
+    alone = post(server, GOOD)[1]["choices"][0]["message"]["content"]
+    sampled = []
+    for temperature in (1e-40, 1e-300):  # each beside a greedy row (the server decodes 2 rows at most)
+        with ThreadPoolExecutor(2) as pool:
+            tiny, greedy = pool.map(lambda body: post(server, body), [{**GOOD, "temperature": temperature, "seed": 3}, GOOD])
+        assert tiny[0] == 200 and greedy[0] == 200, (tiny, greedy)
+        assert greedy[1]["choices"][0]["message"]["content"] == alone
+        sampled.append(tiny[1]["choices"][0]["message"]["content"])
+    assert sampled[0] == sampled[1]  # both sampled at 1e-2 with the same seed
+
+
+def test_openai_conformance(server):
+    status, reply, _ = post(server, {**GOOD, "stream": None, "messages": [{"role": "developer", "content": "Be brief."}, *GOOD["messages"]]})
+    assert status == 200 and reply["choices"][0]["message"]["content"] is not None
+    status, reply, _ = post(server, {**GOOD, "model": "gpt-4o"})
+    assert status == 404 and reply["error"]["code"] == "model_not_found" and "'lora-arith'" in reply["error"]["message"]
+    with pytest.raises(openai.NotFoundError):
+        server.client(api_key=KEY).chat.completions.create(model="gpt-4o", messages=GOOD["messages"])
+    for path in ("/v1/completions", "/nope"):
+        status, reply, _ = server.request(path, None, AUTH)
+        assert status == 404 and reply["error"]["type"] == "not_found_error", path
+
+
+def test_a_full_queue_answers_429_with_retry_after(server):
+    """2 rows decode and 2 wait: of 10 long requests sent at once, the rest are turned away."""
+    body = {**GOOD, "max_tokens": 200}
+    with ThreadPoolExecutor(10) as pool:
+        replies = list(pool.map(lambda _: post(server, body), range(10)))
+    statuses = sorted(status for status, _, _ in replies)
+    assert statuses.count(200) >= 4 and statuses.count(429) >= 1 and set(statuses) == {200, 429}, statuses
+    refused = next(reply for reply in replies if reply[0] == 429)
+    assert refused[2].get("retry-after") == "1" and refused[1]["error"]["code"] == "queue_full"
+
+
+def test_slow_and_silent_connections_are_closed(server):
+    started = time.monotonic()
+    assert raw_exchange(server, b"") == b""  # connects and sends nothing
+    assert raw_exchange(server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: local") == b""  # half a head
+    half_body = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {KEY}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\":"
+    ).encode()
+    assert raw_exchange(server, half_body).startswith(b"HTTP/1.1 408")
+    assert time.monotonic() - started < 15  # --request-timeout 1, three times
+
+
+def test_metrics_in_prometheus_format(server):
+    post(server, GOOD)
+    with __import__("urllib.request").request.urlopen(server.url + "/metrics", timeout=10) as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = response.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    assert values['lora_arith_requests_total{outcome="length"}'] + values.get('lora_arith_requests_total{outcome="stop"}', 0) >= 1
+    assert values["lora_arith_generation_tokens_total"] >= 1 and values["lora_arith_prompt_tokens_total"] >= 1
+    assert values['lora_arith_requests_total{outcome="rejected_401"}'] >= 1
+    assert values["lora_arith_time_to_first_token_seconds_count"] >= 1
+    assert values["lora_arith_batch_size_count"] >= 1 and values['lora_arith_batch_size_bucket{le="2.0"}'] >= 1
+    assert values["lora_arith_requests_running"] == 0 and values["lora_arith_requests_waiting"] == 0
+
+
+def test_shutdown_answers_what_is_still_running_then_exits_0(server):
+    """The module's last test: with --shutdown-timeout 0, SIGTERM fails the running rows at once:
+    a JSON 503 for a plain request, an error event and [DONE] for a stream."""
+    body = {**GOOD, "max_tokens": 480}
+    results: dict[str, object] = {}
+    plain = threading.Thread(target=lambda: results.__setitem__("plain", post(server, body)))
+    plain.start()
+    port = int(server.url.rsplit(":", 1)[1])
+    stream = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    stream.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}), {**AUTH, "Content-Type": "application/json"})
+    response = stream.getresponse()
+    first = response.readline()
+    assert first.startswith(b"data: ")
+    deadline = time.monotonic() + 10
+    while server.request("/health")[1]["running"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    server.process.send_signal(signal.SIGTERM)
+    events = [line for line in response.read().decode().split("\n\n") if line.strip()]
+    plain.join(30)
+    status, reply, _ = results["plain"]
+    assert status == 503 and reply["error"]["code"] == "shutting_down", reply
+    assert events[-1] == "data: [DONE]" and "shutting_down" in events[-2], events[-3:]
+    assert server.stop(signal.SIGTERM) == 0
+    assert not any("Traceback" in line for line in server.lines), "".join(server.lines)
