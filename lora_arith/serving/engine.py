@@ -347,6 +347,9 @@ class Engine:
         max_queue: requests waiting to join at most; :meth:`submit` raises :class:`EngineFull` beyond.
         max_prefill_tokens: prompt tokens prefilled at one step boundary at most (at least one
             request is always admitted when a row is free).
+        share_prefix: run the tokens every chat prompt starts with (the chat template's system
+            turn and the user header) once per mix and keep their keys and values, instead of
+            prefilling them for every request. The same computation up to float rounding.
         observe: ``observe(event, *values)`` is called from the worker thread with ``"step"``
             (rows), ``"first_token"`` (seconds), ``"finished"`` (result, seconds) and ``"failed"``
             (error), e.g. for metrics.
@@ -359,6 +362,7 @@ class Engine:
         max_batch_size: int = 32,
         max_queue: int = 256,
         max_prefill_tokens: int = 2048,
+        share_prefix: bool = True,
         observe: Callable[..., None] | None = None,
     ) -> None:
         from lora_arith.generation import context_length, end_of_turn_ids
@@ -385,6 +389,8 @@ class Engine:
         self.generated_tokens = 0
         self.steps = 0
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=100)
+        self.prefix_ids = self._template_prefix() if share_prefix else []
+        self._prefixes: dict[tuple, list] = {}  # mix -> [(keys, values) of the prefix per layer]
 
     # -- the API the server uses -------------------------------------------------------------
 
@@ -395,6 +401,18 @@ class Engine:
         text = chat_prompt(self.tokenizer, list(messages))
         with self._tokenizer_lock:  # a tokenizer is not safe to call from several threads at once
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _template_prefix(self) -> list[int]:
+        """The tokens that every conversation of one user message starts with (none, if the chat
+        template cannot be read)."""
+        try:
+            first, second = (self.encode([{"role": "user", "content": text}]) for text in ("a", "zz\nq"))
+        except (LoraArithError, ValueError):
+            return []
+        shared = 0
+        while shared < min(len(first), len(second)) and first[shared] == second[shared]:
+            shared += 1
+        return first[:shared]
 
     def start(self) -> "Engine":
         self._thread.start()
@@ -522,38 +540,77 @@ class Engine:
             row.fail(error)
 
     def _prefill(self, admitted: list[_Row], handle: "RowWeights") -> None:
-        from transformers.cache_utils import DynamicCache
-
-        from lora_arith.generation import left_pad
-
+        """Prefill the rows that join, append those that go on to the batch."""
         valid = []
         for row in admitted:  # validated before submit; a row whose mix still fails fails alone
             try:
                 valid.append((row, self.mixer.row_etas([row.request.weights])))
             except LoraArithError as error:
                 row.fail(error)
-        if not valid:
-            return
-        admitted = [row for row, _ in valid]
-        etas = torch.cat([row_etas for _, row_etas in valid])
-        ids, mask = left_pad([row.request.prompt_ids for row in admitted], self.pad_id)
+        shared = len(self.prefix_ids)
+        groups: dict[bool, list] = {True: [], False: []}
+        for row, etas in valid:
+            ids = row.request.prompt_ids
+            groups[0 < shared < len(ids) and ids[:shared] == self.prefix_ids].append((row, etas))
+        for prefixed, group in groups.items():
+            if group:
+                self._prefill_group([row for row, _ in group], torch.cat([etas for _, etas in group]), handle, prefixed)
+
+    def _prefix_cache(self, etas: torch.Tensor, handle: "RowWeights"):
+        """A transformers cache holding the keys and values of :attr:`prefix_ids` under each row's
+        weights (computed once per mix, kept for the last 64 mixes)."""
+        from transformers.cache_utils import DynamicCache
+
+        keys = [tuple(row.tolist()) for row in etas]
+        missing = list(dict.fromkeys(key for key in keys if key not in self._prefixes))
+        if missing:
+            handle.assign(torch.tensor(missing, dtype=torch.float64).view(len(missing), -1))
+            ids = torch.tensor([self.prefix_ids] * len(missing), device=self.device)
+            cache = self.mixer.model(input_ids=ids, cache=DynamicCache(), use_cache=True, logits_to_keep=1).cache
+            for index, key in enumerate(missing):
+                self._prefixes[key] = [(layer.keys[index], layer.values[index]) for layer in cache.layers]
+                while len(self._prefixes) > 64:
+                    self._prefixes.pop(next(iter(self._prefixes)))
+        for key in keys:
+            self._prefixes[key] = self._prefixes.pop(key)  # most recently used last
+        cache = DynamicCache()
+        for index in range(len(self._prefixes[keys[0]])):
+            cache.update(
+                torch.stack([self._prefixes[key][index][0] for key in keys]),
+                torch.stack([self._prefixes[key][index][1] for key in keys]),
+                index,
+            )
+        return cache
+
+    def _prefill_group(self, rows: list[_Row], etas: torch.Tensor, handle: "RowWeights", prefixed: bool) -> None:
+        """One prefill forward for ``rows``. With ``prefixed``, every row starts with
+        :attr:`prefix_ids`, whose keys and values come from the prefix cache: only the rest is run
+        (left-padded: the padding sits between the prefix and the rest, masked)."""
+        from transformers.cache_utils import DynamicCache
+
+        from lora_arith.generation import left_pad
+
+        skip = len(self.prefix_ids) if prefixed else 0
+        ids, mask = left_pad([row.request.prompt_ids[skip:] for row in rows], self.pad_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         try:
+            cache = self._prefix_cache(etas, handle) if prefixed else DynamicCache()
+            mask = torch.cat([mask.new_ones((len(rows), skip)), mask], dim=-1)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, skip:]
             handle.assign(etas)
             output = self.mixer.model(
                 input_ids=ids,
                 attention_mask=None if bool(mask.all()) else mask,
                 position_ids=positions,
-                cache=DynamicCache(),
+                cache=cache,
                 use_cache=True,
                 logits_to_keep=1,
             )
         except Exception as error:  # noqa: BLE001 - the forward of these rows failed: they fail
-            return self._rows_failed(admitted, error)
+            return self._rows_failed(rows, error)
         finally:
             self._etas = None  # the layers hold the prefill's weights
-        going = self._take(admitted, output.logits[:, -1, :])
+        going = self._take(rows, output.logits[:, -1, :])
         if not going:
             return
         keep = torch.tensor(going, device=self.device)
@@ -563,10 +620,10 @@ class Engine:
         first = self._cache.rows
         self._cache.trim()
         self._cache.insert(prefill, mask[keep])
-        rows = [admitted[i] for i in going]
-        self._next[first : first + len(rows)] = torch.tensor([row.tokens[-1] for row in rows], device=self.device)
-        self._positions[first : first + len(rows)] = mask[keep].sum(-1)
-        self._rows.extend(rows)
+        joined = [rows[i] for i in going]
+        self._next[first : first + len(joined)] = torch.tensor([row.tokens[-1] for row in joined], device=self.device)
+        self._positions[first : first + len(joined)] = mask[keep].sum(-1)
+        self._rows.extend(joined)
         self._batch_etas = torch.cat([self._batch_etas, etas[going]]) if first else etas[going]
 
     def _step(self, handle: "RowWeights") -> None:
