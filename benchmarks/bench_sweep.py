@@ -11,7 +11,7 @@ first N unsafe and N safe ones), greedy, ``--max-new-tokens`` (default 24), batc
 * ``batched``: the same with ``points_per_batch=P`` (``--points-per-batch``, default 5): each
   length group of 16 prompts is generated once for P points (16·P rows), each prompt tokenized
   once, with fused per-row LoRA (one GEMM pair per module, ``PreferenceMixer.row_weights(...,
-  fused=True)``) and a greedy loop that drops rows as they finish (``generation.greedy_rows``).
+  fused=True)``) and the engine behind ``serve`` (``serving.engine.Engine``: rows leave as they finish).
 
 The two runs alternate by point chunk (one chunk of P points one way, then the same chunk the
 other way, the first of the two alternating from chunk to chunk and round to round), so load from

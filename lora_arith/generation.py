@@ -78,6 +78,16 @@ def check_prompt_lengths(
             )
 
 
+def encode_prompts(
+    model, tokenizer, prompts: Sequence[Any], max_new_tokens: int, sources: Sequence[str] | None = None
+) -> list[list[int]]:
+    """The token ids of each prompt through the chat template, every prompt checked against the
+    model's context first (see :func:`check_prompt_lengths`)."""
+    texts = [chat_prompt(tokenizer, prompt) for prompt in prompts]
+    check_prompt_lengths(model, tokenizer, texts, max_new_tokens, sources)
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+
+
 class _RequireFiniteLogits:
     """A logits processor that stops generation when the logits hold NaN or +Inf (a weight or
     scaling too large for the model's dtype), instead of letting it decode an empty reply."""
@@ -207,70 +217,6 @@ def reply_logprobs(
     return totals
 
 
-def reserved_cache(capacity: int):
-    """A transformers ``DynamicCache`` whose layers write each step's keys and values into buffers
-    reserved for ``capacity`` positions, instead of concatenating (which copies the whole cache
-    at every step: for a batch of many long rows that copy costs as much as the attention).
-    The model sees the same keys and values (views of the used part), so the outputs are the same."""
-    from functools import partial
-
-    from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
-
-    class _ReservedLayer(DynamicLayer):
-        def __init__(self, capacity: int) -> None:
-            super().__init__()
-            self.capacity, self.length = capacity, 0
-
-        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-            batch, heads, steps, _ = key_states.shape
-            size = max(self.capacity, steps)
-            self.device = key_states.device
-            self._keys = key_states.new_empty((batch, heads, size, key_states.shape[-1]))
-            self._values = value_states.new_empty((batch, value_states.shape[1], size, value_states.shape[-1]))
-            self.is_initialized = True
-
-        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            start, stop = self.length, self.length + key_states.shape[-2]
-            if stop > self._keys.shape[-2]:  # past the reservation: reserve as many positions again
-                self._rebuffer(lambda b: torch.cat([b, b.new_empty((*b.shape[:2], stop, b.shape[-1]))], dim=-2))
-            self._keys[:, :, start:stop] = key_states
-            self._values[:, :, start:stop] = value_states
-            self.length = stop
-            self.keys, self.values = self._keys[:, :, :stop], self._values[:, :, :stop]
-            return self.keys, self.values
-
-        def get_seq_length(self) -> int:
-            return self.length
-
-        def _rebuffer(self, select) -> None:
-            if self.is_initialized:
-                self._keys, self._values = select(self._keys), select(self._values)
-                self.keys, self.values = self._keys[:, :, : self.length], self._values[:, :, : self.length]
-
-        def batch_repeat_interleave(self, repeats: int) -> None:
-            self._rebuffer(lambda buffer: buffer.repeat_interleave(repeats, dim=0))
-
-        def batch_select_indices(self, indices: torch.Tensor) -> None:
-            def select(buffer: torch.Tensor) -> torch.Tensor:  # copies the used positions only
-                kept = buffer.new_empty((len(indices), *buffer.shape[1:]))
-                torch.index_select(buffer[:, :, : self.length], 0, indices, out=kept[:, :, : self.length])
-                return kept
-
-            self._rebuffer(select)
-
-        def crop(self, tokens_to_remove: int) -> None:
-            raise NotImplementedError("a reserved cache is not cropped")
-
-        def reset(self) -> None:
-            raise NotImplementedError("a reserved cache is not reset")
-
-    cache = DynamicCache()
-    Cache.__init__(cache, layer_class_to_replicate=partial(_ReservedLayer, capacity))
-    return cache
-
-
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token id lists as one left-padded ``(input_ids, attention_mask)`` pair, as the tokenizer
     pads a batch with ``padding_side="left"``."""
@@ -282,95 +228,3 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
             input_ids[row, width - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
             mask[row, width - len(ids) :] = 1
     return input_ids, mask
-
-
-@torch.no_grad()
-def greedy_rows(
-    model: "PreTrainedModel",
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    *,
-    max_new_tokens: int,
-    stop_ids: Sequence[int],
-    keep_rows: Callable[[torch.Tensor], None] | None = None,
-    prefix_ids: Sequence[int] = (),
-    prefix_repeat: int = 1,
-    compact_share: float = 0.125,
-) -> list[list[int]]:
-    """Greedy decoding of a left-padded batch that drops each row from the batch as it finishes.
-
-    Feeds the model what ``model.generate`` feeds it for greedy decoding (position ids from the
-    attention mask, no mask when the batch has no padding, logits of the last position only, a KV
-    cache holding the same keys and values: :func:`reserved_cache`, written in place instead of
-    grown by copying), so every row gets the tokens ``generate`` gives it; but a row that has
-    produced a stop token leaves the batch (its KV cache rows with it) instead of being decoded
-    on as padding until the whole batch is done. Finished rows leave together, once they are at
-    least ``compact_share`` of the batch (0: each at once): each departure copies the KV cache of
-    the rows that stay, which for hundreds of rows costs more than decoding a few finished rows
-    on (their tokens are not kept). ``keep_rows(indices)`` is called with the indices (into the
-    current batch) of the rows that stay, e.g. to drop their per-row weights.
-
-    With ``prefix_ids``, every row starts with these tokens and ``input_ids`` holds only the rest
-    (left-padded): the prefix is run once per block of ``prefix_repeat`` consecutive rows (rows of
-    a block must see the same model, e.g. the same per-row weights) and its KV cache copied to the
-    rows of the block; the padding then sits between the prefix and the rest, masked. This is
-    the same computation up to float rounding (not bit for bit: the keys are laid out otherwise).
-
-    Returns each row's new tokens, its stop token included if it produced one.
-    """
-    device = _device(model)
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    cache = reserved_cache(len(prefix_ids) + attention_mask.shape[1] + max_new_tokens)
-    if len(prefix_ids):
-        rows = input_ids.shape[0]
-        if rows % prefix_repeat:
-            raise ValueError(f"{rows} rows are not blocks of {prefix_repeat}")
-        blocks = torch.arange(rows // prefix_repeat, device=device)
-        if keep_rows is not None:
-            keep_rows(blocks * prefix_repeat)  # one row per block
-        prefix = torch.tensor(list(prefix_ids), dtype=torch.long, device=device).expand(len(blocks), -1)
-        cache = model(input_ids=prefix, cache=cache, use_cache=True, logits_to_keep=1).cache
-        cache.batch_repeat_interleave(prefix_repeat)
-        if keep_rows is not None:
-            keep_rows(blocks.repeat_interleave(prefix_repeat))  # back to every row
-        attention_mask = torch.cat([attention_mask.new_ones((rows, len(prefix_ids))), attention_mask], dim=-1)
-    position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-    position_ids = position_ids[:, attention_mask.shape[1] - input_ids.shape[1] :]
-    mask = None if bool((attention_mask == 1).all()) else attention_mask
-    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
-    alive = torch.arange(input_ids.shape[0], device=device)  # batch row -> original row
-    live = torch.ones(input_ids.shape[0], dtype=torch.bool, device=device)  # not finished yet
-    tokens: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
-    finite = _RequireFiniteLogits()
-    step_ids = input_ids
-    for _ in range(max_new_tokens):
-        output = model(
-            input_ids=step_ids,
-            attention_mask=mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        cache = output.cache
-        scores = finite(step_ids, output.logits[:, -1, :].to(copy=True, dtype=torch.float32))
-        chosen = torch.argmax(scores, dim=-1)
-        for row, token, going in zip(alive.tolist(), chosen.tolist(), live.tolist()):
-            if going:
-                tokens[row].append(token)
-        live &= ~torch.isin(chosen, stops)
-        finished = len(live) - int(live.sum())
-        if finished == len(live):
-            break
-        if finished and finished >= compact_share * len(live):
-            keep = live.nonzero().squeeze(-1)
-            alive, chosen, position_ids, live = alive[keep], chosen[keep], position_ids[keep], live[keep]
-            mask = mask[keep] if mask is not None else None
-            cache.batch_select_indices(keep)
-            if keep_rows is not None:
-                keep_rows(keep)
-        step_ids = chosen[:, None]
-        position_ids = position_ids[:, -1:] + 1
-        if mask is not None:
-            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
-    return tokens

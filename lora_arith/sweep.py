@@ -80,15 +80,6 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start : start + size]
 
 
-def _common_prefix(sequences: Sequence[Sequence[int]]) -> int:
-    """How many leading tokens all ``sequences`` share, leaving each at least one of its own."""
-    length = min(len(ids) for ids in sequences) - 1
-    for position in range(max(length, 0)):
-        if any(ids[position] != sequences[0][position] for ids in sequences):
-            return position
-    return max(length, 0)
-
-
 def generate_points(
     mixer,
     prompts: Sequence[Any],
@@ -101,48 +92,33 @@ def generate_points(
 ) -> list[list[str]]:
     """Greedy completions of every prompt at every point, all points in the same batches.
 
-    The prompts are grouped exactly as one-point generation groups them (by length, ``batch_size``
-    at a time), so every row keeps the padding it has alone, and each group is decoded once for
-    all ``points`` with per-row weights (:meth:`PreferenceMixer.row_weights`, fused: one GEMM
-    pair per LoRA module) by :func:`lora_arith.generation.greedy_rows`, which drops rows from the
-    batch as they finish. Each prompt is templated and tokenized once for all points. With
-    ``share_prefix``, the tokens all prompts of a group start with (the chat template's system
-    turn) are run once per point instead of once per row. Returns one list of completions (in
-    prompt order) per point."""
-    from lora_arith.generation import chat_prompt, check_prompt_lengths, end_of_turn_ids, greedy_rows, left_pad
+    Runs on the engine behind ``serve`` (:class:`lora_arith.serving.engine.Engine`): every
+    (point, prompt) is a row with its own weights (fused per-row LoRA: one GEMM pair per module),
+    ``len(points) × batch_size`` rows decode together, a row leaves the batch as it finishes and
+    the next joins. The prompts go in as one-point generation groups them (by length,
+    ``batch_size`` at a time), each group at every point. Each prompt is templated and tokenized
+    once for all points. With ``share_prefix``, the tokens every chat prompt starts with (the
+    template's system turn) are run once per point instead of once per row. Returns one list of
+    completions (in prompt order) per point."""
+    from lora_arith.generation import encode_prompts
+    from lora_arith.serving.engine import greedy_completions
 
     if batch_size < 1 or max_new_tokens < 1:
         raise LoraArithError(f"batch_size and max_new_tokens must be at least 1, got {batch_size} and {max_new_tokens}")
-    tokenizer = mixer.tokenizer
-    texts = [chat_prompt(tokenizer, prompt) for prompt in prompts]
-    check_prompt_lengths(mixer.model, tokenizer, texts, max_new_tokens, sources)
-    token_ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-    stop_ids = end_of_turn_ids(tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    token_ids = encode_prompts(mixer.model, mixer.tokenizer, prompts, max_new_tokens, sources)
+    order = sorted(range(len(prompts)), key=lambda i: len(token_ids[i]))
+    rows = [(p, i) for group in _chunks(order, batch_size) for p in range(len(points)) for i in group]
+    texts = greedy_completions(
+        mixer,
+        [token_ids[i] for _, i in rows],
+        [points[p] for p, _ in rows],
+        max_new_tokens=max_new_tokens,
+        max_batch_size=len(points) * batch_size,
+        share_prefix=share_prefix,
+    )
     completions = [[""] * len(prompts) for _ in points]
-    for group in _chunks(order, batch_size):
-        rows = [(p, i) for p in range(len(points)) for i in group]
-        shared = _common_prefix([token_ids[i] for i in group]) if share_prefix else 0
-        input_ids, mask = left_pad([token_ids[i][shared:] for i in group], pad_id)
-        with mixer.row_weights([points[p] for p, _ in rows], fused=True) as weights:
-            generated = greedy_rows(
-                mixer.model,
-                input_ids.repeat(len(points), 1),
-                mask.repeat(len(points), 1),
-                max_new_tokens=max_new_tokens,
-                stop_ids=stop_ids,
-                keep_rows=weights.keep,
-                prefix_ids=token_ids[group[0]][:shared],
-                prefix_repeat=len(group),
-            )
-        for p in range(len(points)):
-            # model.generate pads a finished row until its whole batch (this group at this point) is done
-            point_rows = [(i, generated[p * len(group) + k]) for k, i in enumerate(group)]
-            steps = max(len(tokens) for _, tokens in point_rows)
-            for i, tokens in point_rows:
-                padded = tokens + [pad_id] * (steps - len(tokens))
-                completions[p][i] = tokenizer.decode(padded, skip_special_tokens=True).strip()
+    for (p, i), text in zip(rows, texts):
+        completions[p][i] = text
     return completions
 
 

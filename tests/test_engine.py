@@ -133,3 +133,57 @@ def test_slot_cache_keeps_each_rows_keys_through_joins_shifts_and_departures():
     cache.trim(least=1)  # only c is left: its 3 leading masked columns go
     assert cache.length == 2 and cache.layers[0].keys[0, 0, :, 0].tolist() == [7, 7]
     assert cache.step_mask() is None  # every column of every row is used
+
+
+def test_int8_base_quantizes_the_base_layers_only_and_serves(chat_base, two_adapters, reference):
+    from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
+
+    helpful, harmless = two_adapters
+    mixer = PreferenceMixer(str(chat_base), {"helpful": helpful, "harmless": harmless})
+    linear = [name for name, module in mixer.model.named_modules() if type(module) is torch.nn.Linear]
+    count = mixer.quantize_int8()
+    assert count == len([name for name in linear if "lora_" not in name]) > 0
+    modules = dict(mixer.model.named_modules())
+    assert all(isinstance(modules[name], Int8Linear) for name in linear if "lora_" not in name)
+    assert all(type(modules[name]) is torch.nn.Linear for name in linear if "lora_" in name)  # adapters stay fp32
+    engine = Engine(mixer, max_batch_size=4).start()
+    try:
+        results = engine.generate([request(engine, p, MIXES[i % 3], max_tokens=6) for i, p in enumerate(PROMPTS)], timeout=60)
+    finally:
+        engine.close(timeout=10)
+    assert all(result.completion_tokens > 0 for result in results)
+    with pytest.raises(Exception, match="already quantized"):
+        mixer.quantize_int8()
+
+
+def test_serve_refuses_int8_with_4bit():
+    from click.testing import CliRunner
+
+    from lora_arith.cli import main
+
+    result = CliRunner().invoke(main, ["serve", "--int8", "--4bit"])
+    assert result.exit_code != 0 and "choose one" in result.output and "Traceback" not in result.output
+
+
+def test_a_shared_prefix_gives_the_texts_of_a_full_prefill(mixer, reference):
+    """The prefix every prompt starts with, run once per mix and kept, gives the texts of
+    prefilling every prompt whole (tested with a system turn as the prefix: the tiny template
+    has none of its own)."""
+    system = {"role": "system", "content": "You are a helpful assistant named Tiny, made for tests."}
+    engine = Engine(mixer, max_batch_size=6, share_prefix=False)
+    conversations = [[system, {"role": "user", "content": prompt}] for prompt in PROMPTS]
+    prompts = [engine.encode(conversation) for conversation in conversations]
+    shared = 0
+    while all(len(ids) > shared + 1 and ids[shared] == prompts[0][shared] for ids in prompts):
+        shared += 1
+    assert shared > 5  # the system turn
+    engine.prefix_ids = prompts[0][:shared]
+    jobs = [(ids, MIXES[i % 2]) for i, ids in enumerate(prompts * 2)]
+    engine.start()
+    try:
+        got = engine.generate([RowRequest(list(ids), dict(mix), max_tokens=8) for ids, mix in jobs], timeout=60)
+    finally:
+        engine.close(timeout=10)
+    assert len(engine._prefixes) == 2  # one prefix per mix, run once
+    expected = [reference.generate([conversations[i % 4]], weights=[MIXES[i % 2]], max_new_tokens=8)[0] for i in range(8)]
+    assert [result.text for result in got] == expected

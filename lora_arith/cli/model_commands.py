@@ -118,16 +118,29 @@ def generate(prompt, prompts_file, output, temperature, seed, force, base, adapt
         inputs = _model_inputs(base, [spec.path for spec in named.values()], prompts_file)
         output = check_output(output, force=force, inputs=inputs, kind="file")
     mixer = _mixer(base, named, model["quantize_4bit"], model["device"])
-    completions = mixer.generate(
-        prompts,
-        weights=weights if any(row is not None for row in weights) else None,
-        max_new_tokens=model["max_new_tokens"],
-        batch_size=model["batch_size"],
-        temperature=temperature,
-        seed=seed,
-        progress=progress_wanted(),
-        sources=sources,
-    )
+    if temperature > 0:  # model.generate's seeded sampling, batch by batch
+        completions = mixer.generate(
+            prompts,
+            weights=weights if any(row is not None for row in weights) else None,
+            max_new_tokens=model["max_new_tokens"],
+            batch_size=model["batch_size"],
+            temperature=temperature,
+            seed=seed,
+            progress=progress_wanted(),
+            sources=sources,
+        )
+    else:  # greedy: the engine behind `serve`, each line with its own mix, rows leaving as they finish
+        from lora_arith.generation import encode_prompts
+        from lora_arith.serving.engine import greedy_completions
+
+        completions = greedy_completions(
+            mixer,
+            encode_prompts(mixer.model, mixer.tokenizer, prompts, model["max_new_tokens"], sources),
+            weights,
+            max_new_tokens=model["max_new_tokens"],
+            max_batch_size=model["batch_size"],
+            progress=progress_wanted(),
+        )
     lines = [json.dumps({"prompt": p, "completion": c}, ensure_ascii=False) for p, c in zip(prompts, completions)]
     if output is None:
         if prompt is not None:

@@ -39,7 +39,16 @@ from lora_arith.errors import LoraArithError, OptionError
 if TYPE_CHECKING:
     from lora_arith.mixing import PreferenceMixer, RowWeights
 
-__all__ = ["Engine", "EngineClosed", "EngineFull", "RowRequest", "RowResult", "SlotCache", "cut_at_stop"]
+__all__ = [
+    "Engine",
+    "EngineClosed",
+    "EngineFull",
+    "RowRequest",
+    "RowResult",
+    "SlotCache",
+    "cut_at_stop",
+    "greedy_completions",
+]
 
 
 class EngineFull(LoraArithError):
@@ -702,3 +711,40 @@ class Engine:
         if not bool(torch.isfinite(probabilities).all()) or float(probabilities.sum()) <= 0:
             raise LoraArithError("sampling failed: the probabilities are not finite")
         return int(torch.multinomial(probabilities.cpu(), 1, generator=row.generator))
+
+
+def greedy_completions(
+    mixer: "PreferenceMixer",
+    prompt_ids: Sequence[Sequence[int]],
+    weights: Sequence[Any],
+    *,
+    max_new_tokens: int,
+    max_batch_size: int,
+    share_prefix: bool = True,
+    progress: bool = False,
+) -> list[str]:
+    """Greedy completions of tokenized chat prompts, row ``i`` mixed with ``weights[i]`` (a mapping
+    name → η; names left out, or ``None``, keep the mixer's weights), on an engine of its own
+    (started and closed here: ``sweep`` and ``generate`` use the engine ``serve`` uses). Raises the
+    first row's error, if any."""
+    engine = Engine(
+        mixer,
+        max_batch_size=max(1, max_batch_size),
+        max_queue=len(prompt_ids),
+        max_prefill_tokens=max(2048, sum(len(ids) for ids in prompt_ids)),
+        share_prefix=share_prefix,
+    )
+    requests = [RowRequest(list(ids), dict(row or {}), max_tokens=max_new_tokens) for ids, row in zip(prompt_ids, weights)]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(requests), desc="generating", unit="reply", leave=False)
+        engine._observe_hook = lambda event, *values: bar.update() if event in ("finished", "failed") else None
+    engine.start()
+    try:
+        return [result.text for result in engine.generate(requests)]
+    finally:
+        engine.close(timeout=0)
+        if bar is not None:
+            bar.close()
