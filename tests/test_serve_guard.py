@@ -168,12 +168,14 @@ def test_openai_conformance(server):
 
 
 def test_a_full_queue_answers_429_with_retry_after(server):
-    """2 rows decode and 2 wait: of 10 long requests sent at once, the rest are turned away."""
+    """At most 2 requests wait (and 2 rows decode): of 10 long requests sent at once, at least 2
+    are served (how many more depends on how many joined the batch before the queue filled), and
+    the rest are turned away."""
     body = {**GOOD, "max_tokens": 200}
     with ThreadPoolExecutor(10) as pool:
         replies = list(pool.map(lambda _: post(server, body), range(10)))
     statuses = sorted(status for status, _, _ in replies)
-    assert statuses.count(200) >= 4 and statuses.count(429) >= 1 and set(statuses) == {200, 429}, statuses
+    assert statuses.count(200) >= 2 and statuses.count(429) >= 1 and set(statuses) == {200, 429}, statuses
     refused = next(reply for reply in replies if reply[0] == 429)
     assert refused[2].get("retry-after") == "1" and refused[1]["error"]["code"] == "queue_full"
 

@@ -27,6 +27,11 @@ def parse_weights(text: str) -> dict[str, float]:
     return weights
 
 
+def _limit(flag: str, default, kind, help: str):
+    """A bound of the server, shown with its default in ``--help``."""
+    return click.option(flag, default=default, show_default=True, type=kind, help=help)
+
+
 @click.command()
 @click.option(
     "--base",
@@ -51,44 +56,22 @@ def parse_weights(text: str) -> dict[str, float]:
     metavar="ORIGIN",
     help="Let web pages from ORIGIN call the API (CORS; repeatable). Default: no cross-origin calls.",
 )
-@click.option(
-    "--max-batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Rows decoded together at most."
-)
-@click.option(
-    "--max-queue",
-    default=256,
-    show_default=True,
-    type=click.IntRange(min=0),
-    help="Requests waiting to join the batch at most; beyond, 429 with Retry-After.",
-)
-@click.option(
-    "--max-request-bytes",
-    default=4 * 2**20,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Largest request body; larger ones get 413 before they are read.",
-)
-@click.option(
+@_limit("--max-batch-size", 32, click.IntRange(min=1), "Rows decoded together at most.")
+@_limit("--max-queue", 256, click.IntRange(min=0), "Requests waiting to join the batch at most; beyond, 429 with Retry-After.")
+@_limit("--max-request-bytes", 4 * 2**20, click.IntRange(min=1), "Largest request body; larger ones get 413 unread.")
+@_limit(
     "--request-timeout",
-    default=30.0,
-    show_default=True,
-    type=click.FloatRange(min=0, min_open=True),
-    help="Seconds a client has to send a whole request (head and body); then the connection is closed or gets 408.",
+    30.0,
+    click.FloatRange(min=0, min_open=True),
+    "Seconds a client has to send a whole request (head and body); then it is closed, or gets 408.",
 )
-@click.option("--max-eta", default=4.0, show_default=True, help="Largest |weight| a request may ask for.")
-@click.option(
-    "--max-tokens",
-    default=512,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Largest max_tokens a request may ask for (and the default).",
-)
-@click.option(
+@_limit("--max-eta", 4.0, click.FloatRange(min=0, min_open=True), "Largest |weight| a request may ask for.")
+@_limit("--max-tokens", 512, click.IntRange(min=1), "Largest max_tokens a request may ask for (and the default).")
+@_limit(
     "--shutdown-timeout",
-    default=30.0,
-    show_default=True,
-    type=click.FloatRange(min=0),
-    help="Seconds running requests get to finish on Ctrl-C/SIGTERM; then they get an error.",
+    30.0,
+    click.FloatRange(min=0),
+    "Seconds running requests get to finish on Ctrl-C/SIGTERM; then they get an error.",
 )
 @four_bit_option(False, "Load the base in 4-bit NF4 (bitsandbytes).")
 @click.option(
@@ -117,8 +100,6 @@ def serve(base, adapters, weights, host, port, api_key, allowed_origins, max_eta
     from lora_arith.serving.app import AccessSettings, run_server
     from lora_arith.specs import named_specs
 
-    if max_eta <= 0:
-        raise LoraArithError("--max-eta must be positive")
     if int8 and quantize_4bit:
         raise LoraArithError("--int8 and --4bit are two ways to quantize the base: choose one")
     if api_key is not None and not api_key:
