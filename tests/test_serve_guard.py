@@ -155,6 +155,23 @@ def test_a_tiny_temperature_is_raised_not_fatal_to_the_batch(server):
     assert sampled[0] == sampled[1]  # both sampled at 1e-2 with the same seed
 
 
+def test_a_short_request_does_not_wait_for_a_long_one(server):
+    """Head-of-line blocking: an 8-token request sent while a 400-token stream runs is answered
+    while that stream still runs (a static batcher answers it only after the long one ends)."""
+    port = int(server.url.rsplit(":", 1)[1])
+    long = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    body = {**GOOD, "max_tokens": 400, "stream": True, "stop": ["never seen"]}
+    long.request("POST", "/v1/chat/completions", json.dumps(body), {**AUTH, "Content-Type": "application/json"})
+    response = long.getresponse()
+    assert response.readline().startswith(b"data: ")  # the long row is decoding
+    status, reply, _ = post(server, {**GOOD, "max_tokens": 8})
+    assert status == 200 and reply["usage"]["completion_tokens"] <= 8
+    assert server.request("/health")[1]["running"] == 1, "the long stream had already ended"
+    events = [line for line in response.read().decode().split("\n\n") if line.strip()]
+    assert '"finish_reason": "length"' in events[-2] and events[-1] == "data: [DONE]"  # it ran to 400 tokens
+    long.close()
+
+
 def test_openai_conformance(server):
     status, reply, _ = post(server, {**GOOD, "stream": None, "messages": [{"role": "developer", "content": "Be brief."}, *GOOD["messages"]]})
     assert status == 200 and reply["choices"][0]["message"]["content"] is not None
