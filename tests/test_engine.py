@@ -117,12 +117,14 @@ def test_slot_cache_keeps_each_rows_keys_through_joins_shifts_and_departures():
     b = torch.arange(10, 15, dtype=torch.float32).view(1, 1, 5, 1)  # longer: the axis shifts right by 2
     cache.insert(Prefill(b), torch.ones(1, 5, dtype=torch.long))
     keys = cache.layers[0]._keys
-    assert cache.length == 5 and cache.rows == 2
+    assert cache.length == 5 and cache.rows == 2 and keys.shape[0] == 2  # the buffers grow with the batch
     assert keys[0, 0, 2:5, 0].tolist() == [1, 2, 3] and cache.mask[0, :5].tolist() == [0, 0, 1, 1, 1]
     assert keys[1, 0, :5, 0].tolist() == [10, 11, 12, 13, 14]
     c = torch.full((1, 1, 2, 1), 7.0)
     cache.insert(Prefill(c), torch.ones(1, 2, dtype=torch.long))
     assert cache.mask[2, :5].tolist() == [0, 0, 0, 1, 1]
+    keys = cache.layers[0]._keys  # grown to 4 rows
+    assert keys.shape[0] == 4
     assert cache.remove([0]) == [2, 1]  # the last row fills the hole
     assert cache.rows == 2 and cache.layers[0].keys.shape[0] == 2
     assert cache.mask[0, :5].tolist() == [0, 0, 0, 1, 1] and keys[0, 0, 3:5, 0].tolist() == [7, 7]
@@ -187,3 +189,22 @@ def test_a_shared_prefix_gives_the_texts_of_a_full_prefill(mixer, reference):
     assert len(engine._prefixes) == 2  # one prefix per mix, run once
     expected = [reference.generate([conversations[i % 4]], weights=[MIXES[i % 2]], max_new_tokens=8)[0] for i in range(8)]
     assert [result.text for result in got] == expected
+
+
+def test_a_long_prompt_does_not_make_the_batch_outgrow_its_token_budget(mixer, reference):
+    """All rows share one time axis, so a long prompt makes every row as long: with a budget of
+    rows × columns that fits it alone, the short requests wait for it instead of joining."""
+    long_prompt = "bread " * 40
+    probe = Engine(mixer)
+    length = len(probe.encode([{"role": "user", "content": long_prompt}]))
+    engine = Engine(mixer, max_batch_size=4, max_batch_tokens=length + 12).start()
+    try:
+        jobs = [(long_prompt, MIXES[0], 10)] + [(PROMPTS[i], MIXES[i % 3], 4) for i in range(3)]
+        results = engine.generate([request(engine, p, m, max_tokens=n) for p, m, n in jobs], timeout=60)
+        sizes = list(engine.batch_sizes)
+    finally:
+        engine.close(timeout=10)
+    assert sizes[: results[0].completion_tokens - 1] == [1] * (results[0].completion_tokens - 1)
+    assert max(sizes) > 1  # the short ones batched together after it
+    expected = [reference.generate([p], weights=[m], max_new_tokens=n)[0] for p, m, n in jobs]
+    assert [result.text for result in results] == expected

@@ -57,6 +57,12 @@ def _limit(flag: str, default, kind, help: str):
     help="Let web pages from ORIGIN call the API (CORS; repeatable). Default: no cross-origin calls.",
 )
 @_limit("--max-batch-size", 32, click.IntRange(min=1), "Rows decoded together at most.")
+@_limit(
+    "--max-batch-tokens",
+    32768,
+    click.IntRange(min=1),
+    "Rows x tokens of the batch's KV cache at most (its memory); a request joins only within it.",
+)
 @_limit("--max-queue", 256, click.IntRange(min=0), "Requests waiting to join the batch at most; beyond, 429 with Retry-After.")
 @_limit("--max-request-bytes", 4 * 2**20, click.IntRange(min=1), "Largest request body; larger ones get 413 unread.")
 @_limit(

@@ -514,6 +514,7 @@ def run_server(
     host: str = "127.0.0.1",
     port: int = 8000,
     max_batch_size: int = 32,
+    max_batch_tokens: int = 32768,
     max_queue: int = 256,
     max_eta: float = 4.0,
     max_tokens: int = 512,
@@ -536,7 +537,7 @@ def run_server(
     access = access or AccessSettings()
     if access.loopback_only is None:
         access.loopback_only = is_loopback_host(host)
-    engine = Engine(mixer, max_batch_size=max_batch_size, max_queue=max_queue)
+    engine = Engine(mixer, max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens, max_queue=max_queue)
     settings = ServerSettings(model_id, dict(mixer.weights), max_eta, max_tokens, engine.context_length)
     stopping = asyncio.Event()
     app = create_app(engine, settings, access, stopping=stopping)

@@ -235,24 +235,25 @@ class SlotCache:
         self.layers: list = []
         self.rows = 0
         self.length = 0
-        self.mask = torch.zeros((max_rows, 0), dtype=torch.long)
+        self.mask = torch.zeros((0, 0), dtype=torch.long)
 
-    def _capacity(self) -> int:
-        return self.mask.shape[1]
-
-    def reserve(self, columns: int) -> None:
-        """Make room for ``columns`` columns (doubling, so that growth is amortised)."""
-        if columns <= self._capacity():
+    def reserve(self, rows: int, columns: int) -> None:
+        """Make room for ``rows`` rows of ``columns`` columns, doubling what is short (so that growth
+        is amortised); buffers grow with the batch, not to ``max_rows`` at once."""
+        slots, capacity = self.mask.shape
+        if rows <= slots and columns <= capacity:
             return
-        capacity = max(columns, 2 * self._capacity(), 64)
-        mask = self.mask.new_zeros((self.max_rows, capacity))
-        mask[:, : self.length] = self.mask[:, : self.length]
+        slots = slots if rows <= slots else min(self.max_rows, max(rows, 2 * slots))
+        capacity = capacity if columns <= capacity else max(columns, 2 * capacity, 64)
+        used = (slice(0, self.rows), slice(None), slice(0, self.length))
+        mask = self.mask.new_zeros((slots, capacity))
+        mask[: self.rows, : self.length] = self.mask[: self.rows, : self.length]
         self.mask = mask
         for layer in self.layers:
             for name in ("_keys", "_values"):
                 old = getattr(layer, name)
-                new = old.new_empty((old.shape[0], old.shape[1], capacity, old.shape[3]))
-                new[:, :, : self.length] = old[:, :, : self.length]
+                new = old.new_empty((slots, old.shape[1], capacity, old.shape[3]))
+                new[used] = old[used]
                 setattr(layer, name, new)
             layer._views()
 
@@ -265,7 +266,7 @@ class SlotCache:
         """Move every row's columns ``by`` to the right (``by`` < 0: to the left)."""
         rows, length = self.rows, self.length
         new_length = length + by
-        self.reserve(new_length)
+        self.reserve(rows, new_length)
         tensors = [self.mask] + [getattr(layer, name) for layer in self.layers for name in ("_keys", "_values")]
         for tensor in tensors:
             time_axis = tensor.dim() - 2 if tensor.dim() == 4 else 1
@@ -285,13 +286,15 @@ class SlotCache:
         if self.rows + count > self.max_rows:
             raise ValueError(f"{self.rows} + {count} rows exceed {self.max_rows}")
         if self.cache is None:
-            layer_class, self.layers = _slot_layer_class(), []
+            layer_class = _slot_layer_class()
             for layer in prefill.layers:
                 keys, values = layer.keys, layer.values
-                shape = (self.max_rows, keys.shape[1], max(width, 64), keys.shape[3])
-                self.layers.append(layer_class(keys.new_empty(shape), values.new_empty(shape[:3] + values.shape[3:])))
-            self.mask = self.mask.new_zeros((self.max_rows, max(width, 64)))
+                self.layers.append(
+                    layer_class(keys.new_empty((0, keys.shape[1], 0, keys.shape[3])), values.new_empty((0, values.shape[1], 0, values.shape[3])))
+                )
+            self.mask = self.mask.to(prefill_mask.device)
             self.cache = Cache(layers=self.layers)
+        self.reserve(self.rows + count, max(self.length, width))
         if self.rows == 0:
             self.length = 0
         if width > self.length:
@@ -341,7 +344,7 @@ class SlotCache:
     def step_mask(self) -> torch.Tensor | None:
         """The attention mask of a decoding step (one new column for every row), or ``None`` when
         every row attends to every column."""
-        self.reserve(self.length + 1)
+        self.reserve(self.rows, self.length + 1)
         self.mask[: self.rows, self.length] = 1
         mask = self.mask[: self.rows, : self.length + 1]
         return None if bool(mask.all()) else mask
@@ -356,6 +359,10 @@ class Engine:
         max_queue: requests waiting to join at most; :meth:`submit` raises :class:`EngineFull` beyond.
         max_prefill_tokens: prompt tokens prefilled at one step boundary at most (at least one
             request is always admitted when a row is free).
+        max_batch_tokens: rows × columns of the batch's KV cache at most (its memory: about 46 KB
+            a token for the default base): a request joins only while the batch, its prompt
+            included, stays within it (a request alone always runs). All rows share one time axis,
+            so one long prompt makes every row as long.
         share_prefix: run the tokens every chat prompt starts with (the chat template's system
             turn and the user header) once per mix and keep their keys and values, instead of
             prefilling them for every request. The same computation up to float rounding.
@@ -371,6 +378,7 @@ class Engine:
         max_batch_size: int = 32,
         max_queue: int = 256,
         max_prefill_tokens: int = 2048,
+        max_batch_tokens: int = 32768,
         share_prefix: bool = True,
         observe: Callable[..., None] | None = None,
     ) -> None:
@@ -382,6 +390,7 @@ class Engine:
             raise OptionError("max_queue", "{} must not be negative")
         self.mixer, self.tokenizer = mixer, mixer.tokenizer
         self.max_batch_size, self.max_queue, self.max_prefill_tokens = max_batch_size, max_queue, max_prefill_tokens
+        self.max_batch_tokens = max_batch_tokens
         self.stop_ids = set(end_of_turn_ids(self.tokenizer))
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else min(self.stop_ids, default=0)
@@ -504,7 +513,9 @@ class Engine:
                 row.finish()
                 continue
             size = len(row.request.prompt_ids)
-            if admitted and size > budget:
+            span = max(self._cache.length, size, *(len(r.request.prompt_ids) for r in admitted)) + 1
+            rows = len(self._rows) + len(admitted) + 1
+            if (self._rows or admitted) and (size > budget or rows * span > self.max_batch_tokens):
                 break
             budget -= size
             admitted.append(self._pending.popleft())
