@@ -100,6 +100,15 @@ class Process:
             raise SystemExit("server did not start:\n" + "".join(self.lines[-30:]))
         threading.Thread(target=lambda: [None for _ in self.process.stderr], daemon=True).start()
 
+    def peak_rss_gb(self) -> float | None:
+        """The process's peak resident memory so far (Linux ``VmHWM``)."""
+        try:
+            status = Path(f"/proc/{self.process.pid}/status").read_text()
+        except OSError:
+            return None
+        match = re.search(r"VmHWM:\s+(\d+) kB", status)
+        return int(match.group(1)) / 2**20 if match else None
+
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
         try:
@@ -298,6 +307,7 @@ def main() -> None:
                     server = lora_arith_server(REPO, args.threads, args.clients, *(["--int8"] if "int8" in name else []))
             try:
                 results[name] = measure(server.url, texts, args, name.startswith("llama"), name == "llama one mix")
+                results[name]["peak_rss_gb"] = server.peak_rss_gb()
             finally:
                 server.stop()
             print(f"  {json.dumps({k: v for k, v in results[name].items() if k != 'texts'})}", file=sys.stderr)
@@ -308,13 +318,14 @@ def report(results: dict[str, dict], args) -> None:
     print(f"\n{args.clients} clients x {args.requests_per_client} requests x {args.max_tokens} new tokens over "
           f"{len(MIXES)} mixes, greedy, "
           f"{args.threads} thread(s) per server, servers one at a time\n")  # fmt: skip
-    print("| server | load tokens/s | TTFT p50 | TTFT p95 | one client tokens/s | 8-token requests during a 200-token one |")
-    print("|---|---|---|---|---|---|")
+    print("| server | load tokens/s | TTFT p50 | TTFT p95 | one client tokens/s | 8-token requests during a 200-token one | peak RSS |")
+    print("|---|---|---|---|---|---|---|")
     for name, row in results.items():
         cells = [f"{row['load_tokens_per_s']:.1f}"]
         cells += [f"{row[k]:.2f} s" if k in row else "" for k in ("ttft_p50_s", "ttft_p95_s")]
         cells.append(f"{row['one_client_tokens_per_s']:.1f}" if "one_client_tokens_per_s" in row else "")
         cells.append(f"{row['latency_ratio']:.2f}x alone ({row['short_alone_s']:.2f} s alone)" if "latency_ratio" in row else "")
+        cells.append(f"{row['peak_rss_gb']:.2f} GB" if row.get("peak_rss_gb") else "")
         print(f"| {name} | " + " | ".join(cells) + " |")
     bare = {k: v for k, v in results.get("transformers", {}).items() if k.startswith("bare_step")}
     if bare:
