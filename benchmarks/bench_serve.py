@@ -31,7 +31,7 @@ Usage::
     python benchmarks/bench_serve.py                      # everything found here, 1 round
     python benchmarks/bench_serve.py --build-llama        # build llama-server first if missing
     python benchmarks/bench_serve.py --only ours,static   # a subset
-    python benchmarks/bench_serve.py --out results.json
+    python benchmarks/bench_serve.py --rounds 2 --out results.json   # medians of 2 rounds, order reversed
 """
 
 from __future__ import annotations
@@ -272,6 +272,7 @@ def main() -> None:
     parser.add_argument("--requests-per-client", type=int, default=4, help="requests each client sends in turn")
     parser.add_argument("--max-tokens", type=int, default=32, help="new tokens per request in the load workload")
     parser.add_argument("--threads", type=int, default=1, help="compute threads of every server")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds over all servers (order reversed each round); medians")
     parser.add_argument("--baseline", default="c6acb08", help="the git revision of the static batcher")
     parser.add_argument("--only", default=",".join(SERVERS), help=f"comma-separated subset of: {', '.join(SERVERS)}")
     parser.add_argument("--build-llama", action="store_true", help="build llama-server if it is not found (minutes)")
@@ -283,41 +284,58 @@ def main() -> None:
     binary = llama_cpp.build_server() if args.build_llama else llama_cpp.find_server()
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
+        rounds: dict[str, list[dict]] = {name: [] for name in wanted}
+        for round_number in range(args.rounds):
+            order = wanted if round_number % 2 == 0 else wanted[::-1]  # drift in the machine's speed hits all alike
+            for name in order:
+                print(f"round {round_number + 1}: measuring {name} ...", file=sys.stderr)
+                result = measure_one(name, texts, args, binary, scratch)
+                if result is not None:
+                    rounds[name].append(result)
+                    print(f"  {json.dumps({k: v for k, v in result.items() if k != 'texts'})}", file=sys.stderr)
         for name in wanted:
-            print(f"measuring {name} ...", file=sys.stderr)
-            if name == "transformers":
-                results[name] = transformers_floor(texts[: args.clients], args)
-                continue
-            if name.startswith("llama"):
-                if binary is None:
-                    print("  skipped: no llama-server ($LLAMA_SERVER, PATH, or --build-llama)", file=sys.stderr)
-                    continue
-                sys.path.insert(0, str(REPO))
-                from lora_arith.base_model import default_base_dir
-
-                loras = [scratch / f"{v}.gguf" for v in ("helpful", "harmless")]
-                for lora, vector in zip(loras, ("helpful", "harmless")):
-                    if not lora.exists():
-                        llama_cpp.convert_lora(REPO / "adapters" / vector, default_base_dir(), lora)
-                server = llama_server(binary, loras, args.threads, args.clients)
-            else:
-                if name == "static":
-                    server = lora_arith_server(baseline_tree(args.baseline, scratch / "baseline"), args.threads, None)
-                else:
-                    server = lora_arith_server(REPO, args.threads, args.clients, *(["--int8"] if "int8" in name else []))
-            try:
-                results[name] = measure(server.url, texts, args, name.startswith("llama"), name == "llama one mix")
-                results[name]["peak_rss_gb"] = server.peak_rss_gb()
-            finally:
-                server.stop()
-            print(f"  {json.dumps({k: v for k, v in results[name].items() if k != 'texts'})}", file=sys.stderr)
+            if rounds[name]:
+                results[name] = {
+                    key: statistics.median(r[key] for r in rounds[name]) if key != "texts" else rounds[name][0][key]
+                    for key in rounds[name][0]
+                    if all(r.get(key) is not None for r in rounds[name])
+                }
     report(results, args)
+
+
+def measure_one(name: str, texts: list[str], args, binary: Path | None, scratch: Path) -> dict | None:
+    """One server's figures (``None``: skipped)."""
+    if name == "transformers":
+        return transformers_floor(texts[: args.clients], args)
+    if name.startswith("llama"):
+        if binary is None:
+            print("  skipped: no llama-server ($LLAMA_SERVER, PATH, or --build-llama)", file=sys.stderr)
+            return None
+        sys.path.insert(0, str(REPO))
+        from lora_arith.base_model import default_base_dir
+
+        loras = [scratch / f"{v}.gguf" for v in ("helpful", "harmless")]
+        for lora, vector in zip(loras, ("helpful", "harmless")):
+            if not lora.exists():
+                llama_cpp.convert_lora(REPO / "adapters" / vector, default_base_dir(), lora)
+        server = llama_server(binary, loras, args.threads, args.clients)
+    elif name == "static":
+        baseline = scratch / "baseline"
+        server = lora_arith_server(baseline if baseline.exists() else baseline_tree(args.baseline, baseline), args.threads, None)
+    else:
+        server = lora_arith_server(REPO, args.threads, args.clients, *(["--int8"] if "int8" in name else []))
+    try:
+        result = measure(server.url, texts, args, name.startswith("llama"), name == "llama one mix")
+        result["peak_rss_gb"] = server.peak_rss_gb()
+        return result
+    finally:
+        server.stop()
 
 
 def report(results: dict[str, dict], args) -> None:
     print(f"\n{args.clients} clients x {args.requests_per_client} requests x {args.max_tokens} new tokens over "
           f"{len(MIXES)} mixes, greedy, "
-          f"{args.threads} thread(s) per server, servers one at a time\n")  # fmt: skip
+          f"{args.threads} thread(s) per server, servers one at a time; medians of {args.rounds} round(s)\n")  # fmt: skip
     print("| server | load tokens/s | TTFT p50 | TTFT p95 | one client tokens/s | 8-token requests during a 200-token one | peak RSS |")
     print("|---|---|---|---|---|---|---|")
     for name, row in results.items():
