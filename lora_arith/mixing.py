@@ -410,13 +410,14 @@ class PreferenceMixer:
         )
 
     def quantize_int8(self) -> int:
-        """Quantize the base's linear layers (not the adapters) to int8, in place: weights int8 per
-        output channel, activations quantized per batch on the fly (torch's dynamic quantization,
-        fbgemm's CPU kernels). Decoding on a CPU reads a quarter of the bytes per token, so it is
-        about 2.5x faster with one request and 2.5x faster with 32; but the replies are no longer
-        exactly those of the full-precision base (as with llama.cpp's quantized bases). The
-        adapters stay in full precision, and so do their weights per row. Returns the number of
-        layers quantized. CPU only; not for a 4-bit base."""
+        """Quantize the base's linear layers (not the adapters) to int8, in place: weights int8 (one
+        scale per layer), activations quantized per batch on the fly (torch's dynamic quantization,
+        fbgemm's CPU kernels). Decoding on a CPU reads a quarter of the bytes per token: about twice
+        as fast with one request and 1.8x with 32 (``benchmarks/bench_serve.py``). But the replies
+        are no longer exactly those of the full-precision base (as with llama.cpp's quantized
+        bases), and a row's reply can depend on what it is batched with (the activations' scale is
+        the batch's). The adapters and their per-row weights stay in full precision. Returns the
+        number of layers quantized. CPU only; not for a 4-bit base."""
         import warnings
 
         from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic

@@ -227,6 +227,32 @@ def test_metrics_in_prometheus_format(server):
     assert values["lora_arith_requests_running"] == 0 and values["lora_arith_requests_waiting"] == 0
 
 
+@pytest.mark.browser
+def test_the_playground_works_with_a_key(server):
+    """The page is open; it asks for the key, and with it gets what the API gives."""
+    from playground_driver import browser_available, open_browser, send
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    if not browser_available():
+        pytest.skip("needs selenium and Debian's chromium + chromium-driver")
+    driver = open_browser()
+    try:
+        driver.get(server.url + "/")
+        key = driver.find_element(By.ID, "api-key")
+        assert key.is_displayed()
+        tokens = driver.find_element(By.ID, "max-tokens")
+        tokens.clear()
+        tokens.send_keys("6")
+        assert send(driver, "hi")["a"] == "ERROR"  # no key yet: 401
+        key.send_keys(KEY, Keys.TAB)
+        shown = send(driver, "hi")["a"]
+    finally:
+        driver.quit()
+    api = post(server, {**GOOD, "max_tokens": 6})[1]["choices"][0]["message"]["content"]
+    assert shown == api and shown
+
+
 def test_shutdown_answers_what_is_still_running_then_exits_0(server):
     """The module's last test: with --shutdown-timeout 0, SIGTERM fails the running rows at once:
     a JSON 503 for a plain request, an error event and [DONE] for a stream."""

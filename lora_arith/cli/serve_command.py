@@ -83,7 +83,7 @@ def _limit(flag: str, default, kind, help: str):
 @click.option(
     "--int8",
     is_flag=True,
-    help="CPU: quantize the base's linear layers to int8 (adapters stay fp32): about 2.5x the tokens/s, "
+    help="CPU: quantize the base's linear layers to int8 (adapters stay fp32): about 2x the tokens/s, "
     "but replies differ from the full-precision base's.",
 )
 @device_option()
