@@ -57,28 +57,13 @@ def _limit(flag: str, default, kind, help: str):
     help="Let web pages from ORIGIN call the API (CORS; repeatable). Default: no cross-origin calls.",
 )
 @_limit("--max-batch-size", 32, click.IntRange(min=1), "Rows decoded together at most.")
-@_limit(
-    "--max-batch-tokens",
-    32768,
-    click.IntRange(min=1),
-    "Rows x tokens of the batch's KV cache at most (its memory); a request joins only within it.",
-)
-@_limit("--max-queue", 256, click.IntRange(min=0), "Requests waiting to join the batch at most; beyond, 429 with Retry-After.")
-@_limit("--max-request-bytes", 4 * 2**20, click.IntRange(min=1), "Largest request body; larger ones get 413 unread.")
-@_limit(
-    "--request-timeout",
-    30.0,
-    click.FloatRange(min=0, min_open=True),
-    "Seconds a client has to send a whole request (head and body); then it is closed, or gets 408.",
-)
+@_limit("--max-batch-tokens", 32768, click.IntRange(min=1), "Rows x tokens of the batch's KV cache at most.")
+@_limit("--max-queue", 256, click.IntRange(min=0), "Requests waiting at most; beyond, 429 with Retry-After.")
+@_limit("--max-request-bytes", 4 * 2**20, click.IntRange(min=1), "Largest body; larger ones get 413 unread.")
+@_limit("--request-timeout", 30.0, click.FloatRange(min=0, min_open=True), "Seconds to send a whole request.")
 @_limit("--max-eta", 4.0, click.FloatRange(min=0, min_open=True), "Largest |weight| a request may ask for.")
 @_limit("--max-tokens", 512, click.IntRange(min=1), "Largest max_tokens a request may ask for (and the default).")
-@_limit(
-    "--shutdown-timeout",
-    30.0,
-    click.FloatRange(min=0),
-    "Seconds running requests get to finish on Ctrl-C/SIGTERM; then they get an error.",
-)
+@_limit("--shutdown-timeout", 30.0, click.FloatRange(min=0), "Seconds running requests get on Ctrl-C/SIGTERM.")
 @four_bit_option(False, "Load the base in 4-bit NF4 (bitsandbytes).")
 @click.option(
     "--int8",
@@ -95,6 +80,11 @@ def serve(base, adapters, weights, host, port, api_key, allowed_origins, max_eta
     batched continuously: each joins the running batch at the next decoding step, with its own
     mix, and leaves it the moment it is done. GET / is a playground page, GET /metrics Prometheus
     metrics.
+
+    Bounds: a request must arrive whole within --request-timeout (else its connection is closed,
+    or it gets 408); it joins the batch only while rows x tokens of the KV cache stay within
+    --max-batch-tokens (all rows share one time axis, so a long prompt waits rather than make
+    every row as long); beyond --max-queue waiting requests, 429.
 
     \b
     Example:
