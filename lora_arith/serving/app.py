@@ -30,7 +30,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from lora_arith.errors import LoraArithError, OptionError
+from lora_arith.errors import LoraArithError, OptionError, first_line
 from lora_arith.serving.engine import Engine, EngineClosed, EngineFull, RowRequest, RowResult
 from lora_arith.serving.protocol import ChatRequest, RequestError, ServerSettings, parse_body, parse_chat_request
 
@@ -302,7 +302,7 @@ def _failure(error: BaseException) -> RequestError:
     """The error a client gets when its row failed in the engine."""
     if isinstance(error, EngineClosed):
         return RequestError(str(error), status=503, code="shutting_down", kind="server_error")
-    return RequestError(f"generation failed: {str(error).splitlines()[0][:200] if str(error) else type(error).__name__}", status=500, kind="server_error")
+    return RequestError(f"generation failed: {first_line(error)[:200]}", status=500, kind="server_error")
 
 
 def create_app(
@@ -376,7 +376,7 @@ def create_app(
         try:
             prompt_ids = engine.encode(chat.messages)
         except (LoraArithError, ValueError, UnicodeError) as error:
-            raise RequestError(str(error).splitlines()[0][:200], param="messages") from None
+            raise RequestError(first_line(error)[:200], param="messages") from None
         if len(prompt_ids) >= settings.context_length:
             message = f"the prompt has {len(prompt_ids)} tokens; this model's context is {settings.context_length}"
             raise RequestError(message, param="messages", code="context_length_exceeded")

@@ -158,7 +158,10 @@ class _Row:
         prompt = len(self.request.prompt_ids)
         result = RowResult(text, self.done or "length", prompt, self.generated)
         self.engine._observe("finished", result, time.monotonic() - self.submitted)
-        self.on_done(result)
+        try:
+            self.on_done(result)
+        except Exception:  # noqa: BLE001 - a broken callback must not stop the engine
+            pass
 
     def fail(self, error: BaseException) -> None:
         self.done = "error"

@@ -13,6 +13,8 @@ import json
 import math
 from typing import Any, Mapping
 
+from lora_arith.errors import first_line
+
 __all__ = ["ChatRequest", "RequestError", "ServerSettings", "parse_body", "parse_chat_request"]
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -77,7 +79,7 @@ def parse_body(raw: bytes) -> Any:
     except RecursionError:
         raise RequestError("the request body is nested too deeply") from None
     except (ValueError, UnicodeError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        detail = str(error).splitlines()[0][:120]
+        detail = first_line(error)[:120]
         raise RequestError(f"the request body is not valid JSON ({detail})") from None
 
 
