@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -169,6 +170,27 @@ def test_bad_requests_get_errors_and_good_ones_alongside_succeed(server, expecte
 def health(server) -> dict:
     with urllib.request.urlopen(server.url + "/health", timeout=10) as response:
         return json.loads(response.read())
+
+
+def test_a_large_body_does_not_freeze_the_server(server):
+    """A 3.6 MB prompt (under the 4 MiB limit) is parsed and refused off the event loop, and
+    without tokenizing it: /health answers at once meanwhile."""
+    body = json.dumps({"model": "lora-arith", "messages": [{"role": "user", "content": "bread " * 600_000}]}).encode()
+    assert 3 * 2**20 < len(body) < 4 * 2**20
+    result: dict = {}
+    sender = threading.Thread(target=lambda: result.update(reply=server.post(body)))
+    sender.start()
+    slowest = 0.0
+    for _ in range(200):  # at most 200 probes, while the request runs
+        started = time.monotonic()
+        health(server)
+        slowest = max(slowest, time.monotonic() - started)
+        if not sender.is_alive():
+            break
+    sender.join(60)
+    status, reply = result["reply"]
+    assert status == 400 and "context" in reply["error"]["message"], reply
+    assert slowest < 1.0, slowest
 
 
 @pytest.mark.browser

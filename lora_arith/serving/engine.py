@@ -410,6 +410,8 @@ class Engine:
         self.generated_tokens = 0
         self.steps = 0
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=100)
+        longest = max((len(token) for token in self.tokenizer.get_vocab()), default=1) or 1
+        self._most_characters = 2 * self.context_length * longest  # (room for normalizers that drop characters)
         self.prefix_ids = self._template_prefix() if share_prefix else []
         self._prefixes: dict[tuple, list] = {}  # mix -> [(keys, values) of the prefix per layer]
 
@@ -420,6 +422,10 @@ class Engine:
         from lora_arith.generation import chat_prompt
 
         text = chat_prompt(self.tokenizer, list(messages))
+        if len(text) > self._most_characters:  # at least len / longest tokens: too long, without tokenizing it
+            raise LoraArithError(
+                f"the prompt is {len(text)} characters, more tokens than this model's context of {self.context_length}"
+            )
         with self._tokenizer_lock:  # a tokenizer is not safe to call from several threads at once
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
