@@ -591,15 +591,14 @@ class Engine:
         from transformers.cache_utils import DynamicCache
 
         keys = [tuple(row.tolist()) for row in etas]
-        missing = list(dict.fromkeys(key for key in keys if key not in self._prefixes))
-        if missing:
-            handle.assign(torch.tensor(missing, dtype=torch.float64).view(len(missing), -1))
-            ids = torch.tensor([self.prefix_ids] * len(missing), device=self.device)
+        ids = torch.tensor([self.prefix_ids], device=self.device)
+        for key in dict.fromkeys(key for key in keys if key not in self._prefixes):
+            # one mix at a time: a mix's prefix is then computed the same way whatever else is missing
+            handle.assign(torch.tensor([key], dtype=torch.float64))
             cache = self.mixer.model(input_ids=ids, cache=DynamicCache(), use_cache=True, logits_to_keep=1).cache
-            for index, key in enumerate(missing):
-                self._prefixes[key] = [(layer.keys[index], layer.values[index]) for layer in cache.layers]
-                while len(self._prefixes) > 64:
-                    self._prefixes.pop(next(iter(self._prefixes)))
+            self._prefixes[key] = [(layer.keys[0], layer.values[0]) for layer in cache.layers]
+            while len(self._prefixes) > 64:
+                self._prefixes.pop(next(iter(self._prefixes)))
         for key in keys:
             self._prefixes[key] = self._prefixes.pop(key)  # most recently used last
         cache = DynamicCache()
