@@ -212,7 +212,8 @@ class RowWeights:
         for state in self._fused.values():
             state[0] = select(state[0])
 
-    def _restore(self) -> None:
+    def restore(self) -> None:
+        """Put back the layers' own scalings and forwards (after this the handle holds nothing)."""
         for layer, name, value, *_ in reversed(self._scaled):
             layer.scaling[name] = value
         for layer in self._fused:
@@ -326,7 +327,7 @@ class PreferenceMixer:
             handle.assign(self.row_etas(rows))
             yield handle
         finally:
-            handle._restore()
+            handle.restore()
 
     def row_etas(self, rows: Sequence[Mapping[str, Any] | None]) -> torch.Tensor:
         """The ``(rows, adapters)`` float64 weights of each row's full mix (see :meth:`row_mix`)."""
@@ -337,7 +338,7 @@ class PreferenceMixer:
 
     def row_handle(self, *, fused: bool = False) -> "RowWeights":
         """Put per-row weights on the LoRA layers, for :meth:`RowWeights.assign` to fill; the caller
-        must call its ``_restore()`` (:meth:`row_weights` is the context manager that does)."""
+        must call its ``restore()`` (:meth:`row_weights` is the context manager that does)."""
         handle = RowWeights()
         try:
             for layer in self._lora_layers:
@@ -352,7 +353,7 @@ class PreferenceMixer:
                     dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
                     handle._scale(layer, name, column, _unit_scaling(layer, name), dtype, weight.device)
         except BaseException:
-            handle._restore()
+            handle.restore()
             raise
         return handle
 

@@ -557,7 +557,7 @@ class Engine:
             error = crash
             raise
         finally:
-            handle._restore()
+            handle.restore()
             with self._condition:
                 self._closing = True
                 leftover, self._rows = list(self._pending) + self._rows, []
