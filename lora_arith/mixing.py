@@ -414,7 +414,7 @@ class PreferenceMixer:
         """Quantize the base's linear layers (not the adapters) to int8, in place: weights int8 (one
         scale per layer), activations quantized per batch on the fly (torch's dynamic quantization,
         fbgemm's CPU kernels). Decoding on a CPU reads a quarter of the bytes per token: about twice
-        as fast with one request and 1.8x with 32 (``benchmarks/bench_serve.py``). But the replies
+        as fast with one request and with 32 (``benchmarks/bench_serve.py``). But the replies
         are no longer exactly those of the full-precision base (as with llama.cpp's quantized
         bases), and a row's reply can depend on what it is batched with (the activations' scale is
         the batch's). The adapters and their per-row weights stay in full precision. Returns the

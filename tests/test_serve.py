@@ -120,7 +120,9 @@ def test_stream_reassembles_to_the_reply(server):
         stream = chat(client, PROMPTS[2], mix, max_tokens=24, stream=True, stream_options={"include_usage": True})
         chunks = list(stream)
         pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
-        assert "".join(pieces) == whole and len([p for p in pieces if p]) > 1
+        assert "".join(pieces) == whole
+        if "\ufffd" not in whole:  # a reply of undecodable bytes is held back to its end, then sent whole
+            assert len([p for p in pieces if p]) > 1
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
         assert chunks[-1].usage.completion_tokens > 0
     # sampling with a seed is reproducible, streamed or not; stop strings cut the reply
