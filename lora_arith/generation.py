@@ -52,6 +52,16 @@ def context_length(model, tokenizer) -> int | None:
     return value if isinstance(value, int) and 0 < value < 10**7 else None
 
 
+def most_characters(tokenizer: "PreTrainedTokenizerBase", context: int, longest: int | None = None) -> int:
+    """The most characters a prompt that fits ``context`` tokens can have. No token spells more
+    than ``longest`` characters (the vocabulary's longest, if not given), so a longer text has more
+    tokens than the context: refuse it without tokenizing megabytes (twice the context leaves room
+    for normalizers that drop characters)."""
+    if longest is None:
+        longest = max((len(token) for token in tokenizer.get_vocab()), default=1) or 1
+    return 2 * context * longest
+
+
 def check_prompt_lengths(
     model, tokenizer, texts: Sequence[str], max_new_tokens: int, sources: Sequence[str] | None = None
 ) -> None:
@@ -62,10 +72,7 @@ def check_prompt_lengths(
     longest = max((len(token) for token in tokenizer.get_vocab()), default=1) or 1
     for index, text in enumerate(texts):
         where = sources[index] if sources is not None else f"prompt {index + 1}"
-        # No token spells more than `longest` characters, so a text this long has at least
-        # len(text) / longest tokens: refuse it without tokenizing megabytes (twice the context
-        # leaves room for normalizers that drop characters).
-        if len(text) > 2 * context * longest:
+        if len(text) > most_characters(tokenizer, context, longest):
             raise LoraArithError(
                 f"{where}: the prompt is {len(text)} characters, at least {len(text) // longest} tokens; "
                 f"the model's context is {context} tokens"

@@ -320,7 +320,7 @@ def create_app(
 
     access = access or AccessSettings()
     metrics = Metrics(lambda: (engine.running, engine.queued()))
-    engine._observe_hook = metrics.observe
+    engine.observe = metrics.observe
     app = FastAPI(title="lora-arith", docs_url=None, redoc_url=None, openapi_url=None)
     started = int(time.time())
 

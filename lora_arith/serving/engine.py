@@ -385,7 +385,7 @@ class Engine:
         share_prefix: bool = True,
         observe: Callable[..., None] | None = None,
     ) -> None:
-        from lora_arith.generation import context_length, end_of_turn_ids
+        from lora_arith.generation import context_length, end_of_turn_ids, most_characters
 
         if max_batch_size < 1:
             raise OptionError("max_batch_size", "{} must be at least 1")
@@ -399,7 +399,7 @@ class Engine:
         self.pad_id = pad if pad is not None else min(self.stop_ids, default=0)
         self.context_length = context_length(mixer.model, self.tokenizer) or 2048
         self.device = next(mixer.model.parameters()).device
-        self._observe_hook = observe
+        self.observe = observe
         self._pending: collections.deque[_Row] = collections.deque()
         self._rows: list[_Row] = []
         self._condition = threading.Condition()
@@ -410,8 +410,7 @@ class Engine:
         self.generated_tokens = 0
         self.steps = 0
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=100)
-        longest = max((len(token) for token in self.tokenizer.get_vocab()), default=1) or 1
-        self._most_characters = 2 * self.context_length * longest  # (room for normalizers that drop characters)
+        self._most_characters = most_characters(self.tokenizer, self.context_length)
         self.prefix_ids = self._template_prefix() if share_prefix else []
         self._prefixes: dict[tuple, list] = {}  # mix -> [(keys, values) of the prefix per layer]
 
@@ -504,9 +503,9 @@ class Engine:
     # -- the worker --------------------------------------------------------------------------
 
     def _observe(self, event: str, *values: Any) -> None:
-        if self._observe_hook is not None:
+        if self.observe is not None:
             try:
-                self._observe_hook(event, *values)
+                self.observe(event, *values)
             except Exception:  # noqa: BLE001 - metrics must not break generation
                 pass
 
@@ -536,7 +535,7 @@ class Engine:
         self._next = torch.zeros(self.max_batch_size, dtype=torch.long, device=self.device)
         self._positions = torch.zeros(self.max_batch_size, dtype=torch.long, device=self.device)
         self._batch_etas = self.mixer.row_etas([])
-        self._etas: torch.Tensor | None = None  # the weights the layers hold now
+        self._assigned = False  # whether the layers hold the batch's weights (a prefill puts its own)
         error: BaseException = EngineClosed("the server shut down before this request finished")
         try:
             while True:
@@ -637,7 +636,7 @@ class Engine:
         except Exception as error:  # noqa: BLE001 - the forward of these rows failed: they fail
             return self._rows_failed(rows, error)
         finally:
-            self._etas = None  # the layers hold the prefill's weights
+            self._assigned = False  # the layers hold the prefill's weights
         going = self._take(rows, output.logits[:, -1, :])
         if not going:
             return
@@ -656,9 +655,9 @@ class Engine:
 
     def _step(self, handle: "RowWeights") -> None:
         rows = len(self._rows)
-        if self._etas is None or self._etas.shape[0] != rows:
+        if not self._assigned:
             handle.assign(self._batch_etas)
-            self._etas = self._batch_etas
+            self._assigned = True
         mask = self._cache.step_mask()
         try:
             output = self.mixer.model(
@@ -684,10 +683,9 @@ class Engine:
             order = self._cache.remove(leaving)
             index = torch.tensor(order, dtype=torch.long)
             self._rows = [self._rows[slot] for slot in order]
-            self._next[: len(order)] = self._next[index.to(self.device)].clone()
             self._positions[: len(order)] = self._positions[index.to(self.device)].clone()
             self._batch_etas = self._batch_etas[index]
-            self._etas = None
+            self._assigned = False
             self._cache.trim()
         if self._rows:
             self._next[: len(self._rows)] = torch.tensor([row.tokens[-1] for row in self._rows], device=self.device)
