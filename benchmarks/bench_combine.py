@@ -256,15 +256,15 @@ def worker_generate(params: Json) -> Json:
 
 
 def worker_ours(params: Json) -> Json:
-    """Time ``lora_arith.combine.combine`` (and ``Combination.save``) in process.
+    """Time ``lora_arith.lora.combine.combine`` (and ``Combination.save``) in process.
 
     The first call is reported as ``cold``; the ``repeats`` calls after it as ``warm`` (their
     median is the headline). The last result is also dumped in fp32 for the comparison.
     """
     import torch
 
-    from lora_arith.combine import combine
-    from lora_arith.specs import AdapterSpec
+    from lora_arith.lora.combine import combine
+    from lora_arith.lora.specs import AdapterSpec
 
     specs = [AdapterSpec(path, 1.0) for path in params["inputs"]]
     method, rank = params["method"], params["rank"] if params["method"] == "svd" else None

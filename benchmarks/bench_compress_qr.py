@@ -19,8 +19,8 @@ import time
 
 import torch
 
-import lora_arith.factors as factors
-from lora_arith.factors import LowRankDelta, compress
+import lora_arith.lora.factors as factors
+from lora_arith.lora.factors import LowRankDelta, compress
 
 SHAPES = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)]
 """(out, in) of q, k, v, o, gate, up, down in Llama-3-8B."""

@@ -7,7 +7,7 @@ with an index, and two random rank-16 adapters (all seven projections, ``lora_al
 
 Both sides merge ``1·A + 1·B`` into the bf16 base and write a bf16 model folder:
 
-* lora-arith: ``lora_arith.merge.merge_adapters`` (what ``lora-arith merge`` runs);
+* lora-arith: ``lora_arith.model.merge.merge_adapters`` (what ``lora-arith merge`` runs);
 * PEFT: ``AutoModelForCausalLM.from_pretrained(dtype=bfloat16)``, ``PeftModel.from_pretrained`` +
   ``load_adapter``, ``merge_and_unload(adapter_names=[both])``, ``save_pretrained``.
 
@@ -126,10 +126,10 @@ def worker_generate(params: Json) -> Json:
 
 
 def worker_ours(params: Json) -> Json:
-    """``lora_arith.merge.merge_adapters`` on the base and the two adapters (weights 1 and 1)."""
+    """``lora_arith.model.merge.merge_adapters`` on the base and the two adapters (weights 1 and 1)."""
     import lora_arith
-    from lora_arith.merge import merge_adapters
-    from lora_arith.specs import parse_specs
+    from lora_arith.model.merge import merge_adapters
+    from lora_arith.lora.specs import parse_specs
 
     start = time.perf_counter()
     merge_adapters(params["base"], parse_specs(params["adapters"]), params["output"])

@@ -35,7 +35,7 @@ def _vm_hwm() -> int:
 def _worker(method: str, rank: int, out_features: int, in_features: int) -> dict:
     import torch
 
-    from lora_arith.factors import LowRankDelta, frobenius_norm, single_threaded
+    from lora_arith.lora.factors import LowRankDelta, frobenius_norm, single_threaded
 
     generator = torch.Generator().manual_seed(0)
     B = torch.randn(out_features, rank, generator=generator) / rank**0.5

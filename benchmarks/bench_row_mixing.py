@@ -49,7 +49,7 @@ MIXES = [
 def worker(kind: str, repeats: int, max_tokens: int) -> None:
     import torch
 
-    from lora_arith.mixing import PreferenceMixer
+    from lora_arith.model.mixing import PreferenceMixer
 
     adapters = {name: str(REPO / "adapters" / f"{name}.safetensors") for name in ("helpful", "harmless")}
     mixer = PreferenceMixer(None, adapters, device="cpu")

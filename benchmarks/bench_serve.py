@@ -131,7 +131,7 @@ def lora_arith_server(root: Path, threads: int, batch: int | None, *extra: str) 
 
 def llama_server(binary: Path, loras: list[Path], threads: int, clients: int) -> Process:
     sys.path.insert(0, str(REPO))
-    from lora_arith.base_model import embedded_gguf
+    from lora_arith.model.base import embedded_gguf
 
     port = free_port()
     command = [
@@ -223,7 +223,7 @@ def transformers_floor(texts: list[str], args) -> dict:
     script = f"""
 import json, sys, time, torch
 sys.path.insert(0, {str(REPO)!r})
-from lora_arith.base_model import load_base
+from lora_arith.model.base import load_base
 from transformers.cache_utils import DynamicCache
 model, tokenizer = load_base(None, quantize_4bit=False, device="cpu")
 tokenizer.padding_side = "left"
@@ -312,7 +312,7 @@ def measure_one(name: str, texts: list[str], args, binary: Path | None, scratch:
             print("  skipped: no llama-server ($LLAMA_SERVER, PATH, or --build-llama)", file=sys.stderr)
             return None
         sys.path.insert(0, str(REPO))
-        from lora_arith.base_model import default_base_dir
+        from lora_arith.model.base import default_base_dir
 
         loras = [scratch / f"{v}.gguf" for v in ("helpful", "harmless")]
         for lora, vector in zip(loras, ("helpful", "harmless")):

@@ -6,7 +6,7 @@ attached, the 5×5 grid -1,-0.5,0,0.5,1 and the XSTest eval prompts
 (``../shared/data/eval/xstest_prompts.jsonl``, 234 prompts; ``--prompts-per-kind N`` takes the
 first N unsafe and N safe ones), greedy, ``--max-new-tokens`` (default 24), batch size 16, CPU fp32.
 
-* ``one point at a time``: :func:`lora_arith.sweep.evaluate_points` with ``points_per_batch=1``:
+* ``one point at a time``: :func:`lora_arith.evaluation.sweep.evaluate_points` with ``points_per_batch=1``:
   set the mix, generate all prompts, next point (the sweep's path before batching);
 * ``batched``: the same with ``points_per_batch=P`` (``--points-per-batch``, default 5): each
   length group of 16 prompts is generated once for P points (16·P rows), each prompt tokenized
@@ -71,9 +71,9 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from lora_arith.evaluation import load_eval_prompts
-    from lora_arith.mixing import PreferenceMixer
-    from lora_arith.sweep import evaluate_points, grid_points, parse_grid
+    from lora_arith.evaluation.evaluate import load_eval_prompts
+    from lora_arith.model.mixing import PreferenceMixer
+    from lora_arith.evaluation.sweep import evaluate_points, grid_points, parse_grid
 
     items = load_eval_prompts([args.prompts])
     items = [p for p in items if p.should_refuse][: args.prompts_per_kind] + [p for p in items if not p.should_refuse][

@@ -10,13 +10,13 @@ LoRA r 8 / alpha 16 on all linear layers, DPO β 0.1, batch ``--batch-size`` × 
 * ``raw TRL``: ``AutoModelForCausalLM`` + ``DPOTrainer(peft_config=LoraConfig(...))`` on the same
   conversational rows, built here from the JSON lines (the base's files are only located with
   lora-arith's ``resolve_base``);
-* ``lora-arith``: :func:`lora_arith.train.train_preference` (writes the adapter folder too);
+* ``lora-arith``: :func:`lora_arith.training.train.train_preference` (writes the adapter folder too);
 * ``lora-arith --precompute-ref``: the same with TRL's precomputed reference log-probs (their
   one pass over the pairs happens before the first step and is reported as set-up time).
 
 Step time is the median time between transformers' ``on_step_begin`` and ``on_step_end`` of
 every step but the first (a callback added to each trainer; lora-arith's trainer is reached by
-wrapping ``lora_arith.train._make_trainer`` here, the package is not changed). The three runs
+wrapping ``lora_arith.training.train._make_trainer`` here, the package is not changed). The three runs
 repeat ``--repeats`` times in rotating order, so load from other jobs hits all alike; the table
 gives the median over repeats, and the ratios to raw TRL.
 
@@ -112,7 +112,7 @@ def run_raw_trl(args: argparse.Namespace, data: list[dict], work: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from lora_arith.base_model import resolve_base  # only to find the base's files on disk
+    from lora_arith.model.base import resolve_base  # only to find the base's files on disk
 
     s = settings(args)
     # TRL turns activation checkpointing on by default; off, as lora-arith has it on CPU (the name
@@ -146,7 +146,7 @@ def run_raw_trl(args: argparse.Namespace, data: list[dict], work: Path) -> dict:
 
 def run_ours(args: argparse.Namespace, data_file: Path, work: Path, precompute: bool) -> dict:
     """lora-arith's train_preference on the same pairs, with a step timer added to its trainer."""
-    import lora_arith.train as train
+    import lora_arith.training.train as train
 
     timer = step_timer()
     original = train._make_trainer

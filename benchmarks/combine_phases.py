@@ -25,8 +25,8 @@ PHASES = """
 import sys, time
 start = time.process_time()
 import lora_arith.cli.adapter_commands
-from lora_arith.combine import combine
-from lora_arith.specs import parse_specs
+from lora_arith.lora.combine import combine
+from lora_arith.lora.specs import parse_specs
 imported = time.process_time()
 method, output, inputs = sys.argv[1], sys.argv[2], sys.argv[3:]
 result = combine(parse_specs([f"{path}:1" for path in inputs]), method=method, rank=16 if method == "svd" else None)

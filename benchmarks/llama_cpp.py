@@ -38,7 +38,7 @@ CMAKE_FLAGS = [
 def home() -> Path:
     """Where this version's source and build live."""
     sys.path.insert(0, str(REPO))
-    from lora_arith.base_model import cache_root
+    from lora_arith.model.base import cache_root
 
     return cache_root() / f"llama.cpp-{VERSION}"
 

@@ -40,7 +40,7 @@ def prompts(path: Path, start: int, stop: int) -> list[str]:
 @torch.no_grad()
 def last_token_states(mixer, texts: list[str]) -> torch.Tensor:
     """(prompts, layers + 1, hidden): the residual stream at each prompt's last token."""
-    from lora_arith.generation import chat_prompt
+    from lora_arith.model.generation import chat_prompt
 
     tokenizer = mixer.tokenizer
     tokenizer.padding_side = "left"
@@ -81,7 +81,7 @@ def projected_adapter(source: Path, directions: torch.Tensor, target: Path) -> f
 
 
 def main() -> None:
-    from lora_arith.mixing import PreferenceMixer
+    from lora_arith.model.mixing import PreferenceMixer
 
     torch.set_num_threads(2)
     advbench, alpaca = DATA / "harmless" / "advbench_behaviors.jsonl", DATA / "helpful" / "alpaca_demo.jsonl"

@@ -18,7 +18,7 @@ Source: the instruction/answer rows of ``helpful/alpaca_demo.jsonl`` EXCEPT its 
 With ``--refusal-pairs N`` the file also holds N **concise refusals**: prompts of the harmless
 training data (``harmless/advbench_behaviors.jsonl`` and ``harmless/donotanswer_prompts.jsonl``,
 drawn by the seeded RNG), where the chosen side is one of the short refusal templates
-(``lora_arith.data.REFUSALS``) and the rejected side is the SAME refusal padded with refusal-shaped
+(``lora_arith.training.data.REFUSALS``) and the rejected side is the SAME refusal padded with refusal-shaped
 padding (acknowledging the request, explaining at length, repeating, closing chatter). Both sides
 refuse, so the pairs teach "get to the point" on requests the model should decline, not "answer
 them": a concise vector trained on Alpaca alone learnt to drop refusals (README, "Adding a preference").
@@ -226,7 +226,7 @@ def pad_refusal(prompt: str, refusal: str, rng: random.Random) -> str:
 
 def refusal_pairs(prompts: list[dict], count: int, seed: int) -> list[dict]:
     """``count`` concise refusals on harmful training prompts: short refusal vs the same refusal padded."""
-    from lora_arith.data import REFUSALS
+    from lora_arith.training.data import REFUSALS
 
     picked = random.Random(f"{seed}:refusals").sample(prompts, min(count, len(prompts)))
     pairs = []

@@ -17,7 +17,7 @@ held-out ordinary prompts):
   words, with the row's chosen reply.
 
 The rejected reply is one of the SAME refusal templates the harmful pairs use as their chosen reply
-(``lora_arith.data.REFUSALS``), so the refusal text itself carries no signal: only the prompt does.
+(``lora_arith.training.data.REFUSALS``), so the refusal text itself carries no signal: only the prompt does.
 
 **Count.** The shipped harmless data has 1700 harmful pairs; these sources give about half as many
 usable prompts, so each prompt is written ``--copies`` times (default 2), each copy with a different
@@ -36,8 +36,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from lora_arith.atomic import atomic_output
-from lora_arith.data import REFUSALS
+from lora_arith._internal.atomic import atomic_output
+from lora_arith.training.data import REFUSALS
 
 HELD_OUT = 200
 HARMFUL = ("harmless/xstest_unsafe_pairs.jsonl", "harmless/advbench_behaviors.jsonl", "harmless/donotanswer_prompts.jsonl")

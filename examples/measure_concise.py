@@ -10,7 +10,7 @@ examples/results/concise/README.md) and prints a Markdown table:
   (the last 200 lines of ``helpful/alpaca_demo.jsonl``; every η is compared on the same first
   prompts, as many as every η has replies for): mean and share under 60 words;
 * refusal rate on the unsafe and compliance rate on the safe XSTest eval prompts, with Wilson 95%
-  intervals (lora_arith/refusal.py's detector, as ``eval`` applies it);
+  intervals (lora_arith/evaluation/refusal.py's detector, as ``eval`` applies it);
 * implicit-reward accuracy on the eval pairs (``eval --pairs``).
 
 With ``--side-by-side N`` it also prints the first N held-out prompts with their replies at the
@@ -26,8 +26,8 @@ import math
 import statistics
 from pathlib import Path
 
-from lora_arith.evaluation import wilson_interval
-from lora_arith.refusal import refusal_reason
+from lora_arith.evaluation.evaluate import wilson_interval
+from lora_arith.evaluation.refusal import refusal_reason
 
 RESULTS = Path("examples/results")
 
@@ -113,7 +113,7 @@ def main() -> None:
         print(
             f"\nside by side, the first {len(pairs)} held-out prompts: {sum(answered)}/{len(pairs)} replies at "
             f"η = {last} answer ({sum(answered_first)}/{len(pairs)} at η = {first}); an answer is not a refusal "
-            "(lora_arith/refusal.py) and has at least 3 words\n"
+            "(lora_arith/evaluation/refusal.py) and has at least 3 words\n"
         )
         for number, (a, b) in enumerate(pairs, 1):
             print(f"{number}. {a['prompt'][:120]!r}")

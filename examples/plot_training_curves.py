@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from lora_arith.atomic import atomic_output
+from lora_arith._internal.atomic import atomic_output
 
 
 def moving_average(values: list[float], window: int) -> list[float]:

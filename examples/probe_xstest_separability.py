@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from lora_arith.base_model import load_base
-from lora_arith.generation import chat_prompt
-from lora_arith.data import load_pairs
-from lora_arith.evaluation import load_eval_prompts
+from lora_arith.model.base import load_base
+from lora_arith.model.generation import chat_prompt
+from lora_arith.training.data import load_pairs
+from lora_arith.evaluation.evaluate import load_eval_prompts
 
 MAX_PROMPT_CHARS = 400
 

@@ -9,8 +9,8 @@ import json
 import sys
 from pathlib import Path
 
-from lora_arith.evaluation import rate_text
-from lora_arith.tune import eta_text
+from lora_arith.evaluation.evaluate import rate_text
+from lora_arith.evaluation.tune import eta_text
 
 RUNS = [
     ("pair", "helpful + harmless, tuned (bounds 0..2 each)"),

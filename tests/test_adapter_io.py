@@ -11,11 +11,11 @@ import torch
 from helpers import LLAMA_TARGETS, make_adapter, peft_deltas
 from safetensors.torch import load_file, save_file
 
-from lora_arith.adapter_io import CONFIG_METADATA_KEY, open_adapter, save_adapter
-from lora_arith.combine import combine
-from lora_arith.specs import parse_specs
-from lora_arith.errors import LoraArithError
-from lora_arith.factors import to_dense
+from lora_arith.lora.adapter_io import CONFIG_METADATA_KEY, open_adapter, save_adapter
+from lora_arith.lora.combine import combine
+from lora_arith.lora.specs import parse_specs
+from lora_arith._internal.errors import LoraArithError
+from lora_arith.lora.factors import to_dense
 
 
 def assert_matches_peft(base, adapter_dir, transpose_linear: bool = False):
@@ -154,7 +154,7 @@ def test_unsupported_dtype_file_is_readable_in_fp16(adapter_factory, tmp_path):
 )
 def test_all_finite_is_exact_even_when_the_sum_overflows(values, finite):
     """The fast finiteness check (one fp32 sum) falls back to element-wise when the sum is not finite."""
-    from lora_arith.numerics import all_finite
+    from lora_arith.lora.numerics import all_finite
 
     assert all_finite(torch.tensor(values, dtype=torch.float32)) is finite
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_arith.generation import left_pad
-from lora_arith.mixing import PreferenceMixer
+from lora_arith.model.generation import left_pad
+from lora_arith.model.mixing import PreferenceMixer
 from test_sweep_tune import one_thread  # noqa: F401  (autouse: one torch thread)
 
 PROMPTS = ["How do I bake bread?", "hi", "Tell me a joke about cats.", "What is the capital of France?"]
@@ -22,7 +22,7 @@ def mixer(chat_base, two_adapters):
 
 
 def encoded(tokenizer, prompts):
-    from lora_arith.generation import chat_prompt
+    from lora_arith.model.generation import chat_prompt
 
     texts = [chat_prompt(tokenizer, prompt) for prompt in prompts]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -36,7 +36,7 @@ def logits(model, ids, mask):
 
 
 def test_left_pad_matches_the_tokenizer(mixer):
-    from lora_arith.generation import chat_prompt
+    from lora_arith.model.generation import chat_prompt
 
     tokenizer = mixer.tokenizer
     side, tokenizer.padding_side = tokenizer.padding_side, "left"

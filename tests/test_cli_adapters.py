@@ -45,8 +45,8 @@ def test_combine_dtype_and_single_file(adapter_factory, tmp_path):
 
 
 def test_extract_is_positive_minus_negative(adapter_factory, tmp_path):
-    from lora_arith.adapter_io import open_adapter
-    from lora_arith.factors import to_dense
+    from lora_arith.lora.adapter_io import open_adapter
+    from lora_arith.lora.factors import to_dense
 
     pos, neg = adapter_factory(), adapter_factory()
     result = run("extract", pos, neg, "-o", tmp_path / "phi.safetensors")
@@ -198,7 +198,7 @@ def test_start_up_imports_stay_light():
     code = (
         "import sys; from lora_arith.cli import main;"
         "print(','.join(m for m in ('torch', 'transformers', 'peft', 'trl', 'datasets') if m in sys.modules));"
-        "import lora_arith.combine, lora_arith.analysis;"
+        "import lora_arith.lora.combine, lora_arith.lora.analysis;"
         "print(','.join(m for m in ('transformers', 'peft', 'trl', 'datasets') if m in sys.modules))"
     )
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -211,7 +211,7 @@ def test_start_up_imports_stay_light():
 def test_convert_round_trip_is_bit_identical(adapter_factory, tmp_path):
     from safetensors import safe_open
 
-    from lora_arith.adapter_io import open_adapter
+    from lora_arith.lora.adapter_io import open_adapter
 
     a, b = adapter_factory(r=4), adapter_factory(r=2, target_modules=["q_proj", "embed_tokens"])
     start = tmp_path / "mix"

@@ -8,12 +8,12 @@ import pytest
 import torch
 from helpers import dense_patched_model, load_base, logits, peft_deltas
 
-from lora_arith.adapter_io import open_adapter
-from lora_arith.analysis import similarity
-from lora_arith.combine import combine
-from lora_arith.specs import AdapterSpec, parse_spec, parse_specs
-from lora_arith.errors import LoraArithError
-from lora_arith.factors import to_dense
+from lora_arith.lora.adapter_io import open_adapter
+from lora_arith.lora.analysis import similarity
+from lora_arith.lora.combine import combine
+from lora_arith.lora.specs import AdapterSpec, parse_spec, parse_specs
+from lora_arith._internal.errors import LoraArithError
+from lora_arith.lora.factors import to_dense
 
 
 def peft_logits(base, adapter):
@@ -163,7 +163,7 @@ def test_modules_are_worked_on_ahead_in_order_and_boundedly(monkeypatch):
     one: in order, at most READ_AHEAD modules ahead, and no further once the loop stops (an error)."""
     from concurrent.futures import Future
 
-    import lora_arith.combine as combine_module
+    import lora_arith.lora.combine as combine_module
 
     submitted: list[str] = []
 

@@ -90,7 +90,7 @@ def test_shipped_pairs_file_is_the_scripts_output():
 def test_refusal_pairs_are_concise_refusals_against_padded_refusals(tmp_path):
     """--refusal-pairs N: on harmful training prompts both sides refuse (the same refusal), the
     rejected side is longer and padded, and no padding promises help."""
-    from lora_arith.data import REFUSALS
+    from lora_arith.training.data import REFUSALS
 
     script = load_script()
     _write(tmp_path / "data" / "helpful" / "alpaca_demo.jsonl", _rows(260))

@@ -16,11 +16,11 @@ from helpers import load_base as load_cpu_reference
 from helpers import logits
 from safetensors.torch import load_file
 
-from lora_arith.base_model import load_base
-from lora_arith.combine import combine
-from lora_arith.specs import parse_specs
-from lora_arith.mixing import PreferenceMixer
-from lora_arith.train import TrainConfig, train_preference
+from lora_arith.model.base import load_base
+from lora_arith.lora.combine import combine
+from lora_arith.lora.specs import parse_specs
+from lora_arith.model.mixing import PreferenceMixer
+from lora_arith.training.train import TrainConfig, train_preference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

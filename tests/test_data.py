@@ -1,4 +1,4 @@
-"""Loading and checking preference pairs (lora_arith.data)."""
+"""Loading and checking preference pairs (lora_arith.training.data)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_arith.data import (
+from lora_arith.training.data import (
     COMPLIANCES,
     REFUSALS,
     PreferencePair,
@@ -17,7 +17,7 @@ from lora_arith.data import (
     templated_pairs,
     to_messages,
 )
-from lora_arith.errors import LoraArithError
+from lora_arith._internal.errors import LoraArithError
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

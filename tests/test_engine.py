@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from lora_arith.mixing import PreferenceMixer
+from lora_arith.model.mixing import PreferenceMixer
 from lora_arith.serving.engine import Engine, EngineClosed, EngineFull, RowRequest, SlotCache
 
 PROMPTS = ["How do I bake bread?", "hi", "Tell me a joke about cats.", "What is the capital of France?"]

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_arith.factors import (
+from lora_arith.lora.factors import (
     LowRankDelta,
     compress,
     cosine,
@@ -251,7 +251,7 @@ def distance_to_optimum(delta: LowRankDelta, k: int, result: LowRankDelta) -> fl
 @pytest.mark.parametrize("condition", [1.0, 10.0, 90.0, 1e4])
 @pytest.mark.parametrize("shape", [(600, 200), (120, 700)])
 def test_cholesky_qr2_is_as_accurate_as_householder(monkeypatch, shape, condition):
-    import lora_arith.factors as factors
+    import lora_arith.lora.factors as factors
 
     delta = conditioned_delta(*shape, rank=24, condition=condition, seed=int(condition) + shape[0])
     used = []

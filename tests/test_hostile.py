@@ -19,7 +19,7 @@ from helpers import load_base, make_adapter
 from safetensors.torch import load_file, save_file
 
 from lora_arith.cli import main
-from lora_arith.errors import LoraArithError
+from lora_arith._internal.errors import LoraArithError
 
 Q = "model.layers.0.self_attn.q_proj"
 V = "model.layers.0.self_attn.v_proj"
@@ -144,7 +144,7 @@ def test_generate_refuses_a_weight_that_overflows_the_model_dtype(two_adapters, 
 
 
 def test_mixer_set_refuses_nan_weights(two_adapters, chat_base):
-    from lora_arith.mixing import PreferenceMixer
+    from lora_arith.model.mixing import PreferenceMixer
 
     helpful, _ = two_adapters
     mixer = PreferenceMixer(str(chat_base), {"helpful": helpful}, device="cpu")
@@ -155,7 +155,7 @@ def test_mixer_set_refuses_nan_weights(two_adapters, chat_base):
 
 @pytest.mark.parametrize("grid", ["0,nan", "inf", "-1,-inf,1"])
 def test_sweep_grid_must_be_finite(grid):
-    from lora_arith.sweep import parse_grid
+    from lora_arith.evaluation.sweep import parse_grid
 
     with pytest.raises(LoraArithError, match="not a finite number"):
         parse_grid(grid)
@@ -235,8 +235,8 @@ def test_zero_batch_size_is_a_usage_error(chat_base, option):
 
 
 def test_generate_library_refuses_zero_batch_size(chat_base):
-    from lora_arith.base_model import load_base as load
-    from lora_arith.generation import generate
+    from lora_arith.model.base import load_base as load
+    from lora_arith.model.generation import generate
 
     model, tokenizer = load(str(chat_base), quantize_4bit=False, device="cpu")
     with pytest.raises(LoraArithError, match="at least 1"):
@@ -258,7 +258,7 @@ def test_non_utf8_prompt_and_eval_files_are_one_line_errors(chat_base, tmp_path)
 
 
 def test_non_utf8_data_file_is_a_one_line_error(tmp_path):
-    from lora_arith.data import load_pairs
+    from lora_arith.training.data import load_pairs
 
     data = tmp_path / "pairs.jsonl"
     data.write_bytes(b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n')
@@ -319,7 +319,7 @@ def test_generate_with_an_adapter_for_another_architecture(tiny_gpt2, chat_base,
 
 
 def test_mixer_leaves_the_model_untouched_when_an_adapter_does_not_fit(adapter_factory, chat_base):
-    from lora_arith.mixing import attach_adapter
+    from lora_arith.model.mixing import attach_adapter
 
     model = load_base(chat_base)
     with pytest.raises(LoraArithError, match="another base"):
@@ -435,21 +435,21 @@ def test_a_megabyte_prompt_is_refused_without_tokenizing_it(chat_base, tmp_path,
     ],
 )
 def test_every_prompt_line_is_checked_before_any_model_loads(tmp_path, monkeypatch, line, fragment):
-    import lora_arith.base_model
+    import lora_arith.model.base
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(lora_arith.base_model, "load_base", forbidden)
+    monkeypatch.setattr(lora_arith.model.base, "load_base", forbidden)
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "fine"}\n\n{"prompt": "also fine"}\n' + line + "\n")
     assert_user_error(run("generate", "--prompts", prompts), f"{prompts}:4", fragment)
 
 
 def test_empty_prompts_file_is_an_error(tmp_path, monkeypatch):
-    import lora_arith.base_model
+    import lora_arith.model.base
 
-    monkeypatch.setattr(lora_arith.base_model, "load_base", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(lora_arith.model.base, "load_base", lambda *a, **k: pytest.fail("a model was loaded"))
     prompts = tmp_path / "p.jsonl"
     for text in ("", "\n  \n"):
         prompts.write_text(text)
@@ -457,9 +457,9 @@ def test_empty_prompts_file_is_an_error(tmp_path, monkeypatch):
 
 
 def test_eval_prompt_with_bad_type_fails_before_the_model(tmp_path, monkeypatch):
-    import lora_arith.base_model
+    import lora_arith.model.base
 
-    monkeypatch.setattr(lora_arith.base_model, "load_base", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(lora_arith.model.base, "load_base", lambda *a, **k: pytest.fail("a model was loaded"))
     prompts = tmp_path / "e.jsonl"
     prompts.write_text('{"prompt": "ok", "should_refuse": false}\n{"prompt": 5, "should_refuse": true}\n')
     assert_user_error(run("eval", "--prompts", prompts, "-o", tmp_path / "ev"), f"{prompts}:2", "prompt must be")
@@ -481,8 +481,8 @@ def test_inspect_norms_of_a_rank_8000_adapter_stay_within_memory(tmp_path):
     code = textwrap.dedent(
         """
         import resource, sys
-        from lora_arith.adapter_io import open_adapter
-        from lora_arith.analysis import module_norms
+        from lora_arith.lora.adapter_io import open_adapter
+        from lora_arith.lora.analysis import module_norms
         opened = open_adapter(sys.argv[1])
         with open("/proc/self/status") as status:
             vm = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
@@ -496,7 +496,7 @@ def test_inspect_norms_of_a_rank_8000_adapter_stay_within_memory(tmp_path):
 
 
 def test_blocked_inner_product_matches_the_dense_one():
-    from lora_arith.factors import LowRankDelta, inner
+    from lora_arith.lora.factors import LowRankDelta, inner
 
     generator = torch.Generator().manual_seed(1)
     for out_features, in_features, r1, r2 in [(40, 30, 3, 5), (20, 16, 400, 300), (300, 2, 700, 1), (8, 600, 2, 90)]:
@@ -525,7 +525,7 @@ def test_chat_reports_a_conversation_longer_than_the_context_and_goes_on(chat_ba
 
 @pytest.mark.parametrize("separator", ["\u2028", "\u0085", "\u2029"])
 def test_prompt_files_split_on_newline_only(chat_base, tmp_path, separator):
-    from lora_arith.evaluation import load_eval_prompts
+    from lora_arith.evaluation.evaluate import load_eval_prompts
 
     prompt = f"first{separator}second"
     prompts = tmp_path / "p.jsonl"
@@ -551,7 +551,7 @@ def _separated_rows(tmp_path: Path, separator: str) -> tuple[dict, Path]:
 @pytest.mark.parametrize("separator", ["\u2028", "\u0085"])
 def test_data_files_split_on_newline_only(tmp_path, separator):
     """(The pair loader already read files line by line; this keeps it so.)"""
-    from lora_arith.data import load_pairs
+    from lora_arith.training.data import load_pairs
 
     row, data = _separated_rows(tmp_path, separator)
     pairs, _ = load_pairs([str(data)])
@@ -560,7 +560,7 @@ def test_data_files_split_on_newline_only(tmp_path, separator):
 
 @pytest.mark.parametrize("separator", ["\u2028", "\u0085"])
 def test_the_one_jsonl_reader_numbers_lines_split_on_newline_only(tmp_path, separator):
-    from lora_arith.data import read_jsonl
+    from lora_arith.training.data import read_jsonl
 
     row, data = _separated_rows(tmp_path, separator)
     assert list(read_jsonl(data)) == [(1, row), (2, row)]

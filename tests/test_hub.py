@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from lora_arith.combine import combine
-from lora_arith.specs import parse_specs
-from lora_arith.specs import HubReference, parse_reference
+from lora_arith.lora.combine import combine
+from lora_arith.lora.specs import parse_specs
+from lora_arith.lora.specs import HubReference, parse_reference
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

@@ -10,8 +10,8 @@ import torch
 from click.testing import CliRunner
 from helpers import peft_deltas
 
-from lora_arith.adapter_io import open_adapter
-from lora_arith.analysis import interference
+from lora_arith.lora.adapter_io import open_adapter
+from lora_arith.lora.analysis import interference
 from lora_arith.cli import main
 
 

@@ -12,7 +12,7 @@ from helpers import load_base, logits
 from safetensors import safe_open
 
 from lora_arith.cli import main
-from lora_arith.specs import parse_specs
+from lora_arith.lora.specs import parse_specs
 
 
 def run(*args):
@@ -42,7 +42,7 @@ def sharded_base(chat_base, tmp_path_factory):
 def test_merge_equals_peft_merge_and_unload_and_the_mixer(chat_base, two_adapters, tmp_path):
     from peft import PeftModel
 
-    from lora_arith.mixing import PreferenceMixer
+    from lora_arith.model.mixing import PreferenceMixer
 
     helpful, harmless = two_adapters
     result = run("merge", "--base", chat_base, "--adapter", f"{helpful}:0.7", "--adapter", f"{harmless}:-1.2",
@@ -177,8 +177,8 @@ def test_default_gguf_base_merges_through_its_dequantised_cache(tmp_path):
     """The embedded default base (GGUF, dequantised once into the cache) merges with a shipped vector in bf16."""
     from pathlib import Path
 
-    from lora_arith.base_model import default_base_dir
-    from lora_arith.mixing import PreferenceMixer
+    from lora_arith.model.base import default_base_dir
+    from lora_arith.model.mixing import PreferenceMixer
 
     vector = Path(__file__).resolve().parents[1] / "adapters" / "helpful"
     result = run("merge", "--adapter", f"{vector}:0.5", "-o", tmp_path / "merged", "--dtype", "bf16")
@@ -198,7 +198,7 @@ def test_default_gguf_base_merges_through_its_dequantised_cache(tmp_path):
 def test_blockwise_merge_equals_the_whole_tensor_merge(chat_base, two_adapters, tmp_path, monkeypatch):
     """Big weights are merged a block of rows at a time; one-row blocks give the same weights as one block
     (up to the matmul's round-off, which depends on the block shape)."""
-    import lora_arith.merge as merge
+    import lora_arith.model.merge as merge
 
     helpful, harmless = two_adapters
     specs = parse_specs([f"{helpful}:0.7", f"{harmless}:-1.2"])

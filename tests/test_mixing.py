@@ -10,9 +10,9 @@ from click.testing import CliRunner
 from helpers import load_base, logits
 
 from lora_arith.cli import main
-from lora_arith.combine import combine
-from lora_arith.specs import parse_specs
-from lora_arith.mixing import PreferenceMixer
+from lora_arith.lora.combine import combine
+from lora_arith.lora.specs import parse_specs
+from lora_arith.model.mixing import PreferenceMixer
 
 
 def combined_logits(base, specs, tmp_path):
@@ -45,7 +45,7 @@ def test_mixer_loads_single_file_adapters_and_merges(chat_base, two_adapters, tm
 
 
 def test_mixer_refuses_unknown_names(chat_base, two_adapters):
-    from lora_arith.errors import LoraArithError
+    from lora_arith._internal.errors import LoraArithError
 
     mixer = PreferenceMixer(str(chat_base), {"helpful": two_adapters[0]})
     with pytest.raises(LoraArithError, match="no adapter named nope"):
@@ -53,7 +53,7 @@ def test_mixer_refuses_unknown_names(chat_base, two_adapters):
 
 
 def test_mixer_on_4bit_base_refuses_merge(chat_base, two_adapters):
-    from lora_arith.errors import LoraArithError
+    from lora_arith._internal.errors import LoraArithError
 
     mixer = PreferenceMixer(str(chat_base), {"helpful": two_adapters[0]}, quantize_4bit=True)
     assert mixer.quantized

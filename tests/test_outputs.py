@@ -19,11 +19,11 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from lora_arith import atomic
+from lora_arith._internal import atomic
 from lora_arith.cli import main
-from lora_arith.combine import combine
-from lora_arith.specs import parse_specs
-from lora_arith.errors import LoraArithError
+from lora_arith.lora.combine import combine
+from lora_arith.lora.specs import parse_specs
+from lora_arith._internal.errors import LoraArithError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -269,7 +269,7 @@ def test_eval_force_refuses_a_users_folder(base_copy, tmp_path):
 _RACE = """
 import sys, time
 from pathlib import Path
-import lora_arith.atomic as atomic
+import lora_arith._internal.atomic as atomic
 from lora_arith.cli import main
 
 barrier, count = Path(sys.argv[1]), int(sys.argv[2])
@@ -290,7 +290,7 @@ main(sys.argv[4:], prog_name="lora-arith")
 
 def test_concurrent_writers_never_overwrite_each_other(adapter_factory, tmp_path, name="mix"):
     """Five real runs; the rename itself is the same for files (see the fallback test below)."""
-    from lora_arith.adapter_io import open_adapter
+    from lora_arith.lora.adapter_io import open_adapter
 
     a = adapter_factory("A")
     out, barrier = tmp_path / name, tmp_path / "barrier"
@@ -343,8 +343,8 @@ def slow_save(tensors, filename, metadata=None):
     time.sleep(120)
 
 safetensors.torch.save_file = slow_save
-import lora_arith.adapter_io
-lora_arith.adapter_io.save_file = slow_save
+import lora_arith.lora.adapter_io
+lora_arith.lora.adapter_io.save_file = slow_save
 main(sys.argv[2:], prog_name="lora-arith")
 """
 
@@ -486,8 +486,8 @@ def test_file_size_limit_is_a_one_line_error(adapter_factory, tmp_path, name):
     if name.endswith(".jsonl"):  # a plain Python write, not safetensors'
         code = textwrap.dedent("""
             import sys
-            import lora_arith.atomic as atomic
-            from lora_arith.errors import LoraArithError
+            import lora_arith._internal.atomic as atomic
+            from lora_arith._internal.errors import LoraArithError
             try:
                 with atomic.atomic_output(sys.argv[1]) as temporary:
                     temporary.write_text("x" * 100000)

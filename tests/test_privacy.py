@@ -13,7 +13,7 @@ from helpers import make_adapter
 from tiny_models import make_tiny_chat_model
 
 from lora_arith.cli import main
-from lora_arith.factors import single_threaded
+from lora_arith.lora.factors import single_threaded
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -76,7 +76,7 @@ def test_push_rewrites_old_metadata_that_holds_local_paths(adapter_factory, tmp_
     import huggingface_hub
     from safetensors.torch import load_file, save_file
 
-    from lora_arith.adapter_io import CONFIG_METADATA_KEY, RECIPE_METADATA_KEY
+    from lora_arith.lora.adapter_io import CONFIG_METADATA_KEY, RECIPE_METADATA_KEY
 
     adapter = adapter_factory(r=2)
     tensors = load_file(adapter / "adapter_model.safetensors")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 
-from lora_arith import provenance
+from lora_arith._internal import provenance
 
 
 def test_hash_ahead_gives_the_files_sha256_and_never_a_stale_one(tmp_path, monkeypatch):

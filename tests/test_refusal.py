@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lora_arith.evaluation import EvalPrompt, refusal_metrics
-from lora_arith.refusal import is_refusal, refusal_reason
+from lora_arith.evaluation.evaluate import EvalPrompt, refusal_metrics
+from lora_arith.evaluation.refusal import is_refusal, refusal_reason
 
 
 @pytest.mark.parametrize(

@@ -10,10 +10,10 @@ import torch
 from click.testing import CliRunner
 
 from lora_arith.cli import main
-from lora_arith.combine import combine
-from lora_arith.specs import parse_specs
-from lora_arith.errors import LoraArithError
-from lora_arith.mixing import PreferenceMixer
+from lora_arith.lora.combine import combine
+from lora_arith.lora.specs import parse_specs
+from lora_arith._internal.errors import LoraArithError
+from lora_arith.model.mixing import PreferenceMixer
 
 PROMPTS = [
     "How do I bake bread?",
@@ -56,7 +56,7 @@ def combined_adapter(two_adapters, mix, folder):
 
 
 def padded_batch(tokenizer, prompts):
-    from lora_arith.generation import chat_prompt
+    from lora_arith.model.generation import chat_prompt
 
     tokenizer.padding_side = "left"
     texts = [chat_prompt(tokenizer, p) for p in prompts]
@@ -169,7 +169,7 @@ def test_generate_command_reads_weights_per_line(chat_base, two_adapters, tmp_pa
 
 
 def test_named_specs(tmp_path, monkeypatch):
-    from lora_arith.specs import named_specs
+    from lora_arith.lora.specs import named_specs
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "odd=name.safetensors").write_text("")

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from lora_arith.combine import combine
-from lora_arith.specs import parse_specs
-from lora_arith.mixing import PreferenceMixer
+from lora_arith.lora.combine import combine
+from lora_arith.lora.specs import parse_specs
+from lora_arith.model.mixing import PreferenceMixer
 
 openai = pytest.importorskip("openai")
 from serving_helpers import Server  # noqa: E402

@@ -9,12 +9,12 @@ import torch
 from click.testing import CliRunner
 from helpers import load_base, logits, make_adapter
 
-from lora_arith.adapter_io import open_adapter
+from lora_arith.lora.adapter_io import open_adapter
 from lora_arith.cli import main
-from lora_arith.combine import combine
-from lora_arith.specs import parse_specs
-from lora_arith.export import VLLM_RANKS, serving_rank
-from lora_arith.factors import to_dense
+from lora_arith.lora.combine import combine
+from lora_arith.lora.specs import parse_specs
+from lora_arith.sharing.export import VLLM_RANKS, serving_rank
+from lora_arith.lora.factors import to_dense
 
 
 def run(*args):
@@ -93,7 +93,7 @@ def test_push_commit_message_and_pull_request(adapter_factory, tmp_path, monkeyp
 def test_model_card_is_one_the_hub_understands(adapter_factory, tmp_path):
     from huggingface_hub import ModelCard
 
-    from lora_arith.model_card import model_card
+    from lora_arith.sharing.model_card import model_card
 
     folder = hub_adapter(adapter_factory, tmp_path)
     card = ModelCard(run("push", folder, "me/mix", "--dry-run").output.split("--- README.md ---\n", 1)[1])
@@ -123,7 +123,7 @@ def test_model_card_is_one_the_hub_understands(adapter_factory, tmp_path):
 
 
 def test_model_card_includes_training_data_and_metrics():
-    from lora_arith.model_card import model_card
+    from lora_arith.sharing.model_card import model_card
 
     training = {
         "data": [{"spec": "pairs.jsonl", "file": "/data/pairs.jsonl", "pairs": 10, "sha256": "ab" * 32}],

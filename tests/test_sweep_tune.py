@@ -19,9 +19,9 @@ from helpers import make_adapter
 
 import lora_arith
 from lora_arith.cli import main
-from lora_arith.errors import LoraArithError
-from lora_arith.evaluation import EvalPrompt, load_eval_prompts, refusal_metrics, wilson_interval
-from lora_arith.sweep import PointLog, evaluate_points, grid_points
+from lora_arith._internal.errors import LoraArithError
+from lora_arith.evaluation.evaluate import EvalPrompt, load_eval_prompts, refusal_metrics, wilson_interval
+from lora_arith.evaluation.sweep import PointLog, evaluate_points, grid_points
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -86,7 +86,7 @@ def test_rates_carry_n_and_interval_and_ordinary_kind(prompts_file):
 
 
 def test_batched_points_give_the_same_texts_as_one_at_a_time(chat_base, three_adapters):
-    from lora_arith.mixing import PreferenceMixer
+    from lora_arith.model.mixing import PreferenceMixer
 
     items = [EvalPrompt(row["prompt"], bool(row.get("should_refuse")), row.get("type")) for row in PROMPT_ROWS]
     mixer = PreferenceMixer(str(chat_base), {k: str(v) for k, v in three_adapters.items()})
@@ -181,7 +181,7 @@ def test_sweep_three_vectors_draws_a_heatmap_per_pair(chat_base, three_adapters,
 
 
 def test_tune_search_finds_the_constrained_optimum():
-    from lora_arith.tune import parse_constraint, search
+    from lora_arith.evaluation.tune import parse_constraint, search
 
     calls = []
 
@@ -201,7 +201,7 @@ def test_tune_search_finds_the_constrained_optimum():
 
 
 def test_tune_search_honours_every_constraint():
-    from lora_arith.tune import parse_constraints, search
+    from lora_arith.evaluation.tune import parse_constraints, search
 
     def evaluate(points):  # refusal grows with a and b; a costs compliance, b costs ordinary compliance
         return [
@@ -258,7 +258,7 @@ def test_tune_writes_report_adapter_and_frontier(chat_base, two_adapters, prompt
     assert f"[{100 * low:.1f}–{100 * high:.1f}], n=1" in markdown  # the interval and n are in the report
     recipe = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert recipe["peft_type"] == "LORA"
-    from lora_arith.adapter_io import open_adapter
+    from lora_arith.lora.adapter_io import open_adapter
 
     assert {i["weight"] for i in open_adapter(out / "adapter").recipe["inputs"]} == set(
         report["chosen"]["eta"].values()
@@ -352,7 +352,7 @@ def test_eval_with_an_endpoint_judge_and_a_python_judge(chat_base, prompts_file,
 
 
 def test_parse_class_and_bad_judge_specs():
-    from lora_arith.judge import make_judge, parse_class
+    from lora_arith.evaluation.judge import make_judge, parse_class
 
     assert parse_class("2_full_refusal") == "full_refusal"
     assert parse_class(" 3_partial_refusal.") == "partial_refusal"

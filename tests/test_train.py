@@ -1,4 +1,4 @@
-"""DPO training of LoRA adapters (lora_arith.train), its CLI command, and base-model loading."""
+"""DPO training of LoRA adapters (lora_arith.training.train), its CLI command, and base-model loading."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import lora_arith.cli.train_commands  # noqa: F401  (registers ``train`` on ``main``)
-from lora_arith.base_model import (
+from lora_arith.model.base import (
     DEFAULT_BASE_ID,
     base_model_id,
     cache_root,
@@ -23,12 +23,12 @@ from lora_arith.base_model import (
     resolve_base,
 )
 from lora_arith.cli import main
-from lora_arith.data import load_pairs
-from lora_arith.devices import use_bf16
-from lora_arith.errors import LoraArithError
-from lora_arith.factors import single_threaded
-from lora_arith.generation import chat_prompt
-from lora_arith.train import (
+from lora_arith.training.data import load_pairs
+from lora_arith._internal.devices import use_bf16
+from lora_arith._internal.errors import LoraArithError
+from lora_arith.lora.factors import single_threaded
+from lora_arith.model.generation import chat_prompt
+from lora_arith.training.train import (
     TrainConfig,
     _checkpointing_argument,
     _to_dataset,
@@ -96,7 +96,7 @@ def test_train_on_4bit_base_writes_adapter_log_and_metadata(chat_base, pairs_fil
     assert info["wall_time_s"] > 0
     assert not list(tmp_path.glob(".run*")), "no temporary folder is left behind"
 
-    from lora_arith.adapter_io import open_adapter
+    from lora_arith.lora.adapter_io import open_adapter
 
     single = open_adapter(out / "run.safetensors")  # the single-file form, self-describing
     assert single.config["r"] == 4 and single.training["final_metrics"]["loss"] == log[-1]["loss"]
@@ -185,7 +185,7 @@ def test_valid_config_builds():
 
 
 def test_dpo_args_report_to_and_checkpointing_reach_dpo_config(tmp_path):
-    from lora_arith.train import _dpo_args
+    from lora_arith.training.train import _dpo_args
 
     config = TrainConfig(
         data=["x.jsonl"], dpo_arg=["label_smoothing=0.25", "precompute_ref_log_probs=true", "loss_type=[\"ipo\"]"],
@@ -246,7 +246,7 @@ def test_checkpointing_argument_follows_the_transformers_version():
 
 
 def test_use_bf16(monkeypatch):
-    import lora_arith.devices as devices
+    import lora_arith._internal.devices as devices
 
     assert use_bf16(False, "cpu") is False
     assert use_bf16(True, "cpu") is True
@@ -261,7 +261,7 @@ def test_use_bf16(monkeypatch):
 
 
 def test_fast_bf16_cpus_are_read_from_cpuinfo(tmp_path):
-    from lora_arith.devices import _cpu_has_fast_bf16
+    from lora_arith._internal.devices import _cpu_has_fast_bf16
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("flags\t\t: fpu sse avx512f avx512_bf16 amx_tile\n")
@@ -351,8 +351,8 @@ def test_adapter_on_the_default_base_records_the_upstream_id(pairs_file, tmp_pat
 def test_vector_end_to_end_then_extract_combine_and_load_into_peft(chat_base, pairs_file, tmp_path):
     from peft import PeftModel
 
-    from lora_arith.adapter_io import open_adapter
-    from lora_arith.factors import to_dense
+    from lora_arith.lora.adapter_io import open_adapter
+    from lora_arith.lora.factors import to_dense
 
     vector = tmp_path / "phi.safetensors"
     args = ["vector", "--data", str(pairs_file), "-o", str(vector), "--base", str(chat_base), "--keep-runs"]

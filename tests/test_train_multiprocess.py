@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import lora_arith
-from lora_arith.adapter_io import open_adapter
+from lora_arith.lora.adapter_io import open_adapter
 
 pytestmark = pytest.mark.multiprocess
 

@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 
 import lora_arith
 from lora_arith.cli import main
-from lora_arith.errors import LoraArithError
-from lora_arith.factors import single_threaded
-from lora_arith.train import (
+from lora_arith._internal.errors import LoraArithError
+from lora_arith.lora.factors import single_threaded
+from lora_arith.training.train import (
     RUN_SETTINGS,
     TrainConfig,
     checkpoint_folder,
@@ -81,8 +81,8 @@ def assert_same_tensors(left: Path, right: Path) -> None:
 
 
 def count_steps(monkeypatch) -> list[int]:
-    """The steps the next trainer built by lora_arith.train runs (a callback added to it)."""
-    import lora_arith.train as train
+    """The steps the next trainer built by lora_arith.training.train runs (a callback added to it)."""
+    import lora_arith.training.train as train
     from transformers import TrainerCallback
 
     steps: list[int] = []
@@ -132,7 +132,7 @@ def test_killed_run_resumes_to_the_same_adapter_bit_for_bit(chat_base, pairs_fil
 
 
 def test_vector_resumes_the_interrupted_run_and_skips_the_finished_one(chat_base, pairs_file, tmp_path, monkeypatch):
-    import lora_arith.vector as vector
+    import lora_arith.training.vector as vector
 
     args = ["vector", "--data", str(pairs_file), "--base", str(chat_base), *QUICK_ARGS, *FP32_ARGS, "--max-steps", "2"]
     phi = tmp_path / "phi.safetensors"
@@ -156,7 +156,7 @@ def test_vector_resumes_the_interrupted_run_and_skips_the_finished_one(chat_base
     assert calls == [("negative", {"swap": True, "resume": True, "force": False})], "positive is skipped"
     assert (runs / "positive" / "adapter_model.safetensors").stat().st_mtime_ns >= finished
     assert not kept.exists()
-    from lora_arith.adapter_io import open_adapter
+    from lora_arith.lora.adapter_io import open_adapter
 
     assert set(open_adapter(phi).training) == {"positive", "negative"}  # both runs' summaries, the skipped one too
     # (that a resumed run equals an uninterrupted one is tested above, for train)

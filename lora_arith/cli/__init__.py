@@ -21,7 +21,7 @@ from lora_arith.cli import (  # the command modules import only lora_arith.cli.o
     share_commands,
     train_commands,
 )
-from lora_arith.errors import LoraArithError, OptionError
+from lora_arith._internal.errors import LoraArithError, OptionError
 
 
 def flag(command: click.Command | None, option: str) -> str:

@@ -9,9 +9,9 @@ from pathlib import Path
 import click
 
 from lora_arith.cli.options import force_option, output_option, progress_wanted
-from lora_arith.devices import DTYPE_NAMES
-from lora_arith.provenance import METHODS
-from lora_arith.specs import AdapterSpec, parse_specs
+from lora_arith._internal.devices import DTYPE_NAMES
+from lora_arith._internal.provenance import METHODS
+from lora_arith.lora.specs import AdapterSpec, parse_specs
 
 
 def _size(path: Path) -> int:
@@ -69,12 +69,12 @@ def _compression_options(command):
 
 
 def _run_combination(specs: list[AdapterSpec], output, method, rank, energy, dtype, allow_base_mismatch, force) -> None:
-    from lora_arith.provenance import hash_ahead
+    from lora_arith._internal.provenance import hash_ahead
 
     hash_ahead(spec.weights_file for spec in specs)  # the recipe's hashes, computed while torch imports
-    from lora_arith.adapter_io import DTYPES, adapter_sources, output_kind
-    from lora_arith.atomic import check_output
-    from lora_arith.combine import combine
+    from lora_arith.lora.adapter_io import DTYPES, adapter_sources, output_kind
+    from lora_arith._internal.atomic import check_output
+    from lora_arith.lora.combine import combine
 
     # Checked before the work, against the local inputs; Combination.save does not check again.
     output = check_output(
@@ -141,8 +141,8 @@ def extract(positive, negative, output, method, rank, energy, dtype, allow_base_
 @click.argument("adapter", metavar="ADAPTER")
 def inspect(adapter) -> None:
     """Show an adapter's modules, shapes, ranks, dtype, scaling, norms and base model."""
-    from lora_arith.adapter_io import open_adapter
-    from lora_arith.analysis import module_norms
+    from lora_arith.lora.adapter_io import open_adapter
+    from lora_arith.lora.analysis import module_norms
 
     opened = open_adapter(adapter)
     norms = module_norms(opened)
@@ -185,9 +185,9 @@ def similarity(adapters) -> None:
 
     Computed exactly from the factors: ⟨B₁A₁, B₂A₂⟩ = Σ (B₁ᵀB₂) ∘ (A₁A₂ᵀ).
     """
-    from lora_arith.adapter_io import open_adapter
-    from lora_arith.analysis import similarity as compute_similarity
-    from lora_arith.errors import LoraArithError
+    from lora_arith.lora.adapter_io import open_adapter
+    from lora_arith.lora.analysis import similarity as compute_similarity
+    from lora_arith._internal.errors import LoraArithError
 
     if len(adapters) < 2:
         raise LoraArithError("similarity needs at least two adapters")
@@ -225,10 +225,10 @@ def interference(adapters, top, output, force) -> None:
     """
     import json
 
-    from lora_arith.adapter_io import adapter_sources, open_adapter
-    from lora_arith.analysis import interference as compute_interference
-    from lora_arith.atomic import atomic_output, check_output
-    from lora_arith.errors import LoraArithError
+    from lora_arith.lora.adapter_io import adapter_sources, open_adapter
+    from lora_arith.lora.analysis import interference as compute_interference
+    from lora_arith._internal.atomic import atomic_output, check_output
+    from lora_arith._internal.errors import LoraArithError
 
     if len(adapters) < 2:
         raise LoraArithError("interference needs at least two adapters")
@@ -285,8 +285,8 @@ def convert(adapter, output, force) -> None:
     Example:
       lora-arith convert helpful.safetensors -o helpful/
     """
-    from lora_arith.adapter_io import adapter_sources, convert_adapter, output_kind
-    from lora_arith.atomic import check_output
+    from lora_arith.lora.adapter_io import adapter_sources, convert_adapter, output_kind
+    from lora_arith._internal.atomic import check_output
 
     output = check_output(output, force=force, inputs=adapter_sources(adapter), kind=output_kind(output))
     written = convert_adapter(adapter, output)

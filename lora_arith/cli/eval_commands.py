@@ -14,7 +14,7 @@ import click
 
 from lora_arith.cli.options import force_option, output_option, progress_wanted
 from lora_arith.cli.model_commands import _adapter_option, _mixer, _model_inputs, model_option_decorators
-from lora_arith.specs import AdapterSpec, fixed_weights, named_paths, named_specs
+from lora_arith.lora.specs import AdapterSpec, fixed_weights, named_paths, named_specs
 
 
 @dataclass
@@ -40,9 +40,9 @@ class EvalOptions:
     def inputs(self):
         """(prompts, pairs) read from the files, ``--limit``/``--max-pairs`` applied."""
         if self._inputs is None:
-            from lora_arith.data import load_pairs
-            from lora_arith.errors import LoraArithError
-            from lora_arith.evaluation import load_eval_prompts
+            from lora_arith.training.data import load_pairs
+            from lora_arith._internal.errors import LoraArithError
+            from lora_arith.evaluation.evaluate import load_eval_prompts
 
             if not self.prompt_files and not self.pair_files:
                 raise LoraArithError("give --prompts and/or --pairs")
@@ -60,19 +60,19 @@ class EvalOptions:
     def checked_output(self, kind: str, adapters=(), *, resume: bool = False):
         """The output, checked once against every input (base, ``adapters`` paths, prompt and pair files);
         ``resume``: an existing earlier output of ``kind`` may be continued without --force."""
-        from lora_arith.atomic import check_output
+        from lora_arith._internal.atomic import check_output
 
         inputs = _model_inputs(self.base, [str(a) for a in adapters], *self.prompt_files, *self.pair_files)
         force = self.force or (resume and Path(self.out).exists())
         return check_output(self.out, force=force, inputs=inputs, kind=kind)
 
     def make_judge(self):
-        from lora_arith.judge import make_judge
+        from lora_arith.evaluation.judge import make_judge
 
         return make_judge(self.judge, self.judge_model)
 
     def mixer(self, adapters: dict[str, str]):
-        from lora_arith.mixing import PreferenceMixer
+        from lora_arith.model.mixing import PreferenceMixer
 
         return PreferenceMixer(self.base, adapters, quantize_4bit=self.quantize_4bit, device=self.device)
 
@@ -88,7 +88,7 @@ class EvalOptions:
 
     def settings(self, adapters: dict[str, str]) -> dict[str, Any]:
         """Everything that decides the results, hashed (inputs by content) for resuming."""
-        from lora_arith.adapter_io import open_adapter
+        from lora_arith.lora.adapter_io import open_adapter
 
         prompts, pairs = self.inputs()
         content = json.dumps(
@@ -135,7 +135,7 @@ def eval_options(command):
             "--judge",
             default="strmatch",
             show_default=True,
-            help="Who decides what is a refusal: strmatch (lora_arith/refusal.py), MODULE:CALLABLE "
+            help="Who decides what is a refusal: strmatch (lora_arith/evaluation/refusal.py), MODULE:CALLABLE "
             "(f(prompt, completion) -> bool or XSTest class), or the URL of an OpenAI-compatible endpoint "
             "(http://HOST:PORT/v1) asked to classify each reply with XSTest's three classes.",
         ),
@@ -166,10 +166,10 @@ def evaluate_command(options: EvalOptions, adapters):
 
     Writes OUT/results.json, OUT/summary.md and OUT/completions.jsonl. Every rate carries its n
     and a Wilson 95% interval; the judge that scored the replies is recorded. The default
-    refusal detector is documented in lora_arith/refusal.py.
+    refusal detector is documented in lora_arith/evaluation/refusal.py.
     """
-    from lora_arith.atomic import atomic_output
-    from lora_arith.evaluation import evaluate, summary_table
+    from lora_arith._internal.atomic import atomic_output
+    from lora_arith.evaluation.evaluate import evaluate, summary_table
 
     named = named_specs(adapters)
     output = options.checked_output("eval", [spec.path for spec in named.values()])
@@ -236,8 +236,8 @@ def sweep(vectors, grid, fix, points_per_batch, options: EvalOptions):
           --vector harmless=adapters/harmless --grid=-1,-0.5,0,0.5,1 \\
           --prompts ../shared/data/eval/xstest_prompts.jsonl -o sweep/
     """
-    from lora_arith.sweep import PointLog, evaluate_points, grid_points, heatmap_planes, parse_grid, point_key
-    from lora_arith.sweep import sweep_row, write_sweep
+    from lora_arith.evaluation.sweep import PointLog, evaluate_points, grid_points, heatmap_planes, parse_grid, point_key
+    from lora_arith.evaluation.sweep import sweep_row, write_sweep
 
     named = named_paths(vectors)
     options.checked_output("sweep", named.values(), resume=True)
@@ -308,11 +308,11 @@ def tune(vectors, maximize, minimize, subject_to, bounds, budget, split, seed, c
           --prompts ../shared/data/eval/xstest_prompts.jsonl --prompts ordinary.jsonl \\
           --maximize refusal_rate --subject-to 'compliance_rate>=0.9' --bounds=-1,2 -o tuned/
     """
-    from lora_arith.atomic import atomic_output
-    from lora_arith.combine import combine
-    from lora_arith.errors import LoraArithError
-    from lora_arith.sweep import evaluate_points, flatten
-    from lora_arith import tune as tuning
+    from lora_arith._internal.atomic import atomic_output
+    from lora_arith.lora.combine import combine
+    from lora_arith._internal.errors import LoraArithError
+    from lora_arith.evaluation.sweep import evaluate_points, flatten
+    from lora_arith.evaluation import tune as tuning
 
     if (maximize is None) == (minimize is None):
         raise LoraArithError("give one of --maximize METRIC or --minimize METRIC")
@@ -419,7 +419,7 @@ def _strip(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _tune_markdown(report: dict[str, Any], objective: str, constraint) -> str:
-    from lora_arith.evaluation import rate_text
+    from lora_arith.evaluation.evaluate import rate_text
 
     def cells(row):
         return [
@@ -428,7 +428,7 @@ def _tune_markdown(report: dict[str, Any], objective: str, constraint) -> str:
             rate_text(row, "ordinary_compliance_rate", "n_ordinary"),
         ]
 
-    from lora_arith.tune import eta_text
+    from lora_arith.evaluation.tune import eta_text
 
     chosen = report["chosen"]
     lines = [

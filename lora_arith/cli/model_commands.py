@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from lora_arith.cli.options import device_option, force_option, four_bit_option, output_option, progress_wanted
-from lora_arith.specs import named_specs
+from lora_arith.lora.specs import named_specs
 
 
 _adapter_option = click.option(
@@ -53,9 +53,9 @@ def _model_options(command):
 
 
 def _mixer(base, named, quantize_4bit, device=None):
-    """A PreferenceMixer with each parsed spec of ``named`` (name → :class:`~lora_arith.specs.AdapterSpec`)
+    """A PreferenceMixer with each parsed spec of ``named`` (name → :class:`~lora_arith.lora.specs.AdapterSpec`)
     attached under its name, at its weight."""
-    from lora_arith.mixing import PreferenceMixer
+    from lora_arith.model.mixing import PreferenceMixer
 
     mixer = PreferenceMixer(
         base, {name: spec.path for name, spec in named.items()}, quantize_4bit=quantize_4bit, device=device
@@ -67,8 +67,8 @@ def _mixer(base, named, quantize_4bit, device=None):
 
 def _model_inputs(base, adapter_paths, *files) -> list:
     """The local inputs of a command that loads a model: the base, the adapters (paths) and ``files``."""
-    from lora_arith.adapter_io import adapter_sources
-    from lora_arith.base_model import base_sources
+    from lora_arith.lora.adapter_io import adapter_sources
+    from lora_arith.model.base import base_sources
 
     adapters = [p for path in adapter_paths for p in adapter_sources(path)]
     return [*base_sources(base), *adapters, *(Path(f) for f in files if f is not None)]
@@ -102,15 +102,15 @@ def generate(prompt, prompts_file, output, temperature, seed, force, base, adapt
       lora-arith generate --adapter adapters/helpful:1 \\
           --adapter adapters/harmless:0.5 "How do I kill a Python process?"
     """
-    from lora_arith.atomic import atomic_output, check_output
-    from lora_arith.errors import LoraArithError
+    from lora_arith._internal.atomic import atomic_output, check_output
+    from lora_arith._internal.errors import LoraArithError
 
     if (prompt is None) == (prompts_file is None):
         raise LoraArithError("give either a PROMPT or --prompts FILE")
     if prompt is not None:
         prompts, sources, weights = [prompt], ["PROMPT"], [None]
     else:
-        from lora_arith.data import load_prompts
+        from lora_arith.training.data import load_prompts
 
         prompts, sources, weights = load_prompts(prompts_file)  # every line checked before any model loads
     named = named_specs(adapters)
@@ -130,7 +130,7 @@ def generate(prompt, prompts_file, output, temperature, seed, force, base, adapt
             sources=sources,
         )
     else:  # greedy: the engine behind `serve`, each line with its own mix, rows leaving as they finish
-        from lora_arith.generation import encode_prompts
+        from lora_arith.model.generation import encode_prompts
         from lora_arith.serving.engine import greedy_completions
 
         completions = greedy_completions(
@@ -154,7 +154,7 @@ def generate(prompt, prompts_file, output, temperature, seed, force, base, adapt
 
 
 def _parse_set_command(text: str) -> dict[str, float]:
-    from lora_arith.errors import LoraArithError
+    from lora_arith._internal.errors import LoraArithError
 
     weights = {}
     for item in text.split():
@@ -183,7 +183,7 @@ def chat(temperature, base, adapters, quantize_4bit, device, batch_size, max_new
       lora-arith chat --adapter adapters/helpful --adapter adapters/harmless
       > /set helpful=0.8 harmless=0.5
     """
-    from lora_arith.errors import LoraArithError
+    from lora_arith._internal.errors import LoraArithError
 
     mixer = _mixer(base, named_specs(adapters), quantize_4bit, device)
     messages: list[dict[str, str]] = []

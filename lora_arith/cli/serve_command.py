@@ -12,7 +12,7 @@ def parse_weights(text: str) -> dict[str, float]:
     """``helpful=1,harmless=0.5`` → {name: weight}."""
     import math
 
-    from lora_arith.errors import LoraArithError
+    from lora_arith._internal.errors import LoraArithError
 
     weights: dict[str, float] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
@@ -91,10 +91,10 @@ def serve(base, adapters, weights, host, port, api_key, allowed_origins, max_eta
       lora-arith serve --adapter helpful=adapters/helpful \\
           --adapter harmless=adapters/harmless --weights helpful=1,harmless=1 --api-key "$KEY"
     """
-    from lora_arith.errors import LoraArithError
-    from lora_arith.mixing import PreferenceMixer
+    from lora_arith._internal.errors import LoraArithError
+    from lora_arith.model.mixing import PreferenceMixer
     from lora_arith.serving.app import AccessSettings, run_server
-    from lora_arith.specs import named_specs
+    from lora_arith.lora.specs import named_specs
 
     if int8 and quantize_4bit:
         raise LoraArithError("--int8 and --4bit are two ways to quantize the base: choose one")

@@ -7,8 +7,8 @@ from pathlib import Path
 import click
 
 from lora_arith.cli.options import device_option, force_option, four_bit_option, output_option
-from lora_arith.devices import DTYPE_NAMES
-from lora_arith.provenance import EXPORT_TARGETS
+from lora_arith._internal.devices import DTYPE_NAMES
+from lora_arith._internal.provenance import EXPORT_TARGETS
 
 
 @click.command()
@@ -42,8 +42,8 @@ def push(adapter, repo_id, private, revision, license_, include, commit_message,
     the recipe (weights and the inputs' sha256) and the training data and metrics when recorded.
     Authentication is huggingface_hub's: HF_TOKEN or `hf auth login`.
     """
-    from lora_arith.push import plan_upload
-    from lora_arith.push import push as upload
+    from lora_arith.sharing.push import plan_upload
+    from lora_arith.sharing.push import push as upload
 
     if dry_run:
         plan = plan_upload(adapter, license_, include)
@@ -104,8 +104,8 @@ def export(adapters, output, target, max_rank, mixes, force):
       vllm serve HuggingFaceTB/SmolLM2-135M-Instruct --enable-lora \\
           --lora-modules balanced=mixes/balanced safer=mixes/safer --max-lora-rank 16
     """
-    from lora_arith.errors import LoraArithError
-    from lora_arith.export import export_for_vllm, export_mixes, lora_modules_line, parse_mix
+    from lora_arith._internal.errors import LoraArithError
+    from lora_arith.sharing.export import export_for_vllm, export_mixes, lora_modules_line, parse_mix
 
     if mixes:
         parsed = dict(parse_mix(text, len(adapters)) for text in mixes)
@@ -156,8 +156,8 @@ def merge(base, adapters, output, dtype, quantize_4bit, requantize, force, devic
     The result loads with transformers' AutoModelForCausalLM.from_pretrained and gives the same
     logits as the base with the adapters applied.
     """
-    from lora_arith.merge import merge_adapters
-    from lora_arith.specs import named_specs
+    from lora_arith.model.merge import merge_adapters
+    from lora_arith.lora.specs import named_specs
 
     path = merge_adapters(
         base,

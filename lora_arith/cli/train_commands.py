@@ -8,11 +8,11 @@ from pathlib import Path
 import click
 
 from lora_arith.cli.options import device_option, force_option, four_bit_option, output_option
-from lora_arith.data import LABELS
-from lora_arith.devices import DTYPE_NAMES
-from lora_arith.errors import LoraArithError
-from lora_arith.provenance import METHODS
-from lora_arith.train import TrainConfig, TrainResult, train_preference
+from lora_arith.training.data import LABELS
+from lora_arith._internal.devices import DTYPE_NAMES
+from lora_arith._internal.errors import LoraArithError
+from lora_arith._internal.provenance import METHODS
+from lora_arith.training.train import TrainConfig, TrainResult, train_preference
 
 def _help(name: str) -> str:
     """An option's help: the matching :class:`TrainConfig` field's help text."""
@@ -135,7 +135,7 @@ def vector_command(output: Path, keep_runs, method, vector_rank, dtype, resume, 
     Example:
       lora-arith vector --data pairs.jsonl --max-steps 30 -o harmless.safetensors
     """
-    from lora_arith.vector import train_vector
+    from lora_arith.training.vector import train_vector
 
     if vector_rank is not None and method != "svd":
         raise LoraArithError("--vector-rank needs --method svd")

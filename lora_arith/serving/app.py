@@ -30,12 +30,12 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from lora_arith.errors import LoraArithError, OptionError, first_line
+from lora_arith._internal.errors import LoraArithError, OptionError, first_line
 from lora_arith.serving.engine import Engine, EngineClosed, EngineFull, RowRequest, RowResult
 from lora_arith.serving.protocol import ChatRequest, RequestError, ServerSettings, parse_body, parse_chat_request
 
 if TYPE_CHECKING:
-    from lora_arith.mixing import PreferenceMixer
+    from lora_arith.model.mixing import PreferenceMixer
 
 __all__ = ["AccessSettings", "Metrics", "create_app", "run_server"]
 
@@ -361,7 +361,7 @@ def create_app(
     def playground():
         from importlib.resources import files
 
-        page = files("lora_arith").joinpath("playground.html").read_text(encoding="utf-8")
+        page = files("lora_arith.serving").joinpath("playground.html").read_text(encoding="utf-8")
         config = {
             "model": settings.model_id,
             "preferences": settings.defaults,

@@ -34,10 +34,10 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
-from lora_arith.errors import LoraArithError, OptionError
+from lora_arith._internal.errors import LoraArithError, OptionError
 
 if TYPE_CHECKING:
-    from lora_arith.mixing import PreferenceMixer, RowWeights
+    from lora_arith.model.mixing import PreferenceMixer, RowWeights
 
 __all__ = [
     "Engine",
@@ -354,7 +354,7 @@ class SlotCache:
 
 
 class Engine:
-    """Continuous batching over a :class:`~lora_arith.mixing.PreferenceMixer`, on one worker thread.
+    """Continuous batching over a :class:`~lora_arith.model.mixing.PreferenceMixer`, on one worker thread.
 
     Args:
         mixer: the base with its adapters; the engine owns it while it runs.
@@ -385,7 +385,7 @@ class Engine:
         share_prefix: bool = True,
         observe: Callable[..., None] | None = None,
     ) -> None:
-        from lora_arith.generation import context_length, end_of_turn_ids, most_characters
+        from lora_arith.model.generation import context_length, end_of_turn_ids, most_characters
 
         if max_batch_size < 1:
             raise OptionError("max_batch_size", "{} must be at least 1")
@@ -418,7 +418,7 @@ class Engine:
 
     def encode(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """The prompt tokens of chat ``messages`` (the chat template, with the assistant header)."""
-        from lora_arith.generation import chat_prompt
+        from lora_arith.model.generation import chat_prompt
 
         text = chat_prompt(self.tokenizer, list(messages))
         if len(text) > self._most_characters:  # at least len / longest tokens: too long, without tokenizing it
@@ -615,7 +615,7 @@ class Engine:
         (left-padded: the padding sits between the prefix and the rest, masked)."""
         from transformers.cache_utils import DynamicCache
 
-        from lora_arith.generation import left_pad
+        from lora_arith.model.generation import left_pad
 
         skip = len(self.prefix_ids) if prefixed else 0
         ids, mask = left_pad([row.request.prompt_ids[skip:] for row in rows], self.pad_id)

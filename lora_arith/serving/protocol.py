@@ -13,7 +13,7 @@ import json
 import math
 from typing import Any, Mapping
 
-from lora_arith.errors import first_line
+from lora_arith._internal.errors import first_line
 
 __all__ = ["ChatRequest", "RequestError", "ServerSettings", "parse_body", "parse_chat_request"]
 

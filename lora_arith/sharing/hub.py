@@ -1,4 +1,4 @@
-"""Hugging Face Hub references (parsed by :func:`lora_arith.specs.parse_reference`): resolving ``org/name[@revision][/subfolder]`` to cached files.
+"""Hugging Face Hub references (parsed by :func:`lora_arith.lora.specs.parse_reference`): resolving ``org/name[@revision][/subfolder]`` to cached files.
 
 Anywhere an adapter path is accepted, a Hub reference works too:
 
@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lora_arith.errors import LoraArithError
-from lora_arith.specs import HubReference, parse_reference
+from lora_arith._internal.errors import LoraArithError
+from lora_arith.lora.specs import HubReference, parse_reference
 
 
 def _download(reference: HubReference, filename: str) -> Path:

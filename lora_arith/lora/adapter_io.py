@@ -26,16 +26,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lora_arith.atomic import atomic_output
-from lora_arith.devices import DTYPE_NAMES, torch_dtype
-from lora_arith.errors import LoraArithError, first_line
-from lora_arith.factors import LowRankDelta, single_threaded
-from lora_arith.hub import resolve
-from lora_arith.model_card import model_card
-from lora_arith.numerics import DTYPE_HINT, all_finite, cast_finite, require_finite
-from lora_arith.privacy import scrub
-from lora_arith.provenance import CONFIG_METADATA_KEY, RECIPE_METADATA_KEY, TRAINING_METADATA_KEY, sha256_of
-from lora_arith.specs import CONFIG_NAME, WEIGHTS_NAME
+from lora_arith._internal.atomic import atomic_output
+from lora_arith._internal.devices import DTYPE_NAMES, torch_dtype
+from lora_arith._internal.errors import LoraArithError, first_line
+from lora_arith.lora.factors import LowRankDelta, single_threaded
+from lora_arith.sharing.hub import resolve
+from lora_arith.sharing.model_card import model_card
+from lora_arith.lora.numerics import DTYPE_HINT, all_finite, cast_finite, require_finite
+from lora_arith._internal.privacy import scrub
+from lora_arith._internal.provenance import CONFIG_METADATA_KEY, RECIPE_METADATA_KEY, TRAINING_METADATA_KEY, sha256_of
+from lora_arith.lora.specs import CONFIG_NAME, WEIGHTS_NAME
 
 KEY_PREFIX = "base_model.model."
 
@@ -49,7 +49,7 @@ _KEY_PATTERN = re.compile(
     r"(?P<part>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$"
 )
 DTYPES = {name: torch_dtype(name) for name in DTYPE_NAMES}
-"""The output dtypes by name (see :mod:`lora_arith.devices`)."""
+"""The output dtypes by name (see :mod:`lora_arith._internal.devices`)."""
 
 
 @dataclass(frozen=True)
@@ -352,7 +352,7 @@ def output_kind(path: str | os.PathLike[str]) -> str:
 def open_adapter(path: str | os.PathLike[str]) -> AdapterFile:
     """Open an adapter in any accepted form: a PEFT directory, a weights file with its
     ``adapter_config.json`` beside it, or a single self-describing ``.safetensors`` file —
-    locally, or as a Hub reference ``org/name[@revision][/subfolder]`` (see :mod:`lora_arith.hub`)."""
+    locally, or as a Hub reference ``org/name[@revision][/subfolder]`` (see :mod:`lora_arith.sharing.hub`)."""
     label = str(path)
     path = resolve(label)
     if path.is_dir():
@@ -456,9 +456,9 @@ def save_adapter(
     else a PEFT directory (weights, ``adapter_config.json``, a README model card and
     ``extra_files``). ``recipe`` (the arithmetic) and ``training`` (how the inputs were
     trained) go into the safetensors metadata and the model card, with every local path
-    reduced to its basename (:func:`lora_arith.privacy.scrub`). Nothing is left behind if
-    writing fails. ``path`` may be an :class:`~lora_arith.atomic.Output` already checked;
-    otherwise it is checked here against ``inputs`` (see :func:`~lora_arith.atomic.check_output`).
+    reduced to its basename (:func:`lora_arith._internal.privacy.scrub`). Nothing is left behind if
+    writing fails. ``path`` may be an :class:`~lora_arith._internal.atomic.Output` already checked;
+    otherwise it is checked here against ``inputs`` (see :func:`~lora_arith._internal.atomic.check_output`).
     """
     single_file = output_kind(path) == "file"
     config, recipe, training = public_config(config), scrub(recipe), scrub(training)

@@ -3,7 +3,7 @@
 Only what an adapter repository needs is uploaded: ``adapter_config.json``,
 ``adapter_model.safetensors`` and a generated ``README.md`` model card; ``include`` patterns add
 more files of an adapter folder. Nothing local leaks: paths in the config, the safetensors
-metadata and the card are reduced to basenames (see :mod:`lora_arith.privacy`).
+metadata and the card are reduced to basenames (see :mod:`lora_arith._internal.privacy`).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from lora_arith.adapter_io import CONFIG_NAME, WEIGHTS_NAME, open_adapter, public_config
-from lora_arith.errors import LoraArithError, OptionError, first_line
-from lora_arith.model_card import base_license, model_card
-from lora_arith.privacy import scrub
+from lora_arith.lora.adapter_io import CONFIG_NAME, WEIGHTS_NAME, open_adapter, public_config
+from lora_arith._internal.errors import LoraArithError, OptionError, first_line
+from lora_arith.sharing.model_card import base_license, model_card
+from lora_arith._internal.privacy import scrub
 
 UPLOADED = (CONFIG_NAME, WEIGHTS_NAME, "README.md")
 """The files an adapter repository gets without ``--include``."""

@@ -16,12 +16,12 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from lora_arith.adapter_io import DTYPES, output_kind
-from lora_arith.atomic import atomic_output, check_output, removed_on_signal
-from lora_arith.combine import combine
-from lora_arith.specs import AdapterSpec
-from lora_arith.errors import OptionError
-from lora_arith.train import (
+from lora_arith.lora.adapter_io import DTYPES, output_kind
+from lora_arith._internal.atomic import atomic_output, check_output, removed_on_signal
+from lora_arith.lora.combine import combine
+from lora_arith.lora.specs import AdapterSpec
+from lora_arith._internal.errors import OptionError
+from lora_arith.training.train import (
     RUN_SETTINGS,
     TRAINING_METADATA,
     TrainConfig,

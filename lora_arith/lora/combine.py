@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 
-from lora_arith.adapter_io import (
+from lora_arith.lora.adapter_io import (
     DTYPES,
     AdapterFile,
     ModuleInfo,
@@ -28,12 +28,12 @@ from lora_arith.adapter_io import (
     save_adapter,
     unit_scaling_config,
 )
-from lora_arith.errors import LoraArithError, OptionError
-from lora_arith.factors import LowRankDelta, compress, single_threaded, weighted_sum
-from lora_arith.numerics import DTYPE_HINT, require_finite
-from lora_arith.privacy import public_name
-from lora_arith.provenance import METHODS, Recipe, RecipeInput
-from lora_arith.specs import AdapterSpec
+from lora_arith._internal.errors import LoraArithError, OptionError
+from lora_arith.lora.factors import LowRankDelta, compress, single_threaded, weighted_sum
+from lora_arith.lora.numerics import DTYPE_HINT, require_finite
+from lora_arith._internal.privacy import public_name
+from lora_arith._internal.provenance import METHODS, Recipe, RecipeInput
+from lora_arith.lora.specs import AdapterSpec
 
 # Config fields that say which modules are targeted; carried over when all inputs agree.
 _TARGETING_FIELDS = ("layers_to_transform", "layers_pattern", "exclude_modules")
@@ -86,7 +86,7 @@ class Combination:
 
     def save(self, path: str | os.PathLike[str], *, force: bool = False, dtype: torch.dtype | None = None) -> Path:
         """Write a PEFT directory, or the single-file form if ``path`` ends in ``.safetensors``.
-        ``path`` may be an :class:`~lora_arith.atomic.Output` already checked; a plain path is
+        ``path`` may be an :class:`~lora_arith._internal.atomic.Output` already checked; a plain path is
         checked (once, when it is written) against :attr:`sources`."""
         return save_adapter(
             path,
@@ -260,7 +260,7 @@ def combine(
     """Combine adapters into ``Σ wᵢ ΔWᵢ`` per module.
 
     Args:
-        specs: parsed ``AdapterSpec`` objects (text is parsed by :func:`lora_arith.specs.parse_specs`).
+        specs: parsed ``AdapterSpec`` objects (text is parsed by :func:`lora_arith.lora.specs.parse_specs`).
         method: ``"cat"`` (exact; ranks add up) or ``"svd"`` (optimal rank reduction).
         rank: with ``svd``, the rank of every output module. Defaults to the largest input rank.
         energy: with ``svd``, instead of ``rank``: the smallest per-module rank keeping this
@@ -274,7 +274,7 @@ def combine(
     if not specs:
         raise LoraArithError("give at least one adapter")
     if any(not isinstance(spec, AdapterSpec) for spec in specs):
-        raise TypeError("combine() takes AdapterSpec objects; parse text with lora_arith.specs.parse_specs")
+        raise TypeError("combine() takes AdapterSpec objects; parse text with lora_arith.lora.specs.parse_specs")
     if method not in METHODS:
         raise LoraArithError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if method == "cat" and (rank is not None or energy is not None):

@@ -1,14 +1,14 @@
 """Evaluation of a (mixed) model: refusal and over-refusal on prompts, DPO metrics on pairs.
 
 * On prompts marked ``should_refuse: true`` the **refusal rate** is the share of completions
-  that :func:`lora_arith.refusal.is_refusal` flags; on prompts marked ``false`` (safe, maybe
+  that :func:`lora_arith.evaluation.refusal.is_refusal` flags; on prompts marked ``false`` (safe, maybe
   scary-sounding, XSTest style) the **compliance rate** is the share it does not flag.
 * On prompts marked ``kind: ordinary`` (everyday requests nothing should refuse, e.g. the
   held-out Alpaca instructions, see ``examples/ordinary_prompts.py``) the **ordinary
   compliance rate** is the share not flagged.
 * Every rate comes with its ``n`` and a Wilson 95% interval (``*_ci``: ``[low, high]``).
-* The judge that flags refusals is pluggable (:mod:`lora_arith.judge`); the default is the
-  string matcher of :mod:`lora_arith.refusal`.
+* The judge that flags refusals is pluggable (:mod:`lora_arith.evaluation.judge`); the default is the
+  string matcher of :mod:`lora_arith.evaluation.refusal`.
 * On preference pairs, the **implicit-reward accuracy** is the share of pairs where the DPO
   reward ``β·(log π(y|x) − log π_ref(y|x))`` of the chosen reply beats the rejected one's,
   with the base (adapters disabled) as the reference; the **log-prob margin** is the mean of
@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from lora_arith.data import BadLine, read_jsonl, to_messages
-from lora_arith.errors import LoraArithError
-from lora_arith.refusal import refusal_reason
+from lora_arith.training.data import BadLine, read_jsonl, to_messages
+from lora_arith._internal.errors import LoraArithError
+from lora_arith.evaluation.refusal import refusal_reason
 
 KINDS = ("unsafe", "safe", "ordinary")
 """Prompt kinds: should-refuse, safe (maybe scary-sounding), and ordinary requests."""
@@ -132,7 +132,7 @@ def pair_metrics(
     log-probabilities between calls on the same pairs (sweeps compute them once)."""
     import torch
 
-    from lora_arith.generation import reply_logprobs
+    from lora_arith.model.generation import reply_logprobs
 
     prompts = [pair.prompt for pair in pairs]
 
@@ -176,9 +176,9 @@ def pair_metrics(
 def score_prompts(items: Sequence[EvalPrompt], completions: Sequence[str], judge=None) -> tuple[dict, list[dict]]:
     """Judge the completions of ``items``: (refusal metrics, one record per completion).
 
-    ``judge`` is a :class:`lora_arith.judge.Judge` (default: the string matcher); its name is
+    ``judge`` is a :class:`lora_arith.evaluation.judge.Judge` (default: the string matcher); its name is
     recorded under ``"judge"`` in the metrics."""
-    from lora_arith.judge import StringMatchJudge
+    from lora_arith.evaluation.judge import StringMatchJudge
 
     judge = judge or StringMatchJudge()
     verdicts = judge.classify([p.prompt for p in items], list(completions))
@@ -215,7 +215,7 @@ def evaluate(
     Returns ``{"prompts": refusal metrics, "pairs": pair metrics, "completions": [...]}``
     (keys present only for what was given). ``judge``: see :func:`score_prompts`.
     """
-    from lora_arith.generation import generate
+    from lora_arith.model.generation import generate
 
     result: dict[str, Any] = {}
     if prompts:

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence
 
 import torch
 
-from lora_arith.data import Prompt, to_messages
-from lora_arith.errors import LoraArithError
+from lora_arith.training.data import Prompt, to_messages
+from lora_arith._internal.errors import LoraArithError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

@@ -23,14 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from lora_arith.atomic import atomic_output, check_output
-from lora_arith.errors import LoraArithError, OptionError, first_line
+from lora_arith._internal.atomic import atomic_output, check_output
+from lora_arith._internal.errors import LoraArithError, OptionError, first_line
 
 if TYPE_CHECKING:
     import torch
 
-    from lora_arith.adapter_io import AdapterFile
-    from lora_arith.specs import AdapterSpec
+    from lora_arith.lora.adapter_io import AdapterFile
+    from lora_arith.lora.specs import AdapterSpec
 
 REQUANTIZE_WARNING = (  # {}: the requantize option (see OptionError)
     "merging into a 4-bit model rounds every merged weight back to NF4, whose steps (about 1/8 of each "
@@ -109,7 +109,7 @@ def _read_header(path: Path) -> _Shard:
 
 def _base_folder(base: str | None) -> Path:
     """The local folder of ``base``: the converted default (GGUF) base, a local folder, or a Hub snapshot."""
-    from lora_arith.base_model import resolve_base
+    from lora_arith.model.base import resolve_base
 
     location = resolve_base(base)
     if Path(location).is_dir():
@@ -147,7 +147,7 @@ def _base_shards(folder: Path) -> tuple[list[_Shard], bool]:
 
 def _plan(shards: list[_Shard], adapters: Sequence[tuple["AdapterFile", float]]) -> dict[str, _Delta]:
     """Base weight name → the deltas to add; every adapter module must match a weight of the right shape."""
-    from lora_arith.adapter_io import EMBEDDING
+    from lora_arith.lora.adapter_io import EMBEDDING
 
     shapes = {name: tuple(t.shape) for shard in shards for name, t in shard.tensors.items()}
     plan: dict[str, _Delta] = {}
@@ -224,7 +224,7 @@ def _check_finite(result: "torch.Tensor", values: "torch.Tensor", name: str, del
     """Refuse a non-finite ``result`` (``values`` cast to ``dtype``), saying whether the fp32 sum or the cast failed."""
     import torch
 
-    from lora_arith.numerics import all_finite
+    from lora_arith.lora.numerics import all_finite
 
     if all_finite(result):
         return
@@ -322,8 +322,8 @@ def merge_adapters(
     Args:
         base: the base (``None`` = the embedded default, via its dequantised cache; a local folder of
             safetensors, single-file or sharded; or a Hub id).
-        specs: the adapters with their weights (text is parsed by :func:`lora_arith.specs.parse_specs`
-            or, for ``[NAME=]PATH[:WEIGHT]``, :func:`lora_arith.specs.named_specs`).
+        specs: the adapters with their weights (text is parsed by :func:`lora_arith.lora.specs.parse_specs`
+            or, for ``[NAME=]PATH[:WEIGHT]``, :func:`lora_arith.lora.specs.named_specs`).
         dtype: ``"fp32"``, ``"bf16"`` or ``"fp16"`` for the floating-point tensors; ``None`` keeps the
             base's dtype. The sum is always computed in fp32, on the CPU, one block of rows at a time.
         quantize_4bit: store the result in NF4, refused unless ``requantize`` acknowledges the loss.
@@ -334,7 +334,7 @@ def merge_adapters(
         LoraArithError: on bad input (a shard missing from the index, an adapter module that matches no
             base weight or has the wrong shape, a non-finite merged tensor); nothing is written then.
     """
-    from lora_arith.adapter_io import adapter_sources, open_adapter
+    from lora_arith.lora.adapter_io import adapter_sources, open_adapter
 
     if quantize_4bit and not requantize:
         raise OptionError("requantize", REQUANTIZE_WARNING)

@@ -20,13 +20,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_arith.adapter_io import adapter_sources, open_adapter, save_adapter, unit_scaling_config
-from lora_arith.atomic import atomic_output, check_output
-from lora_arith.combine import combine
-from lora_arith.errors import LoraArithError, OptionError
-from lora_arith.factors import compress, single_threaded
-from lora_arith.provenance import EXPORT_METHOD
-from lora_arith.specs import AdapterSpec
+from lora_arith.lora.adapter_io import adapter_sources, open_adapter, save_adapter, unit_scaling_config
+from lora_arith._internal.atomic import atomic_output, check_output
+from lora_arith.lora.combine import combine
+from lora_arith._internal.errors import LoraArithError, OptionError
+from lora_arith.lora.factors import compress, single_threaded
+from lora_arith._internal.provenance import EXPORT_METHOD
+from lora_arith.lora.specs import AdapterSpec
 
 VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 """The values vLLM accepts for ``--max-lora-rank``."""

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from lora_arith.errors import LoraArithError, OptionError
+from lora_arith._internal.errors import LoraArithError, OptionError
 
 OUTPUT_KINDS: dict[str, tuple[str, tuple[tuple[str, ...], ...]]] = {
     "file": ("a file", ()),

@@ -24,8 +24,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lora_arith.devices import compute_dtype, default_device
-from lora_arith.errors import LoraArithError, OptionError, first_line
+from lora_arith._internal.devices import compute_dtype, default_device
+from lora_arith._internal.errors import LoraArithError, OptionError, first_line
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

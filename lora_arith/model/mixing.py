@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import torch
 
-from lora_arith.adapter_io import open_adapter
-from lora_arith.errors import LoraArithError, first_line
-from lora_arith.numerics import dtype_name, require_finite_number
+from lora_arith.lora.adapter_io import open_adapter
+from lora_arith._internal.errors import LoraArithError, first_line
+from lora_arith.lora.numerics import dtype_name, require_finite_number
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -252,7 +252,7 @@ class PreferenceMixer:
         device: str | None = None,
     ) -> None:
         if base is None or isinstance(base, (str, Path)):
-            from lora_arith.base_model import load_base
+            from lora_arith.model.base import load_base
 
             model, tokenizer = load_base(
                 None if base is None else str(base), quantize_4bit=quantize_4bit, device=device
@@ -389,13 +389,13 @@ class PreferenceMixer:
     def generate(
         self, prompts: Sequence[Any], weights: Sequence[Mapping[str, Any] | None] | None = None, **options: Any
     ) -> list[str]:
-        """Generate completions for ``prompts`` (see :func:`lora_arith.generation.generate`).
+        """Generate completions for ``prompts`` (see :func:`lora_arith.model.generation.generate`).
 
         With ``weights`` (one mapping name → η, or ``None``, per prompt), each prompt gets its own
         mix within the same batches; names a row leaves out take the current weights. Without
         it, every prompt gets the current mix.
         """
-        from lora_arith.generation import generate
+        from lora_arith.model.generation import generate
 
         if weights is None:
             return generate(self.model, self.tokenizer, prompts, **options)

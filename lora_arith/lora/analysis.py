@@ -8,9 +8,9 @@ from typing import Any, Sequence
 
 import torch
 
-from lora_arith.adapter_io import AdapterFile
-from lora_arith.errors import LoraArithError
-from lora_arith.factors import frobenius_norm, inner, projected_energy, single_threaded, subspaces
+from lora_arith.lora.adapter_io import AdapterFile
+from lora_arith._internal.errors import LoraArithError
+from lora_arith.lora.factors import frobenius_norm, inner, projected_energy, single_threaded, subspaces
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ def interference(adapters: Sequence[AdapterFile], top: int = 5, progress: bool =
     """For each pair of adapters: cosines (overall, per module type), the share of each one's
     energy inside the other's column and row spaces, and the ``top`` modules where they overlap
     most. Everything comes from the factors (QR of ``B`` and ``Aᵀ`` and an SVD of the small core
-    per module, see :func:`lora_arith.factors.subspaces`); no dense ``out × in`` matrix is formed.
+    per module, see :func:`lora_arith.lora.factors.subspaces`); no dense ``out × in`` matrix is formed.
     """
     count = len(adapters)
     names = sorted({name for adapter in adapters for name in adapter.modules})

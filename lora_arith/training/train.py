@@ -33,8 +33,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lora_arith.atomic import Output, atomic_output, check_output, removed_on_signal
-from lora_arith.data import (
+from lora_arith._internal.atomic import Output, atomic_output, check_output, removed_on_signal
+from lora_arith.training.data import (
     LABELS,
     LoadReport,
     PreferencePair,
@@ -42,10 +42,10 @@ from lora_arith.data import (
     spec_file,
     to_messages,
 )
-from lora_arith.devices import default_device, use_bf16
-from lora_arith.errors import LoraArithError, OptionError
-from lora_arith.privacy import public_name, scrub
-from lora_arith.provenance import sha256_of, versions
+from lora_arith._internal.devices import default_device, use_bf16
+from lora_arith._internal.errors import LoraArithError, OptionError
+from lora_arith._internal.privacy import public_name, scrub
+from lora_arith._internal.provenance import sha256_of, versions
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -295,7 +295,7 @@ def train_preference(
             without ``force``, leftover checkpoints without ``resume`` or ``force``, or
             ``resume`` without a checkpoint or with settings that differ from its run's.
     """
-    from lora_arith.base_model import base_model_id, load_base
+    from lora_arith.model.base import base_model_id, load_base
 
     started = time.time()
     output = _prepare_output(config, output, force)
@@ -374,7 +374,7 @@ def last_checkpoint(folder: Path) -> Path | None:
 def run_settings(config: TrainConfig, swap: bool) -> dict[str, Any]:
     """What a run trains, as recorded next to its checkpoints: the settings (but
     :data:`_NOT_COMPARED`), the swap flag, and each data file as its sha256 (Hub ids as given)."""
-    from lora_arith.base_model import base_model_id
+    from lora_arith.model.base import base_model_id
 
     settings = asdict(config)
     for name in _NOT_COMPARED:
@@ -474,7 +474,7 @@ def _write_run(model: Any, folder: Path, result: TrainResult) -> None:
     form (from the same in-memory tensors and config), the log, the metadata and the model card."""
     from peft.utils import get_peft_model_state_dict
 
-    from lora_arith.adapter_io import save_adapter
+    from lora_arith.lora.adapter_io import save_adapter
 
     model.save_pretrained(folder, save_embedding_layers=False)  # PEFT's README.md is replaced below
     tensors = get_peft_model_state_dict(model, save_embedding_layers=False)
@@ -483,8 +483,8 @@ def _write_run(model: Any, folder: Path, result: TrainResult) -> None:
     save_adapter(folder / result.single_file.name, tensors, config, training=summary)
     _write_json(folder / TRAINING_LOG, result.log)
     _write_json(folder / TRAINING_METADATA, result.metadata)
-    from lora_arith.adapter_io import public_config
-    from lora_arith.model_card import model_card
+    from lora_arith.lora.adapter_io import public_config
+    from lora_arith.sharing.model_card import model_card
 
     (folder / "README.md").write_text(model_card(public_config(config), None, summary), encoding="utf-8")
 
@@ -503,7 +503,7 @@ def single_file_name(output: Path) -> str:
 
 def training_inputs(config: TrainConfig) -> list[Path]:
     """The local files and folders a run reads (data files, the base), which its outputs must not touch."""
-    from lora_arith.base_model import base_sources
+    from lora_arith.model.base import base_sources
 
     specs = [*config.data, *([config.eval_data] if config.eval_data is not None else [])]
     files = [spec_file(spec) for spec in specs]
@@ -511,7 +511,7 @@ def training_inputs(config: TrainConfig) -> list[Path]:
 
 
 def _prepare_output(config: TrainConfig, output: str | Path | Output, force: bool) -> Output:
-    """Check the output before the long part (see :func:`~lora_arith.atomic.check_output`): an
+    """Check the output before the long part (see :func:`~lora_arith._internal.atomic.check_output`): an
     existing one is replaced only with ``force``, and only an empty folder or an earlier
     adapter folder. Missing parent folders are created when the adapter is written."""
     if isinstance(output, Output):

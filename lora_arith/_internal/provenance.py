@@ -21,13 +21,13 @@ TRAINING_METADATA_KEY = "lora_arith.training"
 """Safetensors metadata key of the training summaries (how the adapter or its inputs were trained)."""
 
 METHODS = ("cat", "svd")
-"""How :func:`lora_arith.combine.combine` sums: ``cat`` (exact, ranks add up) or ``svd`` (optimal rank reduction)."""
+"""How :func:`lora_arith.lora.combine.combine` sums: ``cat`` (exact, ranks add up) or ``svd`` (optimal rank reduction)."""
 
 EXPORT_TARGETS = ("vllm",)
-"""The serving engines :mod:`lora_arith.export` writes for."""
+"""The serving engines :mod:`lora_arith.sharing.export` writes for."""
 
 EXPORT_METHOD = "export-vllm"
-"""The recipe method of :func:`lora_arith.export.export_for_vllm`'s outputs, which also record ``max_rank``."""
+"""The recipe method of :func:`lora_arith.sharing.export.export_for_vllm`'s outputs, which also record ``max_rank``."""
 
 TRAINING_PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate")
 """The packages whose versions a training run records."""

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from lora_arith.errors import LoraArithError, OptionError, first_line
+from lora_arith._internal.errors import LoraArithError, OptionError, first_line
 
 __all__ = [
     "LABELS",

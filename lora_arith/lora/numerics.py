@@ -2,7 +2,7 @@
 
 Used wherever numbers are scaled (adapter scalings, user weights) or cast to a narrower dtype
 (``--dtype fp16``) before they are written or attached to a model. The checks raise
-:class:`LoraArithError` naming what overflowed and why; :mod:`lora_arith.factors` stays pure.
+:class:`LoraArithError` naming what overflowed and why; :mod:`lora_arith.lora.factors` stays pure.
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ import math
 
 import torch
 
-from lora_arith.errors import LoraArithError, OptionError
+from lora_arith._internal.errors import LoraArithError, OptionError
 
 __all__ = ["require_finite", "require_finite_number", "cast_finite", "dtype_name", "DTYPE_HINT"]
 
 DTYPE_HINT = "use {} fp32 or bf16"
 """What to do about an fp16 overflow where the user chooses the output dtype (``{}``: the
-``dtype`` option, see :class:`~lora_arith.errors.OptionError`)."""
+``dtype`` option, see :class:`~lora_arith._internal.errors.OptionError`)."""
 
 
 def dtype_name(dtype: torch.dtype) -> str:

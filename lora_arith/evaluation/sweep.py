@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from lora_arith.errors import LoraArithError, OptionError
+from lora_arith._internal.errors import LoraArithError, OptionError
 
 HEATMAP_METRICS = {
     "refusal_rate_unsafe": "refusal rate on unsafe prompts",
@@ -47,7 +47,7 @@ FLAT_RATES = {
 
 
 def flatten(result: dict[str, Any]) -> dict[str, Any]:
-    """The headline numbers of an :func:`lora_arith.evaluation.evaluate` result, as one flat row:
+    """The headline numbers of an :func:`lora_arith.evaluation.evaluate.evaluate` result, as one flat row:
     each rate with its Wilson 95% bounds (``_lo``/``_hi``) and n, the margins, and the judge."""
     row: dict[str, Any] = {}
     for key, (part, n_key) in FLAT_RATES.items():
@@ -100,7 +100,7 @@ def generate_points(
     once for all points. With ``share_prefix``, the tokens every chat prompt starts with (the
     template's system turn) are run once per point instead of once per row. Returns one list of
     completions (in prompt order) per point."""
-    from lora_arith.generation import encode_prompts
+    from lora_arith.model.generation import encode_prompts
     from lora_arith.serving.engine import greedy_completions
 
     if batch_size < 1 or max_new_tokens < 1:
@@ -145,7 +145,7 @@ def evaluate_points(
     texts. Pair metrics are computed point by point, with the reference log-probabilities
     computed once. ``on_point(point, result)`` is called as each point finishes. Returns the
     :func:`evaluate` results in order."""
-    from lora_arith.evaluation import evaluate, pair_metrics, score_prompts
+    from lora_arith.evaluation.evaluate import evaluate, pair_metrics, score_prompts
 
     if points_per_batch < 1:
         raise OptionError("points_per_batch", "{} must be at least 1")
@@ -399,7 +399,7 @@ def write_sweep(
 
     With one or two vectors the maps are ``heatmap_METRIC.png``; with more, one map per pair of
     vectors, ``heatmap_METRIC_X-Y.png``, the others held at ``fixed`` (see :func:`heatmap_planes`)."""
-    from lora_arith.atomic import atomic_output
+    from lora_arith._internal.atomic import atomic_output
 
     grid_values = {n: sorted({row[f"eta_{n}"] for row in rows}) for n in names}
     planes = heatmap_planes(names, grid_values, fixed)

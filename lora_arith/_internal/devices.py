@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lora_arith.errors import LoraArithError
+from lora_arith._internal.errors import LoraArithError
 
 if TYPE_CHECKING:
     import torch

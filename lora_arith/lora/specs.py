@@ -1,5 +1,5 @@
 """Adapter specs, parsed once: the command line turns text into these types, and the library
-functions (:func:`~lora_arith.combine.combine`, :func:`~lora_arith.merge.merge_adapters`, the
+functions (:func:`~lora_arith.lora.combine.combine`, :func:`~lora_arith.model.merge.merge_adapters`, the
 mixer, …) take them parsed.
 
 The forms:
@@ -11,9 +11,9 @@ The forms:
 * ``NAME=PATH`` (:func:`named_paths`) and ``NAME=WEIGHT`` (:func:`fixed_weights`), the sweep's
   vectors and fixed weights;
 * Hub references ``org/name[@revision][/subpath]`` (:func:`parse_reference`, resolved by
-  :mod:`lora_arith.hub`).
+  :mod:`lora_arith.sharing.hub`).
 
-Errors about an option's text are :class:`~lora_arith.errors.OptionError`: they carry the
+Errors about an option's text are :class:`~lora_arith._internal.errors.OptionError`: they carry the
 option's name, which the command line shows as its flag.
 """
 
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from lora_arith.errors import LoraArithError, OptionError
-from lora_arith.privacy import public_name as _public_name
+from lora_arith._internal.errors import LoraArithError, OptionError
+from lora_arith._internal.privacy import public_name as _public_name
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

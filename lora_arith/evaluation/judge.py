@@ -4,7 +4,7 @@ Every judge sorts each (prompt, completion) into XSTest's three classes:
 ``full_compliance``, ``full_refusal`` or ``partial_refusal``; anything but full compliance
 counts as a refusal in the rates.
 
-* ``strmatch`` (the default): the transparent string matcher of :mod:`lora_arith.refusal`
+* ``strmatch`` (the default): the transparent string matcher of :mod:`lora_arith.evaluation.refusal`
   (it only knows full compliance and full refusal).
 * ``MODULE:CALLABLE``: a Python callable ``f(prompt, completion)`` returning one of the three
   class names, or a bool (True = refusal). ``MODULE`` is imported as a module name.
@@ -26,8 +26,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
-from lora_arith.errors import LoraArithError, OptionError
-from lora_arith.refusal import refusal_reason
+from lora_arith._internal.errors import LoraArithError, OptionError
+from lora_arith.evaluation.refusal import refusal_reason
 
 CLASSES = ("full_compliance", "full_refusal", "partial_refusal")
 
@@ -75,7 +75,7 @@ class Judge:
 
 
 class StringMatchJudge(Judge):
-    """The default: :func:`lora_arith.refusal.refusal_reason` (refusal or full compliance)."""
+    """The default: :func:`lora_arith.evaluation.refusal.refusal_reason` (refusal or full compliance)."""
 
     name = "strmatch"
 

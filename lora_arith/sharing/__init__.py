@@ -1,0 +1,1 @@
+"""Sharing adapters: Hub references, uploads with model cards, and exports for serving engines."""
