@@ -31,181 +31,43 @@ Usage::
 
 from __future__ import annotations
 
-# Only the standard library at module level: see the module docstring (ru_maxrss inheritance).
+# Only the standard library at module level (harness and synthetic import only it too): see the module
+# docstring (ru_maxrss inheritance).
 import argparse
 import json
 import math
 import os
-import resource
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-RESULT_MARKER = "@@BENCH-RESULT@@ "
-KEY_PREFIX = "base_model.model."
-TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-BASE_MODEL = "meta-llama/Meta-Llama-3-8B"
-LORA_ALPHA = 32
-SEED = 20240501
-A_SCALE_NUMERATOR = 1.0  # A ~ N(0, 1/in)
-B_SCALE = 0.01  # B ~ N(0, 0.01²)
-GiB = 1024**3
-
-Json = dict[str, Any]
-
-
-# -- workload ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Shapes:
-    """The Llama module shapes the adapters target."""
-
-    hidden: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-
-    def modules(self) -> dict[str, tuple[int, int]]:
-        """``{relative module path: (out_features, in_features)}`` for one decoder layer."""
-        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return {
-            "self_attn.q_proj": (q, self.hidden),
-            "self_attn.k_proj": (kv, self.hidden),
-            "self_attn.v_proj": (kv, self.hidden),
-            "self_attn.o_proj": (self.hidden, q),
-            "mlp.gate_proj": (self.intermediate, self.hidden),
-            "mlp.up_proj": (self.intermediate, self.hidden),
-            "mlp.down_proj": (self.hidden, self.intermediate),
-        }
-
-
-LLAMA3_8B = Shapes(hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128)
-# Smoke-test shapes (--tiny): the same structure, small enough to run PEFT's svd in seconds.
-TINY = Shapes(hidden=256, intermediate=896, heads=4, kv_heads=1, head_dim=64)
-
-
-def module_name(layer: int, relative: str) -> str:
-    """The module's path in a ``LlamaForCausalLM``, e.g. ``model.layers.0.self_attn.q_proj``."""
-    return f"model.layers.{layer}.{relative}"
-
-
-def module_seed(adapter: int, layer: int, module_index: int) -> int:
-    """A fixed seed per (adapter, layer, module): layer ``i`` is identical in every file that has it."""
-    return SEED + 1_000_000 * adapter + 1_000 * layer + module_index
-
-
-# -- PEFT-format files ------------------------------------------------------------------------
-
-
-def write_peft_dir(path: Path, factors: dict[str, tuple[Any, Any]], rank: int, alpha: float, dtype: Any) -> Path:
-    """Write ``{module: (B, A)}`` as a PEFT adapter directory (``adapter_model.safetensors`` +
-    ``adapter_config.json``) in ``dtype``. All modules must have rank ``rank``."""
-    from safetensors.torch import save_file
-
-    tensors = {}
-    for module, (B, A) in factors.items():
-        if A.shape[0] != rank or B.shape[1] != rank:
-            raise ValueError(f"{module}: rank {A.shape[0]} but the directory is written with r={rank}")
-        tensors[f"{KEY_PREFIX}{module}.lora_A.weight"] = A.to(dtype).contiguous()
-        tensors[f"{KEY_PREFIX}{module}.lora_B.weight"] = B.to(dtype).contiguous()
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": BASE_MODEL,
-        "r": rank,
-        "lora_alpha": alpha,
-        "target_modules": TARGET_MODULES,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "use_rslora": False,
-        "use_dora": False,
-        "inference_mode": True,
-    }
-    (path / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return path
-
-
-def read_peft_dir(path: Path) -> dict[str, tuple[Any, Any]]:
-    """Read a PEFT adapter directory as ``{module: (B·scaling, A)}`` in fp32.
-
-    Deliberately independent of ``lora_arith`` (it is the reference the results are checked
-    against): scaling is ``lora_alpha / r``; rank/alpha patterns and rsLoRA are refused.
-    """
-    import torch
-    from safetensors import safe_open
-
-    config = json.loads((path / "adapter_config.json").read_text())
-    if config.get("rank_pattern") or config.get("alpha_pattern") or config.get("use_rslora"):
-        raise ValueError(f"{path}: rank/alpha patterns and rsLoRA are not supported by this reader")
-    scaling = float(config["lora_alpha"]) / float(config["r"])
-    parts: dict[str, dict[str, Any]] = {}
-    with safe_open(path / "adapter_model.safetensors", framework="pt") as handle:
-        for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
-            stem, _, part = key.removeprefix(KEY_PREFIX).rpartition(".lora_")
-            parts.setdefault(stem, {})[part] = handle.get_tensor(key).to(torch.float32)
-    return {module: (found["B.weight"] * scaling, found["A.weight"]) for module, found in sorted(parts.items())}
-
-
-def generate_adapter(shapes: Shapes, layers: int, adapter: int, rank: int) -> dict[str, tuple[Any, Any]]:
-    """Random factors ``{module: (B, A)}`` for ``layers`` decoder layers, in fp32.
-
-    ``A ~ N(0, 1/in)`` (rows of norm ≈ 1) and ``B ~ N(0, 0.01²)``, so every delta is non-trivial.
-    """
-    import torch
-
-    factors = {}
-    for layer in range(layers):
-        for index, (relative, (out_features, in_features)) in enumerate(shapes.modules().items()):
-            generator = torch.Generator().manual_seed(module_seed(adapter, layer, index))
-            A = torch.randn(rank, in_features, generator=generator) * (A_SCALE_NUMERATOR / math.sqrt(in_features))
-            B = torch.randn(out_features, rank, generator=generator) * B_SCALE
-            factors[module_name(layer, relative)] = (B, A)
-    return factors
-
-
-# -- measuring --------------------------------------------------------------------------------
-
-
-def proc_status_bytes(field: str) -> int | None:
-    """A ``kB`` field of ``/proc/self/status`` (``VmHWM``, ``VmRSS``) in bytes, or None off Linux."""
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak RSS since its exec (``VmHWM``; falls back to ``ru_maxrss``)."""
-    hwm = proc_status_bytes("VmHWM")
-    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def current_rss_bytes() -> int:
-    """This process's RSS now (0 if unknown)."""
-    return proc_status_bytes("VmRSS") or 0
-
-
-def timed(function: Callable[[], Any]) -> tuple[float, Any]:
-    """``(seconds, result)`` of ``function()``, measured with ``perf_counter``."""
-    start = time.perf_counter()
-    result = function()
-    return time.perf_counter() - start, result
+from harness import (
+    GiB,
+    Json,
+    add_worker_arguments,
+    current_rss_bytes,
+    disk_bytes,
+    git_commit,
+    gib,
+    load_average,
+    log,
+    markdown_table,
+    ms,
+    peak_rss_bytes,
+    ratio,
+    run_worker_if_asked,
+    thread_env,
+    timed,
+    work_folder,
+    worker_cli,
+)
+from harness import run_worker as run_script_worker
+from synthetic import LLAMA3_8B, LORA_ALPHA, SEED, TINY, Shapes, read_peft_dir, write_adapters, write_peft_dir
 
 
 # -- exact references (fp64, from the factors) -------------------------------------------------
@@ -244,15 +106,10 @@ def optimal_relative_error(B: Any, A: Any, rank: int | None) -> float:
 
 def worker_generate(params: Json) -> Json:
     """Write the two input adapters (``params``: shapes, layers, rank, outputs)."""
-    import torch
-
-    shapes = Shapes(**params["shapes"])
-    written = []
-    for adapter, output in enumerate(params["outputs"]):
-        factors = generate_adapter(shapes, params["layers"], adapter, params["rank"])
-        write_peft_dir(Path(output), factors, params["rank"], LORA_ALPHA, torch.bfloat16)
-        written.append({"path": output, "modules": len(factors), "bytes": _size(Path(output))})
-    return {"adapters": written}
+    outputs = params["outputs"]
+    modules = write_adapters(Shapes(**params["shapes"]), params["layers"], params["rank"], outputs)
+    return {"adapters": [{"path": output, "modules": count, "bytes": disk_bytes(Path(output))}
+                         for output, count in zip(outputs, modules)]}
 
 
 def worker_ours(params: Json) -> Json:
@@ -476,29 +333,6 @@ def worker_verify(params: Json) -> Json:
     }
 
 
-def worker_cli(params: Json) -> Json:
-    """Run ``params["argv"]`` as a child and report its wall time and peak RSS.
-
-    This worker imports only the standard library, so ``RUSAGE_CHILDREN.ru_maxrss`` (which
-    also carries this small process's high-water mark at spawn) is the child's own peak.
-    """
-    start = time.perf_counter()
-    completed = subprocess.run(params["argv"], capture_output=True, text=True, check=False)
-    wall = time.perf_counter() - start
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return {
-        "argv": params["argv"],
-        "returncode": completed.returncode,
-        "wall_s": wall,
-        "user_s": usage.ru_utime,
-        "sys_s": usage.ru_stime,
-        "peak_rss_bytes": usage.ru_maxrss * 1024,
-        "wrapper_peak_rss_bytes": peak_rss_bytes(),
-        "stdout": completed.stdout[-3000:],
-        "stderr": completed.stderr[-3000:],
-    }
-
-
 WORKERS: dict[str, Callable[[Json], Json]] = {
     "generate": worker_generate,
     "ours": worker_ours,
@@ -509,50 +343,23 @@ WORKERS: dict[str, Callable[[Json], Json]] = {
 }
 
 
-def run_worker_here(name: str, params_text: str) -> None:
-    """Entry point of a worker process: run it and print its JSON result on one marked line."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    result = WORKERS[name](json.loads(params_text))
-    print(RESULT_MARKER + json.dumps(result), flush=True)
-
-
 # -- orchestration (the parent process: standard library only) ---------------------------------
 
 
 # Set by --threads: exported to every worker (and so to the lora-arith CLI child).
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 _worker_env: dict[str, str] = {}
 
 
 def configure_threads(threads: int | None) -> None:
     """Pin the intra-op thread count of every worker and of the CLI child (None: library default)."""
     _worker_env.clear()
-    if threads is not None:
-        _worker_env.update({name: str(threads) for name in THREAD_VARIABLES})
-
-
-def load_average() -> list[float]:
-    """The 1/5/15-minute load averages (empty where unknown)."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
+    _worker_env.update(thread_env(threads))
 
 
 def run_worker(name: str, params: Json) -> Json:
-    """Run a worker in a fresh Python process and return its JSON result (with the load average
-    before and after: other processes on the machine make multi-threaded timings unreliable)."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **_worker_env)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")]))
-    argv = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--worker-params", json.dumps(params)]
-    load_before = load_average()
-    completed = subprocess.run(argv, stdout=subprocess.PIPE, text=True, env=env, check=False)
-    lines = [line for line in completed.stdout.splitlines() if line.startswith(RESULT_MARKER)]
-    if completed.returncode != 0 or not lines:
-        raise RuntimeError(f"worker {name} failed (exit {completed.returncode}); stdout tail:\n{completed.stdout[-2000:]}")
-    result = json.loads(lines[-1][len(RESULT_MARKER):])
-    result["load_average_before"], result["load_average_after"] = load_before, load_average()
-    return result
+    """Run a worker of this script in a fresh Python process (:func:`harness.run_worker`), with the
+    thread variables of ``--threads``."""
+    return run_script_worker(__file__, name, params, _worker_env)
 
 
 def cli_command() -> list[str]:
@@ -576,17 +383,6 @@ for folder in sys.argv[1:]:
 READ_FLOOR_FROZEN = READ_FLOOR + "import gc\ngc.freeze()\n"
 """The read floor with the garbage collector's heap frozen at the end, as the ``lora-arith`` CLI does at
 exit (``lora_arith.cli._freeze_heap_at_exit``): the stricter reference, reported beside the floor."""
-
-
-def _size(path: Path) -> int:
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
-
-
-def log(message: str) -> None:
-    """Progress on stderr (stdout carries the table)."""
-    print(message, file=sys.stderr, flush=True)
 
 
 def generate_pair(workdir: Path, name: str, shapes: Shapes, layers: int, rank: int) -> list[str]:
@@ -668,22 +464,10 @@ def whole_process_run(args: argparse.Namespace, workdir: Path, inputs: list[str]
     if not verify:
         return {"method": method, "layers": args.layers, "cli": cli}
     verify = run_worker("verify", {"inputs": inputs, "output": str(output), "rank": args.rank if method == "svd" else None})
-    return {"method": method, "layers": args.layers, "cli": cli, "verify": verify, "output_bytes": _size(output)}
+    return {"method": method, "layers": args.layers, "cli": cli, "verify": verify, "output_bytes": disk_bytes(output)}
 
 
 # -- reporting --------------------------------------------------------------------------------
-
-
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
-
-
-def _ratio(value: float) -> str:
-    return f"{value:,.0f}×" if value >= 10 else f"{value:.1f}×"
-
-
-def _gib(size: float) -> str:
-    return f"{size / GiB:.2f} GiB"
 
 
 def table_rows(results: Json) -> list[list[str]]:
@@ -695,13 +479,13 @@ def table_rows(results: Json) -> list[list[str]]:
         what = f"svd → rank {part['rank']}" if method == "svd" else f"cat (exact, rank {ours['output_rank']})"
         workload = f"{layers} layer ({7 * layers} modules), {what}, in process"
         if peft:
-            speedup = _ratio(peft["add_weighted_adapter_s"] / ours["combine_s"])
+            speedup = ratio(peft["add_weighted_adapter_s"] / ours["combine_s"])
             diff = f"{comparison['max_difference']['PEFT vs lora-arith']:.1e}"
-            rss = f"{_gib(ours['peak_rss_bytes'])} / {_gib(peft['peak_rss_bytes'])}"
-            peft_time = _ms(peft["add_weighted_adapter_s"])
+            rss = f"{gib(ours['peak_rss_bytes'])} / {gib(peft['peak_rss_bytes'])}"
+            peft_time = ms(peft["add_weighted_adapter_s"])
         else:
-            speedup, diff, peft_time, rss = "—", "—", "skipped", _gib(ours["peak_rss_bytes"])
-        ours_time = f"{_ms(ours['combine_s'])} ({_ms(ours['combine_save_s'])} with save)"
+            speedup, diff, peft_time, rss = "—", "—", "skipped", gib(ours["peak_rss_bytes"])
+        ours_time = f"{ms(ours['combine_s'])} ({ms(ours['combine_save_s'])} with save)"
         rows.append([workload, ours_time, peft_time, speedup, diff, rss])
     for part in results["whole_process"]:
         ranks = "/".join(str(r) for r in part["verify"]["output_ranks"])
@@ -709,7 +493,7 @@ def table_rows(results: Json) -> list[list[str]]:
         workload = f"{part['layers']} layers ({part['verify']['modules']} modules), {what}, whole CLI process"
         excess = part["verify"]["max_excess_over_optimum"]
         note = f"{excess:.1e} over optimum (bf16 output)"
-        rows.append([workload, _ms(part["cli"]["wall_s"]), "—", "—", note, _gib(part["cli"]["peak_rss_bytes"])])
+        rows.append([workload, ms(part["cli"]["wall_s"]), "—", "—", note, gib(part["cli"]["peak_rss_bytes"])])
     return rows
 
 
@@ -731,30 +515,26 @@ def floor_table(results: Json) -> str:
     lines = [f"| whole process, {results['whole_process'][0]['layers']} layers ({threads}) | wall time | × read floor "
              "| CPU time (user+sys) | × read floor | peak RSS |",
              "|---|---|---|---|---|---|",
-             f"| read floor: import torch + safetensors, read every input tensor | {_ms(floor)} | 1.0× | {_ms(floor_cpu)} "
-             f"| 1.0× | {_gib(max(run['peak_rss_bytes'] for run in results['read_floor']))} |"]
+             f"| read floor: import torch + safetensors, read every input tensor | {ms(floor)} | 1.0× | {ms(floor_cpu)} "
+             f"| 1.0× | {gib(max(run['peak_rss_bytes'] for run in results['read_floor']))} |"]
     for part in results["whole_process"]:
         what = "svd → rank 16" if part["method"] == "svd" else "cat (exact)"
         cli = part["cli"]
-        lines.append(f"| `lora-arith combine --method {part['method']}` ({what}) | {_ms(cli['wall_s'])} | "
-                     f"{cli['wall_s'] / floor:.2f}× | {_ms(cpu_seconds(cli))} | {cpu_seconds(cli) / floor_cpu:.2f}× | "
-                     f"{_gib(cli['peak_rss_bytes'])} |")
+        lines.append(f"| `lora-arith combine --method {part['method']}` ({what}) | {ms(cli['wall_s'])} | "
+                     f"{cli['wall_s'] / floor:.2f}× | {ms(cpu_seconds(cli))} | {cpu_seconds(cli) / floor_cpu:.2f}× | "
+                     f"{gib(cli['peak_rss_bytes'])} |")
     if results.get("read_floor_frozen"):
         frozen = floor_seconds(results, "read_floor_frozen")
         walls = ", ".join(f"{part['method']} {part['cli']['wall_s'] / frozen:.2f}×" for part in results["whole_process"])
         lines.append(f"\nStricter reference: the read floor with the GC heap frozen at exit, as the CLI does: "
-                     f"{_ms(frozen)}; the CLI runs against it: {walls}.")
+                     f"{ms(frozen)}; the CLI runs against it: {walls}.")
     runs = results.get("cli_repeats", 1)
     lines.append(f"\nWall times: medians of {runs} alternating rounds (floor, svd, cat, frozen floor), plus one floor run after.")
     return "\n".join(lines)
 
 
-def markdown_table(rows: list[list[str]]) -> str:
-    """A Markdown table with the standard columns."""
-    header = ["workload", "lora-arith time", "PEFT time", "speed-up", "max rel. diff", "peak RSS (lora-arith / PEFT)"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
+TABLE_HEADER = ["workload", "lora-arith time", "PEFT time", "speed-up", "max rel. diff", "peak RSS (lora-arith / PEFT)"]
+"""The columns of :func:`table_rows`."""
 
 
 def measured_loads(results: Json) -> list[float]:
@@ -792,7 +572,7 @@ def details(results: Json) -> list[str]:
         if part["peft"]:
             ratio_cold = part["peft"]["add_weighted_adapter_s"] / part["ours"]["cold"]["combine_s"]
             ratio_save = part["peft"]["add_weighted_adapter_s"] / part["ours"]["combine_save_s"]
-            lines.append(f"  - speed-up vs lora-arith cold first call: {_ratio(ratio_cold)}; vs combine+save: {_ratio(ratio_save)}")
+            lines.append(f"  - speed-up vs lora-arith cold first call: {ratio(ratio_cold)}; vs combine+save: {ratio(ratio_save)}")
     for check in results["checks"]:
         lines.append(f"- [{'PASS' if check['ok'] else 'FAIL'}] {check['name']}: {check['value']}")
     return lines
@@ -803,8 +583,8 @@ def checks(results: Json, args: argparse.Namespace) -> list[Json]:
     found = []
     for part in results["in_process"]:
         if part["method"] == "svd" and part["peft"] and not args.tiny:
-            ratio = part["peft"]["add_weighted_adapter_s"] / part["ours"]["combine_s"]
-            found.append({"name": "svd speed-up ≥ 500× (warm median)", "ok": ratio >= 500, "value": _ratio(ratio)})
+            speedup = part["peft"]["add_weighted_adapter_s"] / part["ours"]["combine_s"]
+            found.append({"name": "svd speed-up ≥ 500× (warm median)", "ok": speedup >= 500, "value": ratio(speedup)})
         excess = part["comparison"]["max_excess_over_optimum"]["lora-arith"]
         found.append({"name": f"{part['method']} lora-arith (fp32) at the optimum (excess ≤ 1e-5)", "ok": excess <= 1e-5,
                       "value": f"{excess:+.1e}"})
@@ -841,8 +621,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="smoke test on small shapes (not Llama-3-8B)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep inputs and outputs here (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=None, help="also write all results as JSON to this file")
-    parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
-    parser.add_argument("--worker-params", default="{}", help=argparse.SUPPRESS)
+    add_worker_arguments(parser, WORKERS)
     args = parser.parse_args(argv)
     for name in ("peft_layers", "layers", "rank", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -863,20 +642,6 @@ def environment() -> Json:
     versions = json.loads(completed.stdout.strip().splitlines()[-1]) if completed.returncode == 0 else {}
     return {"python": sys.version.split()[0], "cpus": os.cpu_count(), "platform": sys.platform,
             "lora_arith_commit": git_commit(), **versions}
-
-
-def git_commit() -> str | None:
-    """The repository's HEAD commit (``-dirty`` if tracked files in lora_arith/ changed), if known."""
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*words: str) -> str:
-        completed = subprocess.run(["git", "-C", str(root), *words], capture_output=True, text=True, check=False)
-        return completed.stdout.strip() if completed.returncode == 0 else ""
-
-    commit = git("rev-parse", "--short", "HEAD")
-    if not commit:
-        return None
-    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no", "--", "lora_arith") else "")
 
 
 def run_benchmark(args: argparse.Namespace, workdir: Path) -> Json:
@@ -918,27 +683,16 @@ def run_benchmark(args: argparse.Namespace, workdir: Path) -> Json:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark, print the Markdown table and the details, optionally write JSON."""
     args = parse_args(argv)
-    if args.worker:
-        run_worker_here(args.worker, args.worker_params)
+    if run_worker_if_asked(WORKERS, args):
         return 0
 
-    temporary = None
-    if args.workdir is None:
-        temporary = tempfile.mkdtemp(prefix="bench-combine-")
-        workdir = Path(temporary)
-    else:
-        workdir = args.workdir
-        workdir.mkdir(parents=True, exist_ok=True)
-    try:
+    with work_folder(args.workdir, "bench-combine-") as workdir:
         start = time.perf_counter()
         results = run_benchmark(args, workdir)
         results["benchmark_wall_s"] = time.perf_counter() - start
-    finally:
-        if temporary:
-            shutil.rmtree(temporary, ignore_errors=True)
 
     print()
-    print(markdown_table(table_rows(results)))
+    print(markdown_table(TABLE_HEADER, table_rows(results)))
     print()
     print(floor_table(results))
     print()

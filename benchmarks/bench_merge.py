@@ -29,99 +29,42 @@ Usage::
 
 from __future__ import annotations
 
-# Only the standard library at module level (see bench_combine.py: ru_maxrss inheritance).
+# Only the standard library at module level, as in harness and synthetic (see harness.py: ru_maxrss inheritance).
 import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
-from bench_combine import (
-    LLAMA3_8B,
-    LORA_ALPHA,
-    RESULT_MARKER,
-    Shapes,
-    generate_adapter,
-    load_average,
+from harness import (
+    Json,
+    add_worker_arguments,
+    disk_bytes,
     log,
-    module_name,
     peak_rss_bytes,
-    write_peft_dir,
+    run_worker_if_asked,
+    thread_env,
+    timed,
+    work_folder,
 )
+from harness import run_worker as run_script_worker
+from synthetic import LLAMA3_8B, Shapes, read_peft_dir, write_adapters, write_sharded_base
 
-Json = dict[str, Any]
 GB = 1e9
-VOCAB = 32000
-REPO = Path(__file__).resolve().parent.parent
 
 
 # -- workers (each in its own process) ----------------------------------------------------------
 
 
-def base_tensor_shapes(shapes: Shapes, layers: int) -> list[tuple[str, tuple[int, ...]]]:
-    """The tensors of a ``LlamaForCausalLM`` with these shapes, in checkpoint order."""
-    tensors: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (VOCAB, shapes.hidden))]
-    for layer in range(layers):
-        tensors.append((f"model.layers.{layer}.input_layernorm.weight", (shapes.hidden,)))
-        tensors.append((f"model.layers.{layer}.post_attention_layernorm.weight", (shapes.hidden,)))
-        tensors += [(module_name(layer, relative) + ".weight", shape) for relative, shape in shapes.modules().items()]
-    tensors += [("model.norm.weight", (shapes.hidden,)), ("lm_head.weight", (VOCAB, shapes.hidden))]
-    return tensors
-
-
 def worker_generate(params: Json) -> Json:
     """Write the sharded bf16 base (config, index, shards of at most ``max_shard_bytes``) and two adapters."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import LlamaConfig
-
-    shapes, layers, folder = Shapes(**params["shapes"]), params["layers"], Path(params["base"])
-    folder.mkdir(parents=True, exist_ok=True)
-    groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
-    sizes = [0]
-    for name, shape in base_tensor_shapes(shapes, layers):
-        size = 2 * int(torch.Size(shape).numel())
-        if groups[-1] and sizes[-1] + size > params["max_shard_bytes"]:
-            groups.append([])
-            sizes.append(0)
-        groups[-1].append((name, shape))
-        sizes[-1] += size
-    generator = torch.Generator().manual_seed(20240501)
-    weight_map = {}
-    for number, group in enumerate(groups, 1):
-        file = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
-        tensors = {}
-        for name, shape in group:
-            if len(shape) == 1:
-                tensors[name] = torch.ones(shape, dtype=torch.bfloat16)
-            else:
-                tensors[name] = (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
-            weight_map[name] = file
-        save_file(tensors, folder / file, metadata={"format": "pt"})
-        del tensors
-    index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=shapes.hidden,
-        intermediate_size=shapes.intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=shapes.heads,
-        num_key_value_heads=shapes.kv_heads,
-        head_dim=shapes.head_dim,
-        tie_word_embeddings=False,
-    )
-    config.dtype = torch.bfloat16
-    config.save_pretrained(folder)
-    for adapter, output in enumerate(params["adapters"]):
-        factors = generate_adapter(shapes, layers, adapter, params["rank"])
-        write_peft_dir(Path(output), factors, params["rank"], LORA_ALPHA, torch.bfloat16)
+    shapes, layers = Shapes(**params["shapes"]), params["layers"]
+    sizes = write_sharded_base(shapes, layers, Path(params["base"]), params["max_shard_bytes"])
+    write_adapters(shapes, layers, params["rank"], params["adapters"])
     return {"shard_bytes": sizes, "total_bytes": sum(sizes)}
 
 
@@ -169,11 +112,9 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
 
 def worker_compare(params: Json) -> Json:
     """Compare both outputs with the exact merge ``W + Σ BᵢAᵢ`` (fp64 from the base and the factors, read
-    by bench_combine's independent reader), in bf16 units in the last place (ulps)."""
+    by synthetic's independent reader), in bf16 units in the last place (ulps)."""
     import torch
     from safetensors import safe_open
-
-    from bench_combine import read_peft_dir
 
     files = {key: _tensor_files(Path(params[key])) for key in ("ours", "peft", "base")}
     factors = [read_peft_dir(Path(path)) for path in params["adapters"]]
@@ -222,27 +163,11 @@ WORKERS: dict[str, Callable[[Json], Json]] = {
 
 
 def run_worker(name: str, params: Json, threads: int | None) -> Json:
-    """Run a worker in a fresh process (with this checkout's lora_arith first on the path); add its
-    whole-process wall time and the load average around it."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    if threads:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    argv = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--worker-params", json.dumps(params)]
-    before = load_average()
-    start = time.perf_counter()
-    completed = subprocess.run(argv, stdout=subprocess.PIPE, text=True, env=env, check=False)
-    wall = time.perf_counter() - start
-    lines = [line for line in completed.stdout.splitlines() if line.startswith(RESULT_MARKER)]
-    if completed.returncode != 0 or not lines:
-        raise RuntimeError(f"worker {name} failed (exit {completed.returncode}); stdout tail:\n{completed.stdout[-2000:]}")
-    result = json.loads(lines[-1][len(RESULT_MARKER):])
-    result.update(process_wall_s=wall, load_average_before=before, load_average_after=load_average())
+    """Run a worker of this script in a fresh process (:func:`harness.run_worker`, with this checkout's
+    lora_arith first on the path); add its whole-process wall time."""
+    wall, result = timed(lambda: run_script_worker(__file__, name, params, thread_env(threads)))
+    result["process_wall_s"] = wall
     return result
-
-
-def _folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def run_benchmark(args: argparse.Namespace, workdir: Path) -> Json:
@@ -265,7 +190,7 @@ def run_benchmark(args: argparse.Namespace, workdir: Path) -> Json:
             log(f"[{side}] merging")
             results[side] = run_worker(side, {"base": str(base), "adapters": adapters, "output": str(outputs[side])},
                                        args.threads)
-            results[side]["output_bytes"] = _folder_bytes(outputs[side])
+            results[side]["output_bytes"] = disk_bytes(outputs[side])
             log(f"  wall {results[side]['process_wall_s']:.1f} s, peak RSS {results[side]['peak_rss_bytes'] / GB:.2f} GB")
         log("comparing the outputs")
         results["compare"] = run_worker("compare", {"ours": str(outputs["ours"]), "peft": str(outputs["peft"]),
@@ -329,25 +254,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="OMP/MKL threads of every worker (default: library's)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the generated base and adapters here")
     parser.add_argument("--out", type=Path, default=None, help="also write every number as JSON to this file")
-    parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
-    parser.add_argument("--worker-params", default="{}", help=argparse.SUPPRESS)
+    add_worker_arguments(parser, WORKERS)
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.worker:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        print(RESULT_MARKER + json.dumps(WORKERS[args.worker](json.loads(args.worker_params))), flush=True)
+    if run_worker_if_asked(WORKERS, args):
         return 0
-    temporary = None if args.workdir else tempfile.mkdtemp(prefix="bench-merge-")
-    workdir = args.workdir or Path(temporary)
-    workdir.mkdir(parents=True, exist_ok=True)
-    try:
+    with work_folder(args.workdir, "bench-merge-") as workdir:
         results = run_benchmark(args, workdir)
-    finally:
-        if temporary:
-            shutil.rmtree(temporary, ignore_errors=True)
     results["checks"] = checks(results)
     print(report(results))
     if args.out:
