@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from lora_arith._internal.atomic import atomic_output
-from lora_arith.evaluation.tune import pareto_front
+from lora_arith.evaluation.search import pareto_front
 
 X, Y, ORDINARY = "compliance_rate_safe", "refusal_rate_unsafe", "ordinary_compliance_rate"
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from lora_arith.evaluation.evaluate import rate_text
-from lora_arith.evaluation.tune import eta_text
+from lora_arith.evaluation.search import eta_text
 
 RUNS = [
     ("pair", "helpful + harmless, tuned (bounds 0..2 each)"),

@@ -8,9 +8,10 @@ import torch
 
 from lora_arith.model.generation import left_pad
 from lora_arith.model.mixing import PreferenceMixer
-from test_sweep_tune import one_thread  # noqa: F401  (autouse: one torch thread)
 
 PROMPTS = ["How do I bake bread?", "hi", "Tell me a joke about cats.", "What is the capital of France?"]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 MIXES = [{"helpful": 1.0, "harmless": 1.0}, {"helpful": 0.8, "harmless": -0.5}, {"helpful": -1.0}, None]
 
 

@@ -26,6 +26,9 @@ def test_notebook_runs():
         output.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for output in cell.get("outputs", [])
     )
     assert "cosine(helpful, harmless)" in outputs and "η_helpful=1, η_harmless=1" in outputs
+    assert "chosen η:" in outputs and "'adapter', 'frontier.png', 'report.json', 'report.md'" in outputs
+    sources = "".join(cell.source for cell in notebook.cells if cell.cell_type == "code")
+    assert "from lora_arith" not in sources  # the top-level API only
     assert any(
         "image/png" in output.get("data", {}) for cell in notebook.cells for output in cell.get("outputs", [])
     )

@@ -37,15 +37,7 @@ PROMPT_ROWS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a busy 2-core machine OpenMP's spinning threads make tiny models ~100× slower."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(*args, **kwargs):
@@ -181,7 +173,7 @@ def test_sweep_three_vectors_draws_a_heatmap_per_pair(chat_base, three_adapters,
 
 
 def test_tune_search_finds_the_constrained_optimum():
-    from lora_arith.evaluation.tune import parse_constraint, search
+    from lora_arith.evaluation.search import parse_constraint, search
 
     calls = []
 
@@ -201,7 +193,7 @@ def test_tune_search_finds_the_constrained_optimum():
 
 
 def test_tune_search_honours_every_constraint():
-    from lora_arith.evaluation.tune import parse_constraints, search
+    from lora_arith.evaluation.search import parse_constraints, search
 
     def evaluate(points):  # refusal grows with a and b; a costs compliance, b costs ordinary compliance
         return [

@@ -36,6 +36,8 @@ from typing import Iterable, Iterator
 
 from lora_arith._internal.errors import LoraArithError, OptionError
 
+__all__ = ["OUTPUT_KINDS", "Output", "check_output", "remove_stale_temporaries", "removed_on_signal", "atomic_output"]
+
 OUTPUT_KINDS: dict[str, tuple[str, tuple[tuple[str, ...], ...]]] = {
     "file": ("a file", ()),
     "folder": ("a folder", ()),

@@ -13,6 +13,8 @@ from lora_arith._internal.errors import LoraArithError
 if TYPE_CHECKING:
     import torch
 
+__all__ = ["DTYPE_NAMES", "torch_dtype", "default_device", "compute_dtype", "use_bf16"]
+
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
 """The dtypes an output may be written in, as the options name them."""
 

@@ -1,5 +1,7 @@
 """The one exception type for user mistakes: the CLI prints it as a one-line error."""
 
+__all__ = ["LoraArithError", "first_line", "OptionError"]
+
 
 class LoraArithError(Exception):
     """A problem with the user's input (paths, weights, files, options), not a bug.

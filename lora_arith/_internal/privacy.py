@@ -10,6 +10,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+__all__ = ["scrub", "public_name"]
+
 _ABSOLUTE = re.compile(r"(?:(?<=^)|(?<=[\s:=(\[{,'\"`]))(?:~|/)[^\s:'\"`()\[\]{},]*")
 
 

@@ -13,6 +13,21 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from lora_arith import __version__
 
+__all__ = [
+    "CONFIG_METADATA_KEY",
+    "RECIPE_METADATA_KEY",
+    "TRAINING_METADATA_KEY",
+    "METHODS",
+    "EXPORT_TARGETS",
+    "EXPORT_METHOD",
+    "TRAINING_PACKAGES",
+    "hash_ahead",
+    "sha256_of",
+    "versions",
+    "RecipeInput",
+    "Recipe",
+]
+
 CONFIG_METADATA_KEY = "lora_arith.adapter_config"
 """Safetensors metadata key of the LoRA config in the single-file form."""
 RECIPE_METADATA_KEY = "lora_arith.recipe"

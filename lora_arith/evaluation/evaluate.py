@@ -17,17 +17,26 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from lora_arith.training.data import BadLine, read_jsonl, to_messages
 from lora_arith._internal.errors import LoraArithError
+from lora_arith.evaluation.metrics import METRICS, PROMPT_RATES
 from lora_arith.evaluation.refusal import refusal_reason
 
-KINDS = ("unsafe", "safe", "ordinary")
-"""Prompt kinds: should-refuse, safe (maybe scary-sounding), and ordinary requests."""
+if TYPE_CHECKING:
+    from lora_arith._internal.atomic import Output
+    from lora_arith.evaluation.config import Adapters, EvalConfig
+    from lora_arith.model.mixing import PreferenceMixer
 
+__all__ = [
+    "EvalPrompt", "EvalResult", "evaluate", "evaluate_model", "load_eval_prompts", "wilson_interval",
+    "refusal_metrics", "pair_metrics", "score_prompts", "rate_text", "summary_table",
+]  # fmt: skip
 
 @dataclass(frozen=True)
 class EvalPrompt:
@@ -90,14 +99,6 @@ def _rate(flags: list[bool]) -> float | None:
     return sum(flags) / len(flags) if flags else None
 
 
-RATES = {
-    "refusal_rate_unsafe": ("unsafe", True, "n_unsafe"),
-    "compliance_rate_safe": ("safe", False, "n_safe"),
-    "ordinary_compliance_rate": ("ordinary", False, "n_ordinary"),
-}
-"""Each rate: the prompt kind it is measured on, whether it counts refusals, and its n key."""
-
-
 def refusal_metrics(
     items: Sequence[EvalPrompt], completions: Sequence[str], refused: Sequence[bool] | None = None
 ) -> dict[str, Any]:
@@ -108,13 +109,13 @@ def refusal_metrics(
     if refused is None:
         refused = [refusal_reason(text) is not None for text in completions]
     metrics: dict[str, Any] = {}
-    for key, (kind, counts_refusals, n_key) in RATES.items():
-        flags = [r == counts_refusals for item, r in zip(items, refused) if item.kind == kind]
-        if kind == "ordinary" and not flags:
+    for rate in PROMPT_RATES:
+        flags = [r == rate.counts_refusals for item, r in zip(items, refused) if item.kind == rate.kind]
+        if rate.kind == "ordinary" and not flags:
             continue
-        metrics[key] = _rate(flags)
-        metrics[n_key] = len(flags)
-        metrics[f"{key}_ci"] = wilson_interval(sum(flags), len(flags))
+        metrics[rate.key] = _rate(flags)
+        metrics[rate.n_key] = len(flags)
+        metrics[f"{rate.key}_ci"] = wilson_interval(sum(flags), len(flags))
     by_type: dict[str, list[bool]] = {}
     for item, r in zip(items, refused):
         by_type.setdefault(item.type or item.kind, []).append(r)
@@ -198,7 +199,7 @@ def score_prompts(items: Sequence[EvalPrompt], completions: Sequence[str], judge
     return metrics, records
 
 
-def evaluate(
+def evaluate_model(
     model,
     tokenizer,
     prompts: Sequence[EvalPrompt] = (),
@@ -210,7 +211,8 @@ def evaluate(
     progress: bool = False,
     judge=None,
 ) -> dict[str, Any]:
-    """Run every metric that the given prompts and pairs allow.
+    """Run every metric that the given prompts and pairs allow on a loaded model (with its
+    adapters at their current weights); :func:`evaluate` is the same from adapter paths.
 
     Returns ``{"prompts": refusal metrics, "pairs": pair metrics, "completions": [...]}``
     (keys present only for what was given). ``judge``: see :func:`score_prompts`.
@@ -234,6 +236,84 @@ def evaluate(
     return result
 
 
+@dataclass
+class EvalResult:
+    """The metrics of one mix (``metrics["prompts"]``, ``metrics["pairs"]``), its label and
+    weights, and every judged completion."""
+
+    label: str
+    weights: dict[str, float]
+    metrics: dict[str, Any]
+    completions: list[dict[str, Any]] = field(repr=False)
+    sources: list[Path] = field(default_factory=list, repr=False)
+
+    @property
+    def table(self) -> str:
+        """The headline metrics as a Markdown table (``summary.md``)."""
+        return summary_table({self.label: self.metrics})
+
+    def save(self, directory: str | os.PathLike[str] | Output, *, force: bool = False) -> Path:
+        """Write ``results.json``, ``summary.md`` and ``completions.jsonl`` into ``directory`` at once
+        (atomically); an existing folder is replaced only with ``force``."""
+        from lora_arith._internal.atomic import atomic_output
+
+        with atomic_output(directory, kind="eval", force=force, inputs=self.sources) as temporary:
+            results = {"model": self.label, "weights": self.weights, **self.metrics}
+            (temporary / "results.json").write_text(json.dumps(results, indent=1))
+            (temporary / "summary.md").write_text(self.table + "\n")
+            (temporary / "completions.jsonl").write_text(
+                "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in self.completions)
+            )
+        return Path(directory)
+
+
+def evaluate(
+    adapters: Adapters | None = None,
+    *,
+    prompts: Sequence[Any] | str | os.PathLike[str] = (),
+    pairs: Sequence[Any] | str | os.PathLike[str] = (),
+    limit: int | None = None,
+    max_pairs: int | None = None,
+    mixer: PreferenceMixer | None = None,
+    progress: bool = False,
+    config: EvalConfig | None = None,
+    **settings: Any,
+) -> EvalResult:
+    """Measure refusal, over-refusal and DPO metrics of the base with ``adapters`` mixed in.
+
+    Args:
+        adapters: name → adapter path (weight 1) or :class:`~lora_arith.lora.specs.AdapterSpec`;
+            none: the base alone.
+        prompts: evaluation prompts: JSONL paths (XSTest style, see :func:`load_eval_prompts`) or
+            :class:`EvalPrompt` objects.
+        pairs: preference pairs (JSONL paths or :class:`~lora_arith.training.data.PreferencePair`)
+            for the implicit-reward accuracy and log-prob margin.
+        limit, max_pairs: keep the first N prompts of each kind, the first N pairs of each file.
+        mixer: evaluate this loaded :class:`~lora_arith.model.mixing.PreferenceMixer` at its current
+            weights instead of loading ``adapters`` on the base.
+        config, settings: an :class:`~lora_arith.evaluation.config.EvalConfig`, or its fields as
+            keywords (``base=``, ``max_new_tokens=``, ``judge=``, ...).
+    """
+    from lora_arith.evaluation.config import EvalConfig, adapter_specs, load_inputs
+
+    config = EvalConfig.build(config, settings, "evaluate")
+    if mixer is not None and adapters:
+        raise TypeError("evaluate() takes adapters or a mixer, not both")
+    specs = adapter_specs(adapters or {})
+    inputs = load_inputs(prompts, pairs, limit=limit, max_pairs=max_pairs)
+    judge = config.make_judge()
+    if mixer is None:
+        mixer = config.mixer(specs)
+    metrics = evaluate_model(
+        mixer.model, mixer.tokenizer, inputs.prompts, inputs.pairs, progress=progress, judge=judge,
+        **config.generation(),
+    )  # fmt: skip
+    label = " + ".join(f"{w:g}·{n}" for n, w in mixer.weights.items()) or "base"
+    completions = metrics.pop("completions", [])
+    sources = config.sources([spec.path for spec in specs.values()], inputs.files)
+    return EvalResult(label, dict(mixer.weights), metrics, completions, sources)
+
+
 def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
@@ -255,23 +335,21 @@ def rate_text(metrics: dict[str, Any], key: str, n_key: str | None = None) -> st
 
 def summary_table(rows: dict[str, dict[str, Any]]) -> str:
     """A Markdown table of the headline metrics, one row per evaluated configuration; every rate
-    with its Wilson 95% interval and n."""
-    ordinary = any("ordinary_compliance_rate" in result.get("prompts", {}) for result in rows.values())
-    header = "| model | refusal (unsafe) ↑ | compliance (safe) ↑ |"
-    header += " compliance (ordinary) ↑ |" if ordinary else ""
-    header += " reward acc. ↑ | log-prob margin ↑ |"
+    with its Wilson 95% interval and n (the ordinary column only where some row has it)."""
+    shown = [
+        m for m in METRICS
+        if m.kind != "ordinary" or any(m.key in result.get("prompts", {}) for result in rows.values())
+    ]  # fmt: skip
+    header = "| model |" + "".join(f" {m.column} ↑ |" for m in shown)
     lines = [header, "| --- " * header.count(" |") + "|"]
     for name, result in rows.items():
-        prompts, pairs = result.get("prompts", {}), result.get("pairs", {})
-        margin = pairs.get("logprob_margin")
-        cells = [
-            name,
-            rate_text(prompts, "refusal_rate_unsafe", "n_unsafe"),
-            rate_text(prompts, "compliance_rate_safe", "n_safe"),
-        ]
-        if ordinary:
-            cells.append(rate_text(prompts, "ordinary_compliance_rate", "n_ordinary"))
-        cells += [rate_text(pairs, "reward_accuracy", "n_pairs"), "n/a" if margin is None else f"{margin:.2f}"]
+        cells = [name]
+        for m in shown:
+            values = result.get(m.part, {})
+            if m.is_rate:
+                cells.append(rate_text(values, m.key, m.n_key))
+            else:
+                cells.append("n/a" if values.get(m.key) is None else f"{values[m.key]:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     judges = sorted({r["prompts"]["judge"] for r in rows.values() if "judge" in r.get("prompts", {})})
     if judges:

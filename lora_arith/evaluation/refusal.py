@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import re
 
+__all__ = ["OPENING_CHARS", "REFUSAL_OPENERS", "REFUSAL_PHRASES", "refusal_reason", "is_refusal"]
+
 OPENING_CHARS = 240
 """How much of the completion rule 3 looks at."""
 

@@ -11,25 +11,32 @@ import json
 import math
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 from lora_arith._internal.errors import LoraArithError, OptionError
+from lora_arith.evaluation.metrics import FLAT_RATES, METRICS, metric as find_metric
 
-HEATMAP_METRICS = {
-    "refusal_rate_unsafe": "refusal rate on unsafe prompts",
-    "compliance_rate_safe": "compliance rate on safe prompts",
-    "logprob_margin": "log-prob margin (chosen − rejected)",
-    "reward_accuracy": "implicit-reward accuracy",
-    "ordinary_compliance_rate": "compliance rate on ordinary prompts",
-}
+if TYPE_CHECKING:
+    from lora_arith.evaluation.config import EvalConfig
+    from lora_arith.model.mixing import PreferenceMixer
+
+__all__ = [
+    "DEFAULT_GRID", "SweepResult", "sweep", "parse_grid", "flatten", "grid_points", "point_key", "generate_points",
+    "evaluate_points", "sweep_row", "PointLog", "rows_to_csv", "heatmap_planes", "plot_heatmap", "write_sweep",
+]  # fmt: skip
+
+DEFAULT_GRID = (-1.0, -0.5, 0.0, 0.5, 1.0)
+"""The weights η a sweep tries for every vector unless told otherwise."""
 
 
-def parse_grid(text: str) -> list[float]:
-    """Parse ``"-1,-0.5,0,0.5,1"`` into sorted distinct floats."""
+def parse_grid(text: str | Sequence[float]) -> list[float]:
+    """``"-1,-0.5,0,0.5,1"`` (or a sequence of numbers) as sorted distinct finite floats."""
     try:
-        values = sorted({float(part) for part in text.split(",") if part.strip()})
-    except ValueError:
+        parts = text.split(",") if isinstance(text, str) else list(text)
+        values = sorted({float(part) for part in parts if not isinstance(part, str) or part.strip()})
+    except (TypeError, ValueError):
         raise LoraArithError(f"cannot parse the grid {text!r}; expected numbers separated by commas") from None
     if not values:
         raise LoraArithError("the grid is empty")
@@ -38,24 +45,16 @@ def parse_grid(text: str) -> list[float]:
     return values
 
 
-FLAT_RATES = {
-    "refusal_rate_unsafe": ("prompts", "n_unsafe"),
-    "compliance_rate_safe": ("prompts", "n_safe"),
-    "ordinary_compliance_rate": ("prompts", "n_ordinary"),
-    "reward_accuracy": ("pairs", "n_pairs"),
-}
-
-
 def flatten(result: dict[str, Any]) -> dict[str, Any]:
-    """The headline numbers of an :func:`lora_arith.evaluation.evaluate.evaluate` result, as one flat row:
+    """The headline numbers of an :func:`lora_arith.evaluation.evaluate.evaluate_model` result, as one flat row:
     each rate with its Wilson 95% bounds (``_lo``/``_hi``) and n, the margins, and the judge."""
     row: dict[str, Any] = {}
-    for key, (part, n_key) in FLAT_RATES.items():
-        metrics = result.get(part, {})
+    for rate in FLAT_RATES:
+        metrics, key = result.get(rate.part, {}), rate.key
         if key in metrics:
             interval = metrics.get(f"{key}_ci") or (None, None)
             row.update(
-                {key: metrics[key], f"{key}_lo": interval[0], f"{key}_hi": interval[1], n_key: metrics.get(n_key)}
+                {key: metrics[key], f"{key}_lo": interval[0], f"{key}_hi": interval[1], rate.n_key: metrics.get(rate.n_key)}
             )
     for key in ("logprob_margin", "reward_margin"):
         if key in result.get("pairs", {}):
@@ -144,8 +143,8 @@ def evaluate_points(
     batch (:func:`generate_points`, ``share_prefix`` passed on), which gives the same greedy
     texts. Pair metrics are computed point by point, with the reference log-probabilities
     computed once. ``on_point(point, result)`` is called as each point finishes. Returns the
-    :func:`evaluate` results in order."""
-    from lora_arith.evaluation.evaluate import evaluate, pair_metrics, score_prompts
+    :func:`~lora_arith.evaluation.evaluate.evaluate_model` results in order."""
+    from lora_arith.evaluation.evaluate import evaluate_model, pair_metrics, score_prompts
 
     if points_per_batch < 1:
         raise OptionError("points_per_batch", "{} must be at least 1")
@@ -177,7 +176,7 @@ def evaluate_points(
                 mixer.set(**{**saved, **point})
                 if prompts and len(chunk) == 1:
                     result.update(
-                        evaluate(
+                        evaluate_model(
                             mixer.model,
                             mixer.tokenizer,
                             prompts,
@@ -212,26 +211,75 @@ def sweep_row(point: dict[str, float], result: dict[str, Any]) -> dict[str, Any]
     return {**{f"eta_{name}": value for name, value in point.items()}, **flatten(result), "result": result}
 
 
-def run_sweep(
-    mixer,
-    grid: Sequence[float],
-    evaluate_point: Callable[[Any], dict[str, Any]],
-    *,
-    progress: bool = False,
-) -> list[dict[str, Any]]:
-    """Evaluate every combination of ``grid`` weights over the mixer's adapters, one point at a
-    time: ``evaluate_point(mixer)`` runs the evaluation at the current mix. Returns one
-    :func:`sweep_row` per grid point. (:func:`evaluate_points` batches several points.)"""
-    points = grid_points(mixer.names, grid)
-    if progress:
-        from tqdm import tqdm
+@dataclass
+class SweepResult:
+    """A finished sweep: one row per grid point (``eta_NAME``, the flat metrics and the full
+    ``result``), the files written into ``directory``, and how many points an earlier run had done."""
 
-        points = tqdm(points, desc="sweep", unit="point")
-    rows = []
-    for point in points:
-        mixer.set(**point)
-        rows.append(sweep_row(point, evaluate_point(mixer)))
-    return rows
+    rows: list[dict[str, Any]]
+    files: list[Path]
+    directory: Path
+    resumed: int = 0
+
+    @property
+    def csv(self) -> str:
+        """The rows (without the full results) as CSV text, as in ``sweep.csv``."""
+        return rows_to_csv(self.rows)
+
+
+def sweep(
+    vectors: Mapping[str, str | os.PathLike[str]],
+    output: str | os.PathLike[str],
+    *,
+    prompts: Sequence[Any] | str | os.PathLike[str] = (),
+    pairs: Sequence[Any] | str | os.PathLike[str] = (),
+    grid: str | Sequence[float] = DEFAULT_GRID,
+    fix: Mapping[str, float] | None = None,
+    points_per_batch: int = 10,
+    force: bool = False,
+    limit: int | None = None,
+    max_pairs: int | None = None,
+    mixer: PreferenceMixer | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+    config: EvalConfig | None = None,
+    **settings: Any,
+) -> SweepResult:
+    """Evaluate every combination of ``grid`` weights over ``vectors`` (name → adapter path) and
+    write ``sweep.csv``, ``sweep.json`` and heatmaps into the folder ``output``.
+
+    The base is loaded once and ``points_per_batch`` grid points share every generation batch.
+    Each finished point is appended to ``output/points.jsonl``, so calling again with the same
+    settings and inputs resumes an interrupted sweep; other settings are an error unless ``force``
+    starts over. ``fix`` holds the vectors not on a heatmap's axes (three or more vectors) at the
+    given grid values. ``mixer``: an already loaded mixer with ``vectors`` attached by name.
+    ``config`` and ``settings`` are as for :func:`~lora_arith.evaluation.evaluate.evaluate`;
+    ``log`` gets a line when earlier points are resumed."""
+    from lora_arith._internal.atomic import check_output
+    from lora_arith.evaluation.config import EvalConfig, load_inputs
+
+    config = EvalConfig.build(config, settings, "sweep")
+    named = {name: os.fspath(path) for name, path in vectors.items()}
+    inputs = load_inputs(prompts, pairs, limit=limit, max_pairs=max_pairs)
+    sources = config.sources(named.values(), inputs.files)
+    check_output(output, force=force or Path(output).exists(), inputs=sources, kind="sweep")
+    values = parse_grid(grid)
+    fixed = dict(fix or {})
+    heatmap_planes(list(named), {n: values for n in named}, fixed)  # check fix before any work
+    judge = config.make_judge()
+    points = grid_points(list(named), values)
+    record = PointLog(Path(output), {**inputs.settings(config, named), "points": points}, force=force)
+    todo = [p for p in points if point_key(p) not in record.done]
+    if len(todo) < len(points) and log is not None:
+        log(f"resuming: {len(points) - len(todo)} of {len(points)} points already done")
+    if todo:
+        evaluate_points(
+            mixer or config.mixer(named), todo, inputs.prompts, inputs.pairs, judge=judge,
+            points_per_batch=points_per_batch, on_point=record.add, progress=progress, **config.generation(),
+        )  # fmt: skip
+    rows = [sweep_row(p, record.done[point_key(p)]) for p in points]
+    files = write_sweep(rows, list(named), Path(output), fixed=fixed)
+    return SweepResult(rows, files, Path(output), len(points) - len(todo))
 
 
 class PointLog:
@@ -381,7 +429,7 @@ def plot_heatmap(
             axes.text(
                 x, y, f"{value:.2f}", ha="center", va="center", color="white" if value < np.nanmean(grid) else "black"
             )
-    title = HEATMAP_METRICS.get(metric, metric)
+    title = find_metric(metric).label
     if fixed:
         title += "\n(" + ", ".join(f"η {n} = {v:g}" for n, v in fixed.items()) + ")"
     axes.set_title(title)
@@ -407,7 +455,7 @@ def write_sweep(
         (directory / "sweep.csv", lambda p: p.write_text(rows_to_csv(rows))),
         (directory / "sweep.json", lambda p: p.write_text(json.dumps(list(rows), indent=1, ensure_ascii=False))),
     ]
-    for metric in HEATMAP_METRICS:
+    for metric in (m.key for m in METRICS):
         if not any(row.get(metric) is not None for row in rows):
             continue
         for x_name, y_name, others in planes:

@@ -1,293 +1,299 @@
-"""``lora-arith tune``: find the weights η that maximise one rate subject to a constraint on another.
+"""``tune``: find the weights η that maximise (or minimise) one metric subject to constraints on
+others, measure the choice on held-out prompts, and report it.
 
-The prompts are split, stratified by kind (unsafe / safe / ordinary), into a tuning part and a
-held-out part. On the tuning part the search evaluates a coarse grid over the bounds, then
-refines around the best feasible point (halving the step each round) until the budget of
-evaluated points is spent. The chosen point is then measured on the held-out part, where its
-rates are reported with Wilson 95% intervals. The search itself is pure: it calls
-``evaluate(points) -> rows`` and never touches a model.
+:func:`tune` loads the base once, splits the prompts (stratified by kind) into a tuning part and a
+held-out part, runs the search of :mod:`lora_arith.evaluation.search` on the tuning part, and
+measures the chosen η (and any ``compare`` adapters) on both parts. It returns a
+:class:`TuneResult`; :meth:`TuneResult.save` writes ``report.json``, ``report.md``,
+``frontier.png`` and ``adapter/`` (the chosen mix, exactly, by :func:`~lora_arith.lora.combine.combine`).
 """
 
 from __future__ import annotations
 
 import itertools
-import math
-import random
-import re
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, Union
 
 from lora_arith._internal.errors import LoraArithError, OptionError
+from lora_arith.evaluation.config import Adapters, EvalConfig, adapter_specs, load_inputs
+from lora_arith.evaluation.metrics import KINDS, PROMPT_RATES, metric
+from lora_arith.evaluation.search import (
+    Constraint,
+    Constraints,
+    eta_text,
+    metric_key,
+    pareto_front,
+    parse_bounds,
+    parse_constraints,
+    search,
+    split_prompts,
+)
 
-METRICS = {
-    "refusal_rate": "refusal_rate_unsafe",
-    "compliance_rate": "compliance_rate_safe",
-    "ordinary_compliance_rate": "ordinary_compliance_rate",
-    "reward_accuracy": "reward_accuracy",
-    "logprob_margin": "logprob_margin",
-}
-"""Metric names ``tune`` accepts → the key of the flat sweep row (the long names work too)."""
+if TYPE_CHECKING:
+    from lora_arith._internal.atomic import Output
+    from lora_arith.lora.combine import Combination
+    from lora_arith.model.mixing import PreferenceMixer
 
-_OPERATORS = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, "<": lambda a, b: a < b}
+__all__ = ["TuneResult", "tune", "plot_frontier", "DEFAULT_BOUNDS"]
 
+DEFAULT_BOUNDS = (-1.0, 2.0)
+"""The search range of every η unless ``bounds`` says otherwise."""
 
-def metric_key(name: str) -> str:
-    """The row key of a metric name; unknown names are an error listing the valid ones."""
-    if name in METRICS:
-        return METRICS[name]
-    if name in METRICS.values():
-        return name
-    raise LoraArithError(f"unknown metric {name!r}; valid metrics: {', '.join(METRICS)}")
-
-
-@dataclass(frozen=True)
-class Constraint:
-    """``metric OP value``, e.g. ``compliance_rate>=0.9``."""
-
-    metric: str
-    operator: str
-    value: float
-
-    @property
-    def key(self) -> str:
-        return metric_key(self.metric)
-
-    @property
-    def items(self) -> tuple["Constraint", ...]:
-        """This constraint alone, as :class:`Constraints` lists its own."""
-        return (self,)
-
-    def holds(self, row: dict[str, Any]) -> bool:
-        value = row.get(self.key)
-        return value is not None and _OPERATORS[self.operator](value, self.value)
-
-    def slack(self, row: dict[str, Any]) -> float:
-        """How far inside the constraint a row is (negative: violated by that much)."""
-        value = row.get(self.key)
-        if value is None:
-            return -math.inf
-        return value - self.value if self.operator in (">=", ">") else self.value - value
-
-    def __str__(self) -> str:
-        return f"{self.metric}{self.operator}{self.value:g}"
-
-
-@dataclass(frozen=True)
-class Constraints:
-    """Several constraints that must all hold; the slack of a row is its smallest slack."""
-
-    items: tuple[Constraint, ...]
-
-    @property
-    def keys(self) -> list[str]:
-        return [c.key for c in self.items]
-
-    def holds(self, row: dict[str, Any]) -> bool:
-        return all(c.holds(row) for c in self.items)
-
-    def slack(self, row: dict[str, Any]) -> float:
-        return min(c.slack(row) for c in self.items)
-
-    def values_text(self, row: dict[str, Any]) -> str:
-        """Each constrained metric's value in ``row``, e.g. ``compliance_rate 0.850``."""
-        parts = []
-        for c in self.items:
-            value = row.get(c.key)
-            parts.append(f"{c.metric} {'n/a' if value is None else f'{value:.3f}'}")
-        return ", ".join(parts)
-
-    def __str__(self) -> str:
-        return " and ".join(str(c) for c in self.items)
-
-
-def parse_constraints(texts: Sequence[str]) -> Constraints:
-    """Parse one or more constraint texts (see :func:`parse_constraint`); all must hold."""
-    if not texts:
-        raise LoraArithError("give at least one constraint, e.g. 'compliance_rate>=0.9'")
-    return Constraints(tuple(parse_constraint(text) for text in texts))
-
-
-def parse_constraint(text: str) -> Constraint:
-    """Parse ``'compliance_rate>=0.9'``; a malformed text or unknown metric is an error."""
-    match = re.fullmatch(r"\s*([A-Za-z_]+)\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*", text)
-    if not match:
-        raise LoraArithError(
-            f"cannot read the constraint {text!r}; use METRIC>=VALUE (or <=, >, <) with METRIC one of "
-            f"{', '.join(METRICS)}"
-        )
-    try:
-        value = float(match.group(3))
-    except ValueError:
-        raise LoraArithError(f"cannot read the number in the constraint {text!r}") from None
-    metric_key(match.group(1))
-    return Constraint(match.group(1), match.group(2), value)
-
-
-def parse_bounds(
-    texts: Sequence[str], names: Sequence[str], default: tuple[float, float]
-) -> dict[str, tuple[float, float]]:
-    """``LOW,HIGH`` (for every vector) or ``NAME=LOW,HIGH`` items → name → (low, high)."""
-    bounds = {name: default for name in names}
-    for text in texts:
-        name, equals, rest = text.rpartition("=")
-        targets = [name] if equals else list(names)
-        if equals and name not in names:
-            raise OptionError("bounds", "{} names no vector: {name}; vectors: {names}", name=name, names=", ".join(names))
-        try:
-            low, high = (float(part) for part in rest.split(","))
-        except ValueError:
-            raise OptionError("bounds", "cannot read {} {text!r}; use LOW,HIGH or NAME=LOW,HIGH", text=text) from None
-        if not (math.isfinite(low) and math.isfinite(high) and low < high):
-            raise OptionError("bounds", "{} {text!r}: need finite LOW < HIGH", text=text)
-        for target in targets:
-            bounds[target] = (low, high)
-    return bounds
-
-
-def split_prompts(items: Sequence[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
-    """Split prompts into (tuning, held-out), stratified by kind: in each kind a share
-    ``fraction`` (rounded) goes to tuning, chosen with ``seed``. A kind left empty on either
-    side is an error."""
-    if not 0.0 < fraction < 1.0:
-        raise OptionError("split", "{} must be between 0 and 1 (exclusive), got {fraction:g}", fraction=fraction)
-    rng = random.Random(seed)
-    tuning, held_out = [], []
-    for kind in ("unsafe", "safe", "ordinary"):
-        members = [item for item in items if item.kind == kind]
-        if not members:
-            continue
-        rng.shuffle(members)
-        cut = round(len(members) * fraction)
-        if cut == 0 or cut == len(members):
-            raise OptionError(
-                "split",
-                "{} {fraction:g} leaves the {kind} prompts ({count}) empty on one side; give more prompts or another split",
-                fraction=fraction,
-                kind=kind,
-                count=len(members),
-            )
-        tuning += members[:cut]
-        held_out += members[cut:]
-    order = {id(item): index for index, item in enumerate(items)}
-    return sorted(tuning, key=lambda i: order[id(i)]), sorted(held_out, key=lambda i: order[id(i)])
-
-
-def _key(point: dict[str, float]) -> tuple:
-    return tuple(round(v, 9) for v in point.values())
+Bounds = Union[None, Sequence[float], Sequence[str], Mapping[str, Sequence[float]]]
 
 
 @dataclass
-class SearchResult:
-    evaluated: list[dict[str, Any]]  # rows: {"eta": {...}, **flat metrics, "round": r}
-    chosen: dict[str, Any] | None
-    best_constraint: dict[str, Any] | None
+class TuneResult:
+    """What :func:`tune` found: the chosen ``eta``, the ``report`` (the content of ``report.json``)
+    and every point evaluated on the tuning prompts."""
+
+    eta: dict[str, float]
+    report: dict[str, Any]
+    evaluated: list[dict[str, Any]]
+    chosen: dict[str, Any]
+    """The chosen point's flat metrics row on the tuning prompts."""
+    compare: dict[str, dict[str, Any]]
+    """Each compared adapter's flat metrics row on the tuning prompts."""
+    objective: str
+    constraint: Constraint | Constraints
+    vectors: dict[str, str] = field(repr=False)
+    sources: list[Path] = field(default_factory=list, repr=False)
+
+    @property
+    def markdown(self) -> str:
+        """The report as Markdown (``report.md``): the chosen η and its rates, held-out and tuning."""
+        return _markdown(self.report)
+
+    def adapter(self) -> Combination:
+        """The chosen mix as one adapter (exact, ranks concatenated)."""
+        from lora_arith.lora.combine import combine
+        from lora_arith.lora.specs import AdapterSpec
+
+        return combine([AdapterSpec(self.vectors[name], weight) for name, weight in self.eta.items()])
+
+    def plot(self, path: str | os.PathLike[str]) -> None:
+        """Draw the evaluated points, their Pareto frontier, the chosen point and the compared ones."""
+        x_key = next((key for key in self.constraint.keys if key != self.objective), "compliance_rate_safe")
+        plot_frontier(
+            self.evaluated, self.chosen, self.compare, x_key, self.objective, self.constraint, path,
+            title=f"tune: {' + '.join(self.vectors)} on the tuning prompts ({self.report['judge']})",
+        )  # fmt: skip
+
+    def save(self, directory: str | os.PathLike[str] | Output, *, force: bool = False) -> Path:
+        """Write ``report.json``, ``report.md``, ``frontier.png`` and ``adapter/`` into ``directory``,
+        all at once (atomically); an existing folder is replaced only with ``force``."""
+        from lora_arith._internal.atomic import atomic_output
+
+        combination = self.adapter()
+        with atomic_output(directory, kind="tune", force=force, inputs=self.sources) as temporary:
+            combination.save(temporary / "adapter")
+            (temporary / "report.json").write_text(json.dumps(self.report, indent=1, ensure_ascii=False))
+            (temporary / "report.md").write_text(self.markdown)
+            self.plot(temporary / "frontier.png")
+        return Path(directory)
 
 
-def _better(
-    row: dict[str, Any], best: dict[str, Any] | None, objective: str, sign: float, constraint: Constraint | Constraints
-):
-    """Whether ``row`` beats ``best``: higher objective, then more slack, then smaller |η|."""
-    if best is None:
-        return True
-
-    def score(r):
-        return (
-            sign * (r.get(objective) if r.get(objective) is not None else -sign * math.inf),
-            constraint.slack(r),
-            -sum(v * v for v in r["eta"].values()),
-        )
-
-    return score(row) > score(best)
-
-
-def search(
-    evaluate: Callable[[list[dict[str, float]]], list[dict[str, Any]]],
-    bounds: dict[str, tuple[float, float]],
-    objective: str,
-    constraint: Constraint | Constraints,
+def tune(
+    vectors: Mapping[str, str | os.PathLike[str]],
     *,
+    prompts: Sequence[Any] | str | os.PathLike[str] = (),
+    maximize: str | None = None,
+    minimize: str | None = None,
+    subject_to: str | Sequence[str] | Constraint | Constraints = (),
+    bounds: Bounds = None,
     budget: int = 40,
-    minimize: bool = False,
-) -> SearchResult:
-    """Coarse grid, then refinement around the best feasible point, within ``budget`` points.
+    split: float = 0.5,
+    seed: int = 0,
+    compare: Adapters | None = None,
+    pairs: Sequence[Any] | str | os.PathLike[str] = (),
+    points_per_batch: int = 10,
+    limit: int | None = None,
+    max_pairs: int | None = None,
+    mixer: PreferenceMixer | None = None,
+    log: Callable[[str], None] | None = None,
+    config: EvalConfig | None = None,
+    **settings: Any,
+) -> TuneResult:
+    """Find the weights η of ``vectors`` (name → adapter path) that maximise (or minimise) one
+    metric subject to every constraint of ``subject_to`` (e.g. ``"compliance_rate>=0.9"``).
 
-    ``evaluate(points)`` gets a list of name → η and returns one flat metrics row per point (it
-    may evaluate them together). The coarse grid has ``k`` values per vector with ``kᵈ`` at most
-    half the budget (``k ≥ 2``); each refinement round halves the step and evaluates the new
-    points of the ``3ᵈ`` stencil around the current best (the best constraint value when no
-    point is feasible yet)."""
-    names = list(bounds)
-    objective = metric_key(objective)
-    sign = -1.0 if minimize else 1.0
-    dimension = len(names)
-    if budget < 2**dimension:
-        raise OptionError(
-            "budget", "{} {budget} is too small for {dimension} vectors; give at least {least}",
-            budget=budget, dimension=dimension, least=2**dimension,
+    Args:
+        prompts: evaluation prompts (JSONL paths or :class:`~lora_arith.evaluation.evaluate.EvalPrompt`
+            objects), split by kind into tuning and held-out parts (``split`` of each kind to
+            tuning, chosen with ``seed``).
+        maximize, minimize: the metric to optimise; give exactly one (names in
+            :mod:`lora_arith.evaluation.metrics`: refusal_rate, compliance_rate, ...).
+        bounds: the search range: ``(low, high)`` for every vector, ``{name: (low, high)}``, or the
+            command line's ``"LOW,HIGH"`` / ``"NAME=LOW,HIGH"`` texts. Default :data:`DEFAULT_BOUNDS`.
+        budget: points evaluated on the tuning prompts at most.
+        compare: adapters (name → path or :class:`~lora_arith.lora.specs.AdapterSpec`) measured the
+            same way, e.g. a union baseline.
+        pairs: preference pairs, for reward_accuracy and logprob_margin.
+        points_per_batch: grid points generated together in one batch (per-row weights).
+        mixer: an already loaded :class:`~lora_arith.model.mixing.PreferenceMixer` with every
+            vector and compared adapter attached by name, instead of loading the base.
+        log: called with a line per search round (e.g. ``print``).
+        config, settings: how mixes are evaluated: an :class:`EvalConfig`, or its fields as
+            keywords (``base=``, ``max_new_tokens=``, ``judge=``, ``batch_size=``, ...).
+
+    Raises:
+        LoraArithError: for a bad metric, constraint, bound or split, missing prompts of a kind the
+            metrics need, or when no evaluated point satisfies the constraints.
+    """
+    config = EvalConfig.build(config, settings, "tune")
+    if (maximize is None) == (minimize is None):
+        raise OptionError(("maximize", "minimize"), "give one of {} METRIC or {} METRIC")
+    objective = metric_key(maximize or minimize)
+    constraint = _constraints(subject_to)
+    named = {name: os.fspath(path) for name, path in vectors.items()}
+    compared = adapter_specs(compare or {})
+    clash = sorted(set(compared) & set(named))
+    if clash:
+        raise OptionError(("compare", "vectors"), "{} and {} share the name {name}", name=clash[0])
+    ranges = _bounds(bounds, list(named))
+    inputs = load_inputs(prompts, pairs, limit=limit, max_pairs=max_pairs)
+    if not inputs.prompts and metric(objective).part == "prompts":
+        raise OptionError("prompts", "tune needs {} for the refusal and compliance rates")
+    tuning_prompts, held_out = split_prompts(inputs.prompts, split, seed)
+    for key in (objective, *constraint.keys):
+        kind = metric(key).kind
+        if kind is not None and not inputs.count(kind):
+            raise OptionError("prompts", "{key} needs {kind} prompts, and {} has none", key=key, kind=kind)
+    judge = config.make_judge()
+    if mixer is None:
+        mixer = config.mixer({**named, **compared})
+    zeros = {name: 0.0 for name in mixer.names}
+    mixer.set(**zeros)
+
+    def evaluate(points: list[dict[str, float]], items) -> list[dict[str, Any]]:
+        from lora_arith.evaluation.sweep import evaluate_points, flatten
+
+        full = [{**zeros, **point} for point in points]
+        results = evaluate_points(
+            mixer, full, items, inputs.pairs, judge=judge, points_per_batch=points_per_batch, **config.generation()
         )
-    k = 2
-    while (k + 1) ** dimension <= budget / 2:
-        k += 1
-    axes = {n: [lo + (hi - lo) * i / (k - 1) for i in range(k)] for n, (lo, hi) in bounds.items()}
-    steps = {n: (hi - lo) / (k - 1) for n, (lo, hi) in bounds.items()}
-    evaluated: list[dict[str, Any]] = []
-    seen: set[tuple] = set()
+        return [flatten(result) for result in results]
 
-    def run(points: list[dict[str, float]], round_number: int) -> None:
-        rows = evaluate(points)
-        for point, row in zip(points, rows):
-            seen.add(_key(point))
-            evaluated.append({"eta": dict(point), **row, "round": round_number})
+    rounds = itertools.count(1)
 
-    run([dict(zip(names, values)) for values in itertools.product(*(axes[n] for n in names))], 0)
-    round_number = 0
-    while len(evaluated) < budget:
-        feasible = [r for r in evaluated if constraint.holds(r)]
-        centre = None
-        for row in feasible:
-            if _better(row, centre, objective, sign, constraint):
-                centre = row
-        if centre is None:
-            centre = max(evaluated, key=lambda r: constraint.slack(r))
-        steps = {n: s / 2 for n, s in steps.items()}
-        if max(steps.values()) < 1e-4:
-            break
-        candidates = []
-        for offsets in itertools.product((-1, 0, 1), repeat=dimension):
-            point = {}
-            for name, offset in zip(names, offsets):
-                lo, hi = bounds[name]
-                point[name] = round(min(hi, max(lo, centre["eta"][name] + offset * steps[name])), 9)
-            if _key(point) not in seen and point not in candidates:
-                candidates.append(point)
-        candidates = candidates[: budget - len(evaluated)]
-        if candidates:
-            round_number += 1
-            run(candidates, round_number)
-    chosen = None
-    for row in evaluated:
-        if constraint.holds(row) and _better(row, chosen, objective, sign, constraint):
-            chosen = row
-    best_constraint = max(evaluated, key=lambda r: constraint.slack(r))
-    return SearchResult(evaluated, chosen, best_constraint)
+    def evaluate_tuning(points: list[dict[str, float]]) -> list[dict[str, Any]]:
+        rows = evaluate(points, tuning_prompts)
+        if log is not None:
+            log(f"round {next(rounds)}: {len(points)} points")
+        return rows
+
+    found = search(evaluate_tuning, ranges, objective, constraint, budget=budget, minimize=minimize is not None)
+    if found.chosen is None:
+        raise LoraArithError(_infeasible(constraint, found.best_constraint))
+    eta = found.chosen["eta"]
+    compare_points = {name: {**zeros, name: spec.weight} for name, spec in compared.items()}
+    held_rows = evaluate([eta, *compare_points.values()], held_out)
+    tuning_compare = evaluate(list(compare_points.values()), tuning_prompts) if compare_points else []
+    report = {
+        "objective": {"metric": maximize or minimize, "key": objective, "direction": "max" if maximize else "min"},
+        "constraint": str(constraint),
+        "bounds": {n: list(b) for n, b in ranges.items()},
+        "budget": budget,
+        "split": split,
+        "seed": seed,
+        "judge": judge.name,
+        "base": config.public_base(),
+        "max_new_tokens": config.max_new_tokens,
+        "batch_size": config.batch_size,
+        "n_prompts": {
+            "tuning": {kind: sum(p.kind == kind for p in tuning_prompts) for kind in KINDS},
+            "held_out": {kind: sum(p.kind == kind for p in held_out) for kind in KINDS},
+        },
+        "vectors": {name: Path(path).name if Path(path).is_absolute() else path for name, path in named.items()},
+        "chosen": {"eta": eta, "tuning": _strip(found.chosen), "held_out": held_rows[0]},
+        "compare": {
+            name: {"weight": compared[name].weight, "tuning": tune_row, "held_out": held_row}
+            for name, tune_row, held_row in zip(compare_points, tuning_compare, held_rows[1:])
+        },
+        "evaluated": found.evaluated,
+    }
+    return TuneResult(
+        eta=eta,
+        report=report,
+        evaluated=found.evaluated,
+        chosen=found.chosen,
+        compare=dict(zip(compare_points, tuning_compare)),
+        objective=objective,
+        constraint=constraint,
+        vectors=named,
+        sources=config.sources([*named.values(), *(s.path for s in compared.values())], inputs.files),
+    )
 
 
-def pareto_front(rows: Sequence[dict[str, Any]], x_key: str, y_key: str) -> list[dict[str, Any]]:
-    """The rows not dominated in (higher ``x_key``, higher ``y_key``), sorted by ``x_key``."""
-    valid = [r for r in rows if r.get(x_key) is not None and r.get(y_key) is not None]
-    front = [
-        r
-        for r in valid
-        if not any(
-            o[x_key] >= r[x_key] and o[y_key] >= r[y_key] and (o[x_key] > r[x_key] or o[y_key] > r[y_key])
-            for o in valid
+def _constraints(subject_to: str | Sequence[str] | Constraint | Constraints) -> Constraint | Constraints:
+    if isinstance(subject_to, (Constraint, Constraints)):
+        return subject_to
+    return parse_constraints([subject_to] if isinstance(subject_to, str) else list(subject_to))
+
+
+def _bounds(bounds: Bounds, names: list[str]) -> dict[str, tuple[float, float]]:
+    """The search range of each vector from any of the forms :func:`tune` takes."""
+    if bounds is None:
+        return {name: DEFAULT_BOUNDS for name in names}
+    if isinstance(bounds, Mapping):
+        texts = [f"{name}={float(low)!r},{float(high)!r}" for name, (low, high) in bounds.items()]
+    elif len(bounds) == 2 and not any(isinstance(value, str) for value in bounds):
+        texts = [f"{float(bounds[0])!r},{float(bounds[1])!r}"]
+    else:
+        texts = list(bounds)
+    return parse_bounds(texts, names, DEFAULT_BOUNDS)
+
+
+def _infeasible(constraint: Constraint | Constraints, best: dict[str, Any]) -> str:
+    """Why no point was chosen, with the point that came closest."""
+    if len(constraint.items) == 1:
+        value = best.get(constraint.items[0].key)
+        return (
+            f"no evaluated point satisfies {constraint}: the best {constraint.items[0].metric} reached was "
+            f"{'n/a' if value is None else f'{value:.3f}'} at {eta_text(best['eta'])}"
         )
+    return (
+        f"no evaluated point satisfies {constraint}: the closest was {eta_text(best['eta'])}, "
+        f"with {constraint.values_text(best)}"
+    )
+
+
+def _strip(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k not in ("eta", "round")}
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    """``report.md``: the chosen η and its rates on the held-out and tuning prompts, with any
+    compared adapters."""
+    from lora_arith.evaluation.evaluate import rate_text
+
+    def cells(row: dict[str, Any]) -> str:
+        return " | ".join(rate_text(row, rate.key, rate.n_key) for rate in PROMPT_RATES)
+
+    chosen = report["chosen"]
+    name = "chosen: " + eta_text(chosen["eta"])
+    lines = [
+        f"# tune: {report['objective']['direction']} {report['objective']['metric']} subject to {report['constraint']}",
+        "",
+        f"Chosen η: **{eta_text(chosen['eta'])}** (bounds {report['bounds']}, {len(report['evaluated'])} points "
+        f"evaluated on the tuning prompts, budget {report['budget']}).",
+        f"Base: {report['base']}; max_new_tokens {report['max_new_tokens']}; judge: {report['judge']}; "
+        f"split {report['split']:g} (seed {report['seed']}), stratified by kind: tuning {report['n_prompts']['tuning']}, "
+        f"held-out {report['n_prompts']['held_out']}.",
+        "",
+        "| model | prompts |" + "".join(f" {rate.column} |" for rate in PROMPT_RATES),
+        "| --- | --- |" + " --- |" * len(PROMPT_RATES),
+        f"| {name} | held-out | {cells(chosen['held_out'])} |",
+        f"| {name} | tuning | {cells(chosen['tuning'])} |",
     ]
-    return sorted(front, key=lambda r: (r[x_key], -r[y_key]))
-
-
-def eta_text(eta: dict[str, float]) -> str:
-    return ", ".join(f"{name}={value:g}" for name, value in eta.items())
+    for compared, entry in report["compare"].items():
+        lines.append(f"| {compared} ×{entry['weight']:g} | held-out | {cells(entry['held_out'])} |")
+        lines.append(f"| {compared} ×{entry['weight']:g} | tuning | {cells(entry['tuning'])} |")
+    lines += ["", "Rates: Wilson 95% intervals and n. Files: adapter/ (the chosen mix), frontier.png, report.json.", ""]
+    return "\n".join(lines)
 
 
 def plot_frontier(

@@ -12,6 +12,8 @@ from lora_arith.lora.adapter_io import AdapterFile
 from lora_arith._internal.errors import LoraArithError
 from lora_arith.lora.factors import frobenius_norm, inner, projected_energy, single_threaded, subspaces
 
+__all__ = ["Similarity", "similarity", "module_norms", "ModuleOverlap", "PairInterference", "interference"]
+
 
 @dataclass(frozen=True)
 class Similarity:

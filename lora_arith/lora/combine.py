@@ -35,6 +35,8 @@ from lora_arith._internal.privacy import public_name
 from lora_arith._internal.provenance import METHODS, Recipe, RecipeInput
 from lora_arith.lora.specs import AdapterSpec
 
+__all__ = ["ModuleResult", "Combination", "combine", "extract"]
+
 # Config fields that say which modules are targeted; carried over when all inputs agree.
 _TARGETING_FIELDS = ("layers_to_transform", "layers_pattern", "exclude_modules")
 
@@ -334,3 +336,10 @@ def combine(
     training = {s.public_name: a.training for s, a in zip(specs, adapters) if a.training}
     sources = [source for adapter in adapters for source in adapter.sources]
     return Combination(deltas, kinds, config, recipe, out_dtype, results, len(adapters), training or None, sources)
+
+
+def extract(positive: str | os.PathLike[str], negative: str | os.PathLike[str], **options: Any) -> Combination:
+    """The preference vector φ = ΔW(positive) − ΔW(negative): ``positive`` trained on the pairs,
+    ``negative`` on the same pairs swapped. Exact by default (``method="cat"``, ranks add up);
+    ``options`` are those of :func:`combine` (method, rank, energy, dtype, ...)."""
+    return combine([AdapterSpec(os.fspath(positive), 1.0), AdapterSpec(os.fspath(negative), -1.0)], **options)

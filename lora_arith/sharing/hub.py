@@ -22,6 +22,8 @@ from pathlib import Path
 from lora_arith._internal.errors import LoraArithError
 from lora_arith.lora.specs import HubReference, parse_reference
 
+__all__ = ["resolve"]
+
 
 def _download(reference: HubReference, filename: str) -> Path:
     from huggingface_hub import hf_hub_download

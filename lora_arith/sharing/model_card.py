@@ -15,6 +15,8 @@ from typing import Any, Mapping
 
 from lora_arith._internal.privacy import public_name
 
+__all__ = ["KNOWN_LICENSES", "is_hub_id", "hub_datasets", "base_license", "model_card"]
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 KNOWN_LICENSES = {"HuggingFaceTB/SmolLM2-135M-Instruct": "apache-2.0"}

@@ -21,6 +21,8 @@ from lora_arith._internal.errors import LoraArithError, OptionError, first_line
 from lora_arith.sharing.model_card import base_license, model_card
 from lora_arith._internal.privacy import scrub
 
+__all__ = ["UPLOADED", "DEFAULT_COMMIT_MESSAGE", "UploadPlan", "plan_upload", "push"]
+
 UPLOADED = (CONFIG_NAME, WEIGHTS_NAME, "README.md")
 """The files an adapter repository gets without ``--include``."""
 

@@ -36,6 +36,8 @@ from lora_arith.training.train import (
     training_inputs,
 )
 
+__all__ = ["RUNS", "train_vector"]
+
 RUNS = (("positive", False), ("negative", True))
 """The two DPO runs of a vector: their names (in the recipe and under ``--keep-runs``) and swap flags."""
 
