@@ -25,7 +25,7 @@ Usage::
     python benchmarks/bench_train.py --steps 3 --repeats 1          # a quick check (minutes on 2 busy cores)
     python benchmarks/bench_train.py --base TINY_CHAT_MODEL --steps 3 --max-length 64   # the script itself, in seconds
     python benchmarks/bench_train.py --steps 20 --repeats 3 --threads 2 --out bench_train.json   # full size
-    python benchmarks/bench_train.py --steps 6 --repeats 4 --threads 2 --skip-precompute   # the README's figure
+    python benchmarks/bench_train.py --steps 6 --repeats 4 --threads 2 --skip-precompute   # the figure in docs/benchmarks.md
 
 The step's wall time varies a lot between runs on a shared or small machine, so each step's CPU time
 (``time.process_time``, all threads) is reported beside it.

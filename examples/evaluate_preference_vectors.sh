@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Evaluate the shipped preference vectors on the default base (the README's table and heatmaps).
+# Evaluate the shipped preference vectors on the default base (the table and heatmaps of docs/results.md).
 #
 #   bash examples/evaluate_preference_vectors.sh [CONFIG...]     # from the repository root
 #

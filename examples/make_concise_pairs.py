@@ -21,7 +21,7 @@ drawn by the seeded RNG), where the chosen side is one of the short refusal temp
 (``lora_arith.training.data.REFUSALS``) and the rejected side is the SAME refusal padded with refusal-shaped
 padding (acknowledging the request, explaining at length, repeating, closing chatter). Both sides
 refuse, so the pairs teach "get to the point" on requests the model should decline, not "answer
-them": a concise vector trained on Alpaca alone learnt to drop refusals (README, "Adding a preference").
+them": a concise vector trained on Alpaca alone learnt to drop refusals (docs/results.md, "Adding a preference").
 
 The pairs are **templated**, not labelled by people. The script is deterministic (the RNG is seeded
 per row from ``--seed`` and the row's id).

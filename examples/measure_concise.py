@@ -1,4 +1,4 @@
-"""The extendability table of the README ("Adding a preference"): helpful and harmless at (1, 1),
+"""The extendability table of docs/results.md ("Adding a preference"): helpful and harmless at (1, 1),
 the concise vector at η ∈ {0, 0.5, 1}.
 
     python examples/measure_concise.py                # from the repository root, after the runs below

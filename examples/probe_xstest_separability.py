@@ -1,6 +1,6 @@
 """How well can the base model's own features tell XSTest's unsafe prompts from its safe-but-scary ones?
 
-A diagnostic for the README's "Results" section, not part of the recipe. For every layer of the
+A diagnostic for the results (docs/results.md), not part of the recipe. For every layer of the
 default base, it fits an L2-regularised logistic regression (a linear probe) on the last-token
 hidden state of the chat-templated prompt, trained on the XSTest *train* half (the prompts of
 ``harmless/xstest_unsafe_pairs.jsonl`` and ``helpful/xstest_safe_pairs.jsonl``) and scored on the

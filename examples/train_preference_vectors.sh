@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the shipped preference vectors adapters/harmless/,
 # adapters/helpful/ and adapters/concise/, and the mixed-data baseline adapters/baseline-union/
-# (PEFT adapter folders) used in the README, on a CPU.
+# (PEFT adapter folders) used in docs/results.md, on a CPU.
 #
 #   bash examples/train_preference_vectors.sh            # from the repository root
 #
@@ -43,7 +43,7 @@ RUNS="$(mktemp -d)"
 lora-arith train "${HARMLESS[@]}" "${HELPFUL[@]}" "${SETTINGS[@]}" --max-steps 60 -o "$RUNS/baseline-union"
 lora-arith combine "$RUNS/baseline-union/baseline-union.safetensors" --dtype bf16 -o "$OUT/baseline-union" --force
 
-# The third vector, concise (README: "Adding a preference"), added later without retraining the
+# The third vector, concise (docs/results.md: "Adding a preference"), added later without retraining the
 # others. Its pairs are templated from Alpaca (examples/make_concise_pairs.py; the last 200 lines,
 # the held-out ordinary prompts, are never used) and shipped as examples/data/concise_pairs.jsonl.
 # It uses the same recipe as the two above (SETTINGS), on its own pairs. A second seed (--seed 1)
