@@ -32,10 +32,28 @@ from lora_arith._internal.errors import LoraArithError, first_line
 from lora_arith.lora.factors import LowRankDelta, single_threaded
 from lora_arith.sharing.hub import resolve
 from lora_arith.sharing.model_card import model_card
-from lora_arith.lora.numerics import DTYPE_HINT, all_finite, cast_finite, require_finite
+from lora_arith.lora.numerics import DTYPE_HINT, all_finite, cast_finite, finite_number, require_finite
 from lora_arith._internal.privacy import scrub
 from lora_arith._internal.provenance import CONFIG_METADATA_KEY, RECIPE_METADATA_KEY, TRAINING_METADATA_KEY, sha256_of
 from lora_arith.lora.specs import CONFIG_NAME, WEIGHTS_NAME
+
+__all__ = [
+    "KEY_PREFIX",
+    "LINEAR",
+    "EMBEDDING",
+    "DTYPES",
+    "ModuleInfo",
+    "AdapterFile",
+    "pattern_value",
+    "adapter_sources",
+    "output_kind",
+    "open_adapter",
+    "factor_tensors",
+    "unit_scaling_config",
+    "save_adapter",
+    "public_config",
+    "convert_adapter",
+]
 
 KEY_PREFIX = "base_model.model."
 
@@ -130,7 +148,7 @@ class AdapterFile:
             value = self.config.get(field, 8)
             if not _is_number(value):
                 raise LoraArithError(f"{self.label}: {field} in the config is not a number")
-            if not math.isfinite(value):
+            if finite_number(value) is None:
                 raise LoraArithError(f"{self.label}: {field} in the config is {value}, not a finite number")
         for field in ("rank_pattern", "alpha_pattern"):
             _check_pattern(self.config.get(field), f"{self.label}: {field} in the config")
@@ -306,7 +324,7 @@ def _check_pattern(patterns: Any, what: str) -> None:
             re.compile(key)
         except re.error as error:
             raise LoraArithError(f"{what}: {key!r} is not a valid regular expression ({error})") from None
-        if not _is_number(value) or not math.isfinite(value):
+        if finite_number(value) is None:
             raise LoraArithError(f"{what}: the value for {key!r} is {value!r}, not a finite number")
 
 

@@ -3,17 +3,31 @@
 Used wherever numbers are scaled (adapter scalings, user weights) or cast to a narrower dtype
 (``--dtype fp16``) before they are written or attached to a model. The checks raise
 :class:`LoraArithError` naming what overflowed and why; :mod:`lora_arith.lora.factors` stays pure.
+
+The checks of single numbers (:func:`finite_number`, :func:`require_finite_number`) need no
+torch, so that :mod:`lora_arith.lora.specs`, which the command line imports at start-up, can use
+them: torch is imported by the tensor checks only, when they run.
 """
 
 from __future__ import annotations
 
 import math
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from lora_arith._internal.errors import LoraArithError, OptionError
 
-__all__ = ["require_finite", "require_finite_number", "cast_finite", "dtype_name", "DTYPE_HINT"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "require_finite",
+    "require_finite_number",
+    "finite_number",
+    "all_finite",
+    "cast_finite",
+    "dtype_name",
+    "DTYPE_HINT",
+]
 
 DTYPE_HINT = "use {} fp32 or bf16"
 """What to do about an fp16 overflow where the user chooses the output dtype (``{}``: the
@@ -22,6 +36,8 @@ DTYPE_HINT = "use {} fp32 or bf16"
 
 def dtype_name(dtype: torch.dtype) -> str:
     """``fp32``, ``bf16``, ``fp16``, … for a torch dtype."""
+    import torch
+
     names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
     return names.get(dtype, str(dtype).removeprefix("torch."))
 
@@ -30,6 +46,8 @@ def all_finite(tensor: torch.Tensor) -> bool:
     """Whether every value is finite. A NaN or Inf anywhere makes the fp32 sum NaN or Inf, so a
     finite sum proves it in one cheap reduction (10× faster than ``isfinite().all()``); only a
     non-finite sum, which finite values can also reach by overflow, is checked element-wise."""
+    import torch
+
     return bool(torch.isfinite(tensor.sum(dtype=torch.float32))) or bool(torch.isfinite(tensor).all())
 
 
@@ -42,9 +60,26 @@ def require_finite(tensor: torch.Tensor, what: str, why: str = "") -> torch.Tens
         why: an optional explanation appended to the message (e.g. the scaling that overflowed).
     """
     if tensor.is_floating_point() and not all_finite(tensor):
+        import torch
+
         kind = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
         raise LoraArithError(f"{what} has {kind} values" + (f" ({why})" if why else ""))
     return tensor
+
+
+def finite_number(value: Any) -> float | None:
+    """``value`` as a finite float, or ``None`` when it is not one: not an ``int`` or ``float``
+    (a bool, a string such as ``"1"``, ``None``: values read from JSON are taken as they are
+    typed), NaN, infinite, or an integer too large for a float. The one test of a weight the
+    user gives (the command line's ``NAME=WEIGHT`` and ``PATH:WEIGHT`` after ``float()``, a
+    prompt line's or a request's ``{NAME: WEIGHT}``) and of a number in an adapter's config."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def require_finite_number(value: float, what: str) -> float:
@@ -66,6 +101,8 @@ def cast_finite(tensor: torch.Tensor, dtype: torch.dtype, what: str, hint: str =
     if not cast.is_floating_point() or all_finite(cast):
         return cast
     require_finite(tensor, what)
+    import torch
+
     peak = float(tensor.detach().abs().max())
     limit = torch.finfo(dtype).max
     raise OptionError(

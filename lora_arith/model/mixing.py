@@ -18,10 +18,12 @@ import torch
 
 from lora_arith.lora.adapter_io import open_adapter
 from lora_arith._internal.errors import LoraArithError, first_line
-from lora_arith.lora.numerics import dtype_name, require_finite_number
+from lora_arith.lora.numerics import dtype_name, finite_number, require_finite_number
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = ["PreferenceMixer", "RowWeights", "attach_adapter", "lora_config_from", "scaled_peak"]
 
 
 def lora_config_from(config: Mapping[str, Any]):
@@ -298,9 +300,10 @@ class PreferenceMixer:
         for name, value in (weights or {}).items():
             if name not in self.weights:
                 raise LoraArithError(f"no adapter named {name}; attached: {', '.join(self.names) or 'none'}")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            number = finite_number(value)
+            if number is None:
                 raise LoraArithError(f"the weight of {name} must be a finite number, not {value!r}")
-            mix[name] = float(value)
+            mix[name] = number
         return mix
 
     @contextlib.contextmanager

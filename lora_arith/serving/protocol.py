@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from typing import Any, Mapping
 
 from lora_arith._internal.errors import first_line
+from lora_arith.lora.numerics import finite_number
 
 __all__ = ["ChatRequest", "RequestError", "ServerSettings", "parse_body", "parse_chat_request"]
 
@@ -83,22 +83,11 @@ def parse_body(raw: bytes) -> Any:
         raise RequestError(f"the request body is not valid JSON ({detail})") from None
 
 
-def _finite(value: Any) -> float | None:
-    """``value`` as a finite float, or ``None`` (not a number, infinite, or too large for a float)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-    return number if math.isfinite(number) else None
-
-
 def _number(body: Mapping[str, Any], key: str, default: float, low: float, high: float) -> float:
     value = body.get(key)
     if value is None:
         return default
-    number = _finite(value)
+    number = finite_number(value)
     if number is None:
         raise RequestError(f"'{key}' must be a finite number", param=key)
     if not low <= number <= high:
@@ -149,7 +138,7 @@ def _weights(body: Mapping[str, Any], settings: ServerSettings) -> dict[str, flo
         if name not in settings.defaults:
             known = ", ".join(settings.defaults) or "none"
             raise RequestError(f"unknown preference {name[:80]!r}; this server has: {known}", param=param)
-        number = _finite(value)
+        number = finite_number(value)
         if number is None:
             raise RequestError(f"the weight of {name!r} must be a finite number", param=param)
         if abs(number) > settings.max_eta:
