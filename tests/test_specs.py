@@ -17,7 +17,7 @@ from lora_arith.lora.combine import combine
 from lora_arith._internal.devices import DTYPE_NAMES
 from lora_arith._internal.errors import OptionError
 from lora_arith._internal.provenance import EXPORT_TARGETS, METHODS
-from lora_arith.lora.specs import AdapterSpec, fixed_weights, named_paths, parse_specs
+from lora_arith.lora.specs import AdapterSpec, fixed_weights, named_paths, named_weights, parse_specs, parse_weight
 
 FOREIGN_FLAGS = {"--max-lora-rank", "--no-deps"}  # vLLM's and pip's, named in messages on purpose
 
@@ -87,6 +87,36 @@ def test_sweep_names_and_fixed_weights():
         fixed_weights(["x=1"], ["h", "s"])
     with pytest.raises(OptionError, match="cannot read fix 'h=x'"):
         fixed_weights(["h=x"], ["h"])
+
+
+def test_one_name_weight_parser_with_each_options_message(tmp_path):
+    """``NAME=WEIGHT`` is read in one place (``parse_weight``/``named_weights``): a non-empty name,
+    finite numbers; each option keeps its own message."""
+    assert parse_weight("h = -0.5") == ("h", -0.5)
+    assert named_weights("m=1,-2") == ("m", [1.0, -2.0])
+    for bad in ("h", "=1", "h=", "h=x", "h=nan", "h=inf", "h=1e999", "h=1,2"):
+        with pytest.raises(OptionError, match=f"^cannot read fix {bad!r}; use NAME=WEIGHT$"):
+            parse_weight(bad, "fix")
+
+    def error(*args: str) -> str:
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        assert result.exit_code == 1, result.output
+        return result.output.strip()
+
+    nowhere = str(tmp_path / "nowhere")  # every error below comes before any adapter or model is read
+    assert error("serve", "--weights", "h=1,s=x") == "Error: cannot read 's=x' in --weights; use NAME=WEIGHT,NAME=WEIGHT"
+    assert error("serve", "--adapter", f"h={nowhere}", "--weights", "h=1,no=2") == (
+        "Error: --weights names no, which no --adapter is named"
+    )
+    assert error("serve", "--adapter", f"h={nowhere}:5") == "Error: the default weight of h (5) is above --max-eta 4"
+    assert error("serve", "--api-key", "") == "Error: --api-key (or LORA_ARITH_API_KEY) must not be empty"
+    assert error("export", nowhere, nowhere, "--mix", "m=1,y", "-o", nowhere) == (
+        "Error: --mix 'm=1,y': the weights must be numbers separated by commas"
+    )
+    assert error("export", nowhere, nowhere, "--mix", "m=1,2", "--mix", "m=2,1", "-o", nowhere) == (
+        "Error: each --mix needs its own NAME"
+    )
+    assert error("export", nowhere, nowhere, "-o", nowhere).startswith("Error: several adapters are exported as mixes: give --mix")
 
 
 def test_sweep_reports_vector_errors_by_flag(tmp_path):

@@ -8,8 +8,10 @@ The forms:
   from the weight;
 * ``[NAME=]PATH[:WEIGHT]`` (:func:`named_specs`): unnamed adapters are named by their file or
   folder stem (:func:`adapter_names`);
-* ``NAME=PATH`` (:func:`named_paths`) and ``NAME=WEIGHT`` (:func:`fixed_weights`), the sweep's
-  vectors and fixed weights;
+* ``NAME=PATH`` (:func:`named_paths`), the sweep's vectors;
+* ``NAME=WEIGHT`` (:func:`parse_weight`) and ``NAME=W1,W2,...`` (:func:`named_weights`), the one
+  reading of a name with weights: the sweep's fixed weights (:func:`fixed_weights`), ``serve``'s
+  default weights, ``chat``'s ``/set`` and ``export``'s mixes;
 * Hub references ``org/name[@revision][/subpath]`` (:func:`parse_reference`, resolved by
   :mod:`lora_arith.sharing.hub`).
 
@@ -19,7 +21,6 @@ option's name, which the command line shows as its flag.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -28,6 +29,24 @@ from typing import Iterable, Sequence
 
 from lora_arith._internal.errors import LoraArithError, OptionError
 from lora_arith._internal.privacy import public_name as _public_name
+from lora_arith.lora.numerics import finite_number
+
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "WEIGHT_USAGE",
+    "AdapterSpec",
+    "parse_spec",
+    "parse_specs",
+    "adapter_names",
+    "named_specs",
+    "named_paths",
+    "named_weights",
+    "parse_weight",
+    "fixed_weights",
+    "HubReference",
+    "parse_reference",
+]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -75,7 +94,7 @@ def parse_spec(text: str) -> AdapterSpec:
         if os.path.exists(text):
             return AdapterSpec(text)
         raise LoraArithError(f"cannot parse the weight {weight_text!r} in {text!r} (expected PATH[:WEIGHT])") from None
-    if not math.isfinite(weight):
+    if finite_number(weight) is None:
         raise LoraArithError(f"the weight in {text!r} must be a finite number")
     if not path:
         raise LoraArithError(f"{text!r} has a weight but no path")
@@ -138,17 +157,53 @@ def named_paths(items: Iterable[str], option: str = "vector") -> dict[str, str]:
     return named
 
 
+WEIGHT_USAGE = "cannot read {} {item!r}; use NAME=WEIGHT"
+"""The error of a ``NAME=WEIGHT`` item that :func:`parse_weight` cannot read, unless its caller
+gives its own: ``{}`` names the option (see :class:`OptionError`), ``{item}`` is the item."""
+
+
+def named_weights(
+    item: str, option: str | tuple[str, ...] = (), usage: str = WEIGHT_USAGE
+) -> tuple[str, list[float]]:
+    """Parse ``NAME=W1[,W2,...]`` into ``(NAME, [W1, W2, ...])``: the one reading of a name with
+    weights on the command line (the sweep's ``--fix``, ``serve --weights``, chat's ``/set``,
+    ``export --mix``).
+
+    NAME is the text before the first ``=``, without surrounding spaces, and must not be empty;
+    every weight must be a finite number. Anything else raises
+    ``OptionError(option, usage, item=item)``, so that each caller keeps its own message (``usage``
+    may name the option with ``{}``; ``option`` may be ``()`` when it does not)."""
+    name, equals, values = item.partition("=")
+    name = name.strip()
+    weights = [_finite_weight(text) for text in values.split(",")]
+    if not equals or not name or None in weights:
+        raise OptionError(option, usage, item=item)
+    return name, weights
+
+
+def parse_weight(item: str, option: str | tuple[str, ...] = (), usage: str = WEIGHT_USAGE) -> tuple[str, float]:
+    """Parse ``NAME=WEIGHT`` into ``(NAME, WEIGHT)``: :func:`named_weights` with exactly one weight."""
+    name, weights = named_weights(item, option, usage)
+    if len(weights) != 1:
+        raise OptionError(option, usage, item=item)
+    return name, weights[0]
+
+
+def _finite_weight(text: str) -> float | None:
+    try:
+        return finite_number(float(text))
+    except ValueError:
+        return None
+
+
 def fixed_weights(items: Iterable[str], names: Sequence[str], option: str = "fix") -> dict[str, float]:
-    """Parse ``NAME=WEIGHT`` items, each naming one of ``names``, into name → weight."""
+    """Parse ``NAME=WEIGHT`` items (:func:`parse_weight`), each naming one of ``names``, into name → weight."""
     fixed: dict[str, float] = {}
     for item in items:
-        name, equals, value = item.partition("=")
-        try:
-            fixed[name] = float(value)
-        except ValueError:
-            raise OptionError(option, "cannot read {} {item!r}; use NAME=WEIGHT", item=item) from None
-        if not equals or name not in names:
+        name, weight = parse_weight(item, option)
+        if name not in names:
             raise OptionError(option, "{} {item!r} names no swept vector; vectors: {names}", item=item, names=", ".join(names))
+        fixed[name] = weight
     return fixed
 
 

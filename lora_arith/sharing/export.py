@@ -26,7 +26,17 @@ from lora_arith.lora.combine import combine
 from lora_arith._internal.errors import LoraArithError, OptionError
 from lora_arith.lora.factors import compress, single_threaded
 from lora_arith._internal.provenance import EXPORT_METHOD
-from lora_arith.lora.specs import AdapterSpec
+from lora_arith.lora.specs import AdapterSpec, named_weights
+
+__all__ = [
+    "VLLM_RANKS",
+    "Export",
+    "serving_rank",
+    "parse_mix",
+    "export_for_vllm",
+    "export_mixes",
+    "lora_modules_line",
+]
 
 VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 """The values vLLM accepts for ``--max-lora-rank``."""
@@ -69,14 +79,12 @@ def serving_rank(rank: int) -> int:
 
 
 def parse_mix(text: str, count: int) -> tuple[str, list[float]]:
-    """Parse ``NAME=W1,W2,...`` with one weight per input adapter."""
-    name, sep, weights_text = text.partition("=")
+    """Parse ``NAME=W1,W2,...`` with one weight per input adapter (read by
+    :func:`~lora_arith.lora.specs.named_weights`)."""
+    name, sep, _ = text.partition("=")
     if not sep or not _MIX_NAME.match(name):
         raise OptionError("mix", "{} {text!r}: expected NAME=W1,W2,... (NAME of letters, digits, '.', '_', '-')", text=text)
-    try:
-        weights = [float(w) for w in weights_text.split(",")]
-    except ValueError:
-        raise OptionError("mix", "{} {text!r}: the weights must be numbers separated by commas", text=text) from None
+    name, weights = named_weights(text, "mix", "{} {item!r}: the weights must be numbers separated by commas")
     if len(weights) != count:
         raise OptionError(
             "mix", "{} {text!r}: {n} weights for {count} adapters; give one per adapter", text=text, n=len(weights), count=count
