@@ -208,3 +208,24 @@ def test_a_long_prompt_does_not_make_the_batch_outgrow_its_token_budget(mixer, r
     assert max(sizes) > 1  # the short ones batched together after it
     expected = [reference.generate([p], weights=[m], max_new_tokens=n)[0] for p, m, n in jobs]
     assert [result.text for result in results] == expected
+
+
+def test_the_context_length_is_decided_in_one_place_with_one_fallback(mixer, monkeypatch):
+    """The model's config, else its tokenizer, else 2048: for the engine (and so the server's
+    settings) and for the check of ``generate``'s and ``sweep``'s prompts alike."""
+    from types import SimpleNamespace
+
+    from lora_arith._internal.errors import LoraArithError
+    from lora_arith.model.generation import DEFAULT_CONTEXT_LENGTH, check_prompt_lengths, context_length
+
+    stated = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=512))
+    assert context_length(stated, SimpleNamespace(model_max_length=100)) == 512
+    unstated = SimpleNamespace(config=SimpleNamespace())
+    assert context_length(unstated, SimpleNamespace(model_max_length=300)) == 300
+    assert context_length(unstated, SimpleNamespace(model_max_length=int(1e30))) == DEFAULT_CONTEXT_LENGTH == 2048
+    assert Engine(mixer).context_length == context_length(mixer.model, mixer.tokenizer) == 512
+    monkeypatch.delattr(mixer.model.config, "max_position_embeddings")
+    monkeypatch.setattr(mixer.tokenizer, "model_max_length", int(1e30))
+    assert Engine(mixer).context_length == DEFAULT_CONTEXT_LENGTH
+    with pytest.raises(LoraArithError, match="context of 2048 tokens"):
+        check_prompt_lengths(mixer.model, mixer.tokenizer, ["hi"], max_new_tokens=2048)

@@ -13,6 +13,19 @@ from lora_arith._internal.errors import LoraArithError
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+__all__ = [
+    "DEFAULT_CONTEXT_LENGTH",
+    "chat_prompt",
+    "end_of_turn_ids",
+    "context_length",
+    "most_characters",
+    "check_prompt_lengths",
+    "encode_prompts",
+    "generate",
+    "reply_logprobs",
+    "left_pad",
+]
+
 
 def chat_prompt(tokenizer: "PreTrainedTokenizerBase", prompt: Prompt) -> str:
     """The text the model sees for ``prompt``, with the chat template and the assistant header.
@@ -41,15 +54,23 @@ def end_of_turn_ids(tokenizer: "PreTrainedTokenizerBase") -> list[int]:
     return sorted(ids)
 
 
-def context_length(model, tokenizer) -> int | None:
-    """The most tokens the model attends to (``max_position_embeddings`` or the like), if known."""
+DEFAULT_CONTEXT_LENGTH = 2048
+"""The context assumed for a model that states none (neither its config nor its tokenizer)."""
+
+
+def context_length(model, tokenizer) -> int:
+    """The most tokens the model attends to: its config's ``max_position_embeddings`` (or
+    ``n_positions``, ``max_sequence_length``, ``seq_length``), else its tokenizer's
+    ``model_max_length`` (unless that is transformers' "no limit" placeholder), else
+    :data:`DEFAULT_CONTEXT_LENGTH`. The one decision of the context that ``generate``, ``sweep``
+    and ``serve`` check prompts against."""
     config = getattr(model, "config", None)
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
             return value
     value = getattr(tokenizer, "model_max_length", None)
-    return value if isinstance(value, int) and 0 < value < 10**7 else None
+    return value if isinstance(value, int) and 0 < value < 10**7 else DEFAULT_CONTEXT_LENGTH
 
 
 def most_characters(tokenizer: "PreTrainedTokenizerBase", context: int, longest: int | None = None) -> int:
@@ -67,8 +88,6 @@ def check_prompt_lengths(
 ) -> None:
     """Refuse a templated prompt whose tokens plus ``max_new_tokens`` do not fit the model's context."""
     context = context_length(model, tokenizer)
-    if context is None:
-        return
     longest = max((len(token) for token in tokenizer.get_vocab()), default=1) or 1
     for index, text in enumerate(texts):
         where = sources[index] if sources is not None else f"prompt {index + 1}"

@@ -538,7 +538,7 @@ def run_server(
     if access.loopback_only is None:
         access.loopback_only = is_loopback_host(host)
     engine = Engine(mixer, max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens, max_queue=max_queue)
-    settings = ServerSettings(model_id, dict(mixer.weights), max_eta, max_tokens, engine.context_length)
+    settings = ServerSettings(model_id, dict(mixer.weights), max_eta, max_tokens, context_length=engine.context_length)
     stopping = asyncio.Event()
     app = create_app(engine, settings, access, stopping=stopping)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

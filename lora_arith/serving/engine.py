@@ -397,7 +397,7 @@ class Engine:
         self.stop_ids = set(end_of_turn_ids(self.tokenizer))
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else min(self.stop_ids, default=0)
-        self.context_length = context_length(mixer.model, self.tokenizer) or 2048
+        self.context_length = context_length(mixer.model, self.tokenizer)
         self.device = next(mixer.model.parameters()).device
         self.observe = observe
         self._pending: collections.deque[_Row] = collections.deque()
