@@ -101,6 +101,28 @@ def test_generate_command(chat_base, two_adapters, tmp_path):
     assert single.exit_code == 0, single.output
 
 
+@pytest.mark.parametrize("temperature", ["0", "1"])  # greedy on the engine; sampled through model.generate
+def test_generate_to_a_file_shows_a_progress_bar(chat_base, tmp_path, monkeypatch, temperature):
+    import tqdm
+
+    import lora_arith.cli.model_commands
+
+    class EveryUpdate(tqdm.tqdm):  # a bar that draws every update, however fast the tiny model is
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "mininterval": 0, "miniters": 1})
+
+    monkeypatch.setattr(tqdm, "tqdm", EveryUpdate)  # the library imports it when a bar is wanted
+    monkeypatch.setattr(lora_arith.cli.model_commands, "progress_wanted", lambda: True)  # as if stderr were a terminal
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n{"prompt": "How do I bake bread?"}\n')
+    out = tmp_path / "out.jsonl"
+    args = ["--prompts", prompts, "-o", out, "--max-new-tokens", 2, "--batch-size", 1, "--temperature", temperature]
+    result = run("generate", "--base", chat_base, *args)
+    assert result.exit_code == 0, result.output
+    assert "generating" in result.stderr and "2/2" in result.stderr, result.stderr  # the bar reached its end
+    assert len(out.read_text().splitlines()) == 2 and "2/2" not in result.stdout
+
+
 @pytest.fixture
 def eval_files(tmp_path):
     prompts = tmp_path / "prompts.jsonl"

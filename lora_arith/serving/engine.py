@@ -757,7 +757,7 @@ def greedy_completions(
         from tqdm import tqdm
 
         bar = tqdm(total=len(requests), desc="generating", unit="reply", leave=False)
-        engine._observe_hook = lambda event, *values: bar.update() if event in ("finished", "failed") else None
+        engine.observe = lambda event, *values: bar.update() if event in ("finished", "failed") else None
     engine.start()
     try:
         return [result.text for result in engine.generate(requests)]
