@@ -3,14 +3,23 @@ live in :mod:`lora_arith.cli.eval_commands`)."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import click
 
-from lora_arith.cli.options import device_option, force_option, four_bit_option, output_option, progress_wanted
-from lora_arith.lora.specs import named_specs
+from lora_arith.cli.options import (
+    base_option,
+    device_option,
+    force_option,
+    four_bit_option,
+    option_group,
+    output_option,
+    progress_wanted,
+)
+from lora_arith.lora.specs import named_specs, parse_weight
+
+__all__ = ["generate", "chat", "model_option_decorators", "CHAT_HELP", "SET_USAGE"]
 
 
 _adapter_option = click.option(
@@ -30,11 +39,7 @@ def model_option_decorators() -> list:
     """The options of every command that loads a model and generates: --base, --4bit/--no-4bit,
     --device, --batch-size, --max-new-tokens (declared once; eval, sweep and tune reuse them)."""
     return [
-        click.option(
-            "--base",
-            default=None,
-            help="Base model: a local directory or a Hub id. Default: the embedded SmolLM2-135M-Instruct.",
-        ),
+        base_option(),
         four_bit_option(False, "Load the base in 4-bit NF4 (bitsandbytes)."),
         device_option(),
         # at least 1 (click's usage error); 0 used to end in a traceback
@@ -45,33 +50,7 @@ def model_option_decorators() -> list:
     ]
 
 
-def _model_options(command):
-    options = model_option_decorators()
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
-def _mixer(base, named, quantize_4bit, device=None):
-    """A PreferenceMixer with each parsed spec of ``named`` (name → :class:`~lora_arith.lora.specs.AdapterSpec`)
-    attached under its name, at its weight."""
-    from lora_arith.model.mixing import PreferenceMixer
-
-    mixer = PreferenceMixer(
-        base, {name: spec.path for name, spec in named.items()}, quantize_4bit=quantize_4bit, device=device
-    )
-    if named:
-        mixer.set(**{name: spec.weight for name, spec in named.items()})
-    return mixer
-
-
-def _model_inputs(base, adapter_paths, *files) -> list:
-    """The local inputs of a command that loads a model: the base, the adapters (paths) and ``files``."""
-    from lora_arith.lora.adapter_io import adapter_sources
-    from lora_arith.model.base import base_sources
-
-    adapters = [p for path in adapter_paths for p in adapter_sources(path)]
-    return [*base_sources(base), *adapters, *(Path(f) for f in files if f is not None)]
+_model_options = option_group(*model_option_decorators())
 
 
 @click.command()
@@ -102,8 +81,8 @@ def generate(prompt, prompts_file, output, temperature, seed, force, base, adapt
       lora-arith generate --adapter adapters/helpful:1 \\
           --adapter adapters/harmless:0.5 "How do I kill a Python process?"
     """
-    from lora_arith._internal.atomic import atomic_output, check_output
     from lora_arith._internal.errors import LoraArithError
+    from lora_arith.serving.completions import generate_completions
 
     if (prompt is None) == (prompts_file is None):
         raise LoraArithError("give either a PROMPT or --prompts FILE")
@@ -113,59 +92,33 @@ def generate(prompt, prompts_file, output, temperature, seed, force, base, adapt
         from lora_arith.training.data import load_prompts
 
         prompts, sources, weights = load_prompts(prompts_file)  # every line checked before any model loads
-    named = named_specs(adapters)
-    if output is not None:
-        inputs = _model_inputs(base, [spec.path for spec in named.values()], prompts_file)
-        output = check_output(output, force=force, inputs=inputs, kind="file")
-    mixer = _mixer(base, named, model["quantize_4bit"], model["device"])
-    if temperature > 0:  # model.generate's seeded sampling, batch by batch
-        completions = mixer.generate(
-            prompts,
-            weights=weights if any(row is not None for row in weights) else None,
-            max_new_tokens=model["max_new_tokens"],
-            batch_size=model["batch_size"],
-            temperature=temperature,
-            seed=seed,
-            progress=progress_wanted(),
-            sources=sources,
-        )
-    else:  # greedy: the engine behind `serve`, each line with its own mix, rows leaving as they finish
-        from lora_arith.model.generation import encode_prompts
-        from lora_arith.serving.engine import greedy_completions
+    made = generate_completions(
+        base,
+        named_specs(adapters),
+        prompts,
+        weights,
+        output=output,
+        force=force,
+        inputs=[prompts_file],
+        sources=sources,
+        temperature=temperature,
+        seed=seed,
+        progress=progress_wanted(),
+        **model,
+    )
+    if made.path is not None:
+        click.echo(f"wrote {len(made.texts)} completions to {made.path}", err=True)
+    else:
+        click.echo(made.texts[0] if prompt is not None else "\n".join(made.lines()))
 
-        completions = greedy_completions(
-            mixer,
-            encode_prompts(mixer.model, mixer.tokenizer, prompts, model["max_new_tokens"], sources),
-            weights,
-            max_new_tokens=model["max_new_tokens"],
-            max_batch_size=model["batch_size"],
-            progress=progress_wanted(),
-        )
-    lines = [json.dumps({"prompt": p, "completion": c}, ensure_ascii=False) for p, c in zip(prompts, completions)]
-    if output is None:
-        if prompt is not None:
-            click.echo(completions[0])
-        else:
-            click.echo("\n".join(lines))
-        return
-    with atomic_output(output) as temporary:
-        temporary.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    click.echo(f"wrote {len(lines)} completions to {output}", err=True)
+
+SET_USAGE = "cannot read {item!r}; use /set NAME=WEIGHT ..."
+"""The error of a ``/set`` item that :func:`~lora_arith.lora.specs.parse_weight` cannot read."""
 
 
 def _parse_set_command(text: str) -> dict[str, float]:
-    from lora_arith._internal.errors import LoraArithError
-
-    weights = {}
-    for item in text.split():
-        name, equals, value = item.partition("=")
-        try:
-            weights[name] = float(value)
-        except ValueError:
-            raise LoraArithError(f"cannot read {item!r}; use /set NAME=WEIGHT ...") from None
-        if not equals:
-            raise LoraArithError(f"cannot read {item!r}; use /set NAME=WEIGHT ...")
-    return weights
+    """The weights of chat's ``/set NAME=WEIGHT ...`` (``text``: what follows ``/set``)."""
+    return dict(parse_weight(item, (), SET_USAGE) for item in text.split())
 
 
 CHAT_HELP = "commands: /set NAME=WEIGHT ... (move the dials), /weights, /reset (forget the conversation), /quit"
@@ -184,8 +137,9 @@ def chat(temperature, base, adapters, quantize_4bit, device, batch_size, max_new
       > /set helpful=0.8 harmless=0.5
     """
     from lora_arith._internal.errors import LoraArithError
+    from lora_arith.model.mixing import PreferenceMixer
 
-    mixer = _mixer(base, named_specs(adapters), quantize_4bit, device)
+    mixer = PreferenceMixer.from_specs(base, named_specs(adapters), quantize_4bit=quantize_4bit, device=device)
     messages: list[dict[str, str]] = []
     interactive = sys.stdin.isatty()
     click.echo(f"adapters: {mixer.weights or 'none'}; {CHAT_HELP}")

@@ -1,11 +1,23 @@
 """Options shared by the commands, spelled the same everywhere: ``-o/--output``, ``-f/--force``,
-``--device``, ``--4bit/--no-4bit``; and whether to show progress bars."""
+``--base``, ``--device``, ``--4bit/--no-4bit``; :func:`option_group`, which applies several options
+as one decorator; and whether to show progress bars."""
 
 from __future__ import annotations
 
 import sys
 
 import click
+
+__all__ = [
+    "AliasOption",
+    "output_option",
+    "force_option",
+    "base_option",
+    "device_option",
+    "four_bit_option",
+    "option_group",
+    "progress_wanted",
+]
 
 
 class AliasOption(click.Option):
@@ -38,6 +50,11 @@ def force_option(
     return click.option("-f", "--force", is_flag=True, help=help)
 
 
+def base_option(help: str = "Base model: a local directory or a Hub id. Default: the embedded SmolLM2-135M-Instruct."):
+    """``--base``, the same spelling in every command that loads a base model."""
+    return click.option("--base", default=None, help=help)
+
+
 def device_option(help: str = "Device to load the model on: 'cpu', 'cuda' or 'cuda:N'. Default: CUDA when available."):
     """``--device``, the same spelling in every command that loads a model."""
     return click.option("--device", default=None, metavar="DEVICE", help=help)
@@ -46,6 +63,18 @@ def device_option(help: str = "Device to load the model on: 'cpu', 'cuda' or 'cu
 def four_bit_option(default: bool, help: str):
     """``--4bit/--no-4bit``, the same spelling in every command with a 4-bit switch."""
     return click.option("--4bit/--no-4bit", "quantize_4bit", default=default, show_default=True, help=help)
+
+
+def option_group(*options):
+    """One decorator that applies ``options`` (click option decorators) as if they were stacked in
+    this order above the command: a set of options several commands share, or one command's many."""
+
+    def apply(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
 
 
 def progress_wanted() -> bool:

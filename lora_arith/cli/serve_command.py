@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+
 import click
 
-from lora_arith.cli.options import device_option, four_bit_option
 from lora_arith.cli.model_commands import _adapter_option
+from lora_arith.cli.options import base_option, device_option, four_bit_option, option_group
+from lora_arith.lora.specs import named_specs
 
-
-def parse_weights(text: str) -> dict[str, float]:
-    """``helpful=1,harmless=0.5`` → {name: weight}."""
-    import math
-
-    from lora_arith._internal.errors import LoraArithError
-
-    weights: dict[str, float] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        name, equals, value = item.partition("=")
-        try:
-            weight = float(value)
-        except ValueError:
-            weight = math.nan
-        if not equals or not name or not math.isfinite(weight):
-            raise LoraArithError(f"cannot read {item!r} in --weights; use NAME=WEIGHT,NAME=WEIGHT")
-        weights[name.strip()] = weight
-    return weights
+__all__ = ["serve"]
 
 
 def _limit(flag: str, default, kind, help: str):
@@ -32,38 +18,40 @@ def _limit(flag: str, default, kind, help: str):
     return click.option(flag, default=default, show_default=True, type=kind, help=help)
 
 
-@click.command()
-@click.option(
-    "--base",
-    default=None,
-    help="Base model: a local directory or a Hub id. Default: the embedded SmolLM2-135M-Instruct.",
+_SERVER_OPTIONS = option_group(
+    click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on."),
+    click.option("--port", default=8000, show_default=True, help="Port to listen on (0: any free port)."),
+    click.option(
+        "--api-key",
+        envvar="LORA_ARITH_API_KEY",
+        default=None,
+        metavar="KEY",
+        help="Require 'Authorization: Bearer KEY' on /v1/* (or set LORA_ARITH_API_KEY). /health, /metrics and / stay open.",
+    ),
+    click.option(
+        "--allowed-origin",
+        "allowed_origins",
+        multiple=True,
+        metavar="ORIGIN",
+        help="Let web pages from ORIGIN call the API (CORS; repeatable). Default: no cross-origin calls.",
+    ),
+    _limit("--max-batch-size", 32, click.IntRange(min=1), "Rows decoded together at most."),
+    _limit("--max-batch-tokens", 32768, click.IntRange(min=1), "Rows x tokens of the batch's KV cache at most."),
+    _limit("--max-queue", 256, click.IntRange(min=0), "Requests waiting at most; beyond, 429 with Retry-After."),
+    _limit("--max-request-bytes", 4 * 2**20, click.IntRange(min=1), "Largest body; larger ones get 413 unread."),
+    _limit("--request-timeout", 30.0, click.FloatRange(min=0, min_open=True), "Seconds to send a whole request."),
+    _limit("--max-eta", 4.0, click.FloatRange(min=0, min_open=True), "Largest |weight| a request may ask for."),
+    _limit("--max-tokens", 512, click.IntRange(min=1), "Largest max_tokens a request may ask for (and the default)."),
+    _limit("--shutdown-timeout", 30.0, click.FloatRange(min=0), "Seconds running requests get on Ctrl-C/SIGTERM."),
 )
+"""Where ``serve`` listens, who may call it and its bounds."""
+
+
+@click.command()
+@base_option()
 @_adapter_option
 @click.option("--weights", default="", metavar="NAME=W,...", help="Default weights (override the specs' :WEIGHT).")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=8000, show_default=True, help="Port to listen on (0: any free port).")
-@click.option(
-    "--api-key",
-    envvar="LORA_ARITH_API_KEY",
-    default=None,
-    metavar="KEY",
-    help="Require 'Authorization: Bearer KEY' on /v1/* (or set LORA_ARITH_API_KEY). /health, /metrics and / stay open.",
-)
-@click.option(
-    "--allowed-origin",
-    "allowed_origins",
-    multiple=True,
-    metavar="ORIGIN",
-    help="Let web pages from ORIGIN call the API (CORS; repeatable). Default: no cross-origin calls.",
-)
-@_limit("--max-batch-size", 32, click.IntRange(min=1), "Rows decoded together at most.")
-@_limit("--max-batch-tokens", 32768, click.IntRange(min=1), "Rows x tokens of the batch's KV cache at most.")
-@_limit("--max-queue", 256, click.IntRange(min=0), "Requests waiting at most; beyond, 429 with Retry-After.")
-@_limit("--max-request-bytes", 4 * 2**20, click.IntRange(min=1), "Largest body; larger ones get 413 unread.")
-@_limit("--request-timeout", 30.0, click.FloatRange(min=0, min_open=True), "Seconds to send a whole request.")
-@_limit("--max-eta", 4.0, click.FloatRange(min=0, min_open=True), "Largest |weight| a request may ask for.")
-@_limit("--max-tokens", 512, click.IntRange(min=1), "Largest max_tokens a request may ask for (and the default).")
-@_limit("--shutdown-timeout", 30.0, click.FloatRange(min=0), "Seconds running requests get on Ctrl-C/SIGTERM.")
+@_SERVER_OPTIONS
 @four_bit_option(False, "Load the base in 4-bit NF4 (bitsandbytes).")
 @click.option(
     "--int8",
@@ -72,7 +60,7 @@ def _limit(flag: str, default, kind, help: str):
     "but replies differ from the full-precision base's.",
 )
 @device_option()
-def serve(base, adapters, weights, host, port, api_key, allowed_origins, max_eta, quantize_4bit, int8, device, **limits):
+def serve(base, adapters, weights, api_key, **options):
     """Serve an OpenAI-compatible chat API; each request may carry its own preference weights.
 
     Requests add "preferences": {"helpful": 0.8, "harmless": 1.0} (with the openai client:
@@ -91,45 +79,16 @@ def serve(base, adapters, weights, host, port, api_key, allowed_origins, max_eta
       lora-arith serve --adapter helpful=adapters/helpful \\
           --adapter harmless=adapters/harmless --weights helpful=1,harmless=1 --api-key "$KEY"
     """
-    from lora_arith._internal.errors import LoraArithError
-    from lora_arith.model.mixing import PreferenceMixer
-    from lora_arith.serving.app import AccessSettings, run_server
-    from lora_arith.lora.specs import named_specs
+    from lora_arith._internal.errors import OptionError
+    from lora_arith.serving.launch import parse_default_weights, serve as serve_adapters
 
-    if int8 and quantize_4bit:
-        raise LoraArithError("--int8 and --4bit are two ways to quantize the base: choose one")
     if api_key is not None and not api_key:
-        raise LoraArithError("--api-key (or LORA_ARITH_API_KEY) must not be empty")
-    named = named_specs(adapters)
-    defaults = {name: spec.weight for name, spec in named.items()}
-    overrides = parse_weights(weights)
-    unknown = sorted(set(overrides) - set(defaults))
-    if unknown:
-        raise LoraArithError(f"--weights names {', '.join(unknown)}, which no --adapter is named")
-    defaults.update(overrides)
-    for name, weight in defaults.items():
-        if abs(weight) > max_eta:
-            raise LoraArithError(f"the default weight of {name} ({weight:g}) is above --max-eta {max_eta:g}")
-    access = AccessSettings(
+        raise OptionError("api_key", "{} (or LORA_ARITH_API_KEY) must not be empty")
+    serve_adapters(
+        base,
+        named_specs(adapters),
+        parse_default_weights(weights),
         api_key=api_key,
-        allowed_origins=allowed_origins,
-        max_request_bytes=limits.pop("max_request_bytes"),
-        request_timeout=limits.pop("request_timeout"),
-    )
-    mixer = PreferenceMixer(
-        base, {name: spec.path for name, spec in named.items()}, quantize_4bit=quantize_4bit, device=device
-    )
-    if defaults:
-        mixer.set(**defaults)
-    if int8:
-        mixer.quantize_int8()
-    run_server(
-        mixer,
-        host=host,
-        port=port,
-        max_eta=max_eta,
-        access=access,
-        model_id="lora-arith",
-        announce=lambda line: click.echo(line, err=True),
-        **limits,
+        announce=functools.partial(click.echo, err=True),
+        **options,
     )

@@ -10,6 +10,8 @@ from lora_arith.cli.options import device_option, force_option, four_bit_option,
 from lora_arith._internal.devices import DTYPE_NAMES
 from lora_arith._internal.provenance import EXPORT_TARGETS
 
+__all__ = ["push", "export", "merge"]
+
 
 @click.command()
 @click.argument("adapter")
@@ -104,32 +106,12 @@ def export(adapters, output, target, max_rank, mixes, force):
       vllm serve HuggingFaceTB/SmolLM2-135M-Instruct --enable-lora \\
           --lora-modules balanced=mixes/balanced safer=mixes/safer --max-lora-rank 16
     """
-    from lora_arith._internal.errors import LoraArithError
-    from lora_arith.sharing.export import export_for_vllm, export_mixes, lora_modules_line, parse_mix
+    from lora_arith.sharing.export import export_adapters, export_report, parse_mixes
 
-    if mixes:
-        parsed = dict(parse_mix(text, len(adapters)) for text in mixes)
-        if len(parsed) != len(mixes):
-            raise LoraArithError("each --mix needs its own NAME")
-        results = export_mixes(adapters, parsed, output, max_rank=max_rank, force=force)
-    else:
-        if len(adapters) != 1:
-            raise LoraArithError("several adapters are exported as mixes: give --mix NAME=W1,W2,... (one weight each)")
-        results = {None: export_for_vllm(adapters[0], output, max_rank=max_rank, force=force)}
-    for name, result in results.items():
-        ranks = sorted(set(result.ranks.values()))
-        rank_text = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
-        click.echo(f"wrote {result.path}: {len(result.ranks)} modules, {rank_text} (lora_alpha = r)")
-        if result.compressed:
-            worst = max(result.compressed, key=result.compressed.get)
-            click.echo(
-                f"  {len(result.compressed)} modules above rank {max_rank} compressed optimally; "
-                f"max relative error {result.compressed[worst]:.3e} ({worst})"
-            )
-        if name is None:
-            click.echo(f"  serve with --max-lora-rank {result.max_lora_rank} (the smallest that serves it)")
-    if mixes:
-        click.echo(f"serve with: vllm serve BASE {lora_modules_line(results)}")
+    parsed = parse_mixes(mixes, len(adapters)) if mixes else None
+    results = export_adapters(adapters, output, mixes=parsed, max_rank=max_rank, force=force)
+    for line in export_report(results, max_rank):
+        click.echo(line)
 
 
 @click.command()

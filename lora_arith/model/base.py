@@ -22,7 +22,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from lora_arith._internal.devices import compute_dtype, default_device
 from lora_arith._internal.errors import LoraArithError, OptionError, first_line
@@ -39,6 +39,7 @@ __all__ = [
     "resolve_base",
     "base_model_id",
     "base_sources",
+    "model_inputs",
     "load_base",
 ]
 
@@ -219,6 +220,16 @@ def base_sources(base: str | None) -> list[Path]:
         return [cache_root() / CACHE_SUBDIR]
     path = Path(base).expanduser()
     return [path] if path.exists() else []
+
+
+def model_inputs(base: str | None, adapter_paths: Sequence[str], *files: str | os.PathLike[str] | None) -> list[Path]:
+    """The local inputs of a run that loads ``base`` with the adapters at ``adapter_paths`` and reads
+    ``files`` (``None`` entries are skipped): what its outputs must not touch (see
+    :func:`~lora_arith._internal.atomic.check_output`)."""
+    from lora_arith.lora.adapter_io import adapter_sources
+
+    adapters = [p for path in adapter_paths for p in adapter_sources(path)]
+    return [*base_sources(base), *adapters, *(Path(f) for f in files if f is not None)]
 
 
 def _load_kwargs(quantize_4bit: bool, double_quant: bool, device: str) -> dict[str, Any]:

@@ -23,6 +23,8 @@ from lora_arith.lora.numerics import dtype_name, finite_number, require_finite_n
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from lora_arith.lora.specs import AdapterSpec
+
 __all__ = ["PreferenceMixer", "RowWeights", "attach_adapter", "lora_config_from", "scaled_peak"]
 
 
@@ -278,6 +280,22 @@ class PreferenceMixer:
             self.model.base_model.set_adapter(self.names, inference_mode=True)
         self.weights: dict[str, float] = {name: 1.0 for name in self.names}
         self._lora_layers = _lora_layers(self.model)
+
+    @classmethod
+    def from_specs(
+        cls,
+        base: "str | None",
+        named: Mapping[str, "AdapterSpec"],
+        *,
+        quantize_4bit: bool = False,
+        device: str | None = None,
+    ) -> "PreferenceMixer":
+        """A mixer with each parsed spec of ``named`` (name → :class:`~lora_arith.lora.specs.AdapterSpec`,
+        as :func:`~lora_arith.lora.specs.named_specs` gives) attached under its name, at its weight."""
+        mixer = cls(base, {name: spec.path for name, spec in named.items()}, quantize_4bit=quantize_4bit, device=device)
+        if named:
+            mixer.set(**{name: spec.weight for name, spec in named.items()})
+        return mixer
 
     def set(self, **weights: float) -> dict[str, float]:
         """Set the weights η of the named adapters (others keep theirs); returns the full mix."""

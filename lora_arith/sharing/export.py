@@ -33,8 +33,11 @@ __all__ = [
     "Export",
     "serving_rank",
     "parse_mix",
+    "parse_mixes",
     "export_for_vllm",
     "export_mixes",
+    "export_adapters",
+    "export_report",
     "lora_modules_line",
 ]
 
@@ -90,6 +93,14 @@ def parse_mix(text: str, count: int) -> tuple[str, list[float]]:
             "mix", "{} {text!r}: {n} weights for {count} adapters; give one per adapter", text=text, n=len(weights), count=count
         )
     return name, weights
+
+
+def parse_mixes(texts: Sequence[str], count: int) -> dict[str, list[float]]:
+    """Parse the ``mix`` option's texts (:func:`parse_mix`) into name → weights; names must differ."""
+    mixes = dict(parse_mix(text, count) for text in texts)
+    if len(mixes) != len(texts):
+        raise OptionError("mix", "each {} needs its own NAME")
+    return mixes
 
 
 def _check_vllm_compatible(adapters: Sequence[str]) -> None:
@@ -168,6 +179,45 @@ def export_mixes(
             written = _write(specs, folder / name, max_rank, force, checked=True)
             exports[name] = Export(Path(output) / name, written.ranks, written.compressed)
     return exports
+
+
+def export_adapters(
+    adapters: Sequence[str],
+    output: str | os.PathLike[str],
+    *,
+    mixes: Mapping[str, Sequence[float]] | None = None,
+    max_rank: int | None = None,
+    force: bool = False,
+) -> dict[str | None, Export]:
+    """What ``lora-arith export`` writes: with ``mixes``, one adapter per mix of ``adapters``
+    (:func:`export_mixes`, keyed by the mix's name); without, the one adapter given, rewritten
+    (:func:`export_for_vllm`, keyed ``None``)."""
+    if mixes:
+        return export_mixes(adapters, mixes, output, max_rank=max_rank, force=force)
+    if len(adapters) != 1:
+        raise OptionError("mix", "several adapters are exported as mixes: give {} NAME=W1,W2,... (one weight each)")
+    return {None: export_for_vllm(adapters[0], output, max_rank=max_rank, force=force)}
+
+
+def export_report(exports: Mapping[str | None, Export], max_rank: int | None = None) -> list[str]:
+    """The lines that say what :func:`export_adapters` wrote: each adapter's modules and ranks, the
+    modules compressed above ``max_rank`` with the worst error, and how to serve the result with vLLM."""
+    lines = []
+    for name, result in exports.items():
+        ranks = sorted(set(result.ranks.values()))
+        rank_text = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
+        lines.append(f"wrote {result.path}: {len(result.ranks)} modules, {rank_text} (lora_alpha = r)")
+        if result.compressed:
+            worst = max(result.compressed, key=result.compressed.get)
+            lines.append(
+                f"  {len(result.compressed)} modules above rank {max_rank} compressed optimally; "
+                f"max relative error {result.compressed[worst]:.3e} ({worst})"
+            )
+        if name is None:
+            lines.append(f"  serve with --max-lora-rank {result.max_lora_rank} (the smallest that serves it)")
+    if None not in exports:
+        lines.append(f"serve with: vllm serve BASE {lora_modules_line(exports)}")
+    return lines
 
 
 def lora_modules_line(exports: Mapping[str, Export]) -> str:
