@@ -1,4 +1,7 @@
-"""``lora-arith serve`` against the official openai client, on a live server on 127.0.0.1."""
+"""``lora-arith serve`` against the official openai client, on a live server on 127.0.0.1.
+
+Only the tests that talk through the client need the ``openai`` package (the ``openai`` and
+``client`` fixtures skip them without it); the others speak plain HTTP and run anyway."""
 
 from __future__ import annotations
 
@@ -17,9 +20,7 @@ import pytest
 from lora_arith.lora.combine import combine
 from lora_arith.lora.specs import parse_specs
 from lora_arith.model.mixing import PreferenceMixer
-
-openai = pytest.importorskip("openai")
-from serving_helpers import Server  # noqa: E402
+from serving_helpers import Server
 
 REPO = Path(__file__).resolve().parent.parent
 MIXES = [
@@ -59,6 +60,18 @@ def server(started, expected):
     return started.wait()
 
 
+@pytest.fixture
+def openai():
+    """The ``openai`` package: a test that takes it is skipped where it is not installed."""
+    return pytest.importorskip("openai")
+
+
+@pytest.fixture
+def client(server, openai):
+    """An openai client of the module's server (skipped without the ``openai`` package)."""
+    return server.client()
+
+
 def chat(client, prompt, preferences=None, **options):
     extra = {"extra_body": {"preferences": preferences}} if preferences is not None else {}
     return client.chat.completions.create(
@@ -87,8 +100,7 @@ def expected(started, chat_base, two_adapters, tmp_path_factory):
 PROMPTS = ["How do I bake bread?", "hi", "Tell me a joke about cats.", "What is the capital of France?"]
 
 
-def test_preferences_give_the_combined_adapters_text(server, expected):
-    client = server.client()
+def test_preferences_give_the_combined_adapters_text(server, client, expected):
     for index, mix in enumerate(MIXES):
         reply = chat(client, PROMPTS[0], mix)
         assert reply.choices[0].message.content == expected[index][PROMPTS[0]]
@@ -103,8 +115,7 @@ def test_preferences_give_the_combined_adapters_text(server, expected):
         assert json.loads(response.read())["preferences"] == DEFAULTS
 
 
-def test_16_concurrent_clients_get_their_own_mix(server, expected):
-    client = server.client()
+def test_16_concurrent_clients_get_their_own_mix(server, client, expected):
     jobs = [(i % len(MIXES), PROMPTS[(i // len(MIXES)) % len(PROMPTS)]) for i in range(16)]
     with ThreadPoolExecutor(16) as pool:
         replies = list(pool.map(lambda job: chat(client, job[1], MIXES[job[0]]), jobs))
@@ -113,8 +124,7 @@ def test_16_concurrent_clients_get_their_own_mix(server, expected):
     assert max(health(server)["batch_sizes"]) > 1  # they were batched together
 
 
-def test_stream_reassembles_to_the_reply(server):
-    client = server.client()
+def test_stream_reassembles_to_the_reply(client):
     for mix in MIXES[:2]:
         whole = chat(client, PROMPTS[2], mix, max_tokens=24).choices[0].message.content
         stream = chat(client, PROMPTS[2], mix, max_tokens=24, stream=True, stream_options={"include_usage": True})
@@ -165,8 +175,11 @@ def test_bad_requests_get_errors_and_good_ones_alongside_succeed(server, expecte
         assert body["error"]["type"] == "invalid_request_error" and message in body["error"]["message"], body
     for i, (status, body) in enumerate(goods):
         assert status == 200 and body["choices"][0]["message"]["content"] == expected[i % 4][PROMPTS[1]]
+
+
+def test_the_client_raises_the_servers_errors(client, openai):
     with pytest.raises(openai.BadRequestError, match="unknown preference"):
-        chat(server.client(), "hi", {"nope": 1})
+        chat(client, "hi", {"nope": 1})
 
 
 def health(server) -> dict:
@@ -196,7 +209,7 @@ def test_a_large_body_does_not_freeze_the_server(server):
 
 
 @pytest.mark.browser
-def test_playground_in_a_headless_browser(server, tmp_path):
+def test_playground_in_a_headless_browser(server, client, tmp_path):
     """Move sliders, send a prompt, compare: the page shows what the API gives for those weights."""
     from playground_driver import browser_available, move_slider, open_browser, screenshot, send, sliders
     from selenium.webdriver.common.by import By
@@ -215,7 +228,7 @@ def test_playground_in_a_headless_browser(server, tmp_path):
         weights = sliders(driver, "a")
         assert weights["helpful"] < 0
         shown = send(driver, PROMPTS[0])["a"]
-        api = chat(server.client(), PROMPTS[0], weights).choices[0].message.content
+        api = chat(client, PROMPTS[0], weights).choices[0].message.content
         assert shown == api and shown
         driver.find_element(By.ID, "compare").click()
         move_slider(driver, "b", "harmless", 15)
@@ -228,7 +241,7 @@ def test_playground_in_a_headless_browser(server, tmp_path):
                     {"role": "assistant", "content": shown},
                     {"role": "user", "content": PROMPTS[1]},
                 ]
-            reply = server.client().chat.completions.create(
+            reply = client.chat.completions.create(
                 model="lora-arith",
                 messages=history,
                 max_tokens=MAX_TOKENS,
@@ -240,9 +253,8 @@ def test_playground_in_a_headless_browser(server, tmp_path):
         driver.quit()
 
 
-def test_disconnected_stream_frees_its_slot_then_sigterm_exits_0(server):
+def test_disconnected_stream_frees_its_slot_then_sigterm_exits_0(server, client):
     """The last test on the module's server: it stops it."""
-    client = server.client()
     whole = chat(client, "hi", max_tokens=64)
     assert whole.usage.completion_tokens == 64  # uncut, this request runs to its limit
     before = health(server)["generated_tokens"]
@@ -267,6 +279,7 @@ def test_disconnected_stream_frees_its_slot_then_sigterm_exits_0(server):
 
 
 @pytest.mark.base
+@pytest.mark.usefixtures("openai")
 def test_serve_on_the_default_base_with_the_shipped_vectors(tmp_path):
     helpful, harmless = REPO / "adapters" / "helpful", REPO / "adapters" / "harmless"
     server = Server("--adapter", f"helpful={helpful}", "--adapter", f"harmless={harmless}", "--max-tokens", "8")
