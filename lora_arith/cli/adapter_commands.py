@@ -13,6 +13,8 @@ from lora_arith._internal.devices import DTYPE_NAMES
 from lora_arith._internal.provenance import METHODS
 from lora_arith.lora.specs import AdapterSpec, parse_specs
 
+__all__ = ["combine", "extract", "inspect", "similarity", "interference", "convert"]
+
 
 def _size(path: Path) -> int:
     if path.is_dir():

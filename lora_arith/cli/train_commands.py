@@ -14,6 +14,8 @@ from lora_arith._internal.errors import LoraArithError
 from lora_arith._internal.provenance import METHODS
 from lora_arith.training.train import TrainConfig, TrainResult, train_preference
 
+__all__ = ["train_command", "vector_command", "train_options"]
+
 def _help(name: str) -> str:
     """An option's help: the matching :class:`TrainConfig` field's help text."""
     return TrainConfig.help(name)

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from lora_arith.lora.adapter_io import AdapterFile
     from lora_arith.lora.specs import AdapterSpec
 
+__all__ = ["merge_adapters", "REQUANTIZE_WARNING", "SINGLE_FILE", "INDEX_FILE", "COPIED_FILES"]
+
 REQUANTIZE_WARNING = (  # {}: the requantize option (see OptionError)
     "merging into a 4-bit model rounds every merged weight back to NF4, whose steps (about 1/8 of each "
     "64-weight block's largest value) are far larger than a typical LoRA delta, so most of the preference "
