@@ -69,7 +69,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "Engine": ("serving.engine", "Engine"),
     # sharing/
     "Export": ("sharing.export", "Export"),
-    "export": ("sharing.export", "export_mixes"),
+    "export": ("sharing.export", "export_adapters"),
     "push": ("sharing.push", "push"),
     # errors
     "LoraArithError": ("_internal.errors", "LoraArithError"),
@@ -111,7 +111,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; tests/test_public_api.py c
     from lora_arith.model.mixing import PreferenceMixer
     from lora_arith.serving.engine import Engine
     from lora_arith.sharing.export import Export
-    from lora_arith.sharing.export import export_mixes as export
+    from lora_arith.sharing.export import export_adapters as export
     from lora_arith.sharing.push import push
     from lora_arith.training.data import PreferencePair, load_pairs
     from lora_arith.training.train import TrainConfig, TrainResult, train_preference

@@ -16,6 +16,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session")
+def openai():
+    """The ``openai`` package: a test that takes it is skipped where it is not installed."""
+    return pytest.importorskip("openai")
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread (use with ``pytestmark = pytest.mark.usefixtures("one_thread")``): on a busy

@@ -61,12 +61,6 @@ def server(started, expected):
 
 
 @pytest.fixture
-def openai():
-    """The ``openai`` package: a test that takes it is skipped where it is not installed."""
-    return pytest.importorskip("openai")
-
-
-@pytest.fixture
 def client(server, openai):
     """An openai client of the module's server (skipped without the ``openai`` package)."""
     return server.client()

@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from serving_helpers import Server
 
-openai = pytest.importorskip("openai")
 
 KEY = "s3cret-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -71,6 +70,9 @@ def test_api_key_is_required_on_v1_only(server):
     for path in ("/health", "/metrics", "/"):  # open: probes, scrapers and the playground page
         with __import__("urllib.request").request.urlopen(server.url + path, timeout=10) as response:
             assert response.status == 200
+
+
+def test_the_openai_client_sends_the_key(server, openai):
     client = server.client(api_key=KEY)
     assert [model.id for model in client.models.list().data] == ["lora-arith"]
     with pytest.raises(openai.AuthenticationError):
@@ -172,7 +174,7 @@ def test_a_short_request_does_not_wait_for_a_long_one(server):
     long.close()
 
 
-def test_openai_conformance(server):
+def test_openai_conformance(server, openai):
     status, reply, _ = post(server, {**GOOD, "stream": None, "messages": [{"role": "developer", "content": "Be brief."}, *GOOD["messages"]]})
     assert status == 200 and reply["choices"][0]["message"]["content"] is not None
     status, reply, _ = post(server, {**GOOD, "model": "gpt-4o"})
@@ -211,6 +213,7 @@ def test_slow_and_silent_connections_are_closed(server):
 
 def test_metrics_in_prometheus_format(server):
     post(server, GOOD)
+    assert post(server, GOOD, headers={})[0] == 401
     with __import__("urllib.request").request.urlopen(server.url + "/metrics", timeout=10) as response:
         assert response.headers["Content-Type"].startswith("text/plain")
         text = response.read().decode()

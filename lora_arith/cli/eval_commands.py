@@ -16,6 +16,8 @@ from lora_arith.cli.options import force_option, output_option, progress_wanted
 from lora_arith.evaluation.config import EvalConfig
 from lora_arith.lora.specs import fixed_weights, named_paths, named_specs
 
+__all__ = ["EvalOptions", "eval_options", "evaluate_command", "sweep", "tune"]
+
 
 @dataclass
 class EvalOptions:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 from lora_arith._internal.errors import LoraArithError, OptionError
 from lora_arith.evaluation.metrics import KINDS, METRICS, metric
+from lora_arith.lora.numerics import finite_number
 
 __all__ = [
     "metric_key",
@@ -119,9 +120,11 @@ def parse_constraint(text: str) -> Constraint:
             f"{', '.join(m.name for m in METRICS)}"
         )
     try:
-        value = float(match.group(3))
+        value = finite_number(float(match.group(3)))
     except ValueError:
-        raise LoraArithError(f"cannot read the number in the constraint {text!r}") from None
+        value = None
+    if value is None:
+        raise LoraArithError(f"cannot read the number in the constraint {text!r}")
     metric_key(match.group(1))
     return Constraint(match.group(1), match.group(2), value)
 
@@ -140,7 +143,7 @@ def parse_bounds(
             low, high = (float(part) for part in rest.split(","))
         except ValueError:
             raise OptionError("bounds", "cannot read {} {text!r}; use LOW,HIGH or NAME=LOW,HIGH", text=text) from None
-        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        if finite_number(low) is None or finite_number(high) is None or not low < high:
             raise OptionError("bounds", "{} {text!r}: need finite LOW < HIGH", text=text)
         for target in targets:
             bounds[target] = (low, high)

@@ -8,7 +8,6 @@ import hashlib
 import io
 import itertools
 import json
-import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 from lora_arith._internal.errors import LoraArithError, OptionError
 from lora_arith.evaluation.metrics import FLAT_RATES, METRICS, metric as find_metric
+from lora_arith.lora.numerics import finite_number
 
 if TYPE_CHECKING:
     from lora_arith.evaluation.config import EvalConfig
@@ -40,7 +40,7 @@ def parse_grid(text: str | Sequence[float]) -> list[float]:
         raise LoraArithError(f"cannot parse the grid {text!r}; expected numbers separated by commas") from None
     if not values:
         raise LoraArithError("the grid is empty")
-    if not all(math.isfinite(value) for value in values):
+    if any(finite_number(value) is None for value in values):
         raise LoraArithError(f"the grid {text!r} holds a value that is not a finite number")
     return values
 
