@@ -66,13 +66,9 @@ class EvalConfig:
         """The base with every adapter attached under its name, at its weight."""
         from lora_arith.model.mixing import PreferenceMixer
 
-        specs = adapter_specs(adapters)
-        mixer = PreferenceMixer(
-            self.base, {n: s.path for n, s in specs.items()}, quantize_4bit=self.quantize_4bit, device=self.device
+        return PreferenceMixer.from_specs(
+            self.base, adapter_specs(adapters), quantize_4bit=self.quantize_4bit, device=self.device
         )
-        if specs:
-            mixer.set(**{name: spec.weight for name, spec in specs.items()})
-        return mixer
 
     def generation(self) -> dict[str, Any]:
         """The keywords of the evaluation calls: max_new_tokens, batch_size and beta."""
@@ -88,11 +84,9 @@ class EvalConfig:
     def sources(self, adapter_paths: Iterable[PathLike], files: Iterable[PathLike] = ()) -> list[Path]:
         """The local inputs of a run: the base's files, the adapters' files and ``files``; an
         output is checked against them so that it never replaces one."""
-        from lora_arith.lora.adapter_io import adapter_sources
-        from lora_arith.model.base import base_sources
+        from lora_arith.model.base import model_inputs
 
-        adapters = [p for path in adapter_paths for p in adapter_sources(str(path))]
-        return [*base_sources(self.base), *adapters, *(Path(f) for f in files)]
+        return model_inputs(self.base, [os.fspath(path) for path in adapter_paths], *files)
 
 
 def adapter_specs(adapters: Adapters) -> dict[str, AdapterSpec]:
