@@ -70,6 +70,9 @@ _LAZY: dict[str, tuple[str, str]] = {
     # sharing/
     "Export": ("sharing.export", "Export"),
     "export": ("sharing.export", "export_adapters"),
+    "GgufExport": ("sharing.gguf", "GgufExport"),
+    "export_gguf": ("sharing.gguf", "export_gguf"),
+    "export_gguf_adapters": ("sharing.gguf", "export_gguf_adapters"),
     "push": ("sharing.push", "push"),
     # errors
     "LoraArithError": ("_internal.errors", "LoraArithError"),
@@ -112,6 +115,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; tests/test_public_api.py c
     from lora_arith.serving.engine import Engine
     from lora_arith.sharing.export import Export
     from lora_arith.sharing.export import export_adapters as export
+    from lora_arith.sharing.gguf import GgufExport, export_gguf, export_gguf_adapters
     from lora_arith.sharing.push import push
     from lora_arith.training.data import PreferencePair, load_pairs
     from lora_arith.training.train import TrainConfig, TrainResult, train_preference

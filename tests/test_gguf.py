@@ -309,6 +309,37 @@ def test_llama_server_command_and_request_field(tmp_path):
             lora_field(bad)
 
 
+def test_export_for_llama_cpp_from_the_command_line(adapter_factory, tiny_llama, tmp_path):
+    """``export --for llama.cpp`` writes one GGUF per adapter and says how to serve them, or one per --mix."""
+    from click.testing import CliRunner
+
+    from lora_arith.cli import main
+
+    a = adapter_factory("first", r=4, lora_alpha=8)
+    b = adapter_factory("second", r=2, lora_alpha=5)
+
+    def run(*args):
+        return CliRunner().invoke(main, ["export", str(a), str(b), "--for", "llama.cpp", "--base", str(tiny_llama), *args])
+
+    result = run("-o", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["first.gguf", "second.gguf"]
+    lines = result.output.splitlines()
+    assert lines[0].startswith(f"wrote {tmp_path / 'out' / 'first.gguf'}: ") and "rank 4" in lines[0]
+    serve = next(line for line in lines if line.startswith("serve with: "))
+    assert "--lora-init-without-apply" in serve and serve.count("--lora ") == 2
+    field = json.loads(lines[-1].split(": ", 1)[1])
+    assert field == {"lora": [{"id": 0, "scale": 1.0}, {"id": 1, "scale": 1.0}]}
+    _, tensors = read_gguf(tmp_path / "out" / "first.gguf")
+    assert len(tensors) == export_gguf_adapters([a], tmp_path / "lib", base=str(tiny_llama))["first"].tensors
+
+    mixed = run("--mix", "safer=0.5,1", "-o", str(tmp_path / "mixes"))
+    assert mixed.exit_code == 0 and (tmp_path / "mixes" / "safer.gguf").is_file() and "ADAPTER" in mixed.output
+    again = run("-o", str(tmp_path / "out"))
+    assert again.exit_code == 1 and "pass --force" in again.output
+    assert run("--max-rank", "8", "-o", str(tmp_path / "x")).exit_code == 2
+
+
 # -- llama.cpp's converter --------------------------------------------------------------------
 
 

@@ -19,7 +19,7 @@ from lora_arith._internal.errors import OptionError
 from lora_arith._internal.provenance import EXPORT_TARGETS, METHODS
 from lora_arith.lora.specs import AdapterSpec, fixed_weights, named_paths, named_weights, parse_specs, parse_weight
 
-FOREIGN_FLAGS = {"--max-lora-rank", "--no-deps"}  # vLLM's and pip's, named in messages on purpose
+FOREIGN_FLAGS = {"--max-lora-rank", "--no-deps", "--lora"}  # vLLM's, pip's and llama-server's, named in messages on purpose
 
 
 def _option(command: click.Command, name: str) -> click.Option:

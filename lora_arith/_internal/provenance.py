@@ -38,7 +38,7 @@ TRAINING_METADATA_KEY = "lora_arith.training"
 METHODS = ("cat", "svd")
 """How :func:`lora_arith.lora.combine.combine` sums: ``cat`` (exact, ranks add up) or ``svd`` (optimal rank reduction)."""
 
-EXPORT_TARGETS = ("vllm",)
+EXPORT_TARGETS = ("vllm", "llama.cpp")
 """The serving engines :mod:`lora_arith.sharing.export` writes for."""
 
 EXPORT_METHOD = "export-vllm"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from lora_arith.cli.options import device_option, force_option, four_bit_option, output_option
+from lora_arith.cli.options import base_option, device_option, force_option, four_bit_option, output_option
 from lora_arith._internal.devices import DTYPE_NAMES
 from lora_arith._internal.provenance import EXPORT_TARGETS
 
@@ -73,7 +73,8 @@ def push(adapter, repo_id, private, revision, license_, include, commit_message,
 @click.command()
 @click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER...")
 @output_option(
-    "Output adapter folder (with --mix: a folder holding one adapter folder per mix).",
+    "Output adapter folder (with --mix: a folder holding one adapter folder per mix; "
+    "--for llama.cpp: a folder of NAME.gguf files).",
     required=True,
     type=click.Path(path_type=Path),
 )
@@ -82,8 +83,9 @@ def push(adapter, repo_id, private, revision, license_, include, commit_message,
     "--max-rank",
     type=int,
     default=None,
-    help="Compress modules above this rank optimally, reporting the error (default: vLLM's largest, 512).",
+    help="vLLM: compress modules above this rank optimally, reporting the error (default: vLLM's largest, 512).",
 )
+@base_option("llama.cpp: the adapters' base, for its attention heads (RoPE layout). Default: the embedded SmolLM2.")
 @click.option(
     "--mix",
     "mixes",
@@ -92,8 +94,11 @@ def push(adapter, repo_id, private, revision, license_, include, commit_message,
     help="Write OUT/NAME, the weighted sum of the ADAPTERs with one weight each (repeatable).",
 )
 @force_option()
-def export(adapters, output, target, max_rank, mixes, force):
-    """Rewrite ADAPTER for a serving engine (vLLM), or write one adapter per --mix of the ADAPTERs.
+def export(adapters, output, target, max_rank, base, mixes, force):
+    """Rewrite ADAPTER for a serving engine (vLLM, llama.cpp), or write one adapter per --mix of the ADAPTERs.
+
+    --for llama.cpp writes GGUF LoRAs (OUT/NAME.gguf, one per ADAPTER, or one per --mix for ollama)
+    and prints the llama-server command line and the per-request "lora" field.
 
     Each module keeps its rank (vLLM serves any rank up to --max-lora-rank); only modules above
     --max-rank are compressed, by optimal SVD truncation, and their error is reported. Scalings
@@ -107,11 +112,16 @@ def export(adapters, output, target, max_rank, mixes, force):
           --lora-modules balanced=mixes/balanced safer=mixes/safer --max-lora-rank 16
     """
     from lora_arith.sharing.export import export_adapters, export_report, parse_mixes
+    from lora_arith.sharing.gguf import export_gguf_adapters, gguf_report
 
     parsed = parse_mixes(mixes, len(adapters)) if mixes else None
-    results = export_adapters(adapters, output, mixes=parsed, max_rank=max_rank, force=force)
-    for line in export_report(results, max_rank):
-        click.echo(line)
+    if target == "llama.cpp":
+        if max_rank is not None:
+            raise click.BadOptionUsage("max_rank", "--max-rank applies to --for vllm only (GGUF keeps every rank)")
+        lines = gguf_report(export_gguf_adapters(adapters, output, mixes=parsed, base=base, force=force), mixes=bool(parsed), base=base)
+    else:
+        lines = export_report(export_adapters(adapters, output, mixes=parsed, max_rank=max_rank, force=force), max_rank)
+    click.echo("\n".join(lines))
 
 
 @click.command()

@@ -45,6 +45,7 @@ from lora_arith._internal.errors import LoraArithError, OptionError, first_line
 from lora_arith._internal.privacy import public_name, scrub
 from lora_arith._internal.provenance import RECIPE_METADATA_KEY
 from lora_arith.lora.adapter_io import EMBEDDING, LINEAR, _read_json, adapter_sources, open_adapter
+from lora_arith.lora.numerics import finite_number
 from lora_arith.lora.specs import AdapterSpec
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "export_gguf_adapters",
     "llama_server_command",
     "lora_field",
+    "gguf_report",
 ]
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama"}
@@ -541,9 +543,31 @@ def lora_field(scales: Sequence[float]) -> list[dict[str, float | int]]:
     Returns:
         ``[{"id": 0, "scale": η₁}, {"id": 1, "scale": η₂}, ...]``.
     """
-    values = [float(scale) for scale in scales]
+    values = [finite_number(scale) for scale in scales]
     if not values:
         raise LoraArithError("give one scale per adapter loaded with --lora")
-    if not all(math.isfinite(value) for value in values):
-        raise LoraArithError(f"the scales must be finite numbers, got {values}")
+    if None in values:
+        raise LoraArithError(f"the scales must be finite numbers, got {list(scales)}")
     return [{"id": index, "scale": value} for index, value in enumerate(values)]
+
+
+def gguf_report(exports: Mapping[str, GgufExport], *, mixes: bool, base: str | None = None) -> list[str]:
+    """The lines that say what :func:`export_gguf_adapters` wrote and how to serve it: the
+    ``llama-server`` command line and the per-request ``lora`` field (one file per adapter), or the
+    lines of an ollama Modelfile (one file per mix, whose scale ollama cannot change)."""
+    from lora_arith.model.base import embedded_gguf
+
+    lines = []
+    for result in exports.values():
+        ranks = sorted(set(result.ranks.values()))
+        rank_text = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
+        lines.append(f"wrote {result.path}: {len(result.ranks)} modules, {rank_text}, {result.tensors} tensors")
+    base_gguf = embedded_gguf() if base is None else "BASE.gguf"
+    paths = [result.path for result in exports.values()]
+    if mixes:
+        lines.append(f"ollama Modelfile (one per mix): FROM {base_gguf} / ADAPTER {paths[0]}")
+        return lines
+    lines.append("serve with: " + " ".join(llama_server_command(base_gguf, paths)))
+    field = json.dumps({"lora": lora_field([1.0] * len(paths))})
+    lines.append(f"per request, a scale for every adapter (in --lora order; the base alone is all 0): {field}")
+    return lines
