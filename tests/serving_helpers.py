@@ -20,11 +20,13 @@ REPO = Path(__file__).resolve().parent.parent
 class Server:
     """A ``lora-arith serve`` subprocess on 127.0.0.1 and a free port."""
 
-    def __init__(self, *args: str) -> None:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    def __init__(self, *args: str, program: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+        """``lora-arith serve ARGS``; or ``program ARGS`` (another server that announces its
+        address as ``on http://127.0.0.1:PORT`` on stderr), with ``env`` added to the environment."""
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), **(env or {})}
         env["OMP_NUM_THREADS"] = "1"  # the test process computes too: two threads each thrash on 2 cores
-        command = [sys.executable, "-m", "lora_arith", "serve", "--host", "127.0.0.1", "--port", "0", *args]
-        self.process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+        program = program or [sys.executable, "-m", "lora_arith", "serve", "--host", "127.0.0.1", "--port", "0"]
+        self.process = subprocess.Popen([*program, *args], env=env, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
 
     def wait(self, timeout: float = 120) -> "Server":

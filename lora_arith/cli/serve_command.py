@@ -35,9 +35,9 @@ _SERVER_OPTIONS = option_group(
         metavar="ORIGIN",
         help="Let web pages from ORIGIN call the API (CORS; repeatable). Default: no cross-origin calls.",
     ),
-    _limit("--max-batch-size", 32, click.IntRange(min=1), "Rows decoded together at most."),
-    _limit("--max-batch-tokens", 32768, click.IntRange(min=1), "Rows x tokens of the batch's KV cache at most."),
-    _limit("--max-queue", 256, click.IntRange(min=0), "Requests waiting at most; beyond, 429 with Retry-After."),
+    _limit("--max-batch-size", 32, click.IntRange(min=1), "Rows decoded together at most (--engine lora-arith)."),
+    _limit("--max-batch-tokens", 32768, click.IntRange(min=1), "Rows x tokens of the batch's KV cache at most (--engine lora-arith)."),
+    _limit("--max-queue", 256, click.IntRange(min=0), "Requests waiting at most; beyond, 429 with Retry-After (--engine lora-arith)."),
     _limit("--max-request-bytes", 4 * 2**20, click.IntRange(min=1), "Largest body; larger ones get 413 unread."),
     _limit("--request-timeout", 30.0, click.FloatRange(min=0, min_open=True), "Seconds to send a whole request."),
     _limit("--max-eta", 4.0, click.FloatRange(min=0, min_open=True), "Largest |weight| a request may ask for."),
@@ -46,12 +46,34 @@ _SERVER_OPTIONS = option_group(
 )
 """Where ``serve`` listens, who may call it and its bounds."""
 
+_ENGINE_OPTIONS = option_group(
+    click.option(
+        "--engine",
+        type=click.Choice(["lora-arith", "vllm", "llama.cpp"]),
+        default="lora-arith",
+        show_default=True,
+        help="What generates: our continuous-batching engine, or a vLLM or llama-server at --engine-url, "
+        "behind the same API, key, limits and metrics.",
+    ),
+    click.option("--engine-url", default=None, metavar="URL", help="vllm/llama.cpp: the engine's server, e.g. http://127.0.0.1:8001."),
+    click.option(
+        "--adapter-dir",
+        default=None,
+        metavar="DIR",
+        help="vllm: the folder each mix's adapter is written into; vLLM must read it at the same path.",
+    ),
+    _limit("--eta-step", 0.05, click.FloatRange(min=0, min_open=True), "vllm: weights are rounded to multiples of this."),
+    _limit("--max-loras", 8, click.IntRange(min=1), "vllm: mixes kept loaded while unused (least recently used unloaded)."),
+)
+"""``--engine`` and what the other engines need (:mod:`lora_arith.serving.proxy`)."""
+
 
 @click.command()
 @base_option()
 @_adapter_option
 @click.option("--weights", default="", metavar="NAME=W,...", help="Default weights (override the specs' :WEIGHT).")
 @_SERVER_OPTIONS
+@_ENGINE_OPTIONS
 @four_bit_option(False, "Load the base in 4-bit NF4 (bitsandbytes).")
 @click.option(
     "--int8",
@@ -73,6 +95,10 @@ def serve(base, adapters, weights, api_key, **options):
     or it gets 408); it joins the batch only while rows x tokens of the KV cache stay within
     --max-batch-tokens (all rows share one time axis, so a long prompt waits rather than make
     every row as long); beyond --max-queue waiting requests, 429.
+
+    With --engine vllm or llama.cpp, the same front end forwards each request to that engine:
+    vLLM gets one exact adapter per mix (rounded to --eta-step), loaded at run time;
+    llama-server gets the mix as its per-request "lora" scales. See docs/guides/serving.md.
 
     \b
     Example:

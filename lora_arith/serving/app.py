@@ -1,5 +1,6 @@
-"""The HTTP side of ``serve``: a FastAPI app over an :class:`~lora_arith.serving.engine.Engine`,
-guarded for many users, and :func:`run_server`, which runs it under uvicorn.
+"""The HTTP side of ``serve``: a FastAPI app over a :class:`~lora_arith.serving.backends.Backend`
+(our continuous-batching engine, or a proxy to vLLM or llama.cpp's ``llama-server``), guarded
+for many users, and :func:`run_backend` / :func:`run_server`, which run it under uvicorn.
 
 Routes: ``POST /v1/chat/completions`` and ``GET /v1/models`` (behind the API key, if one is
 set), ``GET /health``, ``GET /metrics`` (Prometheus) and the playground at ``GET /``.
@@ -16,7 +17,8 @@ The guard, an ASGI layer in front of the app, in this order:
   from ``Content-Length`` before reading when it is given) and within ``request_timeout``
   seconds (408).
 
-Parsing, validation and tokenising run in a worker thread, off the event loop.
+Parsing, validation and the backend's preparation (tokenising) run in a worker thread, off the
+event loop.
 """
 
 
@@ -25,19 +27,19 @@ import hmac
 import ipaddress
 import json
 import math
-import secrets
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from lora_arith._internal.errors import LoraArithError, OptionError, first_line
-from lora_arith.serving.engine import Engine, EngineClosed, EngineFull, RowRequest, RowResult
+from lora_arith._internal.errors import LoraArithError, OptionError
+from lora_arith.serving.backends import Backend, EngineBackend
+from lora_arith.serving.engine import Engine
 from lora_arith.serving.protocol import ChatRequest, RequestError, ServerSettings, parse_body, parse_chat_request
 
 if TYPE_CHECKING:
     from lora_arith.model.mixing import PreferenceMixer
 
-__all__ = ["AccessSettings", "Metrics", "create_app", "run_server"]
+__all__ = ["AccessSettings", "Metrics", "create_app", "run_backend", "run_server"]
 
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
 
@@ -289,44 +291,31 @@ class _Guard(_Layer):
                 return b"".join(chunks)
 
 
-def _usage(result: RowResult) -> dict[str, int]:
-    total = result.prompt_tokens + result.completion_tokens
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens, "total_tokens": total}
-
-
-def _finish_reason(result: RowResult) -> str:
-    return "length" if result.finish_reason == "length" else "stop"
-
-
-def _failure(error: BaseException) -> RequestError:
-    """The error a client gets when its row failed in the engine."""
-    if isinstance(error, EngineClosed):
-        return RequestError(str(error), status=503, code="shutting_down", kind="server_error")
-    return RequestError(f"generation failed: {first_line(error)[:200]}", status=500, kind="server_error")
-
-
 def create_app(
-    engine: Engine,
+    backend: Backend,
     settings: ServerSettings,
     access: AccessSettings | None = None,
     *,
     stopping: asyncio.Event | None = None,
 ):
-    """The FastAPI app behind its guard (an ASGI app). ``stopping``, once set, makes requests whose
-    body is still arriving get 503 at once (the server is shutting down)."""
+    """The FastAPI app behind its guard (an ASGI app), answering chat requests with ``backend``
+    (our engine, :class:`~lora_arith.serving.backends.EngineBackend`, or a proxy of
+    :mod:`lora_arith.serving.proxy`). ``stopping``, once set, makes requests whose body is still
+    arriving get 503 at once (the server is shutting down)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException
 
     access = access or AccessSettings()
-    metrics = Metrics(lambda: (engine.running, engine.queued()))
-    engine.observe = metrics.observe
+    metrics = Metrics(backend.state)
+    backend.observe = metrics.observe
     app = FastAPI(title="lora-arith", docs_url=None, redoc_url=None, openapi_url=None)
     started = int(time.time())
 
-    def error_response(error: RequestError, headers: dict[str, str] | None = None) -> JSONResponse:
+    def error_response(error: RequestError) -> JSONResponse:
         if error.status < 500:
             metrics.rejected(error.status)
+        headers = {"Retry-After": "1"} if error.status == 429 else None
         return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
     @app.exception_handler(HTTPException)
@@ -337,15 +326,7 @@ def create_app(
 
     @app.get("/health")
     def health():
-        return {
-            "status": "ok",
-            "model": settings.model_id,
-            "preferences": settings.defaults,
-            "running": engine.running,
-            "queued": engine.queued(),
-            "generated_tokens": engine.generated_tokens,
-            "batch_sizes": list(engine.batch_sizes),
-        }
+        return {"status": "ok", "model": settings.model_id, "preferences": settings.defaults, **backend.health()}
 
     @app.get("/metrics")
     def prometheus():
@@ -370,98 +351,21 @@ def create_app(
         }
         return page.replace("/*CONFIG*/null", json.dumps(config).replace("<", "\\u003c"))
 
-    def prepare(raw: bytes) -> tuple[ChatRequest, list[int]]:
-        """Parse, check and tokenise (in a worker thread)."""
+    def prepare(raw: bytes) -> tuple[ChatRequest, Any]:
+        """Parse, check and prepare (tokenise, for our engine), in a worker thread."""
         chat = parse_chat_request(parse_body(raw), settings)
-        try:
-            prompt_ids = engine.encode(chat.messages)
-        except (LoraArithError, ValueError, UnicodeError) as error:
-            raise RequestError(first_line(error)[:200], param="messages") from None
-        if len(prompt_ids) >= settings.context_length:
-            message = f"the prompt has {len(prompt_ids)} tokens; this model's context is {settings.context_length}"
-            raise RequestError(message, param="messages", code="context_length_exceeded")
-        return chat, prompt_ids
+        return chat, backend.prepare(chat)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http: Request):
         try:
-            chat, prompt_ids = await asyncio.to_thread(prepare, await http.body())
+            chat, prepared = await asyncio.to_thread(prepare, await http.body())
+            reply = await backend.complete(chat, prepared, settings.model_id)
         except RequestError as error:
             return error_response(error)
-        request = RowRequest(
-            prompt_ids=prompt_ids,
-            weights=chat.weights,
-            max_tokens=min(chat.max_tokens, settings.context_length - len(prompt_ids)),
-            temperature=chat.temperature,
-            top_p=chat.top_p,
-            seed=chat.seed,
-            stop=chat.stop,
-        )
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-
-        def put(kind: str, value: Any) -> None:
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, (kind, value))
-            except RuntimeError:  # the event loop is gone (forced shutdown): nobody is listening
-                request.cancelled.set()
-
-        if chat.stream:
-            request.on_text = lambda text: put("text", text)
-        try:
-            engine.submit(request, lambda result: put("done", result), lambda error: put("error", error))
-        except EngineFull as error:
-            return error_response(RequestError(str(error), status=429, code="queue_full", kind="server_error"), {"Retry-After": "1"})
-        except EngineClosed as error:
-            return error_response(RequestError(str(error), status=503, code="shutting_down", kind="server_error"))
-        head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": settings.model_id}
-        if not chat.stream:
-            try:
-                kind, value = await events.get()
-                while kind == "text":
-                    kind, value = await events.get()
-            except asyncio.CancelledError:
-                request.cancelled.set()
-                raise
-            if kind == "error":
-                return error_response(_failure(value))
-            message = {"role": "assistant", "content": value.text}
-            choice = {"index": 0, "message": message, "finish_reason": _finish_reason(value), "logprobs": None}
-            return {
-                **head,
-                "object": "chat.completion",
-                "choices": [choice],
-                "usage": _usage(value),
-                "preferences": request.weights,
-            }
-
-        def event(payload: dict) -> str:
-            return "data: " + json.dumps(payload) + "\n\n"
-
-        def chunk(delta: dict, finish_reason: str | None = None) -> str:
-            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
-            return event({**head, "object": "chat.completion.chunk", "choices": [choice]})
-
-        async def chunks():
-            try:
-                yield chunk({"role": "assistant", "content": ""})
-                while True:
-                    kind, value = await events.get()
-                    if kind == "text":
-                        yield chunk({"content": value})
-                    elif kind == "error":
-                        yield event(_failure(value).body())
-                        break
-                    else:
-                        yield chunk({}, _finish_reason(value))
-                        if chat.include_usage:
-                            yield event({**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(value)})
-                        break
-                yield "data: [DONE]\n\n"
-            finally:  # the client went away, or the stream ended: either way the row is no longer needed
-                request.cancelled.set()
-
-        return StreamingResponse(chunks(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        if isinstance(reply, dict):
+            return reply
+        return StreamingResponse(reply, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     guarded: Any = _Guard(app, access, metrics, stopping)
     if access.allowed_origins:
@@ -511,36 +415,48 @@ def _protocol(request_timeout: float):
 def run_server(
     mixer: "PreferenceMixer",
     *,
-    host: str = "127.0.0.1",
-    port: int = 8000,
     max_batch_size: int = 32,
     max_batch_tokens: int = 32768,
     max_queue: int = 256,
     max_eta: float = 4.0,
     max_tokens: int = 512,
+    model_id: str = "lora-arith",
+    **server: Any,
+) -> None:
+    """Serve ``mixer`` on our continuous-batching engine until SIGINT or SIGTERM
+    (:func:`run_backend`, which takes ``server``: host, port, ``shutdown_timeout``, ``access``,
+    ``announce``)."""
+    for name, weight in mixer.weights.items():
+        if abs(weight) > max_eta:
+            raise OptionError("max_eta", "the default weight of {name} is above {} {max_eta:g}", name=name, max_eta=max_eta)
+    engine = Engine(mixer, max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens, max_queue=max_queue)
+    settings = ServerSettings(model_id, dict(mixer.weights), max_eta, max_tokens, context_length=engine.context_length)
+    run_backend(EngineBackend(engine), settings, **server)
+
+
+def run_backend(
+    backend: Backend,
+    settings: ServerSettings,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
     shutdown_timeout: float = 30.0,
     access: AccessSettings | None = None,
-    model_id: str = "lora-arith",
     announce: Callable[[str], None] = print,
 ) -> None:
-    """Serve ``mixer`` until SIGINT or SIGTERM. Requests still running then get ``shutdown_timeout``
-    seconds to finish; those that do not get a JSON error (or an error event and ``[DONE]``).
-    ``port`` 0 picks a free port (announced)."""
+    """Serve ``backend`` behind :func:`create_app` until SIGINT or SIGTERM. Requests still running
+    then get ``shutdown_timeout`` seconds to finish; those that do not get a JSON error (or an
+    error event and ``[DONE]``). ``port`` 0 picks a free port (announced)."""
     import signal
     import socket
 
     import uvicorn
 
-    for name, weight in mixer.weights.items():
-        if abs(weight) > max_eta:
-            raise OptionError("max_eta", "the default weight of {name} is above {} {max_eta:g}", name=name, max_eta=max_eta)
     access = access or AccessSettings()
     if access.loopback_only is None:
         access.loopback_only = is_loopback_host(host)
-    engine = Engine(mixer, max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens, max_queue=max_queue)
-    settings = ServerSettings(model_id, dict(mixer.weights), max_eta, max_tokens, context_length=engine.context_length)
     stopping = asyncio.Event()
-    app = create_app(engine, settings, access, stopping=stopping)
+    app = create_app(backend, settings, access, stopping=stopping)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -554,10 +470,10 @@ def run_server(
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets=None) -> None:
-            # Requests still arriving are refused; the engine finishes the rest or, at the
+            # Requests still arriving are refused; the backend finishes the rest or, at the
             # deadline, fails them, so their handlers answer before uvicorn's own (later) timeout.
             stopping.set()
-            threading.Thread(target=engine.close, args=(shutdown_timeout,), daemon=True).start()
+            threading.Thread(target=backend.close, args=(shutdown_timeout,), daemon=True).start()
             await super().shutdown(sockets)
 
     config = uvicorn.Config(
@@ -572,12 +488,12 @@ def run_server(
     # uvicorn re-raises the signal that stopped it once it is done; let that be a no-op so the
     # process ends normally, with status 0.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
-    engine.start()
-    announce(f"serving {model_id} with {settings.defaults or 'no adapters'} on http://{host}:{bound}")
+    backend.start()
+    announce(f"serving {settings.model_id} with {settings.defaults or 'no adapters'} on http://{host}:{bound}")
     try:
         server.run(sockets=[sock])
     finally:
-        engine.close(timeout=0)
+        backend.close(0)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         sock.close()

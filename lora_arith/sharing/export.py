@@ -35,6 +35,7 @@ __all__ = [
     "parse_mix",
     "parse_mixes",
     "export_for_vllm",
+    "export_mix",
     "export_mixes",
     "export_adapters",
     "export_report",
@@ -147,6 +148,19 @@ def export_for_vllm(
         raise OptionError("max_rank", "{} must be at least 1")
     _check_vllm_compatible([str(adapter)])
     return _write([AdapterSpec(str(adapter), 1.0)], Path(output), max_rank, force)
+
+
+def export_mix(
+    specs: Sequence[AdapterSpec], output: str | os.PathLike[str], *, max_rank: int | None = None, force: bool = False
+) -> Export:
+    """Write the exact weighted sum of ``specs`` (``combine(..., method="cat")``) as one vLLM-ready
+    adapter folder at ``output``, as :func:`export_mixes` writes each of its mixes: ranks add up,
+    scalings are folded in, only modules above ``max_rank`` are compressed. ``serve --engine
+    vllm`` writes each request's mix with it."""
+    if max_rank is not None and max_rank < 1:
+        raise OptionError("max_rank", "{} must be at least 1")
+    _check_vllm_compatible([spec.path for spec in specs])
+    return _write(list(specs), Path(output), max_rank, force)
 
 
 def export_mixes(
