@@ -11,8 +11,14 @@ from typing import Any
 
 import click
 
-from lora_arith.cli.model_commands import _adapter_option, model_option_decorators
-from lora_arith.cli.options import force_option, output_option, progress_wanted
+from lora_arith.cli.options import (
+    adapter_option,
+    force_option,
+    model_option_decorators,
+    option_group,
+    output_option,
+    progress_wanted,
+)
 from lora_arith.evaluation.config import EvalConfig
 from lora_arith.lora.specs import fixed_weights, named_paths, named_specs
 
@@ -48,17 +54,6 @@ class EvalOptions:
 
 def _log(text: str) -> None:
     click.echo(text, err=True)
-
-
-def _options(decorators):
-    """Apply a list of click decorators, first on top."""
-
-    def apply(command):
-        for decorator in reversed(decorators):
-            command = decorator(command)
-        return command
-
-    return apply
 
 
 def eval_options(command):
@@ -103,12 +98,12 @@ def eval_options(command):
         options = EvalOptions(config, **{name: kwargs.pop(name) for name in inputs}, out=kwargs.pop("output"))
         return command(*args, options=options, **kwargs)
 
-    return _options(decorators)(wrapper)
+    return option_group(*decorators)(wrapper)
 
 
 @click.command("eval")
 @eval_options
-@_adapter_option
+@adapter_option
 def evaluate_command(options: EvalOptions, adapters):
     """Measure refusal, over-refusal and DPO metrics of the base with adapters mixed in.
 
@@ -204,7 +199,7 @@ _tune_options = [
 
 
 @click.command()
-@_options(_tune_options)
+@option_group(*_tune_options)
 def tune(vectors, compare, options: EvalOptions, **search):
     """Find the weights η that maximise one rate subject to a constraint on another.
 

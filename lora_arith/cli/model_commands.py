@@ -9,45 +9,16 @@ from pathlib import Path
 import click
 
 from lora_arith.cli.options import (
-    base_option,
-    device_option,
+    adapter_option,
     force_option,
-    four_bit_option,
+    model_option_decorators,
     option_group,
     output_option,
     progress_wanted,
 )
 from lora_arith.lora.specs import named_specs, parse_weight
 
-__all__ = ["generate", "chat", "model_option_decorators", "CHAT_HELP", "SET_USAGE"]
-
-
-_adapter_option = click.option(
-    "--adapter",
-    "adapters",
-    multiple=True,
-    metavar="SPEC",
-    help="[NAME=]PATH[:WEIGHT] of an adapter to mix in at run time (repeatable; weight defaults to 1.0; "
-    "the name defaults to the file stem).",
-)
-
-
-_POSITIVE = click.IntRange(min=1)
-
-
-def model_option_decorators() -> list:
-    """The options of every command that loads a model and generates: --base, --4bit/--no-4bit,
-    --device, --batch-size, --max-new-tokens (declared once; eval, sweep and tune reuse them)."""
-    return [
-        base_option(),
-        four_bit_option(False, "Load the base in 4-bit NF4 (bitsandbytes)."),
-        device_option(),
-        # at least 1 (click's usage error); 0 used to end in a traceback
-        click.option("--batch-size", type=_POSITIVE, default=16, show_default=True, help="Prompts generated together."),
-        click.option(
-            "--max-new-tokens", type=_POSITIVE, default=128, show_default=True, help="Most tokens generated per prompt."
-        ),
-    ]
+__all__ = ["generate", "chat", "CHAT_HELP", "SET_USAGE"]
 
 
 _model_options = option_group(*model_option_decorators())
@@ -69,7 +40,7 @@ _model_options = option_group(*model_option_decorators())
 @click.option("--temperature", default=0.0, show_default=True, help="Sampling temperature; 0 means greedy.")
 @click.option("--seed", default=0, show_default=True, help="Random seed for sampling.")
 @force_option("Replace the output file if it exists.")
-@_adapter_option
+@adapter_option
 @_model_options
 def generate(prompt, prompts_file, output, temperature, seed, force, base, adapters, **model):
     """Generate replies with adapters mixed at run time.
@@ -126,7 +97,7 @@ CHAT_HELP = "commands: /set NAME=WEIGHT ... (move the dials), /weights, /reset (
 
 @click.command()
 @click.option("--temperature", default=0.0, show_default=True, help="Sampling temperature; 0 means greedy.")
-@_adapter_option
+@adapter_option
 @_model_options
 def chat(temperature, base, adapters, quantize_4bit, device, batch_size, max_new_tokens):
     """Chat interactively; move the preference dials mid-conversation with /set.

@@ -1,5 +1,6 @@
 """Options shared by the commands, spelled the same everywhere: ``-o/--output``, ``-f/--force``,
-``--base``, ``--device``, ``--4bit/--no-4bit``; :func:`option_group`, which applies several options
+``--base``, ``--device``, ``--4bit/--no-4bit``, ``--adapter`` and the generation options of every
+command that loads a model; :func:`option_group`, which applies several options
 as one decorator; and whether to show progress bars."""
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ __all__ = [
     "four_bit_option",
     "option_group",
     "progress_wanted",
+    "adapter_option",
+    "model_option_decorators",
 ]
 
 
@@ -80,3 +83,31 @@ def option_group(*options):
 def progress_wanted() -> bool:
     """Show progress bars only when stderr is a terminal."""
     return sys.stderr.isatty()
+
+
+adapter_option = click.option(
+    "--adapter",
+    "adapters",
+    multiple=True,
+    metavar="SPEC",
+    help="[NAME=]PATH[:WEIGHT] of an adapter to mix in at run time (repeatable; weight defaults to 1.0; "
+    "the name defaults to the file stem).",
+)
+
+
+_POSITIVE = click.IntRange(min=1)
+
+
+def model_option_decorators() -> list:
+    """The options of every command that loads a model and generates: --base, --4bit/--no-4bit,
+    --device, --batch-size, --max-new-tokens (declared once; eval, sweep and tune reuse them)."""
+    return [
+        base_option(),
+        four_bit_option(False, "Load the base in 4-bit NF4 (bitsandbytes)."),
+        device_option(),
+        # at least 1 (click's usage error); 0 used to end in a traceback
+        click.option("--batch-size", type=_POSITIVE, default=16, show_default=True, help="Prompts generated together."),
+        click.option(
+            "--max-new-tokens", type=_POSITIVE, default=128, show_default=True, help="Most tokens generated per prompt."
+        ),
+    ]

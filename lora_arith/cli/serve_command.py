@@ -6,8 +6,7 @@ import functools
 
 import click
 
-from lora_arith.cli.model_commands import _adapter_option
-from lora_arith.cli.options import base_option, device_option, four_bit_option, option_group
+from lora_arith.cli.options import adapter_option, base_option, device_option, four_bit_option, option_group
 from lora_arith.lora.specs import named_specs
 
 __all__ = ["serve"]
@@ -70,7 +69,7 @@ _ENGINE_OPTIONS = option_group(
 
 @click.command()
 @base_option()
-@_adapter_option
+@adapter_option
 @click.option("--weights", default="", metavar="NAME=W,...", help="Default weights (override the specs' :WEIGHT).")
 @_SERVER_OPTIONS
 @_ENGINE_OPTIONS
