@@ -52,6 +52,32 @@ def test_rows_joining_and_leaving_get_what_generate_gives(reference, engine):
     assert len(set(engine.batch_sizes)) > 1  # and changed as rows left and joined
 
 
+def test_unwritten_cache_memory_never_reaches_a_row(reference, mixer, monkeypatch):
+    """The cache's buffers grow as rows join; a row attends to none of the columns it did not
+    write (they are masked), but masked keys or values that are NaN still make its scores and
+    output NaN (0 × NaN). Fresh memory may hold anything, so it is made NaN here: every row
+    must still get the text ``generate`` gives."""
+    empty = torch.Tensor.new_empty
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: empty(self, *a, **k).fill_(float("nan")))
+    engine = Engine(mixer, max_batch_size=4).start()
+    long_job = (PROMPTS[3] + " Answer in one long sentence, please.", MIXES[0], 40)
+    jobs = [(PROMPTS[i % 3], MIXES[i % 3], 3 + 2 * i) for i in range(6)]  # shorter prompts
+    try:
+        first: list = []
+        engine.submit(request(engine, long_job[0], long_job[1], max_tokens=long_job[2]), first.append, first.append)
+        deadline = time.monotonic() + 60
+        while engine.steps < 2 and time.monotonic() < deadline:  # the first row is decoding alone
+            time.sleep(0.01)
+        results = engine.generate([request(engine, p, m, max_tokens=n) for p, m, n in jobs], timeout=120)
+        while not first and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        engine.close(timeout=10)
+    monkeypatch.undo()
+    expected = [reference.generate([p], weights=[m], max_new_tokens=n)[0] for p, m, n in [long_job, *jobs]]
+    assert [result.text for result in first + results] == expected
+
+
 def test_a_row_that_fails_fails_alone(reference, engine):
     """A temperature far below the protocol's floor overflows the softmax: that row fails, the
     rows batched with it finish with the text they get alone."""

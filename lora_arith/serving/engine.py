@@ -255,7 +255,9 @@ class SlotCache:
         for layer in self.layers:
             for name in ("_keys", "_values"):
                 old = getattr(layer, name)
-                new = old.new_empty((slots, old.shape[1], capacity, old.shape[3]))
+                # zeros, not empty: a row's unwritten columns are masked, but a masked NaN key or
+                # value still makes its scores and output NaN (0 × NaN), and fresh memory may hold one
+                new = old.new_zeros((slots, old.shape[1], capacity, old.shape[3]))
                 new[used] = old[used]
                 setattr(layer, name, new)
             layer._views()
