@@ -11,14 +11,8 @@ from typing import Any
 
 import click
 
-from lora_arith.cli.options import (
-    adapter_option,
-    force_option,
-    model_option_decorators,
-    option_group,
-    output_option,
-    progress_wanted,
-)
+from lora_arith.cli.options import adapter_option, force_option, model_option_decorators, option_group
+from lora_arith.cli.options import output_option, progress_wanted
 from lora_arith.evaluation.config import EvalConfig
 from lora_arith.lora.specs import fixed_weights, named_paths, named_specs
 
