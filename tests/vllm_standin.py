@@ -33,6 +33,14 @@ uses, as vLLM 0.33.0 has them (the PyPI wheel ``vllm-0.33.0-cp38-abi3-manylinux_
 * ``GET /v1/models`` (the base and the loaded adapters, ``root`` their path, ``parent`` the base)
   and ``GET /health`` (200, empty).
 
+Cross-checked against GitHub's ``vllm-project/vllm`` (copies read through the project's code
+search, since ``fetch`` of the whole 1.1 GB repository exceeds its limit):
+``vllm/entrypoints/serve/lora/api_router.py`` at commit ``27873cab`` and
+``vllm/entrypoints/serve/lora/protocol.py`` at ``7fd1b438`` have the same routes, the same bodies
+(``lora_name``, ``lora_path``; ``lora_int_id`` optional; ``load_inplace`` not yet there, and the
+front end never sends it) and the same replies (200 with the handler's text; an ``ErrorResponse``
+as JSON with ``error.code`` as the HTTP status).
+
 Errors are vLLM's ``ErrorResponse``: ``{"error": {"message", "type", "param", "code"}}`` with
 ``code`` the status (``vllm/entrypoints/serve/engine/protocol.py``,
 ``vllm/entrypoints/serve/exception_handling/error_response.py``).
