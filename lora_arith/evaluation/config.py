@@ -119,8 +119,9 @@ class EvalInputs:
         )
         return hashlib.sha256(content.encode()).hexdigest()
 
-    def settings(self, config: EvalConfig, adapters: Adapters) -> dict[str, Any]:
-        """Everything that decides a run's results (inputs and adapters by content), for resuming."""
+    def settings(self, config: EvalConfig, adapters: Adapters, judge: Judge) -> dict[str, Any]:
+        """Everything that decides a run's results (inputs and adapters by content, ``judge`` by
+        name), for resuming."""
         from lora_arith.lora.adapter_io import open_adapter
 
         return {
@@ -131,7 +132,7 @@ class EvalInputs:
             "max_new_tokens": config.max_new_tokens,
             "batch_size": config.batch_size,
             "beta": config.beta,
-            "judge": config.make_judge().name,
+            "judge": judge.name,
         }
 
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 from lora_arith._internal.errors import LoraArithError, OptionError
 from lora_arith.evaluation.metrics import KINDS, METRICS, metric
-from lora_arith.lora.numerics import finite_number
+from lora_arith.lora.numerics import finite_number, parse_finite
 
 __all__ = [
     "metric_key",
@@ -119,10 +119,7 @@ def parse_constraint(text: str) -> Constraint:
             f"cannot read the constraint {text!r}; use METRIC>=VALUE (or <=, >, <) with METRIC one of "
             f"{', '.join(m.name for m in METRICS)}"
         )
-    try:
-        value = finite_number(float(match.group(3)))
-    except ValueError:
-        value = None
+    value = parse_finite(match.group(3))
     if value is None:
         raise LoraArithError(f"cannot read the number in the constraint {text!r}")
     metric_key(match.group(1))

@@ -268,7 +268,7 @@ def sweep(
     heatmap_planes(list(named), {n: values for n in named}, fixed)  # check fix before any work
     judge = config.make_judge()
     points = grid_points(list(named), values)
-    record = PointLog(Path(output), {**inputs.settings(config, named), "points": points}, force=force)
+    record = PointLog(Path(output), {**inputs.settings(config, named, judge), "points": points}, force=force)
     todo = [p for p in points if point_key(p) not in record.done]
     if len(todo) < len(points) and log is not None:
         log(f"resuming: {len(points) - len(todo)} of {len(points)} points already done")

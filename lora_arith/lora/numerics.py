@@ -23,6 +23,7 @@ __all__ = [
     "require_finite",
     "require_finite_number",
     "finite_number",
+    "parse_finite",
     "all_finite",
     "cast_finite",
     "dtype_name",
@@ -80,6 +81,14 @@ def finite_number(value: Any) -> float | None:
     except OverflowError:
         return None
     return number if math.isfinite(number) else None
+
+
+def parse_finite(text: str) -> float | None:
+    """The finite number ``text`` spells (``float()``, then :func:`finite_number`), or ``None``."""
+    try:
+        return finite_number(float(text))
+    except ValueError:
+        return None
 
 
 def require_finite_number(value: float, what: str) -> float:

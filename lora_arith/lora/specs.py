@@ -29,7 +29,7 @@ from typing import Iterable, Sequence
 
 from lora_arith._internal.errors import LoraArithError, OptionError
 from lora_arith._internal.privacy import public_name as _public_name
-from lora_arith.lora.numerics import finite_number
+from lora_arith.lora.numerics import finite_number, parse_finite
 
 __all__ = [
     "CONFIG_NAME",
@@ -175,7 +175,7 @@ def named_weights(
     may name the option with ``{}``; ``option`` may be ``()`` when it does not)."""
     name, equals, values = item.partition("=")
     name = name.strip()
-    weights = [_finite_weight(text) for text in values.split(",")]
+    weights = [parse_finite(text) for text in values.split(",")]
     if not equals or not name or None in weights:
         raise OptionError(option, usage, item=item)
     return name, weights
@@ -189,11 +189,6 @@ def parse_weight(item: str, option: str | tuple[str, ...] = (), usage: str = WEI
     return name, weights[0]
 
 
-def _finite_weight(text: str) -> float | None:
-    try:
-        return finite_number(float(text))
-    except ValueError:
-        return None
 
 
 def fixed_weights(items: Iterable[str], names: Sequence[str], option: str = "fix") -> dict[str, float]:
