@@ -315,7 +315,7 @@ def test_engine_options_are_checked_before_anything_starts(two_adapters, tmp_pat
     cases = [
         (["--engine", "vllm", "--adapter", f"h={helpful}", "--adapter-dir", str(tmp_path)], "--engine-url"),
         (["--engine", "vllm", "--adapter", f"h={helpful}", "--engine-url", "http://127.0.0.1:9"], "--adapter-dir"),
-        (["--engine", "vllm", "--engine-url", "http://127.0.0.1:9", "--adapter-dir", str(tmp_path)], "--adapter"),
+        (["--engine", "vllm", "--engine-url", "http://127.0.0.1:9", "--adapter-dir", str(tmp_path)], "--adapter must name"),
         (["--engine", "llama.cpp", "--engine-url", "http://127.0.0.1:9", "--adapter-dir", str(tmp_path)], "--adapter-dir"),
         (["--engine", "vllm", "--int8", "--engine-url", "http://127.0.0.1:9", "--adapter-dir", str(tmp_path)], "--int8"),
         (["--engine-url", "http://127.0.0.1:9"], "--engine-url"),

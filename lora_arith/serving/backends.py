@@ -33,6 +33,10 @@ def sse_event(payload: dict[str, Any]) -> str:
     return "data: " + json.dumps(payload) + "\n\n"
 
 
+SSE_DONE = "data: [DONE]\n\n"
+"""The event that ends an OpenAI stream."""
+
+
 def usage_of(result: RowResult) -> dict[str, int]:
     """The OpenAI ``usage`` object of a finished row."""
     total = result.prompt_tokens + result.completion_tokens
@@ -205,7 +209,7 @@ class EngineBackend(Backend):
                         if chat.include_usage:
                             yield sse_event({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage_of(value)})
                         break
-                yield "data: [DONE]\n\n"
+                yield SSE_DONE
             finally:  # the client went away, or the stream ended: either way the row is no longer needed
                 request.cancelled.set()
 

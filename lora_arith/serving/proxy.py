@@ -49,7 +49,7 @@ from typing import Any, AsyncIterator, Mapping
 
 from lora_arith._internal.errors import LoraArithError, OptionError, first_line
 from lora_arith.lora.specs import CONFIG_NAME, WEIGHTS_NAME, AdapterSpec
-from lora_arith.serving.backends import Backend
+from lora_arith.serving.backends import SSE_DONE, Backend, sse_event
 from lora_arith.serving.engine import RowResult
 from lora_arith.serving.protocol import ChatRequest, RequestError
 
@@ -324,19 +324,19 @@ class ProxyBackend(Backend):
                             self._observe("first_token", time.monotonic() - started)
                         if choice.get("finish_reason"):
                             finished["finish_reason"] = choice["finish_reason"]
-                yield "data: " + json.dumps(event) + "\n\n"
+                yield sse_event(event)
             else:
                 cut = RequestError(f"the {self.upstream.engine} stream ended without [DONE]", status=502, kind="server_error")
                 self._failed(cut)
-                yield "data: " + json.dumps(cut.body()) + "\n\n"
+                yield sse_event(cut.body())
             if "finish_reason" in finished:
                 self._finished(finished, started, finished["finish_reason"])
-            yield "data: [DONE]\n\n"
+            yield SSE_DONE
         except Exception as error:  # the connection to the engine broke mid-stream
             cut = self.upstream.unreachable(error)
             self._failed(cut)
-            yield "data: " + json.dumps(cut.body()) + "\n\n"
-            yield "data: [DONE]\n\n"
+            yield sse_event(cut.body())
+            yield SSE_DONE
         finally:  # ended, failed, or the client went away: close the engine's stream (it stops generating)
             self._end(lease)
             await response.aclose()
@@ -384,11 +384,7 @@ def _digest(adapters: Mapping[str, str]) -> str:
     for name, path in adapters.items():
         opened = open_adapter(path)
         total.update(name.encode() + b"\0" + json.dumps(opened.config, sort_keys=True, default=str).encode())
-        weights = hashlib.sha256()
-        with open(opened.weights_path, "rb") as handle:
-            for block in iter(lambda: handle.read(2**20), b""):
-                weights.update(block)
-        total.update(weights.digest())
+        total.update(opened.sha256.encode())
     return total.hexdigest()[:10]
 
 
@@ -412,7 +408,7 @@ def _complete(path: Path) -> bool:
 class VllmBackend(ProxyBackend):
     """vLLM at ``url``, each rounded mix of ``adapters`` (name → PEFT adapter path) an adapter of
     its own in ``adapter_dir``, at most ``max_loras`` loaded while not in use (see the module
-    docstring). ``max_rank`` bounds the ranks written, as ``export --max-rank`` does."""
+    docstring)."""
 
     engine = "vLLM"
 
@@ -424,7 +420,6 @@ class VllmBackend(ProxyBackend):
         *,
         eta_step: float = 0.05,
         max_loras: int = 8,
-        max_rank: int | None = None,
     ) -> None:
         super().__init__(url)
         if not adapters:
@@ -432,7 +427,7 @@ class VllmBackend(ProxyBackend):
         if max_loras < 1:
             raise OptionError("max_loras", "{} must be at least 1")
         round_mix({}, eta_step)  # checks the step
-        self.adapters, self.eta_step, self.max_loras, self.max_rank = dict(adapters), eta_step, max_loras, max_rank
+        self.adapters, self.eta_step, self.max_loras = dict(adapters), eta_step, max_loras
         self.adapter_dir = Path(adapter_dir).expanduser().resolve()
         try:
             self.adapter_dir.mkdir(exist_ok=True)
@@ -463,7 +458,7 @@ class VllmBackend(ProxyBackend):
             config = json.loads((mix.path / CONFIG_NAME).read_text(encoding="utf-8"))
             return max([int(config.get("r", 0)), *map(int, (config.get("rank_pattern") or {}).values())])
         specs = [AdapterSpec(self.adapters[name], weight, name=name) for name, weight in mix.weights.items()]
-        return export_mix(specs, mix.path, max_rank=self.max_rank, force=mix.path.exists()).rank
+        return export_mix(specs, mix.path, force=mix.path.exists()).rank
 
     async def acquire(self, chat: ChatRequest) -> _Lease:
         mix = self.mix_for(chat.weights)

@@ -144,10 +144,7 @@ def export_for_vllm(
     """
     if Path(output).suffix == ".safetensors":
         raise LoraArithError("vLLM loads adapter folders: give -o a folder name, not a .safetensors file")
-    if max_rank is not None and max_rank < 1:
-        raise OptionError("max_rank", "{} must be at least 1")
-    _check_vllm_compatible([str(adapter)])
-    return _write([AdapterSpec(str(adapter), 1.0)], Path(output), max_rank, force)
+    return export_mix([AdapterSpec(str(adapter), 1.0)], output, max_rank=max_rank, force=force)
 
 
 def export_mix(

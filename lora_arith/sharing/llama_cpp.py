@@ -150,7 +150,7 @@ def convert_lora(adapter: str | os.PathLike[str], base: str | os.PathLike[str], 
     Raises:
         RuntimeError: if the converter fails (with the end of its output).
     """
-    tree = source_tree() or fetch_source()
+    tree = fetch_source()
     result = subprocess.run(
         [sys.executable, str(tree / "convert_lora_to_gguf.py"), "--base", str(base), "--outtype", "f32",
          "--outfile", str(out), str(adapter)],
