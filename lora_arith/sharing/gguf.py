@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -482,7 +481,7 @@ def export_gguf_adapters(
             if len(weights) != len(adapters):
                 raise OptionError("mixes", "mix {name}: {n} weights for {count} adapters; give one per adapter",
                                   name=name, n=len(weights), count=len(adapters))  # fmt: skip
-            if not all(math.isfinite(float(w)) for w in weights):
+            if any(finite_number(w) is None for w in weights):
                 raise OptionError("mixes", "mix {name}: the weights must be finite numbers", name=name)
         plan = {name: [AdapterSpec(a, float(w)) for a, w in zip(adapters, weights)] for name, weights in mixes.items()}
     else:
