@@ -23,6 +23,7 @@ event loop.
 
 
 import asyncio
+import dataclasses
 import hmac
 import ipaddress
 import json
@@ -426,11 +427,9 @@ def run_server(
     """Serve ``mixer`` on our continuous-batching engine until SIGINT or SIGTERM
     (:func:`run_backend`, which takes ``server``: host, port, ``shutdown_timeout``, ``access``,
     ``announce``)."""
-    for name, weight in mixer.weights.items():
-        if abs(weight) > max_eta:
-            raise OptionError("max_eta", "the default weight of {name} is above {} {max_eta:g}", name=name, max_eta=max_eta)
+    settings = ServerSettings(model_id, dict(mixer.weights), max_eta, max_tokens, context_length=None)  # checks the defaults
     engine = Engine(mixer, max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens, max_queue=max_queue)
-    settings = ServerSettings(model_id, dict(mixer.weights), max_eta, max_tokens, context_length=engine.context_length)
+    settings = dataclasses.replace(settings, context_length=engine.context_length)
     run_backend(EngineBackend(engine), settings, **server)
 
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from lora_arith._internal.errors import OptionError
 from lora_arith.lora.specs import parse_weight
+from lora_arith.serving.protocol import check_defaults
 
 if TYPE_CHECKING:
     from lora_arith.lora.specs import AdapterSpec
@@ -36,15 +37,7 @@ def default_weights(
         raise OptionError(("weights", "adapters"), "{} names {unknown}, which no {} is named", unknown=", ".join(unknown))
     weights = {name: spec.weight for name, spec in named.items()}
     weights.update(overrides)
-    for name, weight in weights.items():
-        if abs(weight) > max_eta:
-            raise OptionError(
-                "max_eta",
-                "the default weight of {name} ({weight:g}) is above {} {max_eta:g}",
-                name=name,
-                weight=weight,
-                max_eta=max_eta,
-            )
+    check_defaults(weights, max_eta)  # before the base loads
     return weights
 
 

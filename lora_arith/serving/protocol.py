@@ -12,10 +12,10 @@ import dataclasses
 import json
 from typing import Any, Mapping
 
-from lora_arith._internal.errors import first_line
+from lora_arith._internal.errors import OptionError, first_line
 from lora_arith.lora.numerics import finite_number
 
-__all__ = ["ChatRequest", "RequestError", "ServerSettings", "parse_body", "parse_chat_request"]
+__all__ = ["ChatRequest", "RequestError", "ServerSettings", "check_defaults", "parse_body", "parse_chat_request"]
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 """Accepted roles and what the chat template sees (``developer`` is OpenAI's newer ``system``)."""
@@ -57,6 +57,19 @@ class ServerSettings:
     """The model's context in tokens: no default here, the model decides it
     (:func:`lora_arith.model.generation.context_length`, as the engine's ``context_length``);
     ``None`` behind a proxy, where the upstream engine checks prompts against its own."""
+
+    def __post_init__(self) -> None:
+        check_defaults(self.defaults, self.max_eta)
+
+
+def check_defaults(defaults: dict[str, float], max_eta: float) -> None:
+    """No default weight may be above ``max_eta`` in size: a request could not ask for it either."""
+    for name, weight in defaults.items():
+        if abs(weight) > max_eta:
+            raise OptionError(
+                "max_eta", "the default weight of {name} ({weight:g}) is above {} {max_eta:g}",
+                name=name, weight=weight, max_eta=max_eta,
+            )  # fmt: skip
 
 
 @dataclasses.dataclass
