@@ -532,7 +532,10 @@ class Engine:
         return admitted
 
     def _loop(self) -> None:
+        from lora_arith.model.decode import FastDecoder
+
         handle = self.mixer.row_handle(fused=True)
+        self._decoder = FastDecoder.for_model(self.mixer.model)  # None: the model's own forward
         self._cache = SlotCache(self.max_batch_size)
         self._next = torch.zeros(self.max_batch_size, dtype=torch.long, device=self.device)
         self._positions = torch.zeros(self.max_batch_size, dtype=torch.long, device=self.device)
@@ -662,14 +665,17 @@ class Engine:
             self._assigned = True
         mask = self._cache.step_mask()
         try:
-            output = self.mixer.model(
-                input_ids=self._next[:rows, None],
-                attention_mask=mask,
-                position_ids=self._positions[:rows, None],
-                cache=self._cache.cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+            if self._decoder is not None:
+                logits = self._decoder(self._next[:rows, None], self._positions[:rows, None], mask, self._cache.layers)
+            else:
+                logits = self.mixer.model(
+                    input_ids=self._next[:rows, None],
+                    attention_mask=mask,
+                    position_ids=self._positions[:rows, None],
+                    cache=self._cache.cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                ).logits[:, -1, :]
         except Exception as error:  # noqa: BLE001 - the step failed: every row in it fails
             failed, self._rows = self._rows, []
             self._cache = SlotCache(self.max_batch_size)
@@ -679,7 +685,7 @@ class Engine:
         self.steps += 1
         self.batch_sizes.append(rows)
         self._observe("step", rows)
-        going = set(self._take(self._rows, output.logits[:, -1, :]))
+        going = set(self._take(self._rows, logits))
         leaving = [slot for slot in range(rows) if slot not in going]
         if leaving:
             order = self._cache.remove(leaving)

@@ -1,0 +1,87 @@
+"""One decoding step of a Llama-family model without transformers' per-call machinery.
+
+A decoding step of a 135M model with one row is mostly Python: transformers builds a 4-D mask,
+passes keyword arguments through decorators, output recorders and PEFT's wrappers at every layer,
+and wraps every result in an output object. :class:`FastDecoder` runs the same modules (the same
+projections, with PEFT's LoRA layers and per-row weights, the same norms, rotary embedding and
+attention function) in one plain loop, for one new token per row. It gives the same logits as
+``model(input_ids, attention_mask, position_ids, cache)`` (``tests/test_decode.py`` compares them),
+and falls back to that call for any model it does not know (:meth:`FastDecoder.for_model` returns
+``None``): prefill always takes the model's own forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+__all__ = ["FastDecoder"]
+
+_ARCHITECTURES = ("llama",)  # the decoder layer below is this architecture's, line for line
+
+
+class FastDecoder:
+    """A decoding step (one token per row) over a transformers Llama model's own modules.
+
+    Args:
+        model: a ``LlamaForCausalLM`` or a PEFT model wrapping one.
+    """
+
+    def __init__(self, model: Any) -> None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.embed = inner.model.embed_tokens
+        self.rotary = inner.model.rotary_emb
+        self.layers = list(inner.model.layers[: inner.config.num_hidden_layers])
+        self.norm, self.lm_head = inner.model.norm, inner.lm_head
+        self._rotate, self._attend = apply_rotary_pos_emb, sdpa_attention_forward
+
+    @classmethod
+    def for_model(cls, model: Any) -> "FastDecoder | None":
+        """The decoder for ``model``, or ``None`` when its step must take the model's own forward:
+        another architecture, another attention implementation than ``sdpa``, hooks on its modules
+        (device maps, offloading), or training mode."""
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        config = getattr(inner, "config", None)
+        if config is None or getattr(config, "model_type", None) not in _ARCHITECTURES:
+            return None
+        if getattr(config, "_attn_implementation", None) != "sdpa" or getattr(config, "pretraining_tp", 1) != 1:
+            return None
+        if model.training or any(
+            module._forward_hooks or module._forward_pre_hooks for module in model.modules()
+        ) or torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+            return None
+        return cls(model)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache_layers: Sequence[Any],
+    ) -> torch.Tensor:
+        """The next-token logits ``(rows, vocabulary)`` of ``input_ids`` ``(rows, 1)`` at
+        ``position_ids`` ``(rows, 1)``; ``attention_mask`` ``(rows, columns)`` (1: attend; the
+        last column is the new token's) or ``None`` for all; ``cache_layers`` are the cache's
+        layers, whose ``update(keys, values)`` stores the new column and returns all of them."""
+        hidden = self.embed(input_ids)
+        cos, sin = self.rotary(hidden, position_ids=position_ids)
+        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        rows = hidden.shape[0]
+        for layer, cache in zip(self.layers, cache_layers):
+            attention = layer.self_attn
+            head_dim = attention.head_dim
+            normed = layer.input_layernorm(hidden)
+            query = attention.q_proj(normed).view(rows, 1, -1, head_dim).transpose(1, 2)
+            key = attention.k_proj(normed).view(rows, 1, -1, head_dim).transpose(1, 2)
+            value = attention.v_proj(normed).view(rows, 1, -1, head_dim).transpose(1, 2)
+            query, key = self._rotate(query, key, cos, sin)
+            key, value = cache.update(key, value)
+            output, _ = self._attend(attention, query, key, value, mask, dropout=0.0, scaling=attention.scaling)
+            hidden = hidden + attention.o_proj(output.reshape(rows, 1, -1))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return self.lm_head(self.norm(hidden))[:, -1, :]

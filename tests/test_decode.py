@@ -1,0 +1,114 @@
+"""The engine's decoding step without transformers' machinery (``lora_arith.model.decode``) and the
+direct base kernels of fused LoRA layers: the same logits as the model's own forward."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lora_arith.model.decode import FastDecoder
+from lora_arith.model.mixing import PreferenceMixer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ETAS = torch.tensor([[1.0, 1.0], [0.5, -1.0], [-1.0, 0.2]], dtype=torch.float64)
+
+
+def _mixer(chat_base, two_adapters, int8: bool = False) -> PreferenceMixer:
+    helpful, harmless = two_adapters
+    mixer = PreferenceMixer(str(chat_base), {"helpful": helpful, "harmless": harmless})
+    if int8:
+        mixer.quantize_int8()
+    return mixer
+
+
+def _prefill(model):
+    """Three left-padded rows of different lengths, their cache, mask, next tokens and positions."""
+    from transformers.cache_utils import DynamicCache
+
+    torch.manual_seed(0)
+    ids = torch.randint(3, 60, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, :3] = 0
+    mask[2, :5] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    output = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=DynamicCache(), use_cache=True)
+    return output.cache, mask, output.logits[:, -1].argmax(-1, keepdim=True), mask.sum(-1, keepdim=True)
+
+
+def _steps(model, step, count: int = 4):
+    """``count`` greedy decoding steps from the same prefill; the logits of each."""
+    cache, mask, tokens, positions = _prefill(model)
+    cache = copy.deepcopy(cache)
+    logits = []
+    for _ in range(count):
+        mask = torch.cat([mask, mask.new_ones(3, 1)], dim=-1)
+        out = step(tokens, positions, mask, cache)
+        logits.append(out)
+        tokens, positions = out.argmax(-1, keepdim=True), positions + 1
+    return logits
+
+
+def _model_step(model):
+    def step(tokens, positions, mask, cache):
+        output = model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        return output.logits[:, -1, :]
+
+    return step
+
+
+def _fast_step(decoder):
+    return lambda tokens, positions, mask, cache: decoder(tokens, positions, mask, cache.layers)
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])
+def test_fast_steps_give_the_models_logits_for_padded_rows_with_their_own_mixes(chat_base, two_adapters, int8):
+    mixer = _mixer(chat_base, two_adapters, int8)
+    handle = mixer.row_handle(fused=True)
+    try:
+        handle.assign(ETAS)
+        with torch.no_grad():
+            decoder = FastDecoder.for_model(mixer.model)
+            assert decoder is not None
+            expected = _steps(mixer.model, _model_step(mixer.model))
+            got = _steps(mixer.model, _fast_step(decoder))
+    finally:
+        handle.restore()
+    for want, have in zip(expected, got):
+        torch.testing.assert_close(have, want, rtol=0, atol=1e-6)
+    assert not torch.equal(got[0][0], got[0][1])  # the rows' mixes differ
+
+
+def test_a_model_the_step_does_not_know_takes_its_own_forward(chat_base, two_adapters, tiny_gpt2):
+    from transformers import AutoModelForCausalLM
+
+    assert FastDecoder.for_model(AutoModelForCausalLM.from_pretrained(tiny_gpt2)) is None  # another architecture
+    eager = AutoModelForCausalLM.from_pretrained(chat_base, attn_implementation="eager")
+    assert FastDecoder.for_model(eager) is None  # another attention function
+    mixer = _mixer(chat_base, two_adapters)
+    assert FastDecoder.for_model(mixer.model) is not None
+    mixer.model.train()
+    assert FastDecoder.for_model(mixer.model) is None  # dropout would differ
+    mixer.model.eval()
+    hook = mixer.model.get_base_model().model.norm.register_forward_hook(lambda *args: None)
+    assert FastDecoder.for_model(mixer.model) is None  # a hook (device maps, offloading) must run
+    hook.remove()
+
+
+def test_a_fused_layer_calls_its_base_directly_unless_the_base_has_a_hook(chat_base, two_adapters):
+    """The fused forward skips the base layer's ``__call__`` (the same product), but not its hooks."""
+    mixer = _mixer(chat_base, two_adapters)
+    layer = mixer.model.get_base_model().model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 2, layer.base_layer.in_features)
+    calls = []
+    hook = layer.base_layer.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad(), mixer.row_weights([None] * 3, fused=True):
+        hooked = layer(x)
+    assert calls == [1]
+    hook.remove()
+    with torch.no_grad(), mixer.row_weights([None] * 3, fused=True):
+        direct = layer(x)
+    assert calls == [1]
+    torch.testing.assert_close(direct, hooked, rtol=0, atol=0)
