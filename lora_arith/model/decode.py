@@ -30,14 +30,21 @@ class FastDecoder:
 
     def __init__(self, model: Any) -> None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+        from transformers.models.llama.modeling_llama import rotate_half
+
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._plain_norms = all(
+            type(norm) is LlamaRMSNorm and norm.weight.dtype == torch.float32
+            for layer in inner.model.layers
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm)
+        )
         self.embed = inner.model.embed_tokens
         self.rotary = inner.model.rotary_emb
         self.layers = list(inner.model.layers[: inner.config.num_hidden_layers])
         self.norm, self.lm_head = inner.model.norm, inner.lm_head
-        self._rotate, self._attend = apply_rotary_pos_emb, sdpa_attention_forward
+        self._rotate_half, self._attend = rotate_half, sdpa_attention_forward
 
     @classmethod
     def for_model(cls, model: Any) -> "FastDecoder | None":
@@ -69,19 +76,32 @@ class FastDecoder:
         last column is the new token's) or ``None`` for all; ``cache_layers`` are the cache's
         layers, whose ``update(keys, values)`` stores the new column and returns all of them."""
         hidden = self.embed(input_ids)
-        cos, sin = self.rotary(hidden, position_ids=position_ids)
+        cos, sin = (part.unsqueeze(1) for part in self.rotary(hidden, position_ids=position_ids))
         mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
         rows = hidden.shape[0]
+        norm = self._norm if self._plain_norms and hidden.dtype == torch.float32 else _call
         for layer, cache in zip(self.layers, cache_layers):
             attention = layer.self_attn
             head_dim = attention.head_dim
-            normed = layer.input_layernorm(hidden)
+            normed = norm(layer.input_layernorm, hidden)
             query = attention.q_proj(normed).view(rows, 1, -1, head_dim).transpose(1, 2)
             key = attention.k_proj(normed).view(rows, 1, -1, head_dim).transpose(1, 2)
             value = attention.v_proj(normed).view(rows, 1, -1, head_dim).transpose(1, 2)
-            query, key = self._rotate(query, key, cos, sin)
+            # transformers' apply_rotary_pos_emb on queries and keys at once (it is elementwise)
+            both = torch.cat([query, key], dim=1)
+            both = both * cos + self._rotate_half(both) * sin
+            query, key = both[:, : query.shape[1]], both[:, query.shape[1] :]
             key, value = cache.update(key, value)
             output, _ = self._attend(attention, query, key, value, mask, dropout=0.0, scaling=attention.scaling)
             hidden = hidden + attention.o_proj(output.reshape(rows, 1, -1))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = hidden + layer.mlp(norm(layer.post_attention_layernorm, hidden))
         return self.lm_head(self.norm(hidden))[:, -1, :]
+
+    @staticmethod
+    def _norm(module: Any, hidden: torch.Tensor) -> torch.Tensor:
+        """``LlamaRMSNorm`` of an fp32 ``hidden`` as one op (the same arithmetic, the same bits)."""
+        return torch.rms_norm(hidden, module.weight.shape, module.weight, module.variance_epsilon)
+
+
+def _call(module: Any, hidden: torch.Tensor) -> torch.Tensor:
+    return module(hidden)
