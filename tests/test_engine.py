@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from lora_arith.model.mixing import PreferenceMixer
-from lora_arith.serving.engine import Engine, EngineClosed, EngineFull, RowRequest, SlotCache
+from lora_arith.serving.engine import Engine, SlotCache
+from lora_arith.serving.protocol import EngineClosed, EngineFull, RowRequest
 
 PROMPTS = ["How do I bake bread?", "hi", "Tell me a joke about cats.", "What is the capital of France?"]
 MIXES = [{"helpful": 1.0, "harmless": 1.0}, {"helpful": 0.5, "harmless": -1.0}, {"helpful": -1.0, "harmless": 0.2}]

@@ -19,6 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -430,3 +431,55 @@ def test_llama_cpp_gets_the_mix_as_its_per_request_lora_scales(llama_server):
             named.stop(signal.SIGKILL)
     finally:
         front.stop(signal.SIGKILL)
+
+
+class _FakeLlamaServer(ThreadingHTTPServer):
+    """What the front end uses of ``llama-server``: its adapter list and one chat reply, on
+    127.0.0.1; the bodies it was sent are kept in :attr:`bodies`."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def _send(self, payload) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                self._send([{"id": 0, "path": "loras/helpful.gguf", "scale": 0.0}, {"id": 1, "path": "loras/harmless.gguf", "scale": 0.0}])
+
+            def do_POST(self) -> None:
+                outer.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                message = {"role": "assistant", "content": "fine"}
+                usage = {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+                self._send({"id": "x", "object": "chat.completion", "created": 0, "model": "m", "usage": usage,
+                            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]})
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+
+def test_the_llama_cpp_front_end_runs_without_torch():
+    """``serve --engine llama.cpp`` forwards requests: it must not load torch (seconds and a
+    few hundred MB for nothing). Here ``import torch`` fails in the server's process."""
+    fake = _FakeLlamaServer()
+    threading.Thread(target=fake.serve_forever, daemon=True).start()
+    no_torch = "import sys; sys.modules['torch'] = None; from lora_arith.cli import main; main()"
+    program = [sys.executable, "-c", no_torch, "serve", "--host", "127.0.0.1", "--port", "0"]
+    front = Server("--engine", "llama.cpp", "--engine-url", f"http://127.0.0.1:{fake.server_address[1]}", program=program)
+    try:
+        assert front.wait().request("/health")[1]["lora_ids"] == {"helpful": 0, "harmless": 1}
+        status, reply = ask(front, {"helpful": 0.5, "harmless": 0.0}, headers={})
+        assert status == 200 and reply["choices"][0]["message"]["content"] == "fine", reply
+        assert fake.bodies[-1]["lora"] == [{"id": 0, "scale": 0.5}, {"id": 1, "scale": 0.0}]
+    finally:
+        front.stop(signal.SIGKILL)
+        fake.shutdown()
+        fake.server_close()

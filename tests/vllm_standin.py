@@ -133,7 +133,7 @@ def create_app(state: StandIn):
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-    from lora_arith.serving.engine import RowRequest
+    from lora_arith.serving.protocol import RowRequest
 
     app = FastAPI()
 

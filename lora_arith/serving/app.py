@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from lora_arith._internal.errors import LoraArithError, OptionError
 from lora_arith.serving.backends import Backend, EngineBackend
-from lora_arith.serving.engine import Engine
 from lora_arith.serving.protocol import ChatRequest, RequestError, ServerSettings, parse_body, parse_chat_request
 
 if TYPE_CHECKING:
@@ -427,6 +426,8 @@ def run_server(
     """Serve ``mixer`` on our continuous-batching engine until SIGINT or SIGTERM
     (:func:`run_backend`, which takes ``server``: host, port, ``shutdown_timeout``, ``access``,
     ``announce``)."""
+    from lora_arith.serving.engine import Engine
+
     settings = ServerSettings(model_id, dict(mixer.weights), max_eta, max_tokens, context_length=None)  # checks the defaults
     engine = Engine(mixer, max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens, max_queue=max_queue)
     settings = dataclasses.replace(settings, context_length=engine.context_length)

@@ -14,11 +14,13 @@ import asyncio
 import json
 import secrets
 import time
-from typing import Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from lora_arith._internal.errors import LoraArithError, first_line
-from lora_arith.serving.engine import Engine, EngineClosed, EngineFull, RowRequest, RowResult
-from lora_arith.serving.protocol import ChatRequest, RequestError
+from lora_arith.serving.protocol import ChatRequest, EngineClosed, EngineFull, RequestError, RowRequest, RowResult
+
+if TYPE_CHECKING:
+    from lora_arith.serving.engine import Engine
 
 __all__ = ["Backend", "EngineBackend", "completion_head", "sse_event", "usage_of"]
 
@@ -48,7 +50,7 @@ class Backend:
 
     Subclasses implement :meth:`complete`; the rest has defaults. ``observe`` is set by the app
     to its metrics' hook (:meth:`~lora_arith.serving.app.Metrics.observe`): a backend calls it with
-    ``"first_token"`` (seconds), ``"finished"`` (a :class:`~lora_arith.serving.engine.RowResult`,
+    ``"first_token"`` (seconds), ``"finished"`` (a :class:`~lora_arith.serving.protocol.RowResult`,
     seconds) and ``"failed"`` (the error).
     """
 

@@ -35,54 +35,17 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 
 from lora_arith._internal.errors import LoraArithError, OptionError
+from lora_arith.serving.protocol import EngineClosed, EngineFull, RowRequest, RowResult
 
 if TYPE_CHECKING:
     from lora_arith.model.mixing import PreferenceMixer, RowWeights
 
 __all__ = [
     "Engine",
-    "EngineClosed",
-    "EngineFull",
-    "RowRequest",
-    "RowResult",
     "SlotCache",
     "cut_at_stop",
     "greedy_completions",
 ]
-
-
-class EngineFull(LoraArithError):
-    """The queue of waiting requests is full (answered 429)."""
-
-
-class EngineClosed(LoraArithError):
-    """The engine is shutting down, or shut down before the request finished."""
-
-
-@dataclasses.dataclass
-class RowRequest:
-    """One request as the engine runs it: prompt tokens (chat template applied), mix and sampling."""
-
-    prompt_ids: list[int]
-    weights: dict[str, float] = dataclasses.field(default_factory=dict)
-    max_tokens: int = 128
-    temperature: float = 0.0
-    """0: greedy. Anything else samples (validated to at least 1e-2 by the protocol)."""
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = dataclasses.field(default_factory=list)
-    on_text: Callable[[str], None] | None = None
-    """Called from the engine's thread with each new piece of the reply (for streaming)."""
-    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
-    """Set it to stop generating this row (its client went away)."""
-
-
-@dataclasses.dataclass
-class RowResult:
-    text: str
-    finish_reason: str  # "stop", "length" or "cancelled"
-    prompt_tokens: int
-    completion_tokens: int
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:

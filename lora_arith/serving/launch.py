@@ -74,7 +74,6 @@ def serve(
     With ``engine`` ``"vllm"`` or ``"llama.cpp"`` nothing is loaded here: the same front end
     forwards to the engine at ``engine_url`` (:func:`serve_proxy`, which takes ``adapter_dir``,
     ``eta_step`` and ``max_loras``)."""
-    from lora_arith.model.mixing import PreferenceMixer
     from lora_arith.serving.app import AccessSettings, run_server
 
     access = AccessSettings(
@@ -98,6 +97,8 @@ def serve(
         raise OptionError(("engine_url", "adapter_dir", "engine"), "{} and {} are for {} vllm or llama.cpp")
     if int8 and quantize_4bit:
         raise OptionError(("int8", "quantize_4bit"), "{} and {} are two ways to quantize the base: choose one")
+    from lora_arith.model.mixing import PreferenceMixer  # torch: only our own engine needs it
+
     defaults = default_weights(named, weights or {}, max_eta)
     at_defaults = {name: replace(spec, weight=defaults[name]) for name, spec in named.items()}
     mixer = PreferenceMixer.from_specs(base, at_defaults, quantize_4bit=quantize_4bit, device=device)
@@ -133,7 +134,6 @@ def serve_proxy(
     from lora_arith.serving.app import run_backend
     from lora_arith.serving.protocol import ServerSettings
     from lora_arith.serving.proxy import ENGINES, LlamaCppBackend, VllmBackend
-    from lora_arith.sharing.export import serving_rank
 
     if engine not in ENGINES[1:]:
         raise OptionError("engine", "{} must be one of {choices}, not {engine!r}", choices=", ".join(ENGINES), engine=engine)
@@ -141,6 +141,8 @@ def serve_proxy(
         raise OptionError(("engine_url", "engine"), "{} is needed with {} {engine}: where its server listens", engine=engine)
     backend: Any
     if engine == "vllm":
+        from lora_arith.sharing.export import serving_rank  # torch: vLLM's mixes are written here
+
         if adapter_dir is None:
             raise OptionError(("adapter_dir", "engine"), "{} is needed with {} vllm: a folder vLLM reads the mixes from")
         defaults = default_weights(named, weights, max_eta)

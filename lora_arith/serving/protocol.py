@@ -1,4 +1,5 @@
-"""The OpenAI chat-completions protocol as ``serve`` speaks it: request validation and errors.
+"""The OpenAI chat-completions protocol as ``serve`` speaks it: request validation and errors, and
+what a backend is given (:class:`RowRequest`) and gives back (:class:`RowResult`).
 
 Every request is checked in full here, before it joins a batch, within vLLM's bounds (a seed
 within int64; a temperature in (0, 1e-2) is raised to 1e-2, as vLLM's ``SamplingParams`` does,
@@ -10,18 +11,67 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Mapping
+import threading
+from typing import Any, Callable, Mapping
 
-from lora_arith._internal.errors import OptionError, first_line
+from lora_arith._internal.errors import LoraArithError, OptionError, first_line
 from lora_arith.lora.numerics import finite_number
 
-__all__ = ["ChatRequest", "RequestError", "ServerSettings", "check_defaults", "parse_body", "parse_chat_request"]
+__all__ = [
+    "ChatRequest",
+    "EngineClosed",
+    "EngineFull",
+    "RequestError",
+    "RowRequest",
+    "RowResult",
+    "ServerSettings",
+    "check_defaults",
+    "parse_body",
+    "parse_chat_request",
+]
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 """Accepted roles and what the chat template sees (``developer`` is OpenAI's newer ``system``)."""
 MIN_TEMPERATURE = 1e-2
 """Positive temperatures below this are raised to it (vLLM's ``_MAX_TEMP``)."""
 INT64 = (-(2**63), 2**63 - 1)
+
+
+# -- what a backend is given and gives back (no torch here: the proxies of `serve --engine` use them too)
+
+
+class EngineFull(LoraArithError):
+    """The queue of waiting requests is full (answered 429)."""
+
+
+class EngineClosed(LoraArithError):
+    """The engine is shutting down, or shut down before the request finished."""
+
+
+@dataclasses.dataclass
+class RowRequest:
+    """One request as the engine runs it: prompt tokens (chat template applied), mix and sampling."""
+
+    prompt_ids: list[int]
+    weights: dict[str, float] = dataclasses.field(default_factory=dict)
+    max_tokens: int = 128
+    temperature: float = 0.0
+    """0: greedy. Anything else samples (validated to at least 1e-2 by the protocol)."""
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = dataclasses.field(default_factory=list)
+    on_text: Callable[[str], None] | None = None
+    """Called from the engine's thread with each new piece of the reply (for streaming)."""
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    """Set it to stop generating this row (its client went away)."""
+
+
+@dataclasses.dataclass
+class RowResult:
+    text: str
+    finish_reason: str  # "stop", "length" or "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
 
 
 class RequestError(Exception):

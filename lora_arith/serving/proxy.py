@@ -50,8 +50,7 @@ from typing import Any, AsyncIterator, Mapping
 from lora_arith._internal.errors import LoraArithError, OptionError, first_line
 from lora_arith.lora.specs import CONFIG_NAME, WEIGHTS_NAME, AdapterSpec
 from lora_arith.serving.backends import SSE_DONE, Backend, sse_event
-from lora_arith.serving.engine import RowResult
-from lora_arith.serving.protocol import ChatRequest, RequestError
+from lora_arith.serving.protocol import ChatRequest, RequestError, RowResult
 
 __all__ = [
     "ENGINES",
