@@ -665,8 +665,11 @@ class Engine:
         """Choose each row's next token from its ``logits``, add it, and report the rows that end;
         returns the indices of the rows that go on."""
         scores = logits.to(dtype=torch.float32)
-        broken = (torch.isnan(scores).any(-1) | torch.isposinf(scores).any(-1)).tolist()
-        greedy = scores.argmax(-1).tolist()
+        # one pass: max propagates NaN, so a row with a NaN or +inf logit has a NaN or +inf peak;
+        # its index is argmax's (the first of equal maxima)
+        peaks, greedy_ids = scores.max(-1)
+        broken = (torch.isnan(peaks) | torch.isposinf(peaks)).tolist()
+        greedy = greedy_ids.tolist()
         going = []
         for index, row in enumerate(rows):
             try:
