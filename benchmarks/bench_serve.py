@@ -352,7 +352,7 @@ def report(results: dict[str, dict], args) -> None:
         print()
         pairs = [(mine, name, what) for mine in ("ours", "ours int8") for name, what in (
             ("static", "load"), ("llama mixed", "load"), ("llama one mix", "load"), ("transformers", "load"),
-            ("llama mixed", "one_client"), ("static", "one_client"))]  # fmt: skip
+            ("llama mixed", "one_client"), ("llama one mix", "one_client"), ("static", "one_client"))]  # fmt: skip
         for mine, name, what in pairs:
             key = f"{what}_tokens_per_s"
             if mine in results and name in results and key in results[name]:
