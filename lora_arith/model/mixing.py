@@ -157,7 +157,10 @@ def _base_kernel(module) -> "Callable[[torch.Tensor], torch.Tensor] | None":
     calls 210 of them). ``None`` for anything else, which keeps its own ``__call__``."""
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
-    if module._forward_hooks or module._forward_pre_hooks or torch.nn.modules.module._global_forward_hooks:
+    everywhere = torch.nn.modules.module
+    if (module._forward_hooks or module._forward_pre_hooks) or (
+        everywhere._global_forward_hooks or everywhere._global_forward_pre_hooks
+    ):
         return None
     if type(module) is torch.nn.Linear:
         return lambda x: torch.nn.functional.linear(x, module.weight, module.bias)
