@@ -112,3 +112,23 @@ def test_a_fused_layer_calls_its_base_directly_unless_the_base_has_a_hook(chat_b
         direct = layer(x)
     assert calls == [1]
     torch.testing.assert_close(direct, hooked, rtol=0, atol=0)
+
+
+def test_the_engine_decodes_with_the_plain_loop(chat_base, two_adapters, monkeypatch):
+    """The engine's steps go through :class:`FastDecoder` (its texts are checked against
+    ``generate`` in ``test_engine.py``), not the model's forward."""
+    from lora_arith.serving.engine import Engine
+    from lora_arith.serving.protocol import RowRequest
+
+    steps = []
+    original = FastDecoder.__call__
+    monkeypatch.setattr(FastDecoder, "__call__", lambda self, *args: steps.append(len(args[0])) or original(self, *args))
+    engine = Engine(_mixer(chat_base, two_adapters), max_batch_size=2).start()
+    try:
+        ids = engine.encode([{"role": "user", "content": "hi"}])
+        rows = [RowRequest(list(ids), {"helpful": 1.0}, max_tokens=5), RowRequest(list(ids), max_tokens=3)]
+        results = engine.generate(rows, timeout=60)
+    finally:
+        engine.close(timeout=10)
+    assert all(result.completion_tokens >= 1 for result in results)
+    assert steps and max(steps) == 2 and len(steps) == engine.steps  # every step, both rows at once
