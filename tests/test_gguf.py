@@ -646,3 +646,21 @@ if __name__ == "__main__" and sys.argv[1:] == ["--pin"]:
     with tempfile.TemporaryDirectory() as scratch:
         pin(Path(scratch))
     print(f"wrote {PINNED}")
+
+
+@pytest.mark.base
+def test_the_default_base_is_not_converted_for_an_export(tmp_path, monkeypatch):
+    """A GGUF export needs the default base's shape only: before the base has been converted (a
+    fresh cache) it is read from the embedded GGUF's metadata, nothing is written to the cache,
+    and the file is the one made with the converted base's config.json."""
+    from lora_arith.model.base import default_base_dir
+
+    converted = default_base_dir()  # the usual cache, converted if it was not
+    with_converted = export_gguf(REPO / "adapters" / "helpful", tmp_path / "converted.gguf").path.read_bytes()
+    fresh = tmp_path / "fresh-cache"
+    fresh.mkdir()
+    monkeypatch.setenv("LORA_ARITH_CACHE", str(fresh))
+    assert converted.parent != fresh
+    from_metadata = export_gguf(REPO / "adapters" / "helpful", tmp_path / "metadata.gguf").path.read_bytes()
+    assert from_metadata == with_converted
+    assert not list(fresh.iterdir())  # not converted
