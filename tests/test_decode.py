@@ -101,6 +101,10 @@ def test_a_model_the_step_does_not_know_takes_its_own_forward(chat_base, two_ada
     assert FastDecoder.for_model(AutoModelForCausalLM.from_pretrained(tiny_gpt2)) is None  # another architecture
     eager = AutoModelForCausalLM.from_pretrained(chat_base, attn_implementation="eager")
     assert FastDecoder.for_model(eager) is None  # another attention function
+    assert FastDecoder.for_model(AutoModelForCausalLM.from_pretrained(chat_base)) is not None
+    eager.config._attn_implementation = "sdpa"
+    eager.__class__ = type("RemoteLlama", (type(eager),), {})  # remote code naming itself llama
+    assert FastDecoder.for_model(eager) is None
     mixer = _mixer(chat_base, two_adapters)
     assert FastDecoder.for_model(mixer.model) is not None
     mixer.model.train()

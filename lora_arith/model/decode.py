@@ -18,9 +18,6 @@ import torch
 
 __all__ = ["FastDecoder"]
 
-_ARCHITECTURES = ("llama",)  # the decoder layer below is this architecture's, line for line
-
-
 class FastDecoder:
     """A decoding step (one token per row) over a transformers Llama model's own modules.
 
@@ -30,9 +27,7 @@ class FastDecoder:
 
     def __init__(self, model: Any) -> None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
-        from transformers.models.llama.modeling_llama import rotate_half
-
-        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm, rotate_half
 
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._plain_norms = all(
@@ -49,17 +44,25 @@ class FastDecoder:
     @classmethod
     def for_model(cls, model: Any) -> "FastDecoder | None":
         """The decoder for ``model``, or ``None`` when its step must take the model's own forward:
-        another architecture, another attention implementation than ``sdpa``, hooks on its modules
-        (device maps, offloading), or training mode."""
+        another architecture (or Llama classes other than transformers' own), another attention
+        implementation than ``sdpa``, hooks on its modules (device maps, offloading), or training."""
+        from transformers.models.llama import modeling_llama as llama
+
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        config = getattr(inner, "config", None)
-        if config is None or getattr(config, "model_type", None) not in _ARCHITECTURES:
+        # transformers' own Llama classes (not remote code under the same model_type): the loop in
+        # __call__ is their forward, line for line
+        if type(inner) is not llama.LlamaForCausalLM or type(inner.model) is not llama.LlamaModel:
             return None
+        known = (llama.LlamaDecoderLayer, llama.LlamaAttention, llama.LlamaMLP)
+        if any((type(layer), type(layer.self_attn), type(layer.mlp)) != known for layer in inner.model.layers):
+            return None
+        config = inner.config
         if getattr(config, "_attn_implementation", None) != "sdpa" or getattr(config, "pretraining_tp", 1) != 1:
             return None
-        if model.training or any(
-            module._forward_hooks or module._forward_pre_hooks for module in model.modules()
-        ) or torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+        everywhere = torch.nn.modules.module
+        if everywhere._global_forward_hooks or everywhere._global_forward_pre_hooks or model.training:
+            return None
+        if any(module._forward_hooks or module._forward_pre_hooks for module in model.modules()):
             return None
         return cls(model)
 
