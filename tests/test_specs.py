@@ -17,7 +17,16 @@ from lora_arith.lora.combine import combine
 from lora_arith._internal.devices import DTYPE_NAMES
 from lora_arith._internal.errors import OptionError
 from lora_arith._internal.provenance import EXPORT_TARGETS, METHODS
-from lora_arith.lora.specs import AdapterSpec, fixed_weights, named_paths, named_weights, parse_specs, parse_weight
+from lora_arith.lora.specs import (
+    AdapterSpec,
+    adapter_names,
+    file_stem,
+    fixed_weights,
+    named_paths,
+    named_weights,
+    parse_specs,
+    parse_weight,
+)
 
 FOREIGN_FLAGS = {"--max-lora-rank", "--no-deps", "--lora"}  # vLLM's, pip's and llama-server's, named in messages on purpose
 
@@ -74,6 +83,14 @@ def test_library_functions_take_parsed_specs(adapter_factory):
     result = combine(parse_specs([f"{adapter}:0.5"]))
     assert [item.weight for item in result.recipe.inputs] == [0.5]
     assert result.sources and all(isinstance(p, Path) for p in result.sources)  # the inputs, carried
+
+
+def test_an_adapter_is_named_by_its_file_or_folder_in_one_place():
+    """``serve``, ``export --for llama.cpp`` and every NAME-less spec name an adapter alike."""
+    stems = ["runs/helpful/", "a/kind.safetensors", "runs/harmless/adapter_model.safetensors", "x"]
+    assert [file_stem(path) for path in stems] == ["helpful", "kind", "harmless", "x"]
+    named = adapter_names([AdapterSpec(path) for path in [*stems, "other/helpful", "runs/mix-0.5"]])
+    assert list(named) == ["helpful", "kind", "harmless", "x", "helpful-2", "mix-0_5"]
 
 
 def test_sweep_names_and_fixed_weights():

@@ -39,6 +39,7 @@ __all__ = [
     "parse_spec",
     "parse_specs",
     "adapter_names",
+    "file_stem",
     "named_specs",
     "named_paths",
     "named_weights",
@@ -106,13 +107,22 @@ def parse_specs(texts: Iterable[str]) -> list[AdapterSpec]:
     return [parse_spec(text) for text in texts]
 
 
+def file_stem(path: str | os.PathLike[str]) -> str:
+    """What the adapter at ``path`` is called by default: its folder's or file's name without
+    ``.safetensors``, and a PEFT folder's ``adapter_model.safetensors`` by its folder."""
+    location = Path(str(path).rstrip("/"))
+    if location.name == WEIGHTS_NAME:
+        location = location.parent
+    return location.name.removesuffix(".safetensors")
+
+
 def adapter_names(specs: Sequence[AdapterSpec], taken: Iterable[str] = frozenset()) -> dict[str, AdapterSpec]:
     """Name each spec by its file or folder stem (``helpful``, ``harmless``…), adding ``-2``,
     ``-3`` to repeated stems (and to names in ``taken``). Returns name → spec."""
     taken = set(taken)
     named: dict[str, AdapterSpec] = {}
     for spec in specs:
-        stem = Path(spec.path.rstrip("/")).name.removesuffix(".safetensors")
+        stem = file_stem(spec.path)
         # PEFT keeps adapters in torch ModuleDicts, whose keys cannot hold dots (runs/mix-0.5).
         stem = re.sub(r"[^\w-]", "_", stem) or "adapter"
         name, counter = stem, 2

@@ -45,7 +45,7 @@ from lora_arith._internal.privacy import public_name, scrub
 from lora_arith._internal.provenance import RECIPE_METADATA_KEY
 from lora_arith.lora.adapter_io import EMBEDDING, LINEAR, _read_json, adapter_sources, open_adapter
 from lora_arith.lora.numerics import finite_number
-from lora_arith.lora.specs import AdapterSpec
+from lora_arith.lora.specs import AdapterSpec, file_stem
 
 __all__ = [
     "ARCHITECTURES",
@@ -437,11 +437,6 @@ def export_gguf(
     return GgufExport(checked.path, written.ranks, written.tensors, written.architecture)
 
 
-def _file_stem(adapter: str) -> str:
-    stem = Path(str(adapter).rstrip("/")).name
-    return stem.removesuffix(".safetensors") if stem != "adapter_model.safetensors" else Path(adapter).parent.name
-
-
 def export_gguf_adapters(
     adapters: Sequence[str | os.PathLike[str]],
     output: str | os.PathLike[str],
@@ -488,7 +483,7 @@ def export_gguf_adapters(
                 raise OptionError("mixes", "mix {name}: the weights must be finite numbers", name=name)
         plan = {name: [AdapterSpec(a, float(w)) for a, w in zip(adapters, weights)] for name, weights in mixes.items()}
     else:
-        plan = {_file_stem(a): [AdapterSpec(a, 1.0)] for a in adapters}
+        plan = {file_stem(a): [AdapterSpec(a, 1.0)] for a in adapters}
         if len(plan) != len(adapters):
             raise LoraArithError("two adapters have the same name; the GGUF files are named after them")
     for name in plan:
