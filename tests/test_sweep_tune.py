@@ -355,3 +355,24 @@ def test_parse_class_and_bad_judge_specs():
     assert raised.value.options == ("judge",)
     with pytest.raises(LoraArithError, match="cannot load the judge"):
         make_judge("no_such_module_xyz:f")
+
+
+def test_every_form_of_bounds_reads_alike_and_is_checked_once():
+    """``tune(bounds=)`` takes None, (LOW, HIGH), {NAME: (LOW, HIGH)} or the CLI's texts: the
+    same ranges, and the same checks for each (one name set, finite LOW < HIGH)."""
+    from lora_arith._internal.errors import OptionError
+    from lora_arith.evaluation.tune import DEFAULT_BOUNDS, _bounds
+
+    names = ["helpful", "harmless"]
+    assert _bounds(None, names) == {"helpful": DEFAULT_BOUNDS, "harmless": DEFAULT_BOUNDS}
+    assert _bounds((-1, 1), names) == _bounds(["-1,1"], names) == {"helpful": (-1.0, 1.0), "harmless": (-1.0, 1.0)}
+    one = {"helpful": DEFAULT_BOUNDS, "harmless": (0.0, 3.0)}
+    assert _bounds({"harmless": (0, 3)}, names) == _bounds(["harmless=0,3"], names) == one
+    for bad in ({"kind": (0, 1)}, ["kind=0,1"]):
+        with pytest.raises(OptionError, match="names no vector: kind; vectors: helpful, harmless"):
+            _bounds(bad, names)
+    for bad, shown in (((1, 0), "'1,0'"), ({"helpful": (0, float("inf"))}, "'helpful=0,inf'"), (["2,2"], "'2,2'")):
+        with pytest.raises(OptionError, match=f"{shown}: need finite LOW < HIGH"):
+            _bounds(bad, names)
+    with pytest.raises(OptionError, match="cannot read .* 'a,b'; use LOW,HIGH or NAME=LOW,HIGH"):
+        _bounds(["a,b"], names)

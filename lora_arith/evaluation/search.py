@@ -28,6 +28,7 @@ __all__ = [
     "parse_constraints",
     "parse_constraint",
     "parse_bounds",
+    "search_ranges",
     "split_prompts",
     "SearchResult",
     "search",
@@ -130,19 +131,30 @@ def parse_bounds(
     texts: Sequence[str], names: Sequence[str], default: tuple[float, float]
 ) -> dict[str, tuple[float, float]]:
     """``LOW,HIGH`` (for every vector) or ``NAME=LOW,HIGH`` items → name → (low, high)."""
-    bounds = {name: default for name in names}
+    ranges = []
     for text in texts:
         name, equals, rest = text.rpartition("=")
-        targets = [name] if equals else list(names)
-        if equals and name not in names:
-            raise OptionError("bounds", "{} names no vector: {name}; vectors: {names}", name=name, names=", ".join(names))
         try:
             low, high = (float(part) for part in rest.split(","))
         except ValueError:
             raise OptionError("bounds", "cannot read {} {text!r}; use LOW,HIGH or NAME=LOW,HIGH", text=text) from None
+        ranges.append((name if equals else None, low, high, text))
+    return search_ranges(ranges, names, default)
+
+
+def search_ranges(
+    ranges: Sequence[tuple[str | None, float, float, str]], names: Sequence[str], default: tuple[float, float]
+) -> dict[str, tuple[float, float]]:
+    """Name → (low, high) of each vector, from ``(name, low, high, as written)`` items (``name``
+    ``None``: every vector); the others keep ``default``. A name must be a vector's, and
+    ``low < high`` both finite."""
+    bounds = {name: default for name in names}
+    for name, low, high, written in ranges:
+        if name is not None and name not in names:
+            raise OptionError("bounds", "{} names no vector: {name}; vectors: {names}", name=name, names=", ".join(names))
         if finite_number(low) is None or finite_number(high) is None or not low < high:
-            raise OptionError("bounds", "{} {text!r}: need finite LOW < HIGH", text=text)
-        for target in targets:
+            raise OptionError("bounds", "{} {text!r}: need finite LOW < HIGH", text=written)
+        for target in [name] if name is not None else names:
             bounds[target] = (low, high)
     return bounds
 

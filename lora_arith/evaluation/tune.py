@@ -29,6 +29,7 @@ from lora_arith.evaluation.search import (
     parse_bounds,
     parse_constraints,
     search,
+    search_ranges,
     split_prompts,
 )
 
@@ -239,12 +240,13 @@ def _bounds(bounds: Bounds, names: list[str]) -> dict[str, tuple[float, float]]:
     if bounds is None:
         return {name: DEFAULT_BOUNDS for name in names}
     if isinstance(bounds, Mapping):
-        texts = [f"{name}={float(low)!r},{float(high)!r}" for name, (low, high) in bounds.items()]
+        ranges = [(name, float(low), float(high), f"{name}={low},{high}") for name, (low, high) in bounds.items()]
     elif len(bounds) == 2 and not any(isinstance(value, str) for value in bounds):
-        texts = [f"{float(bounds[0])!r},{float(bounds[1])!r}"]
+        low, high = bounds
+        ranges = [(None, float(low), float(high), f"{low},{high}")]
     else:
-        texts = list(bounds)
-    return parse_bounds(texts, names, DEFAULT_BOUNDS)
+        return parse_bounds(list(bounds), names, DEFAULT_BOUNDS)  # type: ignore[arg-type]
+    return search_ranges(ranges, names, DEFAULT_BOUNDS)
 
 
 def _infeasible(constraint: Constraint | Constraints, best: dict[str, Any]) -> str:
