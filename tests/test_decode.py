@@ -80,12 +80,12 @@ def _fast_step(decoder):
 @pytest.mark.parametrize("kind", KINDS)
 def test_fast_steps_give_the_models_logits_for_padded_rows_with_their_own_mixes(chat_base, two_adapters, kind):
     mixer = _mixer(chat_base, two_adapters, kind)
+    decoder = FastDecoder.for_model(mixer.model)  # before per-row weights: it checks one row
+    assert decoder is not None
     handle = mixer.row_handle(fused=True)
     try:
         handle.assign(ETAS)
         with torch.no_grad():
-            decoder = FastDecoder.for_model(mixer.model)
-            assert decoder is not None
             expected = _steps(mixer.model, _model_step(mixer.model))
             got = _steps(mixer.model, _fast_step(decoder))
     finally:
@@ -150,4 +150,18 @@ def test_the_engine_decodes_with_the_plain_loop(chat_base, two_adapters, monkeyp
     finally:
         engine.close(timeout=10)
     assert all(result.completion_tokens >= 1 for result in results)
-    assert steps and max(steps) == 2 and len(steps) == engine.steps  # every step, both rows at once
+    # every step (both rows at once), after the loop's one-row check against the model's forward
+    assert steps[0] == 1 and max(steps) == 2 and len(steps) == engine.steps + 1
+
+
+def test_a_loop_that_does_not_give_the_models_logits_is_not_used(chat_base, two_adapters, monkeypatch, caplog):
+    """The loop copies transformers' Llama forward; a transformers whose forward computes
+    something else (here: the loop's norm changed) makes it fall back, saying so."""
+    mixer = _mixer(chat_base, two_adapters)
+    assert FastDecoder.for_model(mixer.model) is not None
+    monkeypatch.setattr(FastDecoder, "_norm", staticmethod(lambda module, hidden: module(hidden) * 1.001))
+    assert FastDecoder.for_model(mixer.model) is None
+    assert "differ from this model's forward" in caplog.text
+    monkeypatch.setattr(FastDecoder, "_norm", staticmethod(lambda module, hidden: module.no_such_attribute))
+    assert FastDecoder.for_model(mixer.model) is None
+    assert "does not fit this model" in caplog.text

@@ -14,9 +14,15 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import logging
+
 import torch
 
+from lora_arith._internal.errors import first_line
+
 __all__ = ["FastDecoder"]
+
+logger = logging.getLogger(__name__)
 
 class FastDecoder:
     """A decoding step (one token per row) over a transformers Llama model's own modules.
@@ -45,7 +51,8 @@ class FastDecoder:
     def for_model(cls, model: Any) -> "FastDecoder | None":
         """The decoder for ``model``, or ``None`` when its step must take the model's own forward:
         another architecture (or Llama classes other than transformers' own), another attention
-        implementation than ``sdpa``, hooks on its modules (device maps, offloading), or training."""
+        implementation than ``sdpa``, hooks on its modules (device maps, offloading), training, or
+        a step whose logits differ from the model's forward (a check on two tokens, logged)."""
         from transformers.models.llama import modeling_llama as llama
 
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -64,7 +71,33 @@ class FastDecoder:
             return None
         if any(module._forward_hooks or module._forward_pre_hooks for module in model.modules()):
             return None
-        return cls(model)
+        try:
+            decoder = cls(model)
+            agrees = decoder._agrees_with(model)
+        except Exception as error:  # noqa: BLE001 - a transformers version this loop does not fit
+            agrees, decoder = False, None
+            logger.warning("the plain decoding loop does not fit this model (%s); using its forward", first_line(error))
+        return decoder if agrees else None
+
+    @torch.no_grad()
+    def _agrees_with(self, model: Any) -> bool:
+        """Whether one step of this loop gives the model's own logits (checked once, on two tokens:
+        the loop copies transformers' Llama forward, which a later transformers may change)."""
+        import copy
+
+        from transformers.cache_utils import DynamicCache
+
+        device = next(model.parameters()).device
+        ids, positions = torch.tensor([[0, 1]], device=device), torch.tensor([[1]], device=device)
+        cache = model(input_ids=ids[:, :1], cache=DynamicCache(), use_cache=True).cache
+        copied = copy.deepcopy(cache)
+        expected = model(input_ids=ids[:, 1:], position_ids=positions, cache=cache, use_cache=True).logits[:, -1, :]
+        got = self(ids[:, 1:], positions, None, copied.layers)
+        exact = expected.dtype == torch.float32 and device.type == "cpu"
+        if torch.allclose(got.float(), expected.float(), rtol=0 if exact else 1e-3, atol=0 if exact else 1e-3):
+            return True
+        logger.warning("the plain decoding loop's logits differ from this model's forward; using its forward")
+        return False
 
     @torch.no_grad()
     def __call__(

@@ -497,8 +497,8 @@ class Engine:
     def _loop(self) -> None:
         from lora_arith.model.decode import FastDecoder
 
-        handle = self.mixer.row_handle(fused=True)
         self._decoder = FastDecoder.for_model(self.mixer.model)  # None: the model's own forward
+        handle = self.mixer.row_handle(fused=True)
         self._cache = SlotCache(self.max_batch_size)
         self._next = torch.zeros(self.max_batch_size, dtype=torch.long, device=self.device)
         self._positions = torch.zeros(self.max_batch_size, dtype=torch.long, device=self.device)
