@@ -20,6 +20,7 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 KINDS = [
     pytest.param("fp32", id="fp32"),
     pytest.param("int8", id="int8"),
+    pytest.param("4bit", id="nf4"),
     pytest.param("cuda", id="cuda-bf16", marks=CUDA),
     pytest.param("cuda-4bit", id="cuda-4bit", marks=CUDA),
 ]
@@ -29,7 +30,7 @@ def _mixer(chat_base, two_adapters, kind: str = "fp32") -> PreferenceMixer:
     helpful, harmless = two_adapters
     device = "cuda" if kind.startswith("cuda") else "cpu"
     mixer = PreferenceMixer(
-        str(chat_base), {"helpful": helpful, "harmless": harmless}, device=device, quantize_4bit=kind == "cuda-4bit"
+        str(chat_base), {"helpful": helpful, "harmless": harmless}, device=device, quantize_4bit=kind.endswith("4bit")
     )
     if kind == "int8":
         mixer.quantize_int8()
@@ -91,7 +92,7 @@ def test_fast_steps_give_the_models_logits_for_padded_rows_with_their_own_mixes(
     finally:
         handle.restore()
     for want, have in zip(expected, got):  # on the CPU bit for bit (the same modules and arithmetic)
-        torch.testing.assert_close(have, want, rtol=0, atol=0 if kind in ("fp32", "int8") else 1e-2)
+        torch.testing.assert_close(have, want, rtol=0, atol=0 if kind in ("fp32", "int8", "4bit") else 1e-2)
     assert not torch.equal(got[0][0], got[0][1])  # the rows' mixes differ
 
 
