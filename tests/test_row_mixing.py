@@ -183,3 +183,30 @@ def test_named_specs(tmp_path, monkeypatch):
     assert list(named) == ["helpful-2", "helpful", "odd_name", "helpful-3"]
     with pytest.raises(LoraArithError, match="two adapters are named 'x'"):
         named_specs(["x=a", "x=b"])
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))],
+)
+def test_fused_rows_on_each_device_equal_each_row_set_alone(chat_base, vectors, device):
+    """The fused path (every adapter of a layer in one GEMM pair, each rank scaled per row) on an
+    fp32 base on ``device``: each row's logits are those of the mixer set to that row's weights
+    and run alone. The CUDA case is the GPU check of per-row mixing (skipped without a GPU)."""
+    from helpers import load_base
+
+    mixer = PreferenceMixer(
+        load_base(chat_base).to(device),  # fp32 on the GPU too (load_base there gives bf16)
+        {"helpful": vectors[0], "harmless": vectors[1]},
+        tokenizer=PreferenceMixer(str(chat_base), {}, device="cpu").tokenizer,
+    )
+    mixer.set(**DEFAULTS)
+    ids, mask, positions = (t.to(device) for t in padded_batch(mixer.tokenizer, PROMPTS))
+    with mixer.row_weights(MIXES, fused=True):
+        batch_logits = row_logits(mixer.model, ids, mask, positions)
+    for row, weights in enumerate(MIXES):
+        mixer.set(**full_mix(weights))
+        alone = row_logits(mixer.model, ids[row : row + 1], mask[row : row + 1], positions[row : row + 1])[0]
+        real = mask[row].bool()
+        torch.testing.assert_close(batch_logits[row, real], alone[real], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(batch_logits[0, -1], batch_logits[1, -1], atol=1e-3)  # the rows do mix differently
