@@ -299,9 +299,10 @@ class SlotCache:
         self._sync()
         return order
 
-    def trim(self, least: int = 64) -> None:
+    def trim(self, least: int = 16) -> None:
         """Drop the leading columns no row attends to, when there are at least ``least`` of them
-        and they are at least a quarter of the time axis."""
+        and they are at least a quarter of the time axis. (Every row attends over the whole axis,
+        so dead columns cost every step; a shift costs one copy of the cache.)"""
         if not self.rows:
             return
         used = self.mask[: self.rows, : self.length].any(0).nonzero()
