@@ -37,6 +37,7 @@ __all__ = [
     "embedded_gguf",
     "default_base_dir",
     "default_base_config",
+    "is_default_base",
     "resolve_base",
     "base_model_id",
     "base_sources",
@@ -90,10 +91,17 @@ def embedded_gguf() -> Path:
     return files[0]
 
 
+def _converted() -> Path | None:
+    """The converted default base's folder, if the conversion has run."""
+    target = cache_root() / CACHE_SUBDIR
+    return target if (target / SOURCE_FILE).is_file() else None
+
+
 def default_base_dir() -> Path:
     """The converted default base, converting the embedded GGUF into the cache on first use."""
-    target = cache_root() / CACHE_SUBDIR
-    if not (target / SOURCE_FILE).is_file():
+    target = _converted()
+    if target is None:
+        target = cache_root() / CACHE_SUBDIR
         _convert_into(embedded_gguf(), target)
     return target
 
@@ -102,8 +110,8 @@ def default_base_config() -> dict:
     """The default base's ``config.json`` as a dict: the converted folder's, or, before the
     conversion has run, read from the embedded GGUF's metadata (seconds, where converting takes
     about 30 s and 540 MB): what a GGUF export needs of the base is its shape."""
-    target = cache_root() / CACHE_SUBDIR
-    if (target / SOURCE_FILE).is_file():
+    target = _converted()
+    if target is not None:
         return json.loads((target / "config.json").read_text(encoding="utf-8"))
     from transformers import AutoConfig
 
@@ -161,7 +169,7 @@ def _save_dequantized(gguf: Path, folder: Path) -> None:
     (folder / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
 
 
-def _is_default(base: str | None) -> bool:
+def is_default_base(base: str | None) -> bool:
     """Whether ``base`` names the default base (``None`` or its upstream id)."""
     return base is None or base == DEFAULT_BASE_ID
 
@@ -179,7 +187,7 @@ def resolve_base(base: str | None) -> str:
     Raises:
         LoraArithError: if ``base`` is a path that does not exist or is not a model directory.
     """
-    if _is_default(base):
+    if is_default_base(base):
         return str(default_base_dir())
     path = Path(base).expanduser()
     if path.is_dir():
@@ -221,7 +229,7 @@ def base_model_id(base: str | None) -> str:
     folder's name for a local directory: adapters and their cards are shared, local paths are
     not. It does not convert or download anything.
     """
-    if _is_default(base):
+    if is_default_base(base):
         return DEFAULT_BASE_ID
     path = Path(base).expanduser()
     return path.resolve().name if path.exists() else base
@@ -230,7 +238,7 @@ def base_model_id(base: str | None) -> str:
 def base_sources(base: str | None) -> list[Path]:
     """The local folder a base is read from (the cache folder for the default base), which an
     output must not touch; empty for a Hub id. Converts and downloads nothing."""
-    if _is_default(base):
+    if is_default_base(base):
         return [cache_root() / CACHE_SUBDIR]
     path = Path(base).expanduser()
     return [path] if path.exists() else []

@@ -12,17 +12,34 @@ and falls back to that call for any model it does not know (:meth:`FastDecoder.f
 
 from __future__ import annotations
 
-from typing import Any, Sequence
-
 import logging
+from typing import Any, Sequence
 
 import torch
 
 from lora_arith._internal.errors import first_line
 
-__all__ = ["FastDecoder"]
+__all__ = ["FastDecoder", "hooked"]
 
 logger = logging.getLogger(__name__)
+
+
+def hooked(module: torch.nn.Module) -> bool:
+    """Whether calling ``module`` runs forward hooks (its own or global ones: device maps,
+    offloading), which a direct call of what it computes would skip."""
+    everywhere = torch.nn.modules.module
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or everywhere._global_forward_hooks
+        or everywhere._global_forward_pre_hooks
+    )
+
+
+def _inner(model: Any) -> Any:
+    """The transformers model under a PEFT wrapper (or ``model`` itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
 
 class FastDecoder:
     """A decoding step (one token per row) over a transformers Llama model's own modules.
@@ -35,7 +52,7 @@ class FastDecoder:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         from transformers.models.llama.modeling_llama import LlamaRMSNorm, rotate_half
 
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        inner = _inner(model)
         self._plain_norms = all(
             type(norm) is LlamaRMSNorm and norm.weight.dtype == torch.float32
             for layer in inner.model.layers
@@ -55,7 +72,7 @@ class FastDecoder:
         a step whose logits differ from the model's forward (a check on two tokens, logged)."""
         from transformers.models.llama import modeling_llama as llama
 
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        inner = _inner(model)
         # transformers' own Llama classes (not remote code under the same model_type): the loop in
         # __call__ is their forward, line for line
         if type(inner) is not llama.LlamaForCausalLM or type(inner.model) is not llama.LlamaModel:
@@ -66,10 +83,7 @@ class FastDecoder:
         config = inner.config
         if getattr(config, "_attn_implementation", None) != "sdpa" or getattr(config, "pretraining_tp", 1) != 1:
             return None
-        everywhere = torch.nn.modules.module
-        if everywhere._global_forward_hooks or everywhere._global_forward_pre_hooks or model.training:
-            return None
-        if any(module._forward_hooks or module._forward_pre_hooks for module in model.modules()):
+        if model.training or any(hooked(module) for module in model.modules()):
             return None
         try:
             decoder = cls(model)

@@ -157,10 +157,9 @@ def _base_kernel(module) -> "Callable[[torch.Tensor], torch.Tensor] | None":
     calls 210 of them). ``None`` for anything else, which keeps its own ``__call__``."""
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
-    everywhere = torch.nn.modules.module
-    if (module._forward_hooks or module._forward_pre_hooks) or (
-        everywhere._global_forward_hooks or everywhere._global_forward_pre_hooks
-    ):
+    from lora_arith.model.decode import hooked
+
+    if hooked(module):
         return None
     if type(module) is torch.nn.Linear:
         return lambda x: torch.nn.functional.linear(x, module.weight, module.bias)

@@ -25,7 +25,6 @@ fails that row alone; only an error of the forward pass itself fails the rows in
 from __future__ import annotations
 
 import collections
-import dataclasses
 import functools
 import secrets
 import threading

@@ -142,11 +142,11 @@ def _read_config(base: str | None) -> tuple[dict[str, Any], str]:
     """The base's ``config.json`` and its public name: the default base's
     (:func:`~lora_arith.model.base.default_base_config`), a local folder's own file, or a Hub
     model's file (downloaded through huggingface_hub)."""
-    from lora_arith.model.base import DEFAULT_BASE_ID, base_model_id, default_base_config, resolve_base
+    from lora_arith.model.base import base_model_id, default_base_config, is_default_base, resolve_base
 
     name = base_model_id(base)
     local = Path(base).expanduser() if base is not None else None
-    if base is None or base == DEFAULT_BASE_ID:
+    if is_default_base(base):
         return default_base_config(), name  # without converting it
     if local is not None and local.is_dir():
         path = local / "config.json"
