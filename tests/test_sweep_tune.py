@@ -376,3 +376,15 @@ def test_every_form_of_bounds_reads_alike_and_is_checked_once():
             _bounds(bad, names)
     with pytest.raises(OptionError, match="cannot read .* 'a,b'; use LOW,HIGH or NAME=LOW,HIGH"):
         _bounds(["a,b"], names)
+
+
+def test_tune_takes_one_constraint_as_it_takes_several():
+    """``subject_to`` may be one parsed :class:`Constraint` (a single one crashed before)."""
+    from lora_arith.evaluation.search import Constraints, parse_constraint, parse_constraints
+    from lora_arith.evaluation.tune import _constraints
+
+    one = parse_constraint("compliance_rate>=0.5")
+    assert _constraints(one) == Constraints((one,)) == _constraints("compliance_rate>=0.5")
+    assert _constraints(one).keys == [one.key]
+    several = parse_constraints(["compliance_rate>=0.5", "refusal_rate<=0.9"])
+    assert _constraints(several) is several

@@ -57,11 +57,6 @@ class Constraint:
     def key(self) -> str:
         return metric_key(self.metric)
 
-    @property
-    def items(self) -> tuple["Constraint", ...]:
-        """This constraint alone, as :class:`Constraints` lists its own."""
-        return (self,)
-
     def holds(self, row: dict[str, Any]) -> bool:
         value = row.get(self.key)
         return value is not None and _OPERATORS[self.operator](value, self.value)

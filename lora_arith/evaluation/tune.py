@@ -59,7 +59,7 @@ class TuneResult:
     compare: dict[str, dict[str, Any]]
     """Each compared adapter's flat metrics row on the tuning prompts."""
     objective: str
-    constraint: Constraint | Constraints
+    constraint: Constraints
     vectors: dict[str, str] = field(repr=False)
     sources: list[Path] = field(default_factory=list, repr=False)
 
@@ -229,8 +229,10 @@ def tune(
     )
 
 
-def _constraints(subject_to: str | Sequence[str] | Constraint | Constraints) -> Constraint | Constraints:
-    if isinstance(subject_to, (Constraint, Constraints)):
+def _constraints(subject_to: str | Sequence[str] | Constraint | Constraints) -> Constraints:
+    if isinstance(subject_to, Constraint):
+        return Constraints((subject_to,))
+    if isinstance(subject_to, Constraints):
         return subject_to
     return parse_constraints([subject_to] if isinstance(subject_to, str) else list(subject_to))
 
@@ -249,7 +251,7 @@ def _bounds(bounds: Bounds, names: list[str]) -> dict[str, tuple[float, float]]:
     return search_ranges(ranges, names, DEFAULT_BOUNDS)
 
 
-def _infeasible(constraint: Constraint | Constraints, best: dict[str, Any]) -> str:
+def _infeasible(constraint: Constraints, best: dict[str, Any]) -> str:
     """Why no point was chosen, with the point that came closest."""
     if len(constraint.items) == 1:
         value = best.get(constraint.items[0].key)
@@ -322,6 +324,7 @@ def plot_frontier(
     axes.plot(
         [r[x_key] for r in front], [r[y_key] for r in front], "-o", color="tab:blue", ms=4, label="Pareto frontier"
     )
+    constraint = _constraints(constraint)
     for line in constraint.items:
         if line.key == x_key:
             axes.axvline(line.value, color="tab:red", ls="--", lw=1, label=str(line))
