@@ -116,20 +116,23 @@ def test_a_model_the_step_does_not_know_takes_its_own_forward(chat_base, two_ada
     hook.remove()
 
 
-def test_a_fused_layer_calls_its_base_directly_unless_the_base_has_a_hook(chat_base, two_adapters):
-    """The fused forward skips the base layer's ``__call__`` (the same product), but not its hooks."""
+def test_a_fused_layer_calls_its_base_directly_unless_the_base_has_a_hook(chat_base, two_adapters, monkeypatch):
+    """The fused forward skips the base layer's ``__call__`` and ``forward`` (the same product),
+    but not when the base has a hook, which must run."""
     mixer = _mixer(chat_base, two_adapters)
     layer = mixer.model.get_base_model().model.layers[0].self_attn.q_proj
     x = torch.randn(3, 2, layer.base_layer.in_features)
-    calls = []
-    hook = layer.base_layer.register_forward_hook(lambda *args: calls.append(1))
+    forwards, hooks = [], []
+    original = type(layer.base_layer).forward
+    monkeypatch.setattr(type(layer.base_layer), "forward", lambda self, x: forwards.append(1) or original(self, x))
+    hook = layer.base_layer.register_forward_hook(lambda *args: hooks.append(1))
     with torch.no_grad(), mixer.row_weights([None] * 3, fused=True):
         hooked = layer(x)
-    assert calls == [1]
+    assert hooks == [1] and forwards == [1]  # through the module: its hook ran
     hook.remove()
     with torch.no_grad(), mixer.row_weights([None] * 3, fused=True):
         direct = layer(x)
-    assert calls == [1]
+    assert forwards == [1]  # no hook: the product itself, not the module's forward
     torch.testing.assert_close(direct, hooked, rtol=0, atol=0)
 
 
