@@ -23,7 +23,6 @@ event loop.
 
 
 import asyncio
-import dataclasses
 import hmac
 import ipaddress
 import json
@@ -428,9 +427,8 @@ def run_server(
     ``announce``)."""
     from lora_arith.serving.engine import Engine
 
-    settings = ServerSettings(model_id, dict(mixer.weights), max_eta, max_tokens, context_length=None)  # checks the defaults
+    settings = ServerSettings(model_id, dict(mixer.weights), max_eta, max_tokens)  # checks the defaults
     engine = Engine(mixer, max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens, max_queue=max_queue)
-    settings = dataclasses.replace(settings, context_length=engine.context_length)
     run_backend(EngineBackend(engine), settings, **server)
 
 

@@ -161,5 +161,5 @@ def serve_proxy(
         backend, named = LlamaCppBackend.connect(engine_url, named)
         defaults = default_weights(named, weights, max_eta)
         announce(f"llama.cpp at {engine_url}: LoRA ids {backend.ids}, of {backend.count} adapters")
-    settings = ServerSettings(model_id, defaults, max_eta, max_tokens, context_length=None)
+    settings = ServerSettings(model_id, defaults, max_eta, max_tokens)
     run_backend(backend, settings, announce=announce, **server)

@@ -103,10 +103,6 @@ class ServerSettings:
     max_eta: float = 4.0
     max_tokens: int = 512
     """The largest ``max_tokens`` a request may ask for (and the default)."""
-    context_length: int | None = dataclasses.field(kw_only=True)
-    """The model's context in tokens: no default here, the model decides it
-    (:func:`lora_arith.model.generation.context_length`, as the engine's ``context_length``);
-    ``None`` behind a proxy, where the upstream engine checks prompts against its own."""
 
     def __post_init__(self) -> None:
         check_defaults(self.defaults, self.max_eta)
