@@ -43,9 +43,10 @@ from lora_arith._internal.atomic import atomic_output, check_output
 from lora_arith._internal.errors import LoraArithError, OptionError, first_line
 from lora_arith._internal.privacy import public_name, scrub
 from lora_arith._internal.provenance import RECIPE_METADATA_KEY
-from lora_arith.lora.adapter_io import EMBEDDING, LINEAR, _read_json, adapter_sources, open_adapter
+from lora_arith.lora.adapter_io import EMBEDDING, LINEAR, _read_json, open_adapter
 from lora_arith.lora.numerics import finite_number
 from lora_arith.lora.specs import AdapterSpec, file_stem
+from lora_arith.model.base import base_model_id, default_base_config, is_default_base, model_inputs, resolve_base
 
 __all__ = [
     "ARCHITECTURES",
@@ -142,26 +143,22 @@ def _read_config(base: str | None) -> tuple[dict[str, Any], str]:
     """The base's ``config.json`` and its public name: the default base's
     (:func:`~lora_arith.model.base.default_base_config`), a local folder's own file, or a Hub
     model's file (downloaded through huggingface_hub)."""
-    from lora_arith.model.base import base_model_id, default_base_config, is_default_base, resolve_base
-
     name = base_model_id(base)
-    local = Path(base).expanduser() if base is not None else None
     if is_default_base(base):
         return default_base_config(), name  # without converting it
-    if local is not None and local.is_dir():
+    local = Path(base).expanduser()
+    if local.is_dir():
         path = local / "config.json"
         if not path.is_file():
             raise LoraArithError(f"base model directory {base} has no config.json")
     else:
-        location = resolve_base(base)
-        path = Path(location) / "config.json"
-        if not Path(location).is_dir():
-            from huggingface_hub import hf_hub_download
+        from huggingface_hub import hf_hub_download
 
-            try:
-                path = Path(hf_hub_download(location, "config.json"))
-            except Exception as error:  # the Hub raises many types; all mean "cannot get it"
-                raise LoraArithError(f"cannot get the config of base model {base}: {first_line(error)}") from None
+        location = resolve_base(base)  # refuses a path that is not a model folder: a Hub id is left
+        try:
+            path = Path(hf_hub_download(location, "config.json"))
+        except Exception as error:  # the Hub raises many types; all mean "cannot get it"
+            raise LoraArithError(f"cannot get the config of base model {base}: {first_line(error)}") from None
     return _read_json(path, f"base model {name}"), name
 
 
@@ -389,12 +386,6 @@ def _check_dtype(dtype: str) -> None:
         raise OptionError("dtype", "{} {dtype!r} is not one of {choices}", dtype=dtype, choices=", ".join(DTYPES))
 
 
-def _inputs(adapters: Sequence[str], base: str | None) -> list[Path]:
-    from lora_arith.model.base import base_sources
-
-    return [*base_sources(base), *(source for adapter in adapters for source in adapter_sources(adapter))]
-
-
 def _prepare(adapters: Sequence[str], base: str | None) -> BaseLayout:
     """Check the adapters against the base before anything is written; the base's layout."""
     _check_recorded_base(adapters, base)
@@ -430,7 +421,7 @@ def export_gguf(
             a factor that overflows ``dtype``, or an output that exists or would touch an input.
     """
     _check_dtype(dtype)
-    checked = check_output(output, force=force, inputs=_inputs([str(adapter)], base), kind="file")
+    checked = check_output(output, force=force, inputs=model_inputs(base, [str(adapter)]), kind="file")
     layout = _prepare([str(adapter)], base)
     with atomic_output(checked) as temporary:
         written = _write([AdapterSpec(str(adapter), 1.0)], temporary, public_name(adapter), layout, dtype)
@@ -489,7 +480,7 @@ def export_gguf_adapters(
     for name in plan:
         if name in ("", ".", "..") or name.startswith(".") or Path(name).name != name or "\\" in name:
             raise LoraArithError(f"{name!r} is not a plain file name; name the mix with letters, digits, '.', '_', '-'")
-    checked = check_output(output, force=force, inputs=_inputs(adapters, base), kind="folder")
+    checked = check_output(output, force=force, inputs=model_inputs(base, adapters), kind="folder")
     layout = _prepare(adapters, base)
     exports: dict[str, GgufExport] = {}
     with atomic_output(checked) as folder:
