@@ -91,14 +91,25 @@ def hash_ahead(paths: Iterable[str | os.PathLike[str]]) -> None:
             threading.Thread(target=run, args=(key, _AHEAD[key]), name="lora-arith-hash", daemon=True).start()
 
 
+_KNOWN: dict[tuple[str, int, int], str] = {}
+"""Digests :func:`sha256_of` computed, by :func:`_file_key`: a file is read once per process while
+it stays the same (a command that combines it into several mixes hashes it once)."""
+
+
 def sha256_of(path: str | os.PathLike[str]) -> str:
-    """The hex sha256 of a file, read in 1 MiB blocks (or waited for, if :func:`hash_ahead` is on it)."""
+    """The hex sha256 of a file, read in 1 MiB blocks (or waited for, if :func:`hash_ahead` is on
+    it; or remembered, if it was hashed before and has not changed since)."""
     key = _file_key(path)
+    if key in _KNOWN:
+        return _KNOWN[key]
     if key in _AHEAD:
         digest = _AHEAD[key].result()
         if digest is not None and _file_key(path) == key:
             return digest
-    return _hash_file(Path(path))
+    digest = _hash_file(Path(path))
+    if key is not None and _file_key(path) == key:  # unchanged while it was read
+        _KNOWN[key] = digest
+    return digest
 
 
 def versions(packages: Iterable[str] = TRAINING_PACKAGES) -> dict[str, str]:
