@@ -87,10 +87,10 @@ def test_library_functions_take_parsed_specs(adapter_factory):
 
 def test_an_adapter_is_named_by_its_file_or_folder_in_one_place():
     """``serve``, ``export --for llama.cpp`` and every NAME-less spec name an adapter alike."""
-    stems = ["runs/helpful/", "a/kind.safetensors", "runs/harmless/adapter_model.safetensors", "x"]
-    assert [file_stem(path) for path in stems] == ["helpful", "kind", "harmless", "x"]
+    stems = ["runs/helpful/", "a/kind.safetensors", "runs/harmless/adapter_model.safetensors", "x", "loras/safe.gguf"]
+    assert [file_stem(path) for path in stems] == ["helpful", "kind", "harmless", "x", "safe"]
     named = adapter_names([AdapterSpec(path) for path in [*stems, "other/helpful", "runs/mix-0.5"]])
-    assert list(named) == ["helpful", "kind", "harmless", "x", "helpful-2", "mix-0_5"]
+    assert list(named) == ["helpful", "kind", "harmless", "x", "safe", "helpful-2", "mix-0_5"]
 
 
 def test_sweep_names_and_fixed_weights():

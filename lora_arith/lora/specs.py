@@ -109,11 +109,12 @@ def parse_specs(texts: Iterable[str]) -> list[AdapterSpec]:
 
 def file_stem(path: str | os.PathLike[str]) -> str:
     """What the adapter at ``path`` is called by default: its folder's or file's name without
-    ``.safetensors``, and a PEFT folder's ``adapter_model.safetensors`` by its folder."""
+    ``.safetensors`` or ``.gguf`` (llama.cpp's LoRAs), and a PEFT folder's
+    ``adapter_model.safetensors`` by its folder."""
     location = Path(str(path).rstrip("/"))
     if location.name == WEIGHTS_NAME:
         location = location.parent
-    return location.name.removesuffix(".safetensors")
+    return location.name.removesuffix(".safetensors").removesuffix(".gguf")
 
 
 def adapter_names(specs: Sequence[AdapterSpec], taken: Iterable[str] = frozenset()) -> dict[str, AdapterSpec]:

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Mapping
 
 from lora_arith._internal.errors import LoraArithError, OptionError, first_line
-from lora_arith.lora.specs import CONFIG_NAME, WEIGHTS_NAME, AdapterSpec
+from lora_arith.lora.specs import CONFIG_NAME, WEIGHTS_NAME, AdapterSpec, file_stem
 from lora_arith.serving.backends import SSE_DONE, Backend, sse_event
 from lora_arith.serving.protocol import ChatRequest, RequestError, RowResult
 
@@ -585,7 +585,7 @@ class LlamaCppBackend(ProxyBackend):
         if not named:
             if not listed:
                 raise LoraArithError(f"llama-server at {url} has no LoRA adapters: start it with --lora FILE.gguf")
-            stems = [name.removesuffix(".gguf") for name in basenames]
+            stems = [file_stem(name) for name in basenames]
             if len(set(stems)) != len(stems):
                 raise OptionError("adapters", "llama-server's adapters have files of the same name: name them with {} NAME=FILE.gguf")
             named = {stem: AdapterSpec(path) for stem, path in zip(stems, basenames)}
