@@ -300,15 +300,15 @@ def _factors(name: str, module: str, delta, kind: str, layout: BaseLayout, dtype
     return arrays[0], arrays[1]
 
 
-def _check_recorded_base(adapters: Sequence[str], base: str | None) -> None:
+def _check_recorded_base(opened: Mapping[str, Any], base: str | None) -> None:
     """With the default base, refuse adapters recorded for another: its config decides the RoPE
     permutation, which a wrong base would get silently wrong where the shapes happen to agree."""
     from lora_arith.model.base import DEFAULT_BASE_ID
 
     if base is not None:
         return
-    for adapter in adapters:
-        recorded = open_adapter(adapter).base_model
+    for adapter, adapter_file in opened.items():
+        recorded = adapter_file.base_model
         if recorded not in (None, DEFAULT_BASE_ID):
             raise OptionError(
                 "base",
@@ -318,12 +318,11 @@ def _check_recorded_base(adapters: Sequence[str], base: str | None) -> None:
             )
 
 
-def _check_modules(adapters: Sequence[str], layout: BaseLayout) -> None:
-    for adapter in adapters:
-        opened = open_adapter(adapter)
-        if opened.config.get("fan_in_fan_out"):
+def _check_modules(opened: Mapping[str, Any], layout: BaseLayout) -> None:
+    for adapter, adapter_file in opened.items():
+        if adapter_file.config.get("fan_in_fan_out"):
             raise LoraArithError(f"{public_name(adapter)}: fan_in_fan_out=True is not a Llama adapter")
-        for module, info in opened.modules.items():
+        for module, info in adapter_file.modules.items():
             try:
                 gguf_name(module, layout, kind=info.kind, shape=info.shape)
             except LoraArithError as error:
@@ -388,9 +387,10 @@ def _check_dtype(dtype: str) -> None:
 
 def _prepare(adapters: Sequence[str], base: str | None) -> BaseLayout:
     """Check the adapters against the base before anything is written; the base's layout."""
-    _check_recorded_base(adapters, base)
+    opened = {adapter: open_adapter(adapter) for adapter in adapters}
+    _check_recorded_base(opened, base)
     layout = base_layout(base)
-    _check_modules(adapters, layout)
+    _check_modules(opened, layout)
     return layout
 
 
