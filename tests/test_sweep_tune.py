@@ -388,3 +388,37 @@ def test_tune_takes_one_constraint_as_it_takes_several():
     assert _constraints(one).keys == [one.key]
     several = parse_constraints(["compliance_rate>=0.5", "refusal_rate<=0.9"])
     assert _constraints(several) is several
+
+
+def test_tune_holds_out_pairs_and_computes_their_reference_once(chat_base, two_adapters, pairs_file, monkeypatch):
+    """Pairs are split like prompts: the held-out pair metrics are measured on pairs the search
+    never saw, and each part's reference log-probs (adapters off) are computed once, not once per
+    search round."""
+    import lora_arith.model.generation as generation
+    from lora_arith.training.data import load_pairs
+
+    calls = []
+    original = generation.reply_logprobs
+    monkeypatch.setattr(
+        generation, "reply_logprobs", lambda model, tokenizer, prompts, *a, **k: calls.append(str(prompts)) or original(model, tokenizer, prompts, *a, **k)
+    )  # fmt: skip
+    found = lora_arith.tune(
+        {"helpful": two_adapters[0]}, pairs=[pairs_file], maximize="logprob_margin", subject_to="reward_accuracy>=0", bounds=(-1, 1), budget=5,
+        base=str(chat_base), max_new_tokens=2,
+    )  # fmt: skip
+    report = found.report
+    assert report["n_pairs"] == {"tuning": 2, "held_out": 2}
+    assert report["chosen"]["held_out"]["n_pairs"] == 2 and found.chosen["n_pairs"] == 2
+    evaluated = len(report["evaluated"])
+    assert evaluated > 2  # several search rounds
+    assert "reward acc." in found.markdown and "pairs by file: tuning 2, held-out 2" in found.markdown
+    from lora_arith.evaluation.search import split_pairs
+
+    tuning, held = split_pairs(load_pairs([str(pairs_file)])[0], 0.5, 0)  # seeded, by file
+    assert len(tuning) == len(held) == 2 and not {p.source for p in tuning} & {p.source for p in held}
+    # two log-prob passes (chosen, rejected) per point, plus two per part for the reference: the
+    # search's points on the tuning pairs, the chosen point on the held-out ones
+    assert calls.count(str([p.prompt for p in tuning])) == 2 * evaluated + 2
+    assert calls.count(str([p.prompt for p in held])) == 2 + 2 and len(calls) == 2 * evaluated + 6
+    with pytest.raises(LoraArithError, match="leaves the pairs of .*pairs.jsonl \\(4\\) empty on one side"):
+        split_pairs(tuning + held, 0.1, 0)

@@ -181,7 +181,7 @@ _tune_options = [
         help="Search range of η (for every vector, or NAME=LOW,HIGH for one; repeatable). Default: -1,2.",
     ),
     click.option("--budget", default=40, show_default=True, help="Points evaluated on the tuning prompts at most."),
-    click.option("--split", default=0.5, show_default=True, help="Share of each prompt kind used for tuning."),
+    click.option("--split", default=0.5, show_default=True, help="Share of each prompt kind (and of each --pairs file) used for tuning."),
     click.option("--seed", default=0, show_default=True, help="Seed of the split."),
     click.option(
         "--compare", multiple=True, metavar="NAME=PATH[:WEIGHT]",
@@ -198,9 +198,10 @@ def tune(vectors, compare, options: EvalOptions, **search):
     """Find the weights η that maximise one rate subject to a constraint on another.
 
     The prompts (with --prompts; kinds unsafe, safe and optional ordinary) are split, stratified
-    by kind, into a tuning part and a held-out part. A coarse grid then refinement searches η on
-    the tuning part; the chosen η is measured on the held-out part. Metrics: refusal_rate,
-    compliance_rate, ordinary_compliance_rate (and reward_accuracy, logprob_margin with --pairs).
+    by kind, into a tuning part and a held-out part (--pairs likewise, by file). A coarse grid
+    then refinement searches η on the tuning part; the chosen η is measured on the held-out part.
+    Metrics: refusal_rate, compliance_rate, ordinary_compliance_rate (and reward_accuracy,
+    logprob_margin with --pairs).
 
     Writes OUT/report.md, OUT/report.json, OUT/frontier.png and OUT/adapter/ (the chosen mix as
     a PEFT adapter, written by combine).

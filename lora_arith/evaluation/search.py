@@ -1,7 +1,7 @@
 """The search behind ``tune``: find the weights η that maximise one rate subject to constraints on others.
 
 The prompts are split, stratified by kind (unsafe / safe / ordinary), into a tuning part and a
-held-out part. On the tuning part the search evaluates a coarse grid over the bounds, then
+held-out part (preference pairs likewise, by the file they came from). On the tuning part the search evaluates a coarse grid over the bounds, then
 refines around the best feasible point (halving the step each round) until the budget of
 evaluated points is spent. The chosen point is then measured on the held-out part, where its
 rates are reported with Wilson 95% intervals. The search itself is pure: it calls
@@ -30,6 +30,7 @@ __all__ = [
     "parse_bounds",
     "search_ranges",
     "split_prompts",
+    "split_pairs",
     "SearchResult",
     "search",
     "pareto_front",
@@ -158,22 +159,40 @@ def split_prompts(items: Sequence[Any], fraction: float, seed: int) -> tuple[lis
     """Split prompts into (tuning, held-out), stratified by kind: in each kind a share
     ``fraction`` (rounded) goes to tuning, chosen with ``seed``. A kind left empty on either
     side is an error."""
+    groups = {kind: [item for item in items if item.kind == kind] for kind in KINDS}
+    return _split(items, groups, fraction, seed, "the {group} prompts ({count})", "prompts")
+
+
+def split_pairs(pairs: Sequence[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
+    """Split preference pairs into (tuning, held-out) as :func:`split_prompts` splits prompts,
+    stratified by the file they came from (:attr:`~lora_arith.training.data.PreferencePair.origin`)."""
+    groups: dict[str, list[Any]] = {}
+    for pair in pairs:
+        groups.setdefault(pair.origin, []).append(pair)
+    return _split(pairs, groups, fraction, seed, "the pairs of {group} ({count})", "pairs")
+
+
+def _split(
+    items: Sequence[Any], groups: dict[str, list[Any]], fraction: float, seed: int, what: str, noun: str
+) -> tuple[list[Any], list[Any]]:
+    """A share ``fraction`` (rounded) of each group to tuning, the rest held out, shuffled with
+    one generator seeded with ``seed`` over the groups in order; both parts keep ``items``' order."""
     if not 0.0 < fraction < 1.0:
         raise OptionError("split", "{} must be between 0 and 1 (exclusive), got {fraction:g}", fraction=fraction)
     rng = random.Random(seed)
     tuning, held_out = [], []
-    for kind in KINDS:
-        members = [item for item in items if item.kind == kind]
+    for group, members in groups.items():
         if not members:
             continue
+        members = list(members)
         rng.shuffle(members)
         cut = round(len(members) * fraction)
         if cut == 0 or cut == len(members):
             raise OptionError(
                 "split",
-                "{} {fraction:g} leaves the {kind} prompts ({count}) empty on one side; give more prompts or another split",
+                "{} {fraction:g} leaves " + what + " empty on one side; give more " + noun + " or another split",
                 fraction=fraction,
-                kind=kind,
+                group=group,
                 count=len(members),
             )
         tuning += members[:cut]

@@ -135,6 +135,7 @@ def evaluate_points(
     share_prefix: bool = True,
     on_point: Callable[[dict[str, float], dict[str, Any]], None] | None = None,
     progress: bool = False,
+    reference: dict | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate the mixer at every point (name → η; names left out keep the mixer's weights).
 
@@ -142,13 +143,14 @@ def evaluate_points(
     one-point-at-a-time path); with more, ``points_per_batch`` points share every generation
     batch (:func:`generate_points`, ``share_prefix`` passed on), which gives the same greedy
     texts. Pair metrics are computed point by point, with the reference log-probabilities
-    computed once. ``on_point(point, result)`` is called as each point finishes. Returns the
+    computed once (and kept in ``reference``, a dict, for later calls on the same ``pairs``).
+    ``on_point(point, result)`` is called as each point finishes. Returns the
     :func:`~lora_arith.evaluation.evaluate.evaluate_model` results in order."""
     from lora_arith.evaluation.evaluate import evaluate_model, pair_metrics, score_prompts
 
     if points_per_batch < 1:
         raise OptionError("points_per_batch", "{} must be at least 1")
-    reference: dict = {}
+    reference = {} if reference is None else reference
     results: list[dict[str, Any]] = []
     chunks = list(_chunks(list(points), points_per_batch))
     bar = None

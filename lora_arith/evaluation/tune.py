@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, Union
 
 from lora_arith._internal.errors import LoraArithError, OptionError
 from lora_arith.evaluation.config import Adapters, EvalConfig, adapter_specs, load_inputs
-from lora_arith.evaluation.metrics import KINDS, PROMPT_RATES, metric
+from lora_arith.evaluation.metrics import KINDS, METRICS, PROMPT_RATES, Metric, metric
 from lora_arith.evaluation.search import (
     Constraint,
     Constraints,
@@ -30,6 +30,7 @@ from lora_arith.evaluation.search import (
     parse_constraints,
     search,
     search_ranges,
+    split_pairs,
     split_prompts,
 )
 
@@ -132,7 +133,8 @@ def tune(
         budget: points evaluated on the tuning prompts at most.
         compare: adapters (name → path or :class:`~lora_arith.lora.specs.AdapterSpec`) measured the
             same way, e.g. a union baseline.
-        pairs: preference pairs, for reward_accuracy and logprob_margin.
+        pairs: preference pairs, for reward_accuracy and logprob_margin, split as the prompts
+            are (``split`` of each file to tuning).
         points_per_batch: grid points generated together in one batch (per-row weights).
         mixer: an already loaded :class:`~lora_arith.model.mixing.PreferenceMixer` with every
             vector and compared adapter attached by name, instead of loading the base.
@@ -159,6 +161,7 @@ def tune(
     if not inputs.prompts and metric(objective).part == "prompts":
         raise OptionError("prompts", "tune needs {} for the refusal and compliance rates")
     tuning_prompts, held_out = split_prompts(inputs.prompts, split, seed)
+    tuning_pairs, held_out_pairs = split_pairs(inputs.pairs, split, seed) if inputs.pairs else ([], [])
     for key in (objective, *constraint.keys):
         kind = metric(key).kind
         if kind is not None and not inputs.count(kind):
@@ -169,19 +172,28 @@ def tune(
     zeros = {name: 0.0 for name in mixer.names}
     mixer.set(**zeros)
 
-    def evaluate(points: list[dict[str, float]], items) -> list[dict[str, Any]]:
+    references: dict[int, dict] = {}  # the reference log-probs of each part's pairs, computed once
+
+    def evaluate(points: list[dict[str, float]], items, pairs) -> list[dict[str, Any]]:
         from lora_arith.evaluation.sweep import evaluate_points, flatten
 
         full = [{**zeros, **point} for point in points]
         results = evaluate_points(
-            mixer, full, items, inputs.pairs, judge=judge, points_per_batch=points_per_batch, **config.generation()
+            mixer,
+            full,
+            items,
+            pairs,
+            judge=judge,
+            points_per_batch=points_per_batch,
+            reference=references.setdefault(id(pairs), {}),
+            **config.generation(),
         )
         return [flatten(result) for result in results]
 
     rounds = itertools.count(1)
 
     def evaluate_tuning(points: list[dict[str, float]]) -> list[dict[str, Any]]:
-        rows = evaluate(points, tuning_prompts)
+        rows = evaluate(points, tuning_prompts, tuning_pairs)
         if log is not None:
             log(f"round {next(rounds)}: {len(points)} points")
         return rows
@@ -191,8 +203,8 @@ def tune(
         raise LoraArithError(_infeasible(constraint, found.best_constraint))
     eta = found.chosen["eta"]
     compare_points = {name: {**zeros, name: spec.weight} for name, spec in compared.items()}
-    held_rows = evaluate([eta, *compare_points.values()], held_out)
-    tuning_compare = evaluate(list(compare_points.values()), tuning_prompts) if compare_points else []
+    held_rows = evaluate([eta, *compare_points.values()], held_out, held_out_pairs)
+    tuning_compare = evaluate(list(compare_points.values()), tuning_prompts, tuning_pairs) if compare_points else []
     report = {
         "objective": {"metric": maximize or minimize, "key": objective, "direction": "max" if maximize else "min"},
         "constraint": str(constraint),
@@ -208,6 +220,7 @@ def tune(
             "tuning": {kind: sum(p.kind == kind for p in tuning_prompts) for kind in KINDS},
             "held_out": {kind: sum(p.kind == kind for p in held_out) for kind in KINDS},
         },
+        "n_pairs": {"tuning": len(tuning_pairs), "held_out": len(held_out_pairs)},
         "vectors": {name: Path(path).name if Path(path).is_absolute() else path for name, path in named.items()},
         "chosen": {"eta": eta, "tuning": _strip(found.chosen), "held_out": held_rows[0]},
         "compare": {
@@ -274,8 +287,17 @@ def _markdown(report: dict[str, Any]) -> str:
     compared adapters."""
     from lora_arith.evaluation.evaluate import rate_text
 
+    pairs = report["n_pairs"]
+    shown = METRICS if pairs["tuning"] else PROMPT_RATES
+
+    def cell(row: dict[str, Any], shown_metric: Metric) -> str:
+        if shown_metric.is_rate:
+            return rate_text(row, shown_metric.key, shown_metric.n_key)
+        value = row.get(shown_metric.key)
+        return "n/a" if value is None else f"{value:.3f}"
+
     def cells(row: dict[str, Any]) -> str:
-        return " | ".join(rate_text(row, rate.key, rate.n_key) for rate in PROMPT_RATES)
+        return " | ".join(cell(row, shown_metric) for shown_metric in shown)
 
     chosen = report["chosen"]
     name = "chosen: " + eta_text(chosen["eta"])
@@ -286,10 +308,11 @@ def _markdown(report: dict[str, Any]) -> str:
         f"evaluated on the tuning prompts, budget {report['budget']}).",
         f"Base: {report['base']}; max_new_tokens {report['max_new_tokens']}; judge: {report['judge']}; "
         f"split {report['split']:g} (seed {report['seed']}), stratified by kind: tuning {report['n_prompts']['tuning']}, "
-        f"held-out {report['n_prompts']['held_out']}.",
+        f"held-out {report['n_prompts']['held_out']}"
+        + (f"; pairs by file: tuning {pairs['tuning']}, held-out {pairs['held_out']}." if pairs["tuning"] else "."),
         "",
-        "| model | prompts |" + "".join(f" {rate.column} |" for rate in PROMPT_RATES),
-        "| --- | --- |" + " --- |" * len(PROMPT_RATES),
+        "| model | part |" + "".join(f" {shown_metric.column} |" for shown_metric in shown),
+        "| --- | --- |" + " --- |" * len(shown),
         f"| {name} | held-out | {cells(chosen['held_out'])} |",
         f"| {name} | tuning | {cells(chosen['tuning'])} |",
     ]
