@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import inspect
 import pkgutil
 import subprocess
 import sys
@@ -66,7 +67,9 @@ def test_py_typed_is_shipped():
 
 
 def test_every_public_module_has_a_complete_all():
-    missing, wrong = [], []
+    """Every public module lists its public names in ``__all__``: each listed name exists, and
+    each class or function it defines without a leading underscore is listed."""
+    missing, wrong, unlisted = [], [], []
     for info in pkgutil.walk_packages([str(PACKAGE)], "lora_arith."):
         leaf = info.name.rsplit(".", 1)[-1]
         if info.ispkg or leaf.startswith("_"):
@@ -77,7 +80,15 @@ def test_every_public_module_has_a_complete_all():
             missing.append(info.name)
             continue
         wrong += [f"{info.name}.{name}" for name in names if not hasattr(module, name)]
-    assert missing == [] and wrong == []
+        unlisted += [
+            f"{info.name}.{name}"
+            for name, value in vars(module).items()
+            if not name.startswith("_")
+            and (inspect.isclass(value) or inspect.isfunction(value))
+            and value.__module__ == info.name
+            and name not in names
+        ]
+    assert missing == [] and wrong == [] and unlisted == []
 
 
 def test_the_layout_shows_the_layers():

@@ -78,7 +78,7 @@ class AccessSettings:
         )
 
 
-def is_loopback_host(host: str) -> bool:
+def _is_loopback_host(host: str) -> bool:
     """Whether ``host`` (an address or a name, without the port) is this machine's loopback."""
     host = host.strip("[]").lower().rstrip(".")
     if host in LOOPBACK_NAMES or host.endswith(".localhost"):
@@ -194,7 +194,7 @@ class _HostCheck(_Layer):
     """Refuses a ``Host`` header that does not name a loopback host (against DNS rebinding)."""
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and not is_loopback_host(_host_name(_headers(scope).get("host", "localhost"))):
+        if scope["type"] == "http" and not _is_loopback_host(_host_name(_headers(scope).get("host", "localhost"))):
             message = "this server answers only requests addressed to a loopback host"
             return await self._refuse(send, 403, message, kind="permission_error", code="host_not_allowed")
         return await self.app(scope, receive, send)
@@ -452,7 +452,7 @@ def run_backend(
 
     access = access or AccessSettings()
     if access.loopback_only is None:
-        access.loopback_only = is_loopback_host(host)
+        access.loopback_only = _is_loopback_host(host)
     stopping = asyncio.Event()
     app = create_app(backend, settings, access, stopping=stopping)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -438,7 +438,7 @@ def _hub_offline() -> bool:
 
 
 @dataclass(frozen=True)
-class HubDataset:
+class _HubDataset:
     """A parsed Hub dataset spec ``NAME[:CONFIG][@REV][:SPLIT]``."""
 
     name: str
@@ -447,7 +447,7 @@ class HubDataset:
     split: str = "train"
 
 
-def parse_hub_dataset(spec: str) -> HubDataset | None:
+def _parse_hub_dataset(spec: str) -> _HubDataset | None:
     """Parse ``NAME[:CONFIG][@REV][:SPLIT]`` (``None`` if ``spec`` is not of that form).
 
     ``NAME:CONFIG:SPLIT`` names both; a lone ``:PART`` is the split (``NAME:test``) unless a
@@ -459,14 +459,14 @@ def parse_hub_dataset(spec: str) -> HubDataset | None:
     first, split = match["first"], match["split"]
     if first is not None and split is None and match["revision"] is None:
         first, split = None, first
-    return HubDataset(match["name"], first, match["revision"], split or "train")
+    return _HubDataset(match["name"], first, match["revision"], split or "train")
 
 
 def _hub_rows(spec: str) -> Iterator[tuple[int, Any]]:
     """Rows of a Hub dataset split, numbered from 1."""
     if _hub_offline():
         raise LoraArithError(f"{spec}: not a local file, and the Hub is offline (HF_HUB_OFFLINE is set)")
-    hub = parse_hub_dataset(spec)
+    hub = _parse_hub_dataset(spec)
     try:
         import datasets
 

@@ -60,6 +60,15 @@ __all__ = [
     "has_checkpoint",
     "TRAINING_LOG",
     "TRAINING_METADATA",
+    # the checkpoint and resume machinery train_vector shares
+    "RUN_SETTINGS",
+    "last_checkpoint",
+    "run_settings",
+    "check_same_settings",
+    "discard_leftovers",
+    "is_main_process",
+    "single_file_name",
+    "training_inputs",
 ]
 
 TRAINING_LOG = "training_log.json"
