@@ -222,3 +222,37 @@ def test_vllm_export_writes_one_adapter_per_mix(adapter_factory, tmp_path):
     bad = run("export", a, b, "--mix", "x=1", "-o", tmp_path / "bad")
     assert bad.exit_code == 1 and "one per adapter" in bad.output and not (tmp_path / "bad").exists()
     assert run("export", a, b, "-o", tmp_path / "bad").exit_code == 1
+
+
+@pytest.mark.parametrize("target", ["vllm", "llama.cpp"])
+@pytest.mark.parametrize(
+    "mixes, message",
+    [
+        ({"../escaped": (1.0, 1.0)}, "'../escaped': name a mix with letters"),
+        ({"sub/dir": (1.0, 1.0)}, "'sub/dir': name a mix"),
+        ({".hidden": (1.0, 1.0)}, "'.hidden': name a mix"),
+        ({"line\n": (1.0, 1.0)}, "name a mix"),
+        ({"ok": (1.0, float("nan"))}, "mixes ok: the weights must be finite numbers"),
+        ({"ok": (1.0,)}, "mixes ok: 1 weights for 2 adapters"),
+        ({}, "mixes is empty"),
+    ],
+)
+def test_both_exports_check_mixes_alike_and_write_nothing_for_a_bad_one(
+    adapter_factory, tiny_llama, tmp_path, monkeypatch, target, mixes, message
+):
+    """The Python API's ``mixes`` get the checks the command line's ``--mix`` gets: a name that is
+    not a plain file name wrote ``OUT/../escaped`` outside the output folder (vLLM)."""
+    import lora_arith
+    from lora_arith._internal.errors import OptionError
+
+    a, b = adapter_factory(r=2), adapter_factory(r=2)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    before = sorted(p.name for p in work.iterdir())
+    with pytest.raises(OptionError, match=message):
+        if target == "vllm":
+            lora_arith.export([str(a), str(b)], "out", mixes=mixes)
+        else:
+            lora_arith.export_gguf_adapters([a, b], "out", mixes=mixes, base=str(tiny_llama))
+    assert sorted(p.name for p in work.iterdir()) == before == []

@@ -25,7 +25,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from lora_arith._internal.errors import LoraArithError, OptionError
 from lora_arith._internal.privacy import public_name as _public_name
@@ -45,6 +45,8 @@ __all__ = [
     "named_weights",
     "parse_weight",
     "fixed_weights",
+    "MIX_NAME",
+    "check_mixes",
     "HubReference",
     "parse_reference",
 ]
@@ -200,6 +202,32 @@ def parse_weight(item: str, option: str | tuple[str, ...] = (), usage: str = WEI
     return name, weights[0]
 
 
+MIX_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+"""A mix's name (it names the mix's file or folder): ASCII letters, digits, ``.``, ``_`` and
+``-``, starting with a letter or digit (``re.fullmatch``)."""
+
+
+def check_mixes(mixes: Mapping[str, Sequence[float]], count: int) -> dict[str, list[float]]:
+    """``mixes`` (name → one weight per adapter, ``count`` adapters) as name → floats, checked:
+    at least one mix, each named by :data:`MIX_NAME`, each with ``count`` finite weights. The one
+    check of the mixes that ``export`` writes (vLLM folders and GGUF files are named after them)."""
+    if not mixes:
+        raise OptionError("mixes", "{} is empty: give at least one NAME with one weight per adapter")
+    checked: dict[str, list[float]] = {}
+    for name, weights in mixes.items():
+        if not isinstance(name, str) or not MIX_NAME.fullmatch(name):
+            raise OptionError(
+                "mixes", "{} {name!r}: name a mix with letters, digits, '.', '_', '-' (it names a file)", name=name
+            )
+        values = [finite_number(weight) for weight in weights]
+        if len(values) != count:
+            raise OptionError(
+                "mixes", "{} {name}: {n} weights for {count} adapters; give one per adapter", name=name, n=len(values), count=count
+            )
+        if None in values:
+            raise OptionError("mixes", "{} {name}: the weights must be finite numbers", name=name)
+        checked[name] = values
+    return checked
 
 
 def fixed_weights(items: Iterable[str], names: Sequence[str], option: str = "fix") -> dict[str, float]:

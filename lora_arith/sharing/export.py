@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from lora_arith.lora.combine import combine
 from lora_arith._internal.errors import LoraArithError, OptionError
 from lora_arith.lora.factors import compress, single_threaded
 from lora_arith._internal.provenance import EXPORT_METHOD
-from lora_arith.lora.specs import AdapterSpec, named_weights
+from lora_arith.lora.specs import MIX_NAME, AdapterSpec, check_mixes, named_weights
 
 __all__ = [
     "VLLM_RANKS",
@@ -44,9 +43,6 @@ __all__ = [
 
 VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 """The values vLLM accepts for ``--max-lora-rank``."""
-
-_MIX_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
-
 
 @dataclass(frozen=True)
 class Export:
@@ -86,12 +82,12 @@ def parse_mix(text: str, count: int) -> tuple[str, list[float]]:
     """Parse ``NAME=W1,W2,...`` with one weight per input adapter (read by
     :func:`~lora_arith.lora.specs.named_weights`)."""
     name, sep, _ = text.partition("=")
-    if not sep or not _MIX_NAME.match(name):
-        raise OptionError("mix", "{} {text!r}: expected NAME=W1,W2,... (NAME of letters, digits, '.', '_', '-')", text=text)
-    name, weights = named_weights(text, "mix", "{} {item!r}: the weights must be numbers separated by commas")
+    if not sep or not MIX_NAME.fullmatch(name):
+        raise OptionError("mixes", "{} {text!r}: expected NAME=W1,W2,... (NAME of letters, digits, '.', '_', '-')", text=text)
+    name, weights = named_weights(text, "mixes", "{} {item!r}: the weights must be numbers separated by commas")
     if len(weights) != count:
         raise OptionError(
-            "mix", "{} {text!r}: {n} weights for {count} adapters; give one per adapter", text=text, n=len(weights), count=count
+            "mixes", "{} {text!r}: {n} weights for {count} adapters; give one per adapter", text=text, n=len(weights), count=count
         )
     return name, weights
 
@@ -100,7 +96,7 @@ def parse_mixes(texts: Sequence[str], count: int) -> dict[str, list[float]]:
     """Parse the ``mix`` option's texts (:func:`parse_mix`) into name → weights; names must differ."""
     mixes = dict(parse_mix(text, count) for text in texts)
     if len(mixes) != len(texts):
-        raise OptionError("mix", "each {} needs its own NAME")
+        raise OptionError("mixes", "each {} needs its own NAME")
     return mixes
 
 
@@ -173,14 +169,10 @@ def export_mixes(
     ``mixes`` maps a name to one weight per adapter; each mix is the exact weighted sum of the
     adapters (ranks add up), compressed optimally only where a module exceeds ``max_rank``.
     """
-    if not mixes:
-        raise OptionError("mix", "no {} given")
+    mixes = check_mixes(mixes, len(adapters))
     if max_rank is not None and max_rank < 1:
         raise OptionError("max_rank", "{} must be at least 1")
     _check_vllm_compatible(adapters)
-    for name, weights in mixes.items():
-        if len(weights) != len(adapters):
-            raise LoraArithError(f"mix {name}: {len(weights)} weights for {len(adapters)} adapters")
     sources = [source for adapter in adapters for source in adapter_sources(adapter)]
     checked = check_output(output, force=force, inputs=sources, kind="folder")
     exports: dict[str, Export] = {}
@@ -203,10 +195,10 @@ def export_adapters(
     """What ``lora-arith export`` writes: with ``mixes``, one adapter per mix of ``adapters``
     (:func:`export_mixes`, keyed by the mix's name); without, the one adapter given, rewritten
     (:func:`export_for_vllm`, keyed ``None``)."""
-    if mixes:
+    if mixes is not None:
         return export_mixes(adapters, mixes, output, max_rank=max_rank, force=force)
     if len(adapters) != 1:
-        raise OptionError("mix", "several adapters are exported as mixes: give {} NAME=W1,W2,... (one weight each)")
+        raise OptionError("mixes", "several adapters are exported as mixes: give {} NAME=W1,W2,... (one weight each)")
     return {None: export_for_vllm(adapters[0], output, max_rank=max_rank, force=force)}
 
 

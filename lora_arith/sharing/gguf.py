@@ -45,7 +45,7 @@ from lora_arith._internal.privacy import public_name, scrub
 from lora_arith._internal.provenance import RECIPE_METADATA_KEY
 from lora_arith.lora.adapter_io import EMBEDDING, LINEAR, _read_json, open_adapter
 from lora_arith.lora.numerics import finite_number
-from lora_arith.lora.specs import AdapterSpec, file_stem
+from lora_arith.lora.specs import AdapterSpec, check_mixes, file_stem
 from lora_arith.model.base import base_model_id, default_base_config, is_default_base, model_inputs, resolve_base
 
 __all__ = [
@@ -463,23 +463,16 @@ def export_gguf_adapters(
     adapters = [os.fspath(adapter) for adapter in adapters]
     if not adapters:
         raise LoraArithError("give at least one adapter")
-    if mixes is not None and not mixes:
-        raise OptionError("mixes", "{} is empty: give at least one NAME → weights, or None")
-    if mixes:
-        for name, weights in mixes.items():
-            if len(weights) != len(adapters):
-                raise OptionError("mixes", "mix {name}: {n} weights for {count} adapters; give one per adapter",
-                                  name=name, n=len(weights), count=len(adapters))  # fmt: skip
-            if any(finite_number(w) is None for w in weights):
-                raise OptionError("mixes", "mix {name}: the weights must be finite numbers", name=name)
-        plan = {name: [AdapterSpec(a, float(w)) for a, w in zip(adapters, weights)] for name, weights in mixes.items()}
+    if mixes is not None:
+        checked_mixes = check_mixes(mixes, len(adapters))
+        plan = {name: [AdapterSpec(a, w) for a, w in zip(adapters, weights)] for name, weights in checked_mixes.items()}
     else:
         plan = {file_stem(a): [AdapterSpec(a, 1.0)] for a in adapters}
         if len(plan) != len(adapters):
             raise LoraArithError("two adapters have the same name; the GGUF files are named after them")
-    for name in plan:
-        if name in ("", ".", "..") or name.startswith(".") or Path(name).name != name or "\\" in name:
-            raise LoraArithError(f"{name!r} is not a plain file name; name the mix with letters, digits, '.', '_', '-'")
+        for name in plan:
+            if name in ("", ".", "..") or name.startswith(".") or "\\" in name:
+                raise LoraArithError(f"adapter {name!r}: its name is not a plain file name, and the GGUF file is named after it")
     checked = check_output(output, force=force, inputs=model_inputs(base, adapters), kind="folder")
     layout = _prepare(adapters, base)
     exports: dict[str, GgufExport] = {}
