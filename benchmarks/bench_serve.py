@@ -129,17 +129,11 @@ def lora_arith_server(root: Path, threads: int, batch: int | None, *extra: str) 
 
 
 def llama_server(binary: Path, loras: list[Path], threads: int, clients: int) -> Process:
-    sys.path.insert(0, str(REPO))
     from lora_arith.model.base import embedded_gguf
 
     port = free_port()
-    command = [
-        str(binary), "-m", str(embedded_gguf()), "--host", "127.0.0.1", "--port", str(port),
-        "-t", str(threads), "-tb", str(threads), "-np", str(clients), "-c", str(clients * 512),
-        "--lora-init-without-apply", "--no-webui",
-    ]  # fmt: skip
-    for lora in loras:
-        command += ["--lora", str(lora)]
+    extra = ["-t", str(threads), "-tb", str(threads), "-np", str(clients), "-c", str(clients * 512), "--no-webui"]
+    command = llama_cpp.llama_server_command(embedded_gguf(), loras, binary=binary, port=port, extra=extra)
     return Process(command, thread_env(threads), url=f"http://127.0.0.1:{port}", ready=r"server is listening|listening on")
 
 
@@ -150,7 +144,7 @@ def chat(url: str, prompt: str, mix: tuple[float, float], max_tokens: int, llama
     body: dict = {"model": "lora-arith", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
                   "temperature": 0, "stream": stream, "stream_options": {"include_usage": True}}  # fmt: skip
     if llama:
-        body["lora"] = [{"id": 0, "scale": mix[0]}, {"id": 1, "scale": mix[1]}]
+        body["lora"] = llama_cpp.lora_field(mix)
     else:
         body["preferences"] = {"helpful": mix[0], "harmless": mix[1]}
     started = time.perf_counter()

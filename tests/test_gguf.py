@@ -31,11 +31,10 @@ from serving_helpers import Server
 
 from lora_arith._internal.errors import LoraArithError
 from lora_arith.sharing import llama_cpp
+from lora_arith.sharing.llama_cpp import llama_server_command, lora_field
 from lora_arith.sharing.gguf import (
     export_gguf,
     export_gguf_adapters,
-    llama_server_command,
-    lora_field,
     permute_rows,
 )
 
@@ -299,9 +298,9 @@ def test_outputs_are_checked_and_atomic(adapter_factory, tiny_llama, tmp_path):
 
 
 def test_llama_server_command_and_request_field(tmp_path):
-    command = llama_server_command("base.gguf", ["a.gguf", "b.gguf"], binary="/opt/llama-server", port=9000)
+    command = llama_server_command("base.gguf", ["a.gguf", "b.gguf"], binary="/opt/llama-server", port=9000, extra=["-t", "1"])
     assert command == ["/opt/llama-server", "--model", "base.gguf", "--lora", "a.gguf", "--lora", "b.gguf",
-                       "--lora-init-without-apply", "--host", "127.0.0.1", "--port", "9000"]  # fmt: skip
+                       "--lora-init-without-apply", "--host", "127.0.0.1", "--port", "9000", "-t", "1"]  # fmt: skip
     assert lora_field([0.5, 0]) == [{"id": 0, "scale": 0.5}, {"id": 1, "scale": 0.0}]
     for bad in ([], [math.nan]):
         with pytest.raises(LoraArithError):

@@ -348,7 +348,8 @@ def llama_server(tmp_path_factory):
     """llama-server on the default base's GGUF with the shipped vectors as our GGUF LoRAs
     (:func:`~lora_arith.sharing.gguf.export_gguf`; helpful id 0, harmless id 1), applied only
     per request (--lora-init-without-apply)."""
-    from lora_arith.sharing.gguf import export_gguf, llama_server_command
+    from lora_arith.sharing.gguf import export_gguf
+    from lora_arith.sharing.llama_cpp import llama_server_command
     from lora_arith.sharing.llama_cpp import find_server
 
     binary = find_server()
@@ -363,7 +364,7 @@ def llama_server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("gguf")
     loras = [export_gguf(REPO / "adapters" / name, folder / f"{name}.gguf").path for name in ("helpful", "harmless")]
     port = _free_port()
-    command = [*llama_server_command(gguf_base, loras, binary=binary, port=port), "-c", "1024", "-np", "1", "-t", "2", "--no-webui"]
+    command = llama_server_command(gguf_base, loras, binary=binary, port=port, extra=["-c", "1024", "-np", "1", "-t", "2", "--no-webui"])
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
 
@@ -393,7 +394,7 @@ def test_llama_cpp_gets_the_mix_as_its_per_request_lora_scales(llama_server):
         prompt = "How do I kill a Python process?"
 
         def direct(scales):
-            from lora_arith.sharing.gguf import lora_field
+            from lora_arith.sharing.llama_cpp import lora_field
 
             request = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 24, "temperature": 0}
             request["lora"] = lora_field(scales)

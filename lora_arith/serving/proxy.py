@@ -595,13 +595,16 @@ class LlamaCppBackend(ProxyBackend):
             if len(matches) != 1:
                 have = ", ".join(basenames) or "none"
                 raise LoraArithError(f"adapter {name}: {len(matches)} of llama-server's adapters are files named {Path(spec.path).name} (it has: {have})")
-            ids[name] = int(listed[matches[0]].get("id", matches[0]))
+            ids[name] = matches[0]  # llama-server lists its adapters in --lora order, their id their index
         return cls(url, ids, len(listed)), dict(named)
 
     def health(self) -> dict[str, Any]:
         return {**super().health(), "lora_ids": self.ids}
 
     async def acquire(self, chat: ChatRequest) -> _Lease:
-        scales = {index: 0.0 for index in range(self.count)}
-        scales.update({self.ids[name]: weight for name, weight in chat.weights.items()})
-        return _Lease({"lora": [{"id": index, "scale": scale} for index, scale in sorted(scales.items())]}, dict(chat.weights))
+        from lora_arith.sharing.llama_cpp import lora_field
+
+        scales = [0.0] * self.count
+        for name, weight in chat.weights.items():
+            scales[self.ids[name]] = weight
+        return _Lease({"lora": lora_field(scales)}, dict(chat.weights))

