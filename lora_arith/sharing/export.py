@@ -39,6 +39,7 @@ __all__ = [
     "export_adapters",
     "export_report",
     "lora_modules_line",
+    "ranks_text",
 ]
 
 VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
@@ -207,9 +208,7 @@ def export_report(exports: Mapping[str | None, Export], max_rank: int | None = N
     modules compressed above ``max_rank`` with the worst error, and how to serve the result with vLLM."""
     lines = []
     for name, result in exports.items():
-        ranks = sorted(set(result.ranks.values()))
-        rank_text = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
-        lines.append(f"wrote {result.path}: {len(result.ranks)} modules, {rank_text} (lora_alpha = r)")
+        lines.append(f"wrote {result.path}: {len(result.ranks)} modules, {ranks_text(result.ranks)} (lora_alpha = r)")
         if result.compressed:
             worst = max(result.compressed, key=result.compressed.get)
             lines.append(
@@ -221,6 +220,12 @@ def export_report(exports: Mapping[str | None, Export], max_rank: int | None = N
     if None not in exports:
         lines.append(f"serve with: vllm serve BASE {lora_modules_line(exports)}")
     return lines
+
+
+def ranks_text(ranks: Mapping[str, int]) -> str:
+    """``"rank 8"``, or ``"ranks 4-12"`` when the modules' ranks differ: how reports state them."""
+    values = sorted(set(ranks.values()))
+    return f"rank {values[0]}" if len(values) == 1 else f"ranks {values[0]}-{values[-1]}"
 
 
 def lora_modules_line(exports: Mapping[str, Export]) -> str:

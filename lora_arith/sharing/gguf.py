@@ -32,6 +32,7 @@ local paths.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_arith._internal.atomic import atomic_output, check_output
+from lora_arith._internal.devices import DTYPE_NAMES
 from lora_arith._internal.errors import LoraArithError, OptionError, first_line
 from lora_arith._internal.privacy import public_name, scrub
 from lora_arith._internal.provenance import RECIPE_METADATA_KEY
@@ -64,7 +66,7 @@ __all__ = [
 ARCHITECTURES = {"LlamaForCausalLM": "llama"}
 """The transformers architectures this export supports, with their GGUF architecture name."""
 
-DTYPES = ("fp32", "fp16", "bf16")
+DTYPES = DTYPE_NAMES
 """The tensor types a GGUF LoRA can be written in (``fp32`` is the converter's default)."""
 
 _FILE_SUFFIX = ".gguf"
@@ -77,19 +79,22 @@ class GgufExport:
     Attributes:
         path: the GGUF file.
         ranks: every PEFT module's rank in the file (each keeps its own).
-        tensors: how many tensors the file holds (two per module, ``lora_a`` and ``lora_b``).
         architecture: the GGUF architecture (``general.architecture``), e.g. ``llama``.
     """
 
     path: Path
     ranks: dict[str, int]
-    tensors: int
     architecture: str
 
     @property
     def rank(self) -> int:
         """The largest module rank."""
         return max(self.ranks.values())
+
+    @property
+    def tensors(self) -> int:
+        """How many tensors the file holds: two per module, ``lora_a`` and ``lora_b``."""
+        return 2 * len(self.ranks)
 
 
 @dataclass(frozen=True)
@@ -375,7 +380,7 @@ def _write(specs: Sequence[AdapterSpec], output, name: str, layout: BaseLayout, 
     finally:
         writer.close()
     ranks = {module: delta.rank for module, delta in combination.deltas.items()}
-    return GgufExport(Path(output), ranks, 2 * len(ranks), layout.architecture)
+    return GgufExport(Path(output), ranks, layout.architecture)
 
 
 def _check_dtype(dtype: str) -> None:
@@ -423,7 +428,7 @@ def export_gguf(
     layout = _prepare([str(adapter)], base)
     with atomic_output(checked) as temporary:
         written = _write([AdapterSpec(str(adapter), 1.0)], temporary, public_name(adapter), layout, dtype)
-    return GgufExport(checked.path, written.ranks, written.tensors, written.architecture)
+    return dataclasses.replace(written, path=checked.path)
 
 
 def export_gguf_adapters(
@@ -477,7 +482,7 @@ def export_gguf_adapters(
     with atomic_output(checked) as folder:
         for name, specs in plan.items():
             written = _write(specs, folder / f"{name}{_FILE_SUFFIX}", name, layout, dtype)
-            exports[name] = GgufExport(checked.path / f"{name}{_FILE_SUFFIX}", written.ranks, written.tensors, written.architecture)
+            exports[name] = dataclasses.replace(written, path=checked.path / f"{name}{_FILE_SUFFIX}")
     return exports
 
 
@@ -486,13 +491,12 @@ def gguf_report(exports: Mapping[str, GgufExport], *, mixes: bool, base: str | N
     ``llama-server`` command line and the per-request ``lora`` field (one file per adapter), or the
     lines of an ollama Modelfile (one file per mix, whose scale ollama cannot change)."""
     from lora_arith.model.base import embedded_gguf
+    from lora_arith.sharing.export import ranks_text
     from lora_arith.sharing.llama_cpp import llama_server_command, lora_field
 
     lines = []
     for result in exports.values():
-        ranks = sorted(set(result.ranks.values()))
-        rank_text = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
-        lines.append(f"wrote {result.path}: {len(result.ranks)} modules, {rank_text}, {result.tensors} tensors")
+        lines.append(f"wrote {result.path}: {len(result.ranks)} modules, {ranks_text(result.ranks)}, {result.tensors} tensors")
     base_gguf = embedded_gguf() if base is None else "BASE.gguf"
     paths = [result.path for result in exports.values()]
     if mixes:
