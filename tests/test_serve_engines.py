@@ -484,3 +484,20 @@ def test_the_llama_cpp_front_end_runs_without_torch():
         front.stop(signal.SIGKILL)
         fake.shutdown()
         fake.server_close()
+
+
+def test_a_mix_folder_already_written_is_reused_and_its_rank_read_from_its_tensors(two_adapters, tmp_path):
+    """``VllmBackend.write`` writes a mix's folder once; a later write (a restarted front end)
+    keeps it and reads its largest rank from the adapter itself."""
+    from lora_arith.lora.adapter_io import open_adapter
+    from lora_arith.serving.proxy import VllmBackend
+
+    backend = VllmBackend("http://127.0.0.1:9", {"helpful": str(two_adapters[0]), "harmless": str(two_adapters[1])}, tmp_path / "mixes")
+    mix = backend.mix_for({"helpful": 1.0, "harmless": 0.5})
+    rank = backend.write(mix)
+    written = open_adapter(mix.path)
+    assert rank == max(info.rank for info in written.modules.values()) > 0
+    stamp = (mix.path / "adapter_model.safetensors").stat().st_mtime_ns
+    again = VllmBackend("http://127.0.0.1:9", backend.adapters, tmp_path / "mixes")
+    assert again.write(again.mix_for({"helpful": 1.0, "harmless": 0.5})) == rank
+    assert (mix.path / "adapter_model.safetensors").stat().st_mtime_ns == stamp  # kept, not rewritten

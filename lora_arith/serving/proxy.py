@@ -451,11 +451,11 @@ class VllmBackend(ProxyBackend):
     def write(self, mix: _Mix) -> int:
         """Write ``mix``'s adapter folder, unless a whole one is there (its name says what it
         holds); returns its largest module rank."""
+        from lora_arith.lora.adapter_io import open_adapter
         from lora_arith.sharing.export import export_mix
 
         if _complete(mix.path):
-            config = json.loads((mix.path / CONFIG_NAME).read_text(encoding="utf-8"))
-            return max([int(config.get("r", 0)), *map(int, (config.get("rank_pattern") or {}).values())])
+            return max(info.rank for info in open_adapter(mix.path).modules.values())
         specs = [AdapterSpec(self.adapters[name], weight, name=name) for name, weight in mix.weights.items()]
         return export_mix(specs, mix.path, force=mix.path.exists()).rank
 
