@@ -8,6 +8,7 @@ import click
 
 from lora_arith.cli.options import adapter_option, base_option, device_option, four_bit_option, option_group
 from lora_arith.lora.specs import named_specs
+from lora_arith.serving import ENGINES
 
 __all__ = ["serve"]
 
@@ -48,7 +49,7 @@ _SERVER_OPTIONS = option_group(
 _ENGINE_OPTIONS = option_group(
     click.option(
         "--engine",
-        type=click.Choice(["lora-arith", "vllm", "llama.cpp"]),
+        type=click.Choice(ENGINES),
         default="lora-arith",
         show_default=True,
         help="What generates: our continuous-batching engine, or a vLLM or llama-server at --engine-url, "

@@ -133,7 +133,8 @@ def serve_proxy(
     :func:`~lora_arith.serving.app.run_backend`."""
     from lora_arith.serving.app import run_backend
     from lora_arith.serving.protocol import ServerSettings
-    from lora_arith.serving.proxy import ENGINES, LlamaCppBackend, VllmBackend
+    from lora_arith.serving import ENGINES
+    from lora_arith.serving.proxy import LlamaCppBackend, VllmBackend
 
     if engine not in ENGINES[1:]:
         raise OptionError("engine", "{} must be one of {choices}, not {engine!r}", choices=", ".join(ENGINES), engine=engine)

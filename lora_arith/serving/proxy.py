@@ -53,7 +53,6 @@ from lora_arith.serving.backends import SSE_DONE, Backend, sse_event
 from lora_arith.serving.protocol import ChatRequest, RequestError, RowResult
 
 __all__ = [
-    "ENGINES",
     "STARTUP_WAIT",
     "ProxyBackend",
     "VllmBackend",
@@ -63,8 +62,6 @@ __all__ = [
     "upstream_error",
 ]
 
-ENGINES = ("lora-arith", "vllm", "llama.cpp")
-"""What ``serve --engine`` accepts: our own engine, or a proxy to vLLM or ``llama-server``."""
 STARTUP_WAIT = 30.0
 """Seconds the llama.cpp front end waits at start-up for ``llama-server`` to list its adapters."""
 
