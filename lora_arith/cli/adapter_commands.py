@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from lora_arith.cli.options import force_option, output_option, progress_wanted
+from lora_arith.cli.options import force_option, option_group, output_option, progress_wanted
 from lora_arith._internal.devices import DTYPE_NAMES
 from lora_arith._internal.provenance import METHODS
 from lora_arith.lora.specs import AdapterSpec, parse_specs
@@ -30,44 +30,41 @@ def _human(size: int) -> str:
     raise AssertionError("unreachable")
 
 
-def _compression_options(command):
-    options = [
-        click.option(
-            "--method",
-            type=click.Choice(METHODS),
-            default="cat",
-            show_default=True,
-            help="cat: exact sum by concatenating factors (ranks add up). svd: optimal rank reduction by QR + SVD of a small core.",
-        ),
-        click.option(
-            "--rank",
-            type=int,
-            default=None,
-            help="With --method svd: rank of every output module (default: the largest input rank).",
-        ),
-        click.option(
-            "--energy",
-            type=float,
-            default=None,
-            help="With --method svd: per module, the smallest rank keeping at least this fraction (0-1] of the squared Frobenius norm.",
-        ),
-        click.option(
-            "--dtype",
-            type=click.Choice(DTYPE_NAMES),
-            default=None,
-            help="Output dtype (default: the inputs' dtype).",
-        ),
-        click.option("--allow-base-mismatch", is_flag=True, help="Combine adapters that name different base models."),
-        force_option(),
-        output_option(
-            "Output: a directory (PEFT adapter) or a file ending in .safetensors (single-file form).",
-            required=True,
-            type=click.Path(path_type=Path),
-        ),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+_compression_options = option_group(
+    click.option(
+        "--method",
+        type=click.Choice(METHODS),
+        default="cat",
+        show_default=True,
+        help="cat: exact sum by concatenating factors (ranks add up). svd: optimal rank reduction by QR + SVD of a small core.",
+    ),
+    click.option(
+        "--rank",
+        type=int,
+        default=None,
+        help="With --method svd: rank of every output module (default: the largest input rank).",
+    ),
+    click.option(
+        "--energy",
+        type=float,
+        default=None,
+        help="With --method svd: per module, the smallest rank keeping at least this fraction (0-1] of the squared Frobenius norm.",
+    ),
+    click.option(
+        "--dtype",
+        type=click.Choice(DTYPE_NAMES),
+        default=None,
+        help="Output dtype (default: the inputs' dtype).",
+    ),
+    click.option("--allow-base-mismatch", is_flag=True, help="Combine adapters that name different base models."),
+    force_option(),
+    output_option(
+        "Output: a directory (PEFT adapter) or a file ending in .safetensors (single-file form).",
+        required=True,
+        type=click.Path(path_type=Path),
+    ),
+)
+"""The options of combine and extract: how the sum is made and written."""
 
 
 def _run_combination(specs: list[AdapterSpec], output, method, rank, energy, dtype, allow_base_mismatch, force) -> None:
