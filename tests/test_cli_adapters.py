@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -250,3 +251,17 @@ def test_convert_refuses_to_overwrite(adapter_factory, tmp_path):
     assert (tmp_path / "taken.safetensors").read_bytes() == b"keep me"
     assert run("convert", a, "-o", tmp_path / "taken.safetensors", "-f").exit_code == 0
     assert_user_error(run("convert", a, "-o", a, "-f"))
+
+
+def test_convert_from_python_never_writes_over_its_input_even_with_force(adapter_factory, tmp_path):
+    """``convert_adapter(x, x, force=True)`` rewrote its own input (only the command line checked)."""
+    from lora_arith._internal.errors import LoraArithError
+    from lora_arith.lora.adapter_io import convert_adapter
+
+    folder = adapter_factory()
+    single = convert_adapter(folder, tmp_path / "one.safetensors")
+    for adapter in (folder, single):
+        before = {p: p.read_bytes() for p in sorted(Path(adapter).parent.rglob("*")) if p.is_file()}
+        with pytest.raises(LoraArithError):
+            convert_adapter(adapter, adapter, force=True)
+        assert {p: p.read_bytes() for p in sorted(Path(adapter).parent.rglob("*")) if p.is_file()} == before

@@ -284,10 +284,8 @@ def convert(adapter, output, force) -> None:
     Example:
       lora-arith convert helpful.safetensors -o helpful/
     """
-    from lora_arith.lora.adapter_io import adapter_sources, convert_adapter, output_kind
-    from lora_arith._internal.atomic import check_output
+    from lora_arith.lora.adapter_io import convert_adapter
 
-    output = check_output(output, force=force, inputs=adapter_sources(adapter), kind=output_kind(output))
-    written = convert_adapter(adapter, output)
+    written = convert_adapter(adapter, output, force=force)
     form = "single file" if written.suffix == ".safetensors" else "PEFT folder"
     click.echo(f"wrote {written} ({form}, {_human(_size(written))})")

@@ -510,4 +510,6 @@ def convert_adapter(
     config are kept exactly; the recipe and training records are kept with local paths reduced
     to basenames. Saved copies of base weights (not deltas) are dropped."""
     opened = open_adapter(adapter)
-    return save_adapter(output, opened.state_dict(), opened.config, opened.recipe, training=opened.training, force=force)
+    return save_adapter(
+        output, opened.state_dict(), opened.config, opened.recipe, training=opened.training, force=force, inputs=opened.sources
+    )
