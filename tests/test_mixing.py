@@ -140,7 +140,8 @@ def eval_files(tmp_path):
 
 def test_eval_command(chat_base, two_adapters, eval_files, tmp_path):
     prompts, pairs = eval_files
-    more_pairs = tmp_path / "more_pairs.jsonl"
+    more_pairs = tmp_path / "more" / "pairs.jsonl"  # the same file name as the first pairs, elsewhere
+    more_pairs.parent.mkdir()
     more_pairs.write_text('{"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "No."}\n')
     out = tmp_path / "eval"
     result = run(
@@ -166,7 +167,9 @@ def test_eval_command(chat_base, two_adapters, eval_files, tmp_path):
     assert 0.0 <= results["pairs"]["reward_accuracy"] <= 1.0
     assert isinstance(results["pairs"]["logprob_margin"], float)
     by_file = results["pairs"]["by_file"]
-    assert {name: part["n_pairs"] for name, part in by_file.items()} == {str(pairs): 2, str(more_pairs): 1}
+    # the files by name, told apart, with no local path in the results (they are shared)
+    assert {name: part["n_pairs"] for name, part in by_file.items()} == {"pairs.jsonl": 2, "pairs.jsonl#2": 1}
+    assert str(tmp_path) not in (out / "results.json").read_text()
     weighted = sum(part["n_pairs"] * part["logprob_margin"] for part in by_file.values()) / 3
     assert weighted == pytest.approx(results["pairs"]["logprob_margin"])
     assert len((out / "completions.jsonl").read_text().splitlines()) == 2

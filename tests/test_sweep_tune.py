@@ -390,10 +390,10 @@ def test_tune_takes_one_constraint_as_it_takes_several():
     assert _constraints(several) is several
 
 
-def test_tune_holds_out_pairs_and_computes_their_reference_once(chat_base, two_adapters, pairs_file, monkeypatch):
+def test_tune_holds_out_pairs_and_computes_their_reference_once(chat_base, two_adapters, pairs_file, monkeypatch, tmp_path):
     """Pairs are split like prompts: the held-out pair metrics are measured on pairs the search
     never saw, and each part's reference log-probs (adapters off) are computed once, not once per
-    search round."""
+    search round. The report names the base and vectors given as ``~/`` paths by their folders."""
     import lora_arith.model.generation as generation
     from lora_arith.training.data import load_pairs
 
@@ -402,11 +402,19 @@ def test_tune_holds_out_pairs_and_computes_their_reference_once(chat_base, two_a
     monkeypatch.setattr(
         generation, "reply_logprobs", lambda model, tokenizer, prompts, *a, **k: calls.append(str(prompts)) or original(model, tokenizer, prompts, *a, **k)
     )  # fmt: skip
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "vector").symlink_to(two_adapters[0])
+    (home / "model").symlink_to(chat_base)
+    monkeypatch.setenv("HOME", str(home))
     found = lora_arith.tune(
-        {"helpful": two_adapters[0]}, pairs=[pairs_file], maximize="logprob_margin", subject_to="reward_accuracy>=0", bounds=(-1, 1), budget=5,
-        base=str(chat_base), max_new_tokens=2,
+        {"helpful": "~/vector"}, pairs=[pairs_file], maximize="logprob_margin", subject_to="reward_accuracy>=0", bounds=(-1, 1), budget=5,
+        base="~/model", max_new_tokens=2,
     )  # fmt: skip
     report = found.report
+    # named by the folders the links lead to, with no "~/"
+    assert report["vectors"] == {"helpful": Path(two_adapters[0]).name} and report["base"] == Path(chat_base).name
+    assert "~" not in json.dumps(report)
     assert report["n_pairs"] == {"tuning": 2, "held_out": 2}
     assert report["chosen"]["held_out"]["n_pairs"] == 2 and found.chosen["n_pairs"] == 2
     evaluated = len(report["evaluated"])

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence, Union
 
 from lora_arith._internal.errors import OptionError
+from lora_arith._internal.privacy import public_name
 from lora_arith.evaluation.metrics import KINDS
 
 if TYPE_CHECKING:
@@ -78,8 +79,7 @@ class EvalConfig:
         """The base's name without local folders (for shareable reports)."""
         if self.base is None:
             return "default (SmolLM2-135M-Instruct)"
-        path = Path(self.base)
-        return path.name if path.exists() else self.base
+        return public_name(self.base)
 
     def sources(self, adapter_paths: Iterable[PathLike], files: Iterable[PathLike] = ()) -> list[Path]:
         """The local inputs of a run: the base's files, the adapters' files and ``files``; an

@@ -21,10 +21,11 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from lora_arith.training.data import BadLine, read_jsonl, to_messages
 from lora_arith._internal.errors import LoraArithError
+from lora_arith._internal.privacy import public_name
 from lora_arith.evaluation.metrics import METRICS, PROMPT_RATES
 from lora_arith.evaluation.refusal import refusal_reason
 
@@ -171,7 +172,23 @@ def pair_metrics(
     files: dict[str, list[int]] = {}
     for row, pair in enumerate(pairs):
         files.setdefault(pair.origin, []).append(row)
-    return {**summarise(list(range(len(pairs)))), "by_file": {name: summarise(rows) for name, rows in files.items()}}
+    names = _public_names(files)
+    return {**summarise(list(range(len(pairs)))), "by_file": {names[origin]: summarise(rows) for origin, rows in files.items()}}
+
+
+def _public_names(origins: Iterable[str]) -> dict[str, str]:
+    """Each file's name as results (which are shared) show it: its basename, no local path
+    (:func:`~lora_arith._internal.privacy.public_name`); files of the same basename are told
+    apart by ``#2``, ``#3``, ... in the order given."""
+    names: dict[str, str] = {}
+    for origin in origins:
+        name = base = public_name(origin)
+        count = 1
+        while name in names.values():
+            count += 1
+            name = f"{base}#{count}"
+        names[origin] = name
+    return names
 
 
 def score_prompts(items: Sequence[EvalPrompt], completions: Sequence[str], judge=None) -> tuple[dict, list[dict]]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, Union
 
 from lora_arith._internal.errors import LoraArithError, OptionError
+from lora_arith._internal.privacy import public_name
 from lora_arith.evaluation.config import Adapters, EvalConfig, adapter_specs, load_inputs
 from lora_arith.evaluation.metrics import KINDS, METRICS, PROMPT_RATES, Metric, metric
 from lora_arith.evaluation.search import (
@@ -221,7 +222,7 @@ def tune(
             "held_out": {kind: sum(p.kind == kind for p in held_out) for kind in KINDS},
         },
         "n_pairs": {"tuning": len(tuning_pairs), "held_out": len(held_out_pairs)},
-        "vectors": {name: Path(path).name if Path(path).is_absolute() else path for name, path in named.items()},
+        "vectors": {name: public_name(path) for name, path in named.items()},
         "chosen": {"eta": eta, "tuning": _strip(found.chosen), "held_out": held_rows[0]},
         "compare": {
             name: {"weight": compared[name].weight, "tuning": tune_row, "held_out": held_row}
