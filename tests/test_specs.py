@@ -155,3 +155,25 @@ def test_sweep_reports_vector_errors_by_flag(tmp_path):
 )
 def test_option_choices_are_the_library_constants(command, option, choices):
     assert tuple(_option(main.commands[command], option).type.choices) == tuple(choices)
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "CPU", ""])
+def test_a_device_that_is_not_one_is_a_one_line_error(chat_base, adapter_factory, tmp_path, device):
+    """``--device gpu`` raised torch's RuntimeError from deep inside loading (a traceback)."""
+    import torch
+
+    from lora_arith._internal.devices import resolve_device
+    from lora_arith.lora.specs import AdapterSpec
+
+    result = CliRunner().invoke(main, ["generate", "--base", str(chat_base), "--device", device, "hi"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1] == f"Error: --device must be 'cpu', 'cuda', 'cuda:N' or 'mps', not {device!r}"
+    with pytest.raises(OptionError, match="device must be"):
+        lora_arith.PreferenceMixer(str(chat_base), {}, device=device)
+    with pytest.raises(OptionError, match="device must be"):  # before the merge streams, nothing written
+        lora_arith.merge(str(chat_base), [AdapterSpec(str(adapter_factory()), 1.0)], tmp_path / "m", device=device)
+    assert not (tmp_path / "m").exists()
+    assert resolve_device("cpu") == "cpu" and resolve_device(None) in ("cpu", "cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(OptionError, match="device cuda:1: no CUDA GPU is visible here"):
+            resolve_device("cuda:1")

@@ -8,12 +8,12 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lora_arith._internal.errors import LoraArithError
+from lora_arith._internal.errors import LoraArithError, OptionError
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DTYPE_NAMES", "torch_dtype", "default_device", "compute_dtype", "use_bf16"]
+__all__ = ["DTYPE_NAMES", "torch_dtype", "default_device", "resolve_device", "compute_dtype", "use_bf16"]
 
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
 """The dtypes an output may be written in, as the options name them."""
@@ -35,6 +35,32 @@ def default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+_DEVICE = re.compile(r"cpu|mps|cuda(:[0-9]+)?")
+
+
+def resolve_device(device: str | None) -> str:
+    """``device`` (``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``) checked against what this
+    machine has, or :func:`default_device` for ``None``.
+
+    Raises:
+        OptionError: for another name, or a device this machine does not have.
+    """
+    import torch
+
+    if device is None:
+        return default_device()
+    if not isinstance(device, str) or not _DEVICE.fullmatch(device):
+        raise OptionError("device", "{} must be 'cpu', 'cuda', 'cuda:N' or 'mps', not {device!r}", device=device)
+    if device.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if int(device.partition(":")[2] or 0) >= count:
+            seen = "no CUDA GPU is visible here" if count == 0 else f"this machine has {count} CUDA GPU(s)"
+            raise OptionError("device", "{} {device}: " + seen, device=device)
+    elif device == "mps" and not torch.backends.mps.is_available():
+        raise OptionError("device", "{} mps: no Apple GPU is available here", device=device)
+    return device
 
 
 def compute_dtype(device: str) -> torch.dtype:

@@ -58,7 +58,7 @@ def base_option(help: str = "Base model: a local directory or a Hub id. Default:
     return click.option("--base", default=None, help=help)
 
 
-def device_option(help: str = "Device to load the model on: 'cpu', 'cuda' or 'cuda:N'. Default: CUDA when available."):
+def device_option(help: str = "Device to load the model on: 'cpu', 'cuda', 'cuda:N' or 'mps'. Default: CUDA when available."):
     """``--device``, the same spelling in every command that loads a model."""
     return click.option("--device", default=None, metavar="DEVICE", help=help)
 

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from lora_arith._internal.devices import compute_dtype, default_device
+from lora_arith._internal.devices import compute_dtype, resolve_device
 from lora_arith._internal.errors import LoraArithError, OptionError, first_line
 
 if TYPE_CHECKING:
@@ -300,7 +300,7 @@ def load_base(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = device or default_device()
+    device = resolve_device(device)
     location = resolve_base(base)
     try:
         model = AutoModelForCausalLM.from_pretrained(location, **_load_kwargs(quantize_4bit, double_quant, device))

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from lora_arith._internal.atomic import atomic_output, check_output
+from lora_arith._internal.devices import resolve_device
 from lora_arith._internal.errors import LoraArithError, OptionError, first_line
 
 if TYPE_CHECKING:
@@ -344,6 +345,8 @@ def merge_adapters(
         raise OptionError("adapter", "give at least one {} to merge")
     if dtype is not None and dtype not in _DTYPE_NAMES:
         raise LoraArithError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPE_NAMES)}")
+    if device is not None:
+        resolve_device(device)  # checked now, not after the merge has streamed
     folder = _base_folder(base)
     inputs = [folder] + [p for spec in specs for p in adapter_sources(spec.path)]
     output = check_output(output, force=force, inputs=inputs, kind="model")

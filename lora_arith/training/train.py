@@ -42,7 +42,7 @@ from lora_arith.training.data import (
     spec_file,
     to_messages,
 )
-from lora_arith._internal.devices import default_device, use_bf16
+from lora_arith._internal.devices import resolve_device, use_bf16
 from lora_arith._internal.errors import LoraArithError, OptionError
 from lora_arith._internal.privacy import public_name, scrub
 from lora_arith._internal.provenance import sha256_of, versions
@@ -319,7 +319,7 @@ def train_preference(
         eval_pairs, eval_report = load_pairs(
             [config.eval_data], label=config.label, swap=swap, skip_invalid=config.skip_invalid, seed=config.seed
         )
-    device = config.device or default_device()
+    device = resolve_device(config.device)
     model, tokenizer = load_base(
         config.base, quantize_4bit=config.quantize_4bit, double_quant=config.double_quant, device=device
     )
