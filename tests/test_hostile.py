@@ -302,6 +302,7 @@ def test_shape_mismatch_across_inputs_is_a_one_line_error(tmp_path):
     small = write_adapter(tmp_path / "small", shape=(32, 32))
     large = write_adapter(tmp_path / "large", shape=(64, 32))
     assert_user_error(run("similarity", small, large), Q, "different shapes")
+    assert_user_error(run("interference", small, large), Q, "different shapes")  # was a ValueError traceback
     assert_user_error(run("combine", small, large, "--method", "svd", "-o", tmp_path / "o"), Q, "shape")
     assert_user_error(run("combine", small, large, "-o", tmp_path / "o"), Q, "shape")
 

@@ -37,12 +37,10 @@ def _cosines(gram: torch.Tensor) -> torch.Tensor:
     return torch.where(denominator > 0, gram / denominator.clamp_min(1e-300), torch.zeros_like(gram))
 
 
-def similarity(adapters: Sequence[AdapterFile], progress: bool = False) -> Similarity:
-    """Cosine similarity matrices of the adapters' deltas, computed module by module from the factors."""
-    count = len(adapters)
+def _shared_modules(adapters: Sequence[AdapterFile]) -> list[str]:
+    """Every module of the adapters, sorted; a module whose shape differs between them (adapters
+    for different bases) is an error naming it."""
     names = sorted({name for adapter in adapters for name in adapter.modules})
-    overall = torch.zeros(count, count, dtype=torch.float64)
-    by_type: dict[str, torch.Tensor] = {}
     for name in names:
         shapes = {a.modules[name].shape for a in adapters if name in a.modules}
         if len(shapes) > 1:
@@ -50,6 +48,15 @@ def similarity(adapters: Sequence[AdapterFile], progress: bool = False) -> Simil
             raise LoraArithError(
                 f"module {name} has different shapes in the adapters ({listing}); are they for the same base?"
             )
+    return names
+
+
+def similarity(adapters: Sequence[AdapterFile], progress: bool = False) -> Similarity:
+    """Cosine similarity matrices of the adapters' deltas, computed module by module from the factors."""
+    count = len(adapters)
+    names = _shared_modules(adapters)
+    overall = torch.zeros(count, count, dtype=torch.float64)
+    by_type: dict[str, torch.Tensor] = {}
     if progress:
         from tqdm import tqdm
 
@@ -148,7 +155,7 @@ def interference(adapters: Sequence[AdapterFile], top: int = 5, progress: bool =
     per module, see :func:`lora_arith.lora.factors.subspaces`); no dense ``out × in`` matrix is formed.
     """
     count = len(adapters)
-    names = sorted({name for adapter in adapters for name in adapter.modules})
+    names = _shared_modules(adapters)
     pairs = list(combinations(range(count), 2))
     energy = [0.0] * count
     cross = {pair: 0.0 for pair in pairs}
