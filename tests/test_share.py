@@ -88,6 +88,12 @@ def test_push_commit_message_and_pull_request(adapter_factory, tmp_path, monkeyp
     assert "create_branch" not in calls
     assert calls["files"] == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert not any(str(tmp_path).encode() in text for text in calls["texts"])
+    calls.clear()
+    for repo_id in ("../../x", "bad repo id", "a/b/c"):  # a traceback from huggingface_hub before
+        for dry in ([], ["--dry-run"]):
+            bad = run("push", folder, repo_id, *dry)
+            assert bad.exit_code == 1 and bad.output.strip().splitlines()[-1].startswith(f"Error: {repo_id!r} is not a Hub")
+    assert calls == {}  # nothing reached the Hub
 
 
 def test_model_card_is_one_the_hub_understands(adapter_factory, tmp_path):

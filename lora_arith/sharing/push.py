@@ -21,7 +21,7 @@ from lora_arith._internal.errors import LoraArithError, OptionError, first_line
 from lora_arith.sharing.model_card import base_license, model_card
 from lora_arith._internal.privacy import scrub
 
-__all__ = ["UPLOADED", "DEFAULT_COMMIT_MESSAGE", "UploadPlan", "plan_upload", "push"]
+__all__ = ["UPLOADED", "DEFAULT_COMMIT_MESSAGE", "UploadPlan", "check_repo_id", "plan_upload", "push"]
 
 UPLOADED = (CONFIG_NAME, WEIGHTS_NAME, "README.md")
 """The files an adapter repository gets without ``--include``."""
@@ -81,6 +81,21 @@ def _included(folder: Path, patterns: Sequence[str]) -> dict[str, Path]:
         if path.is_file() and any(fnmatch.fnmatch(name, pattern) for pattern in patterns):
             found[name] = path
     return found
+
+
+def check_repo_id(repo_id: str) -> str:
+    """``repo_id`` if the Hub accepts it as a model repository's id (``NAME`` or
+    ``NAMESPACE/NAME``, huggingface_hub's own check), else a one-line :class:`LoraArithError`."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise LoraArithError(
+            f"{repo_id!r} is not a Hub repository id: NAME or NAMESPACE/NAME, of letters, digits, '-', '_' and '.'"
+        ) from None
+    return repo_id
 
 
 def plan_upload(
@@ -152,6 +167,7 @@ def push(
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
     from safetensors.torch import load_file, save_file
 
+    check_repo_id(repo_id)
     plan = plan_upload(adapter, license, include, online=True)
     api = HfApi()
     with tempfile.TemporaryDirectory() as staging:
