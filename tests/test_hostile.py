@@ -565,3 +565,17 @@ def test_the_one_jsonl_reader_numbers_lines_split_on_newline_only(tmp_path, sepa
 
     row, data = _separated_rows(tmp_path, separator)
     assert list(read_jsonl(data)) == [(1, row), (2, row)]
+
+
+def test_a_path_too_long_for_the_file_system_is_a_one_line_error(tmp_path):
+    """``Path.exists()`` raises ENAMETOOLONG for a 300-character name: a traceback before."""
+    from lora_arith.lora.adapter_io import open_adapter
+
+    long = "x" * 300
+    good = write_adapter(tmp_path / "good")
+    assert_user_error(run("inspect", long), "File name too long")
+    assert_user_error(run("combine", good, long, "-o", tmp_path / "out"), "File name too long")
+    assert_user_error(run("combine", good, "-o", tmp_path / long), "File name too long")
+    with pytest.raises(LoraArithError, match="File name too long"):
+        open_adapter(long)
+    assert not (tmp_path / "out").exists()

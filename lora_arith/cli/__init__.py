@@ -6,6 +6,7 @@ its body, so start-up stays fast."""
 from __future__ import annotations
 
 import atexit
+import errno
 import functools
 import gc
 import sys
@@ -33,6 +34,10 @@ def flag(command: click.Command | None, option: str) -> str:
     return "--" + option.replace("_", "-")
 
 
+_USER_ERRNOS = {errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT}
+"""What the file system may answer about a user's path or disk: reported in one line, not as a bug."""
+
+
 class _Group(click.Group):
     """A group that turns :class:`LoraArithError` into a one-line error and exit status 1; an
     :class:`OptionError` names its options by the command's flags."""
@@ -45,6 +50,13 @@ class _Group(click.Group):
                 command = self.commands.get(ctx.invoked_subcommand or "")
                 error = error.message(lambda option: flag(command, option))
             click.echo(f"Error: {error}", err=True)
+            sys.exit(1)
+        except OSError as error:
+            if error.errno not in _USER_ERRNOS:
+                raise
+            # the file system refused a path the user gave: a full disk, a read-only folder, a name too long
+            where = f": {error.filename}" if error.filename else ""
+            click.echo(f"Error: {error.strerror}{where}", err=True)
             sys.exit(1)
 
 

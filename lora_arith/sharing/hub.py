@@ -57,7 +57,11 @@ def resolve(text: str) -> Path:
     downloads (or finds in the cache) the adapter's files and returns their local folder or file.
     """
     path = Path(text).expanduser()
-    if path.exists() or Path(text.split("/", 1)[0]).is_dir():
+    try:
+        local = path.exists() or Path(text.split("/", 1)[0]).is_dir()
+    except OSError as error:  # a name too long for the file system, say
+        raise LoraArithError(f"{text[:60]}{'...' if len(text) > 60 else ''}: {error.strerror}") from None
+    if local:
         return path  # a local path (or one inside a local folder): never looked up on the Hub
     reference = parse_reference(text)
     if reference is None:
