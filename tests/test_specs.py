@@ -177,3 +177,20 @@ def test_a_device_that_is_not_one_is_a_one_line_error(chat_base, adapter_factory
     if not torch.cuda.is_available():
         with pytest.raises(OptionError, match="device cuda:1: no CUDA GPU is visible here"):
             resolve_device("cuda:1")
+
+
+@pytest.mark.parametrize("weight", [None, "0.5", True, 10**400, float("nan"), float("inf"), [1.0]])
+def test_an_adapter_spec_made_in_python_takes_only_a_finite_number(adapter_factory, weight):
+    """``AdapterSpec(path, weight)`` from Python: a None, text, bool, huge, NaN or list weight was a
+    TypeError/OverflowError deep in combine or merge, a misleading overflow message, or (``"0.5"``,
+    ``True``) a recipe that recorded it as text or ``true``."""
+    from lora_arith._internal.errors import LoraArithError
+    from lora_arith.lora.specs import AdapterSpec
+
+    path = str(adapter_factory())
+    with pytest.raises(LoraArithError, match="is not a finite number"):
+        AdapterSpec(path, weight)
+    spec = AdapterSpec(Path(path), 2)  # a Path and an int are fine: kept as text and float
+    assert spec.path == path and spec.weight == 2.0 and type(spec.weight) is float
+    with pytest.raises(LoraArithError, match="non-empty path"):
+        AdapterSpec("", 1.0)

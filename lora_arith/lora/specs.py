@@ -65,6 +65,16 @@ class AdapterSpec:
     name: str | None = None
     """How the input is recorded in the recipe and training records (default: the path's basename)."""
 
+    def __post_init__(self) -> None:
+        # made from Python too (not only parsed from text): a path as text and a finite float weight
+        if not isinstance(self.path, (str, os.PathLike)) or not os.fspath(self.path):
+            raise LoraArithError(f"an adapter path must be a non-empty path, not {self.path!r}")
+        weight = finite_number(self.weight)
+        if weight is None:
+            raise LoraArithError(f"adapter {self.path}: its weight {self.weight!r} is not a finite number")
+        object.__setattr__(self, "path", os.fspath(self.path))
+        object.__setattr__(self, "weight", weight)
+
     @property
     def public_name(self) -> str:
         """The name recorded for this input: ``name``, else the path reduced to its basename."""
