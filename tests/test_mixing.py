@@ -50,6 +50,26 @@ def test_mixer_refuses_unknown_names(chat_base, two_adapters):
     mixer = PreferenceMixer(str(chat_base), {"helpful": two_adapters[0]})
     with pytest.raises(LoraArithError, match="no adapter named nope"):
         mixer.set(nope=1.0)
+    # what a notebook may pass by mistake: one-line errors, not ValueError/TypeError/OverflowError
+    for bad in ("abc", None, [1], 10**400, float("nan"), True):
+        with pytest.raises(LoraArithError, match="must be a finite number"):
+            mixer.set(helpful=bad)
+    assert mixer.weights == {"helpful": 1.0}  # a refused set changes nothing
+    with pytest.raises(LoraArithError, match="a mix maps adapter names to weights"):
+        mixer.generate(["hi"], weights=[5], max_new_tokens=1)
+    with pytest.raises(LoraArithError, match="adapters maps a name to each adapter"):
+        PreferenceMixer(str(chat_base), [two_adapters[0]])
+
+
+def test_mixer_takes_one_prompt_as_text_and_one_mix_for_all(chat_base, two_adapters):
+    """``generate("hi")`` made one completion per character; one mapping as ``weights`` was read
+    as one row per key."""
+    mixer = PreferenceMixer(str(chat_base), {"helpful": two_adapters[0], "harmless": two_adapters[1]})
+    one = mixer.generate("How do I bake bread?", max_new_tokens=4)
+    assert one == mixer.generate(["How do I bake bread?"], max_new_tokens=4) and len(one) == 1
+    mix = {"helpful": 0.5, "harmless": -1.0}
+    prompts = ["hi", "How do I bake bread?"]
+    assert mixer.generate(prompts, weights=mix, max_new_tokens=4) == mixer.generate(prompts, weights=[mix, mix], max_new_tokens=4)
 
 
 def test_mixer_on_4bit_base_refuses_merge(chat_base, two_adapters):

@@ -288,6 +288,8 @@ class PreferenceMixer:
         quantize_4bit: bool = False,
         device: str | None = None,
     ) -> None:
+        if not isinstance(adapters, Mapping):
+            raise LoraArithError("adapters maps a name to each adapter, e.g. {'helpful': 'adapters/helpful'}")
         if base is None or isinstance(base, (str, Path)):
             from lora_arith.model.base import load_base
 
@@ -332,12 +334,10 @@ class PreferenceMixer:
 
     def set(self, **weights: float) -> dict[str, float]:
         """Set the weights η of the named adapters (others keep theirs); returns the full mix."""
-        unknown = sorted(set(weights) - set(self.names))
-        if unknown:
-            raise LoraArithError(f"no adapter named {', '.join(unknown)}; attached: {', '.join(self.names)}")
-        for name, value in weights.items():
-            _check_scale(self._labels[name], self._peaks[name], float(value), self._dtype)
-        self.weights.update({name: float(value) for name, value in weights.items()})
+        mix = self.row_mix(weights)  # an unknown name or a weight that is not a finite number is an error
+        for name in weights:
+            _check_scale(self._labels[name], self._peaks[name], mix[name], self._dtype)
+        self.weights.update(mix)
         for layer in self._lora_layers:
             for name in weights:
                 layer.set_scale(name, self.weights[name])
@@ -347,6 +347,8 @@ class PreferenceMixer:
         """The full mix of one row: the mixer's current weights, overridden by ``weights``.
 
         Raises :class:`LoraArithError` for an unknown name or a weight that is not a finite number."""
+        if weights is not None and not isinstance(weights, Mapping):
+            raise LoraArithError(f"a mix maps adapter names to weights, e.g. {{'helpful': 1.0}}, not {weights!r}")
         mix = dict(self.weights)
         for name, value in (weights or {}).items():
             if name not in self.weights:
@@ -441,16 +443,24 @@ class PreferenceMixer:
         return factors
 
     def generate(
-        self, prompts: Sequence[Any], weights: Sequence[Mapping[str, Any] | None] | None = None, **options: Any
+        self,
+        prompts: Sequence[Any] | str,
+        weights: Sequence[Mapping[str, Any] | None] | Mapping[str, Any] | None = None,
+        **options: Any,
     ) -> list[str]:
-        """Generate completions for ``prompts`` (see :func:`lora_arith.model.generation.generate`).
+        """Generate completions for ``prompts`` (see :func:`lora_arith.model.generation.generate`);
+        one prompt given as a string gets a list of one completion, as vLLM's ``generate`` does.
 
         With ``weights`` (one mapping name → η, or ``None``, per prompt), each prompt gets its own
-        mix within the same batches; names a row leaves out take the current weights. Without
-        it, every prompt gets the current mix.
+        mix within the same batches; names a row leaves out take the current weights. One mapping
+        is the mix of every prompt. Without it, every prompt gets the current mix.
         """
         from lora_arith.model.generation import generate
 
+        if isinstance(prompts, str):
+            prompts = [prompts]  # not one prompt per character
+        if isinstance(weights, Mapping):
+            weights = [weights] * len(prompts)
         if weights is None:
             return generate(self.model, self.tokenizer, prompts, **options)
         if len(weights) != len(prompts):
