@@ -282,9 +282,26 @@ def test_malformed_patterns_are_one_line_errors(tmp_path, field, pattern, fragme
     assert_user_error(run("inspect", adapter), field, fragment)
 
 
+MALFORMED = {  # valid JSON objects of the wrong shape: KeyError/AttributeError/format errors in inspect and the model card before
+    "lora_arith.recipe": [
+        '{"method": "cat", "inputs": [{"path": "a", "sha256": "0"}]}',
+        '{"method": "cat", "inputs": [{"path": "a", "weight": "x", "sha256": "0"}]}',
+        '{"method": "cat", "inputs": {"path": "a"}}',
+        '{"method": "cat", "inputs": [5]}',
+        '{"method": "svd", "rank": "high", "inputs": []}',
+    ],
+    "lora_arith.training": ['{"data": [5]}', '{"data": [], "hyperparameters": [1, 2]}', '{"positive": {"data": "x"}}'],
+}
+
+
+@pytest.mark.parametrize("key, raw", [(key, raw) for key, raws in MALFORMED.items() for raw in raws])
+def test_metadata_blocks_of_the_wrong_shape_are_one_line_errors(tmp_path, key, raw):
+    test_malformed_metadata_blocks_are_one_line_errors(tmp_path, key, raw, fragment="malformed")
+
+
 @pytest.mark.parametrize("raw", ["{not json", "[1, 2]", '"text"'])
 @pytest.mark.parametrize("key", ["lora_arith.recipe", "lora_arith.training", "lora_arith.adapter_config"])
-def test_malformed_metadata_blocks_are_one_line_errors(tmp_path, key, raw):
+def test_malformed_metadata_blocks_are_one_line_errors(tmp_path, key, raw, fragment=None):
     config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
     metadata = {"format": "pt", "lora_arith.adapter_config": json.dumps(config), key: raw}
     tensors = {
@@ -293,9 +310,10 @@ def test_malformed_metadata_blocks_are_one_line_errors(tmp_path, key, raw):
     }
     path = tmp_path / "single.safetensors"
     save_file(tensors, path, metadata=metadata)
-    fragment = "embedded LoRA config" if key == "lora_arith.adapter_config" else key
-    for command in (["inspect", path], ["combine", path, "-o", tmp_path / "out"], ["push", path, "me/x", "--dry-run"]):
-        assert_user_error(run(*command), fragment)
+    fragments = ["embedded LoRA config"] if key == "lora_arith.adapter_config" else [key, *([fragment] if fragment else [])]
+    for command in (["inspect", path], ["combine", path, "-o", tmp_path / "out"], ["push", path, "me/x", "--dry-run"],
+                    ["convert", path, "-o", tmp_path / "folder"]):  # fmt: skip
+        assert_user_error(run(*command), *fragments)
 
 
 def test_shape_mismatch_across_inputs_is_a_one_line_error(tmp_path):

@@ -254,6 +254,9 @@ class AdapterFile:
             raise LoraArithError(f"{self.label}: the {key} metadata is not valid JSON ({error.msg})") from None
         if not isinstance(value, dict):
             raise LoraArithError(f"{self.label}: the {key} metadata is not a JSON object")
+        flaw = _recipe_flaw(value) if key == RECIPE_METADATA_KEY else _training_flaw(value)
+        if flaw:
+            raise LoraArithError(f"{self.label}: the {key} metadata is malformed: {flaw}")
         return value
 
     @property
@@ -344,6 +347,42 @@ def _read_metadata(weights: Path, label: str) -> dict[str, str]:
             return dict(handle.metadata() or {})
     except Exception as error:
         raise LoraArithError(f"{label}: not a readable safetensors file ({first_line(error)})") from None
+
+
+def _recipe_flaw(recipe: Mapping[str, Any]) -> str | None:
+    """What is wrong with a recorded recipe's shape (what reports and model cards read), or None."""
+    inputs = recipe.get("inputs", [])
+    if not isinstance(inputs, list):
+        return "inputs is not a list"
+    for index, item in enumerate(inputs):
+        if not isinstance(item, dict):
+            return f"input {index} is not an object"
+        if not isinstance(item.get("path"), str) or not isinstance(item.get("sha256"), str):
+            return f"input {index} lacks a path or a sha256 as text"
+        if finite_number(item.get("weight")) is None:
+            return f"input {index} has no finite weight"
+    for key in ("rank", "energy", "max_rank"):
+        if recipe.get(key) is not None and finite_number(recipe[key]) is None:
+            return f"{key} is not a number"
+    return None
+
+
+def _training_flaw(training: Mapping[str, Any], where: str = "") -> str | None:
+    """What is wrong with a training record's shape (one run with ``data``, or runs nested by
+    name, as model cards read them), or None."""
+    if "data" not in training:
+        for name, value in training.items():
+            flaw = _training_flaw(value, f"{where}{name}: ") if isinstance(value, dict) else None
+            if flaw:
+                return flaw
+        return None
+    data = training["data"]
+    if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
+        return f"{where}data is not a list of objects"
+    for key in ("hyperparameters", "final_metrics"):
+        if training.get(key) is not None and not isinstance(training[key], dict):
+            return f"{where}{key} is not an object"
+    return None
 
 
 def adapter_sources(path: str | os.PathLike[str]) -> list[Path]:

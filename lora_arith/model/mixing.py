@@ -355,7 +355,7 @@ class PreferenceMixer:
                 raise LoraArithError(f"no adapter named {name}; attached: {', '.join(self.names) or 'none'}")
             number = finite_number(value)
             if number is None:
-                raise LoraArithError(f"the weight of {name} must be a finite number, not {value!r}")
+                raise LoraArithError(f"the weight of {name} is not a finite number: {value!r}")
             mix[name] = number
         return mix
 
