@@ -126,6 +126,53 @@ def test_missing_shard_is_refused_without_partial_output(sharded_base, two_adapt
     assert_refused(result, tmp_path / "out", f"shard {missing.name} listed in model.safetensors.index.json is missing")
 
 
+def _set_header(path, edit) -> None:
+    """Rewrite a safetensors file's JSON header with ``edit(header)``, keeping its data."""
+    import struct
+
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = edit(json.loads(raw[8 : 8 + length]))
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + length :])
+
+
+def _first_tensor(header: dict) -> str:
+    return next(name for name in header if name != "__metadata__")
+
+
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        (lambda h: {**h, _first_tensor(h): {k: v for k, v in h[_first_tensor(h)].items() if k != "data_offsets"}},
+         "header entry of"),
+        (lambda h: {**h, _first_tensor(h): 5}, "header entry of"),
+        (lambda h: [1, 2], "header is not a JSON object"),
+        ("truncate", "malformed or the file is cut short"),
+        ({"weight_map": [1, 2]}, "has no weight_map"),
+        ({"weight_map": {"model.norm.weight": 5}}, "has no weight_map"),
+        ("config", "config.json is not valid JSON"),
+    ],
+)  # fmt: skip
+def test_a_damaged_base_is_refused_in_one_line_without_partial_output(sharded_base, two_adapters, tmp_path, damage, words):
+    """Headers and indexes of the wrong shape, a cut-short shard or a broken config were KeyErrors,
+    TypeErrors, AttributeErrors or mmap errors (tracebacks)."""
+    broken = tmp_path / "broken"
+    shutil.copytree(sharded_base, broken)
+    shard = sorted(broken.glob("*.safetensors"))[0]
+    if damage == "truncate":
+        shard.write_bytes(shard.read_bytes()[:-100])
+    elif damage == "config":
+        (broken / "config.json").write_text("{not json")
+    elif isinstance(damage, dict):
+        (broken / "model.safetensors.index.json").write_text(json.dumps(damage))
+    else:
+        _set_header(shard, damage)
+    options = ["--dtype", "bf16"] if damage == "config" else []
+    result = run("merge", "--base", broken, "--adapter", two_adapters[0], *options, "-o", tmp_path / "out")
+    assert_refused(result, tmp_path / "out", words)
+
+
 def test_adapter_module_matching_no_weight_is_refused(chat_base, two_adapters, tmp_path):
     from tiny_models import make_tiny_chat_model
 

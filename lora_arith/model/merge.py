@@ -99,14 +99,24 @@ def _read_header(path: Path) -> _Shard:
         with open(path, "rb") as handle:
             (length,) = struct.unpack("<Q", handle.read(8))
             header = json.loads(handle.read(length))
+            size = os.fstat(handle.fileno()).st_size
     except (OSError, struct.error, ValueError) as error:
         raise LoraArithError(f"base shard {path.name} is not a readable safetensors file ({error})") from None
+    if not isinstance(header, dict):
+        raise LoraArithError(f"base shard {path.name} is not a readable safetensors file (its header is not a JSON object)")
     base = 8 + length
     metadata = header.pop("__metadata__", None) or {}
-    tensors = {
-        name: _Tensor(name, info["dtype"], list(info["shape"]), base + info["data_offsets"][0], base + info["data_offsets"][1])
-        for name, info in header.items()
-    }
+    tensors = {}
+    for name, info in header.items():
+        try:
+            start, end = info["data_offsets"]
+            tensor = _Tensor(name, info["dtype"], [int(n) for n in info["shape"]], base + start, base + end)
+            whole = isinstance(tensor.dtype, str) and 0 <= start <= end and tensor.end <= size
+        except (KeyError, TypeError, ValueError):
+            whole = False
+        if not whole:
+            raise LoraArithError(f"base shard {path.name}: the header entry of {name} is malformed or the file is cut short")
+        tensors[name] = tensor
     return _Shard(path, tensors, metadata)
 
 
@@ -132,7 +142,9 @@ def _base_shards(folder: Path) -> tuple[list[_Shard], bool]:
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
         except (ValueError, KeyError, TypeError):
-            raise LoraArithError(f"base model {folder.name}: {INDEX_FILE} has no weight_map") from None
+            weight_map = None
+        if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+            raise LoraArithError(f"base model {folder.name}: {INDEX_FILE} has no weight_map of tensor → file names")
         shards = []
         for name in sorted(set(weight_map.values())):
             if not (folder / name).is_file():
@@ -296,15 +308,24 @@ def _itemsize(dtype: str) -> int:
 
 
 def _copy_side_files(folder: Path, target: Path, dtype: str | None) -> None:
+    """Copy the base's config, generation config and tokenizer files; with ``dtype``, the config
+    says the new dtype."""
     for name in COPIED_FILES:
-        if (folder / name).is_file():
+        if not (folder / name).is_file():
+            continue
+        if name != "config.json" or not dtype:
             shutil.copyfile(folder / name, target / name)
-    if dtype and (target / "config.json").is_file():
-        config = json.loads((target / "config.json").read_text())
+            continue
+        try:
+            config = json.loads((folder / name).read_text())
+        except ValueError as error:
+            raise LoraArithError(f"base model {folder.name}: config.json is not valid JSON ({error})") from None
+        if not isinstance(config, dict):
+            raise LoraArithError(f"base model {folder.name}: config.json is not a JSON object")
         for key in ("dtype", "torch_dtype"):
             if key in config or key == "dtype":
                 config[key] = _ST_DTYPES[dtype]
-        (target / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (target / name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def merge_adapters(
