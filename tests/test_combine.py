@@ -188,3 +188,26 @@ def test_modules_are_worked_on_ahead_in_order_and_boundedly(monkeypatch):
     next(working)
     working.close()  # as on an error in the loop: nothing more is started
     assert submitted == names[: 1 + ahead]
+
+
+def test_output_dtypes_by_name_or_torch_dtype_alike_and_others_refused(adapter_factory, tmp_path, pairs_file):
+    """``Combination.save(dtype="fp16")`` was torch's 'Invalid device string'; ``combine(dtype=torch.int8)``
+    wrote an adapter open_adapter refuses; ``train_vector(dtype=...)`` found a bad one only after training."""
+    from lora_arith._internal.errors import OptionError
+    from lora_arith.training.train import TrainConfig
+    from lora_arith.training.vector import train_vector
+
+    mix = combine([AdapterSpec(str(adapter_factory()), 0.5)])
+    by_name = mix.save(tmp_path / "by_name", dtype="fp16")
+    by_torch = mix.save(tmp_path / "by_torch.safetensors", dtype=torch.float16)
+    assert open_adapter(by_name).dtype == open_adapter(by_torch).dtype == torch.float16
+    for bad in (torch.int8, "int8", torch.float64, 16):
+        with pytest.raises(OptionError, match="dtype .* is not one of fp32, bf16, fp16"):
+            combine([AdapterSpec(str(adapter_factory()), 0.5)], dtype=bad)
+        with pytest.raises(OptionError, match="is not one of"):
+            mix.save(tmp_path / "bad", dtype=bad)
+        with pytest.raises(OptionError, match="is not one of"):  # before any training: no base is even loaded
+            train_vector(TrainConfig(data=[str(pairs_file)], base="/nonexistent"), tmp_path / "v", dtype=bad)
+    with pytest.raises(OptionError, match="method 'mean' is not one of"):
+        train_vector(TrainConfig(data=[str(pairs_file)], base="/nonexistent"), tmp_path / "v", method="mean")
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "v").exists()

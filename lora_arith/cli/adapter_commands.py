@@ -71,7 +71,7 @@ def _run_combination(specs: list[AdapterSpec], output, method, rank, energy, dty
     from lora_arith._internal.provenance import hash_ahead
 
     hash_ahead(spec.weights_file for spec in specs)  # the recipe's hashes, computed while torch imports
-    from lora_arith.lora.adapter_io import DTYPES, adapter_sources, output_kind
+    from lora_arith.lora.adapter_io import adapter_sources, output_kind
     from lora_arith._internal.atomic import check_output
     from lora_arith.lora.combine import combine
 
@@ -84,7 +84,7 @@ def _run_combination(specs: list[AdapterSpec], output, method, rank, energy, dty
         method=method,
         rank=rank,
         energy=energy,
-        dtype=DTYPES[dtype] if dtype else None,
+        dtype=dtype,
         allow_base_mismatch=allow_base_mismatch,
         progress=progress_wanted(),
     )

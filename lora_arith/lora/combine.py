@@ -35,7 +35,7 @@ from lora_arith._internal.privacy import public_name
 from lora_arith._internal.provenance import METHODS, Recipe, RecipeInput
 from lora_arith.lora.specs import AdapterSpec
 
-__all__ = ["ModuleResult", "Combination", "combine", "extract"]
+__all__ = ["ModuleResult", "Combination", "combine", "extract", "checked_dtype"]
 
 # Config fields that say which modules are targeted; carried over when all inputs agree.
 _TARGETING_FIELDS = ("layers_to_transform", "layers_pattern", "exclude_modules")
@@ -81,13 +81,15 @@ class Combination:
         errors = [m.relative_error for m in self.modules if m.relative_error is not None]
         return max(errors) if errors else None
 
-    def tensors(self, dtype: torch.dtype | None = None, hint: str | None = None) -> dict[str, torch.Tensor]:
-        """The PEFT state-dict tensors, in ``dtype`` (default: the inputs' dtype); ``hint`` is
-        what an overflow error suggests (default: another ``--dtype``)."""
-        return factor_tensors(self.deltas, self.kinds, dtype or self.dtype, hint or DTYPE_HINT)
+    def tensors(self, dtype: torch.dtype | str | None = None, hint: str | None = None) -> dict[str, torch.Tensor]:
+        """The PEFT state-dict tensors, in ``dtype`` (a torch dtype or ``"fp32"``/``"bf16"``/``"fp16"``;
+        default: the inputs' dtype); ``hint`` is what an overflow error suggests (default: another
+        ``--dtype``)."""
+        return factor_tensors(self.deltas, self.kinds, checked_dtype(dtype) or self.dtype, hint or DTYPE_HINT)
 
-    def save(self, path: str | os.PathLike[str], *, force: bool = False, dtype: torch.dtype | None = None) -> Path:
-        """Write a PEFT directory, or the single-file form if ``path`` ends in ``.safetensors``.
+    def save(self, path: str | os.PathLike[str], *, force: bool = False, dtype: torch.dtype | str | None = None) -> Path:
+        """Write a PEFT directory, or the single-file form if ``path`` ends in ``.safetensors``, in
+        ``dtype`` (as :meth:`tensors`).
         ``path`` may be an :class:`~lora_arith._internal.atomic.Output` already checked; a plain path is
         checked (once, when it is written) against :attr:`sources`."""
         return save_adapter(
@@ -166,13 +168,21 @@ def _output_template(adapters: Sequence[AdapterFile], base_model: str | None, mo
     return template
 
 
+def checked_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """An output dtype given by name (``"fp32"``, ``"bf16"``, ``"fp16"``) or as one of those torch
+    dtypes, as a torch dtype (``None`` stays ``None``); anything else is an error, as an adapter of
+    another dtype could not be opened again."""
+    if dtype is None:
+        return None
+    found = DTYPES.get(dtype) if isinstance(dtype, str) else dtype if dtype in DTYPES.values() else None
+    if found is None:
+        raise OptionError("dtype", "{} {dtype!r} is not one of {choices}", dtype=dtype, choices=", ".join(DTYPES))
+    return found
+
+
 def _output_dtype(adapters: Sequence[AdapterFile], dtype: torch.dtype | str | None) -> torch.dtype:
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise LoraArithError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-        return DTYPES[dtype]
     if dtype is not None:
-        return dtype
+        return checked_dtype(dtype)
     dtypes = Counter(a.dtype for a in adapters)
     return max(dtypes, key=lambda d: (torch.finfo(d).bits, dtypes[d]))
 

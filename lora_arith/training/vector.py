@@ -16,10 +16,11 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from lora_arith.lora.adapter_io import DTYPES, output_kind
+from lora_arith.lora.adapter_io import output_kind
 from lora_arith._internal.atomic import atomic_output, check_output, removed_on_signal
-from lora_arith.lora.combine import combine
+from lora_arith.lora.combine import checked_dtype, combine
 from lora_arith.lora.specs import AdapterSpec
+from lora_arith._internal.provenance import METHODS
 from lora_arith._internal.errors import OptionError
 from lora_arith.training.train import (
     RUN_SETTINGS,
@@ -64,6 +65,12 @@ def train_vector(
     Returns the written output, or None on the processes other than the main one under
     ``accelerate launch`` (they train, the main one writes).
     """
+    # what the final combine is given, checked now rather than after both runs have trained
+    checked_dtype(dtype)
+    if method not in METHODS:
+        raise OptionError("method", "{} {method!r} is not one of {choices}", method=method, choices=", ".join(METHODS))
+    if rank is not None and (method != "svd" or isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise OptionError(("rank", "method"), "{} must be a whole number of at least 1, with {} svd")
     inputs = training_inputs(config)
     output = check_output(output, force=force, inputs=inputs, kind=output_kind(output))
     if keep_runs is not None:
@@ -83,7 +90,7 @@ def train_vector(
         if not main:
             return None
         result = combine(specs, method=method, rank=rank)
-        written = result.save(output, dtype=DTYPES[dtype] if dtype else None)
+        written = result.save(output, dtype=dtype)
         if keep_runs is not None:
             with atomic_output(keep_runs) as folder:
                 for name, _ in RUNS:
