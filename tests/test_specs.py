@@ -76,10 +76,16 @@ def test_the_cli_shows_library_option_errors_with_its_flags(adapter_factory, tmp
     assert result.exit_code == 1 and "Error: --max-rank must be at least 1" in result.output
 
 
-def test_library_functions_take_parsed_specs(adapter_factory):
+def test_library_functions_take_parsed_specs(adapter_factory, tiny_llama, tmp_path):
     adapter = adapter_factory()
     with pytest.raises(TypeError, match="parse_specs"):
         combine([f"{adapter}:0.5"])
+    with pytest.raises(TypeError, match="merge_adapters\\(\\) takes AdapterSpec objects"):  # an AttributeError before
+        lora_arith.merge(str(tiny_llama), [str(adapter)], tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+    # the analyses take paths as well as opened adapters (an AttributeError before)
+    assert lora_arith.similarity([str(adapter), adapter]).overall[0, 1] == pytest.approx(1.0)
+    assert lora_arith.interference([adapter, lora_arith.open_adapter(adapter)])[0].cosine == pytest.approx(1.0)
     result = combine(parse_specs([f"{adapter}:0.5"]))
     assert [item.weight for item in result.recipe.inputs] == [0.5]
     assert result.sources and all(isinstance(p, Path) for p in result.sources)  # the inputs, carried

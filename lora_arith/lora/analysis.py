@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Any, Sequence
 
 import torch
 
-from lora_arith.lora.adapter_io import AdapterFile
+from lora_arith.lora.adapter_io import AdapterFile, open_adapter
 from lora_arith._internal.errors import LoraArithError
 from lora_arith.lora.factors import frobenius_norm, inner, projected_energy, single_threaded, subspaces
 
@@ -37,6 +38,13 @@ def _cosines(gram: torch.Tensor) -> torch.Tensor:
     return torch.where(denominator > 0, gram / denominator.clamp_min(1e-300), torch.zeros_like(gram))
 
 
+def _opened(adapters: Sequence[AdapterFile | str | os.PathLike[str]]) -> list[AdapterFile]:
+    """The adapters, opened where given as paths (or Hub references)."""
+    if isinstance(adapters, (str, os.PathLike)):
+        raise LoraArithError("give a list of adapters (paths or opened adapters), not one path")
+    return [adapter if isinstance(adapter, AdapterFile) else open_adapter(adapter) for adapter in adapters]
+
+
 def _shared_modules(adapters: Sequence[AdapterFile]) -> list[str]:
     """Every module of the adapters, sorted; a module whose shape differs between them (adapters
     for different bases) is an error naming it."""
@@ -51,8 +59,10 @@ def _shared_modules(adapters: Sequence[AdapterFile]) -> list[str]:
     return names
 
 
-def similarity(adapters: Sequence[AdapterFile], progress: bool = False) -> Similarity:
-    """Cosine similarity matrices of the adapters' deltas, computed module by module from the factors."""
+def similarity(adapters: Sequence[AdapterFile | str | os.PathLike[str]], progress: bool = False) -> Similarity:
+    """Cosine similarity matrices of the adapters' deltas (opened adapters or paths), computed
+    module by module from the factors."""
+    adapters = _opened(adapters)
     count = len(adapters)
     names = _shared_modules(adapters)
     overall = torch.zeros(count, count, dtype=torch.float64)
@@ -148,12 +158,15 @@ def _ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator > 0 else 0.0
 
 
-def interference(adapters: Sequence[AdapterFile], top: int = 5, progress: bool = False) -> list[PairInterference]:
-    """For each pair of adapters: cosines (overall, per module type), the share of each one's
+def interference(
+    adapters: Sequence[AdapterFile | str | os.PathLike[str]], top: int = 5, progress: bool = False
+) -> list[PairInterference]:
+    """For each pair of adapters (opened adapters or paths): cosines (overall, per module type), the share of each one's
     energy inside the other's column and row spaces, and the ``top`` modules where they overlap
     most. Everything comes from the factors (QR of ``B`` and ``Aᵀ`` and an SVD of the small core
     per module, see :func:`lora_arith.lora.factors.subspaces`); no dense ``out × in`` matrix is formed.
     """
+    adapters = _opened(adapters)
     count = len(adapters)
     names = _shared_modules(adapters)
     pairs = list(combinations(range(count), 2))

@@ -33,7 +33,7 @@ from lora_arith.lora.factors import LowRankDelta, compress, single_threaded, wei
 from lora_arith.lora.numerics import DTYPE_HINT, require_finite
 from lora_arith._internal.privacy import public_name
 from lora_arith._internal.provenance import METHODS, Recipe, RecipeInput
-from lora_arith.lora.specs import AdapterSpec
+from lora_arith.lora.specs import AdapterSpec, require_specs
 
 __all__ = ["ModuleResult", "Combination", "combine", "extract", "checked_dtype"]
 
@@ -285,8 +285,7 @@ def combine(
     """
     if not specs:
         raise LoraArithError("give at least one adapter")
-    if any(not isinstance(spec, AdapterSpec) for spec in specs):
-        raise TypeError("combine() takes AdapterSpec objects; parse text with lora_arith.lora.specs.parse_specs")
+    require_specs(specs, "combine")
     if method not in METHODS:
         raise LoraArithError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if method == "cat" and (rank is not None or energy is not None):

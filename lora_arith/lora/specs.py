@@ -38,6 +38,7 @@ __all__ = [
     "AdapterSpec",
     "parse_spec",
     "parse_specs",
+    "require_specs",
     "adapter_names",
     "file_stem",
     "named_specs",
@@ -89,6 +90,16 @@ class AdapterSpec:
 
     def __str__(self) -> str:
         return f"{self.path}:{self.weight:g}"
+
+
+def require_specs(specs: Sequence[AdapterSpec], function: str) -> None:
+    """Raise ``TypeError`` unless ``specs`` are :class:`AdapterSpec` objects (what ``function`` takes),
+    saying how to make them from text."""
+    if isinstance(specs, (str, os.PathLike)) or any(not isinstance(spec, AdapterSpec) for spec in specs):
+        raise TypeError(
+            f"{function}() takes AdapterSpec objects, e.g. [AdapterSpec('adapters/helpful', 1.0)]; "
+            "parse text with lora_arith.lora.specs.parse_specs"
+        )
 
 
 def parse_spec(text: str) -> AdapterSpec:

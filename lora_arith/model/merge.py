@@ -359,11 +359,13 @@ def merge_adapters(
             base weight or has the wrong shape, a non-finite merged tensor); nothing is written then.
     """
     from lora_arith.lora.adapter_io import adapter_sources, open_adapter
+    from lora_arith.lora.specs import require_specs
 
     if quantize_4bit and not requantize:
         raise OptionError("requantize", REQUANTIZE_WARNING)
     if not specs:
         raise OptionError("adapter", "give at least one {} to merge")
+    require_specs(specs, "merge_adapters")
     if dtype is not None and dtype not in _DTYPE_NAMES:
         raise LoraArithError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPE_NAMES)}")
     if device is not None:
