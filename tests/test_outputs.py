@@ -237,6 +237,8 @@ def test_force_never_replaces_a_folder_with_a_file(adapter_factory, tmp_path):
         ("eval", ["results.json", "summary.md", "completions.jsonl"]),
         ("sweep", ["sweep.csv", "sweep.json", "heatmap.png"]),
         ("runs", ["positive/adapter_config.json", "negative/adapter_config.json"]),
+        ("mixes", ["balanced/adapter_config.json", "balanced/adapter_model.safetensors", "safer/adapter_config.json"]),
+        ("gguf", ["helpful.gguf", "harmless.gguf"]),
     ],
 )
 def test_force_recognises_earlier_outputs_of_each_kind(tmp_path, kind, files):
@@ -251,6 +253,30 @@ def test_force_recognises_earlier_outputs_of_each_kind(tmp_path, kind, files):
     with pytest.raises(LoraArithError, match="force would delete") as raised:
         atomic.check_output(earlier, force=True, kind=other)
     assert "--force would delete" in raised.value.message(lambda option: "--" + option)
+
+
+@pytest.mark.parametrize("kind, files", [("mixes", ["a/adapter_config.json"]), ("gguf", ["a.gguf"])])
+def test_force_replaces_a_folder_of_mixes_only_if_it_holds_nothing_else(tmp_path, kind, files):
+    """A folder of exported mixes (or GGUF files) is recognised by what it holds, all of it: one
+    file of the user's beside them and ``force`` refuses to delete the folder."""
+    earlier = tmp_path / "earlier"
+    for name in [*files, "notes.txt"]:
+        (earlier / name).parent.mkdir(parents=True, exist_ok=True)
+        (earlier / name).write_text("{}")
+    with pytest.raises(LoraArithError, match="force would delete"):
+        atomic.check_output(earlier, force=True, kind=kind)
+    (earlier / "notes.txt").unlink()
+    assert atomic.check_output(earlier, force=True, kind=kind).path == earlier
+
+
+def test_export_mix_again_with_force_replaces_its_own_output(adapter_factory, tiny_llama, tmp_path):
+    """``export --mix ... -o out -f`` a second time said 'not empty' (and so did GGUF exports)."""
+    a, b = adapter_factory(), adapter_factory()
+    for target in (["--for", "vllm"], ["--for", "llama.cpp", "--base", tiny_llama]):
+        out = tmp_path / target[1]
+        for attempt in range(2):
+            result = CliRunner().invoke(main, ["export", str(a), str(b), *map(str, target), "--mix", "m=1,0.5", "-o", str(out), "-f"])
+            assert result.exit_code == 0, result.output
 
 
 def test_eval_force_refuses_a_users_folder(base_copy, tmp_path):

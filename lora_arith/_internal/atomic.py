@@ -53,11 +53,14 @@ OUTPUT_KINDS: dict[str, tuple[str, tuple[tuple[str, ...], ...]]] = {
     "sweep": ("a sweep folder", (("points.jsonl", "sweep.csv"),)),
     "tune": ("a tune folder", (("report.json",), ("report.md",))),
     "runs": ("a {} folder", (("positive/adapter_config.json",), ("negative/adapter_config.json",))),
+    "mixes": ("a folder of exported mixes", (("*/adapter_config.json",),)),
+    "gguf": ("a folder of GGUF files", (("*.gguf",),)),
 }
 """Output kinds: a description, and the files (any one of each group) that make an existing
-folder recognisably an earlier output of that kind, which ``force`` may replace. ``file`` is
-written as a file; every other kind as a folder. A ``{}`` in a description names the option of
-that output (:data:`_KIND_OPTIONS`)."""
+folder recognisably an earlier output of that kind, which ``force`` may replace. A name with
+``*`` is a pattern, and then everything in the folder must match one (a folder of mixes holds
+nothing else). ``file`` is written as a file; every other kind as a folder. A ``{}`` in a
+description names the option of that output (:data:`_KIND_OPTIONS`)."""
 
 _KIND_OPTIONS = {"runs": "keep_runs"}
 
@@ -117,6 +120,13 @@ def _listing(folder: Path, limit: int = 3) -> str:
     return ", ".join(names) + more
 
 
+def _marked(folder: Path, name: str) -> set[str]:
+    """The entries of ``folder`` that the marker ``name`` (a path, or a pattern with ``*``) finds."""
+    if "*" in name:
+        return {match.relative_to(folder).parts[0] for match in folder.glob(name)}
+    return {Path(name).parts[0]} if (folder / name).exists() else set()
+
+
 def _refusal(path: Path, kind: str) -> OptionError | None:
     """Why ``force`` may not replace the existing ``path`` with an output of ``kind``, or None."""
     if path.is_symlink() or not path.is_dir():
@@ -124,8 +134,11 @@ def _refusal(path: Path, kind: str) -> OptionError | None:
     if not any(path.iterdir()):
         return None
     description, markers = OUTPUT_KINDS[kind]
-    if markers and all(any((path / name).exists() for name in group) for group in markers):
-        return None
+    if markers:
+        found = [set().union(*(_marked(path, name) for name in group)) for group in markers]
+        patterned = any("*" in name for group in markers for name in group)
+        if all(found) and (not patterned or {entry.name for entry in path.iterdir()} <= set().union(*found)):
+            return None
     wanted = f"is not {description}" if markers else "is a folder that is not empty"
     options = (_KIND_OPTIONS[kind],) if "{}" in wanted else ()
     return OptionError(

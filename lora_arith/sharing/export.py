@@ -175,7 +175,7 @@ def export_mixes(
         raise OptionError("max_rank", "{} must be at least 1")
     _check_vllm_compatible(adapters)
     sources = [source for adapter in adapters for source in adapter_sources(adapter)]
-    checked = check_output(output, force=force, inputs=sources, kind="folder")
+    checked = check_output(output, force=force, inputs=sources, kind="mixes")
     exports: dict[str, Export] = {}
     with atomic_output(checked) as folder:
         for name, weights in mixes.items():

@@ -476,7 +476,7 @@ def export_gguf_adapters(
         for name in plan:
             if name in ("", ".", "..") or name.startswith(".") or "\\" in name:
                 raise LoraArithError(f"adapter {name!r}: its name is not a plain file name, and the GGUF file is named after it")
-    checked = check_output(output, force=force, inputs=model_inputs(base, adapters), kind="folder")
+    checked = check_output(output, force=force, inputs=model_inputs(base, adapters), kind="gguf")
     layout = _prepare(adapters, base)
     exports: dict[str, GgufExport] = {}
     with atomic_output(checked) as folder:
