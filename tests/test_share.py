@@ -262,3 +262,26 @@ def test_both_exports_check_mixes_alike_and_write_nothing_for_a_bad_one(
         else:
             lora_arith.export_gguf_adapters([a, b], "out", mixes=mixes, base=str(tiny_llama))
     assert sorted(p.name for p in work.iterdir()) == before == []
+
+
+def test_no_local_path_in_any_config_field_uploaded_or_converted(adapter_factory, tmp_path):
+    """Only ``base_model_name_or_path`` was reduced: a local path in another field of the config
+    (here ``revision``) was uploaded by push and kept by convert."""
+    from lora_arith.sharing.push import plan_upload
+
+    folder = hub_adapter(adapter_factory, tmp_path)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["revision"] = "/home/alice/secret/run-3"
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    plan = plan_upload(folder)
+    uploaded = json.loads(plan.generated["adapter_config.json"])
+    assert uploaded["revision"] == "run-3" and uploaded["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "/home/alice" not in plan.generated["README.md"]
+    converted = run("convert", folder, "-o", tmp_path / "copy")
+    assert converted.exit_code == 0, converted.output
+    assert json.loads((tmp_path / "copy" / "adapter_config.json").read_text())["revision"] == "run-3"
+
+
+def test_export_for_vllm_refuses_base_it_would_ignore(adapter_factory, tmp_path):
+    result = run("export", adapter_factory(), "--base", "x", "-o", tmp_path / "out")
+    assert result.exit_code == 2 and "--base applies to --for llama.cpp only" in result.output

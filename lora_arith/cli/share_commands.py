@@ -116,6 +116,8 @@ def export(adapters, output, target, max_rank, base, mixes, force):
     from lora_arith.sharing.gguf import export_gguf_adapters, gguf_report
 
     parsed = parse_mixes(mixes, len(adapters)) if mixes else None
+    if target == "vllm" and base is not None:
+        raise click.BadOptionUsage("base", "--base applies to --for llama.cpp only (vLLM's adapters do not depend on it)")
     if target == "llama.cpp":
         if max_rank is not None:
             raise click.BadOptionUsage("max_rank", "--max-rank applies to --for vllm only (GGUF keeps every rank)")

@@ -533,11 +533,9 @@ def save_adapter(
 
 
 def public_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """``config`` with a local ``base_model_name_or_path`` reduced to its basename (a Hub id stays)."""
-    config = dict(config)
-    if isinstance(config.get("base_model_name_or_path"), str):
-        config["base_model_name_or_path"] = scrub(config["base_model_name_or_path"])
-    return config
+    """``config`` with every local path in it (``base_model_name_or_path`` or any other field)
+    reduced to its basename (:func:`~lora_arith._internal.privacy.scrub`; a Hub id stays)."""
+    return scrub(dict(config))
 
 
 def convert_adapter(
