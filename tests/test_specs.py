@@ -67,13 +67,21 @@ def test_option_error_names_options_in_python_and_as_flags():
 
 def test_the_cli_shows_library_option_errors_with_its_flags(adapter_factory, tmp_path):
     adapter = adapter_factory()
-    with pytest.raises(OptionError, match="^rank must be at least 1, got 0$"):
+    with pytest.raises(OptionError, match="^rank must be a whole number of at least 1, got 0$"):
         combine([AdapterSpec(str(adapter))], method="svd", rank=0)
     result = CliRunner().invoke(main, ["combine", str(adapter), "-o", str(tmp_path / "x"), "--method", "svd", "--rank", "0"])
     assert result.exit_code == 1
-    assert result.output.strip() == "Error: --rank must be at least 1, got 0"
+    assert result.output.strip() == "Error: --rank must be a whole number of at least 1, got 0"
     result = CliRunner().invoke(main, ["export", str(adapter), "--max-rank", "0", "-o", str(tmp_path / "e")])
-    assert result.exit_code == 1 and "Error: --max-rank must be at least 1" in result.output
+    assert result.exit_code == 1 and "Error: --max-rank must be a whole number of at least 1" in result.output
+    # from Python, text or fractions are the same one-line errors (TypeErrors before)
+    for bad in ("4", 2.5, True):
+        with pytest.raises(OptionError, match="rank must be a whole number"):
+            combine([AdapterSpec(str(adapter))], method="svd", rank=bad)
+        with pytest.raises(OptionError, match="max_rank must be a whole number"):
+            lora_arith.export([str(adapter)], tmp_path / "e", max_rank=bad)
+    with pytest.raises(OptionError, match="energy must be in"):
+        combine([AdapterSpec(str(adapter))], method="svd", energy="0.5")
 
 
 def test_library_functions_take_parsed_specs(adapter_factory, tiny_llama, tmp_path):

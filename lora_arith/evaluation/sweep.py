@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 from lora_arith._internal.errors import LoraArithError, OptionError
+from lora_arith.lora.numerics import require_count
 from lora_arith.evaluation.metrics import FLAT_RATES, METRICS, metric as find_metric
 from lora_arith.lora.numerics import finite_number
 
@@ -102,8 +103,8 @@ def generate_points(
     from lora_arith.model.generation import encode_prompts
     from lora_arith.serving.engine import greedy_completions
 
-    if batch_size < 1 or max_new_tokens < 1:
-        raise LoraArithError(f"batch_size and max_new_tokens must be at least 1, got {batch_size} and {max_new_tokens}")
+    require_count(batch_size, "batch_size")
+    require_count(max_new_tokens, "max_new_tokens")
     token_ids = encode_prompts(mixer.model, mixer.tokenizer, prompts, max_new_tokens, sources)
     order = sorted(range(len(prompts)), key=lambda i: len(token_ids[i]))
     rows = [(p, i) for group in _chunks(order, batch_size) for p in range(len(points)) for i in group]

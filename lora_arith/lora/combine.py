@@ -30,7 +30,7 @@ from lora_arith.lora.adapter_io import (
 )
 from lora_arith._internal.errors import LoraArithError, OptionError
 from lora_arith.lora.factors import LowRankDelta, compress, single_threaded, weighted_sum
-from lora_arith.lora.numerics import DTYPE_HINT, require_finite
+from lora_arith.lora.numerics import DTYPE_HINT, finite_number, require_count, require_finite
 from lora_arith._internal.privacy import public_name
 from lora_arith._internal.provenance import METHODS, Recipe, RecipeInput
 from lora_arith.lora.specs import AdapterSpec, require_specs
@@ -190,8 +190,6 @@ def _output_dtype(adapters: Sequence[AdapterFile], dtype: torch.dtype | str | No
 def _check_rank(modules: dict[str, ModuleInfo], rank: int | None) -> None:
     if rank is None:
         return
-    if rank < 1:
-        raise OptionError("rank", "{} must be at least 1, got {rank}", rank=rank)
     for name, info in modules.items():
         if rank > min(info.shape):
             raise OptionError(
@@ -292,8 +290,10 @@ def combine(
         raise OptionError(("rank", "energy", "method"), "{} and {} need {} svd")
     if rank is not None and energy is not None:
         raise OptionError(("rank", "energy"), "give {} or {}, not both")
-    if energy is not None and not 0.0 < energy <= 1.0:
-        raise OptionError("energy", "{} must be in (0, 1], got {energy}", energy=energy)
+    if rank is not None:
+        require_count(rank, "rank")
+    if energy is not None and (finite_number(energy) is None or not 0.0 < energy <= 1.0):
+        raise OptionError("energy", "{} must be in (0, 1], got {energy!r}", energy=energy)
 
     adapters = [open_adapter(spec.path) for spec in specs]
     base_model = _check_bases(adapters, allow_base_mismatch)

@@ -23,6 +23,7 @@ __all__ = [
     "require_finite",
     "require_finite_number",
     "finite_number",
+    "require_count",
     "parse_finite",
     "all_finite",
     "cast_finite",
@@ -66,6 +67,16 @@ def require_finite(tensor: torch.Tensor, what: str, why: str = "") -> torch.Tens
         kind = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
         raise LoraArithError(f"{what} has {kind} values" + (f" ({why})" if why else ""))
     return tensor
+
+
+def require_count(value: Any, option: str, least: int = 1) -> int:
+    """``value`` if it is a whole number (an ``int``, not a bool) of at least ``least``, else an
+    :class:`~lora_arith._internal.errors.OptionError` naming ``option`` (a rank, a budget, ...)."""
+    from lora_arith._internal.errors import OptionError
+
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise OptionError(option, "{} must be a whole number of at least {least}, got {value!r}", least=least, value=value)
+    return value
 
 
 def finite_number(value: Any) -> float | None:

@@ -9,6 +9,7 @@ import torch
 
 from lora_arith.training.data import Prompt, to_messages
 from lora_arith._internal.errors import LoraArithError
+from lora_arith.lora.numerics import require_count
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -161,8 +162,8 @@ def generate(
     ``batch_context(indices)``, if given, is entered around the generation of each batch
     (``indices``: the prompts of the batch, in row order), e.g. to set per-row weights.
     """
-    if batch_size < 1 or max_new_tokens < 1:
-        raise LoraArithError(f"batch_size and max_new_tokens must be at least 1, got {batch_size} and {max_new_tokens}")
+    require_count(batch_size, "batch_size")
+    require_count(max_new_tokens, "max_new_tokens")
     from transformers import LogitsProcessorList
 
     texts = [chat_prompt(tokenizer, prompt) for prompt in prompts]

@@ -24,6 +24,7 @@ from lora_arith._internal.atomic import atomic_output, check_output
 from lora_arith.lora.combine import combine
 from lora_arith._internal.errors import LoraArithError, OptionError
 from lora_arith.lora.factors import compress, single_threaded
+from lora_arith.lora.numerics import require_count
 from lora_arith._internal.provenance import EXPORT_METHOD
 from lora_arith.lora.specs import MIX_NAME, AdapterSpec, check_mixes, named_weights
 
@@ -151,8 +152,8 @@ def export_mix(
     adapter folder at ``output``, as :func:`export_mixes` writes each of its mixes: ranks add up,
     scalings are folded in, only modules above ``max_rank`` are compressed. ``serve --engine
     vllm`` writes each request's mix with it."""
-    if max_rank is not None and max_rank < 1:
-        raise OptionError("max_rank", "{} must be at least 1")
+    if max_rank is not None:
+        require_count(max_rank, "max_rank")
     _check_vllm_compatible([spec.path for spec in specs])
     return _write(list(specs), Path(output), max_rank, force)
 
@@ -171,8 +172,8 @@ def export_mixes(
     adapters (ranks add up), compressed optimally only where a module exceeds ``max_rank``.
     """
     mixes = check_mixes(mixes, len(adapters))
-    if max_rank is not None and max_rank < 1:
-        raise OptionError("max_rank", "{} must be at least 1")
+    if max_rank is not None:
+        require_count(max_rank, "max_rank")
     _check_vllm_compatible(adapters)
     sources = [source for adapter in adapters for source in adapter_sources(adapter)]
     checked = check_output(output, force=force, inputs=sources, kind="mixes")
