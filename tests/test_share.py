@@ -241,6 +241,9 @@ def test_vllm_export_writes_one_adapter_per_mix(adapter_factory, tmp_path):
         ({"ok": (1.0, float("nan"))}, "mixes ok: the weights must be finite numbers"),
         ({"ok": (1.0,)}, "mixes ok: 1 weights for 2 adapters"),
         ({}, "mixes is empty"),
+        ([("m", (1.0, 1.0))], "mixes maps each mix's name to its weights"),
+        ({"m": 1}, "mixes m: give a list of weights"),
+        ({"m": None}, "mixes m: give a list of weights"),
     ],
 )
 def test_both_exports_check_mixes_alike_and_write_nothing_for_a_bad_one(

@@ -232,6 +232,8 @@ def check_mixes(mixes: Mapping[str, Sequence[float]], count: int) -> dict[str, l
     """``mixes`` (name → one weight per adapter, ``count`` adapters) as name → floats, checked:
     at least one mix, each named by :data:`MIX_NAME`, each with ``count`` finite weights. The one
     check of the mixes that ``export`` writes (vLLM folders and GGUF files are named after them)."""
+    if not isinstance(mixes, Mapping):
+        raise OptionError("mixes", "{} maps each mix's name to its weights, e.g. {{'balanced': [1.0, 1.0]}}")
     if not mixes:
         raise OptionError("mixes", "{} is empty: give at least one NAME with one weight per adapter")
     checked: dict[str, list[float]] = {}
@@ -240,6 +242,8 @@ def check_mixes(mixes: Mapping[str, Sequence[float]], count: int) -> dict[str, l
             raise OptionError(
                 "mixes", "{} {name!r}: name a mix with letters, digits, '.', '_', '-' (it names a file)", name=name
             )
+        if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+            raise OptionError("mixes", "{} {name}: give a list of weights, one per adapter, not {weights!r}", name=name, weights=weights)
         values = [finite_number(weight) for weight in weights]
         if len(values) != count:
             raise OptionError(
