@@ -501,3 +501,27 @@ def test_a_mix_folder_already_written_is_reused_and_its_rank_read_from_its_tenso
     again = VllmBackend("http://127.0.0.1:9", backend.adapters, tmp_path / "mixes")
     assert again.write(again.mix_for({"helpful": 1.0, "harmless": 0.5})) == rank
     assert (mix.path / "adapter_model.safetensors").stat().st_mtime_ns == stamp  # kept, not rewritten
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--max-eta", "nan"], "--max-eta must be a positive finite number, got nan"),  # lifted the limit
+        (["--max-eta", "inf"], "--max-eta must be a positive finite number"),
+        (["--host", ""], "--host must name an address"),  # listened on every interface
+        (["--host", " "], "--host must name an address"),
+        (["--port", "70000"], "--port must be 0 (any free port) to 65535"),  # OverflowError after loading
+        (["--port", "-1"], "--port must be 0 (any free port) to 65535"),
+        (["--shutdown-timeout", "nan"], "--shutdown-timeout must be a number of seconds"),
+        (["--request-timeout", "nan"], "--request-timeout must be a positive number of seconds"),  # was taken
+    ],
+)
+def test_listening_options_are_checked_before_the_base_loads(two_adapters, monkeypatch, args, message):
+    from click.testing import CliRunner
+
+    import lora_arith.model.mixing as mixing
+    from lora_arith.cli import main
+
+    monkeypatch.setattr(mixing.PreferenceMixer, "from_specs", lambda *a, **k: pytest.fail("the base was loaded"))
+    result = CliRunner().invoke(main, ["serve", "--adapter", f"h={two_adapters[0]}", *args])
+    assert result.exit_code == 1 and result.output.strip().splitlines()[-1].startswith(f"Error: {message}"), result.output

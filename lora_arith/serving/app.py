@@ -32,13 +32,14 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from lora_arith._internal.errors import LoraArithError, OptionError
+from lora_arith.lora.numerics import finite_number
 from lora_arith.serving.backends import Backend, EngineBackend
 from lora_arith.serving.protocol import ChatRequest, RequestError, ServerSettings, parse_body, parse_chat_request
 
 if TYPE_CHECKING:
     from lora_arith.model.mixing import PreferenceMixer
 
-__all__ = ["AccessSettings", "Metrics", "create_app", "run_backend", "run_server"]
+__all__ = ["AccessSettings", "Metrics", "check_listen", "create_app", "run_backend", "run_server"]
 
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
 
@@ -68,8 +69,8 @@ class AccessSettings:
             raise OptionError("api_key", "{} must not be empty")
         if max_request_bytes < 1:
             raise OptionError("max_request_bytes", "{} must be at least 1")
-        if request_timeout <= 0:
-            raise OptionError("request_timeout", "{} must be positive")
+        if finite_number(request_timeout) is None or request_timeout <= 0:
+            raise OptionError("request_timeout", "{} must be a positive number of seconds, got {value!r}", value=request_timeout)
         self.api_key, self.allowed_origins = api_key, list(allowed_origins)
         self.loopback_only, self.max_request_bytes, self.request_timeout = (
             loopback_only,
@@ -432,6 +433,18 @@ def run_server(
     run_backend(EngineBackend(engine), settings, **server)
 
 
+def check_listen(host: str, port: int, shutdown_timeout: float = 30.0) -> None:
+    """Where :func:`run_backend` listens and how long it waits at shutdown, checked (before
+    anything loads): an empty host would listen on every interface, and a NaN or infinite
+    timeout would never end."""
+    if not isinstance(host, str) or not host.strip():
+        raise OptionError("host", "{} must name an address, e.g. 127.0.0.1 (an empty one listens on every interface)")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise OptionError("port", "{} must be 0 (any free port) to 65535, got {port!r}", port=port)
+    if finite_number(shutdown_timeout) is None or shutdown_timeout < 0:
+        raise OptionError("shutdown_timeout", "{} must be a number of seconds of at least 0, got {value!r}", value=shutdown_timeout)
+
+
 def run_backend(
     backend: Backend,
     settings: ServerSettings,
@@ -450,6 +463,7 @@ def run_backend(
 
     import uvicorn
 
+    check_listen(host, port, shutdown_timeout)
     access = access or AccessSettings()
     if access.loopback_only is None:
         access.loopback_only = _is_loopback_host(host)

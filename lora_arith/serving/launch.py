@@ -74,7 +74,7 @@ def serve(
     With ``engine`` ``"vllm"`` or ``"llama.cpp"`` nothing is loaded here: the same front end
     forwards to the engine at ``engine_url`` (:func:`serve_proxy`, which takes ``adapter_dir``,
     ``eta_step`` and ``max_loras``)."""
-    from lora_arith.serving.app import AccessSettings, run_server
+    from lora_arith.serving.app import AccessSettings, check_listen, run_server
 
     access = AccessSettings(
         api_key=api_key,
@@ -82,6 +82,7 @@ def serve(
         max_request_bytes=max_request_bytes,
         request_timeout=request_timeout,
     )
+    check_listen(server.get("host", "127.0.0.1"), server.get("port", 8000), server.get("shutdown_timeout", 30.0))
     if engine != "lora-arith":
         local = {"base": base, "int8": int8, "quantize_4bit": quantize_4bit, "device": device}
         given = [name for name, value in local.items() if value]

@@ -109,7 +109,10 @@ class ServerSettings:
 
 
 def check_defaults(defaults: dict[str, float], max_eta: float) -> None:
-    """No default weight may be above ``max_eta`` in size: a request could not ask for it either."""
+    """No default weight may be above ``max_eta`` in size: a request could not ask for it either.
+    ``max_eta`` itself must be a positive finite number (a NaN bound would let every weight through)."""
+    if finite_number(max_eta) is None or max_eta <= 0:
+        raise OptionError("max_eta", "{} must be a positive finite number, got {value!r}", value=max_eta)
     for name, weight in defaults.items():
         if abs(weight) > max_eta:
             raise OptionError(
