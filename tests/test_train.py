@@ -173,6 +173,17 @@ def test_unknown_target_module_is_a_user_error(chat_base, pairs_file, tmp_path):
         ({"sft_weight": -0.5}, "sft_weight must be 0 or positive"),
         ({"data": []}, "no data files"),
         ({"double_quant": True, "quantize_4bit": False}, "double_quant needs the 4-bit base"),
+        # an infinite lr, alpha or beta trained an all-NaN adapter and exited 0; the others failed inside TRL
+        ({"lr": float("inf")}, "lr must be positive, a finite number"),
+        ({"alpha": float("inf")}, "alpha must be positive, a finite number"),
+        ({"beta": float("nan")}, "beta must be positive, a finite number"),
+        ({"sft_weight": float("nan")}, "sft_weight must be 0 or positive, a finite number"),
+        ({"epochs": float("inf")}, "epochs must be positive, a finite number"),
+        ({"max_steps": 1.5}, "max_steps must be positive, a whole number"),
+        ({"batch_size": "4"}, "batch_size must be positive, a whole number"),
+        ({"seed": -1}, "seed must be a whole number from 0"),
+        ({"weight_decay": float("nan")}, "weight_decay must be 0 or positive"),
+        ({"data": "pairs.jsonl"}, "data is a list of data specs"),
     ],
 )
 def test_config_validation(change, message):

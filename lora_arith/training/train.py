@@ -43,6 +43,7 @@ from lora_arith.training.data import (
     to_messages,
 )
 from lora_arith._internal.devices import resolve_device, use_bf16
+from lora_arith.lora.numerics import finite_number
 from lora_arith._internal.errors import LoraArithError, OptionError
 from lora_arith._internal.privacy import public_name, scrub
 from lora_arith._internal.provenance import sha256_of, versions
@@ -192,23 +193,29 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """Raise :class:`LoraArithError` for settings that cannot work."""
+        if isinstance(self.data, (str, os.PathLike)):
+            raise LoraArithError("data is a list of data specs, e.g. ['pairs.jsonl'], not one")
         self.data = list(self.data)
-        positive = {"rank": self.rank, "alpha": self.alpha, "beta": self.beta, "lr": self.lr}
-        positive |= {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
-        positive |= {"max_length": self.max_length, "logging_steps": self.logging_steps}
-        for name, value in positive.items():
-            if not value > 0:
-                raise LoraArithError(f"{name} must be positive, not {value}")
-        for name in ("max_steps", "save_steps"):
+        # finite numbers (an infinite lr or alpha trained an all-NaN adapter), whole ones for counts
+        counts = {"rank": self.rank, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
+        counts |= {"max_length": self.max_length, "logging_steps": self.logging_steps}
+        counts |= {"max_steps": self.max_steps, "save_steps": self.save_steps}
+        for name, value in counts.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise LoraArithError(f"{name} must be positive, a whole number, not {value!r}")
+        for name, value in {"alpha": self.alpha, "beta": self.beta, "lr": self.lr, "epochs": self.epochs}.items():
+            if finite_number(value) is None or not value > 0:
+                raise LoraArithError(f"{name} must be positive, a finite number, not {value!r}")
+        if finite_number(self.sft_weight) is None or self.sft_weight < 0:
+            raise LoraArithError(f"sft_weight must be 0 or positive, a finite number, not {self.sft_weight!r}")
+        for name in ("dropout", "warmup_ratio"):
             value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise LoraArithError(f"{name} must be positive, not {value}")
-        if self.sft_weight < 0:
-            raise LoraArithError(f"sft_weight must be 0 or positive, not {self.sft_weight}")
-        if not 0 <= self.dropout < 1:
-            raise LoraArithError(f"dropout must be in [0, 1), not {self.dropout}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise LoraArithError(f"warmup_ratio must be in [0, 1), not {self.warmup_ratio}")
+            if finite_number(value) is None or not 0 <= value < 1:
+                raise LoraArithError(f"{name} must be in [0, 1), not {value!r}")
+        if finite_number(self.weight_decay) is None or self.weight_decay < 0:
+            raise LoraArithError(f"weight_decay must be 0 or positive, a finite number, not {self.weight_decay!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise LoraArithError(f"seed must be a whole number from 0 to 2**32 - 1, not {self.seed!r}")
         if self.label is not None and self.label not in LABELS:
             raise LoraArithError(f"unknown label {self.label!r}; use one of {', '.join(LABELS)}")
         if not self.data:
