@@ -430,3 +430,19 @@ def test_tune_holds_out_pairs_and_computes_their_reference_once(chat_base, two_a
     assert calls.count(str([p.prompt for p in held])) == 2 + 2 and len(calls) == 2 * evaluated + 6
     with pytest.raises(LoraArithError, match="leaves the pairs of .*pairs.jsonl \\(4\\) empty on one side"):
         split_pairs(tuning + held, 0.1, 0)
+
+
+def test_tune_checks_before_searching_that_it_has_vectors_and_pairs_it_needs(chat_base, two_adapters, prompts_file, monkeypatch):
+    """No vectors searched forever (a grid of zero dimensions); a pair metric without pairs was
+    found only after the whole search (a KeyError when saving)."""
+    import lora_arith.evaluation.sweep as sweep
+    from lora_arith._internal.errors import OptionError
+
+    monkeypatch.setattr(sweep, "evaluate_points", lambda *a, **k: pytest.fail("the search started"))
+    common = dict(prompts=[prompts_file], base=str(chat_base), max_new_tokens=2, budget=4)
+    with pytest.raises(OptionError, match="give at least one of vectors"):
+        lora_arith.tune({}, maximize="refusal_rate", subject_to="compliance_rate>=0", **common)
+    with pytest.raises(OptionError, match="reward_accuracy is measured on preference pairs: give pairs"):
+        lora_arith.tune({"h": two_adapters[0]}, maximize="reward_accuracy", subject_to="compliance_rate>=0", **common)
+    with pytest.raises(OptionError, match="logprob_margin is measured on preference pairs"):
+        lora_arith.tune({"h": two_adapters[0]}, maximize="refusal_rate", subject_to="logprob_margin>=0", **common)

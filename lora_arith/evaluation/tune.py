@@ -153,6 +153,8 @@ def tune(
     objective = metric_key(maximize or minimize)
     constraint = _constraints(subject_to)
     named = {name: os.fspath(path) for name, path in vectors.items()}
+    if not named:
+        raise OptionError("vectors", "give at least one of {} to tune (NAME → adapter)")  # no dimension: no search
     compared = adapter_specs(compare or {})
     clash = sorted(set(compared) & set(named))
     if clash:
@@ -167,6 +169,8 @@ def tune(
         kind = metric(key).kind
         if kind is not None and not inputs.count(kind):
             raise OptionError("prompts", "{key} needs {kind} prompts, and {} has none", key=key, kind=kind)
+        if metric(key).part == "pairs" and not inputs.pairs:  # found only after the whole search before
+            raise OptionError("pairs", "{key} is measured on preference pairs: give {}", key=metric(key).name)
     judge = config.make_judge()
     if mixer is None:
         mixer = config.mixer({**named, **compared})
