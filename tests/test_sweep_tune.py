@@ -446,3 +446,18 @@ def test_tune_checks_before_searching_that_it_has_vectors_and_pairs_it_needs(cha
         lora_arith.tune({"h": two_adapters[0]}, maximize="reward_accuracy", subject_to="compliance_rate>=0", **common)
     with pytest.raises(OptionError, match="logprob_margin is measured on preference pairs"):
         lora_arith.tune({"h": two_adapters[0]}, maximize="refusal_rate", subject_to="logprob_margin>=0", **common)
+
+
+def test_a_sweep_into_a_home_folder_writes_there(chat_base, two_adapters, prompts_file, tmp_path, monkeypatch):
+    """``-o ~/sweep`` was checked as $HOME/sweep but written as the literal ./~/sweep (or failed)."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    adapters = {"helpful": two_adapters[0]}
+    args = sweep_args(chat_base, adapters, prompts_file, "~/sweep")[3:]
+    result = run(*[a.replace("--grid=-1,0,1", "--grid=0,1") for a in args])
+    assert result.exit_code == 0, result.output
+    assert (home / "sweep" / "points.jsonl").is_file() and (home / "sweep" / "sweep.json").is_file()
+    assert list(work.iterdir()) == []

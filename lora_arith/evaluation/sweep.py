@@ -265,13 +265,14 @@ def sweep(
     named = {name: os.fspath(path) for name, path in vectors.items()}
     inputs = load_inputs(prompts, pairs, limit=limit, max_pairs=max_pairs)
     sources = config.sources(named.values(), inputs.files)
-    check_output(output, force=force or Path(output).exists(), inputs=sources, kind="sweep")
+    output = Path(os.path.expanduser(os.fspath(output)))  # as check_output reads it: "~/sweep" is in the home folder
+    check_output(output, force=force or output.exists(), inputs=sources, kind="sweep")
     values = parse_grid(grid)
     fixed = dict(fix or {})
     heatmap_planes(list(named), {n: values for n in named}, fixed)  # check fix before any work
     judge = config.make_judge()
     points = grid_points(list(named), values)
-    record = PointLog(Path(output), {**inputs.settings(config, named, judge), "points": points}, force=force)
+    record = PointLog(output, {**inputs.settings(config, named, judge), "points": points}, force=force)
     todo = [p for p in points if point_key(p) not in record.done]
     if len(todo) < len(points) and log is not None:
         log(f"resuming: {len(points) - len(todo)} of {len(points)} points already done")
@@ -281,8 +282,8 @@ def sweep(
             points_per_batch=points_per_batch, on_point=record.add, progress=progress, **config.generation(),
         )  # fmt: skip
     rows = [sweep_row(p, record.done[point_key(p)]) for p in points]
-    files = write_sweep(rows, list(named), Path(output), fixed=fixed)
-    return SweepResult(rows, files, Path(output), len(points) - len(todo))
+    files = write_sweep(rows, list(named), output, fixed=fixed)
+    return SweepResult(rows, files, output, len(points) - len(todo))
 
 
 class PointLog:
