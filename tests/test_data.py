@@ -140,6 +140,8 @@ BAD_ROWS = {
         "empty or missing content",
     ),
     "bad PKU id": (json.dumps(pku(better=2)), "'better_response_id' must be 0 or 1"),
+    "float PKU id": (json.dumps(pku(better=1.0)), "'better_response_id' must be 0 or 1"),  # a TypeError before
+    "message with a list as role": (json.dumps(pair(prompt=[{"role": ["user"], "content": "hi"}])), "needs a role"),
 }
 
 

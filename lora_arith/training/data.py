@@ -187,7 +187,7 @@ def to_messages(prompt: Any) -> list[dict[str, str]]:
 
 def _check_message(message: Any, index: int) -> dict[str, str]:
     """Check one chat message and return it with only ``role`` and ``content``."""
-    if not isinstance(message, dict) or message.get("role") not in _ROLES:
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str) or message["role"] not in _ROLES:
         raise ValueError(f"prompt message {index} needs a role among {sorted(_ROLES)}")
     content = message.get("content")
     if not isinstance(content, str) or not content.strip():
@@ -231,7 +231,7 @@ def _responses(record: dict[str, Any], label: str | None) -> tuple[str, str]:
         )
     id_field = LABELS[label]
     better = record.get(id_field)
-    if isinstance(better, bool) or better not in (0, 1):
+    if type(better) is not int or better not in (0, 1):  # not a bool, nor 1.0 (an index)
         raise _BadRecord(f"field {id_field!r} must be 0 or 1")
     responses = (_text_field(record, "response_0"), _text_field(record, "response_1"))
     return responses[better], responses[1 - better]
