@@ -240,3 +240,16 @@ def test_chat_driven_through_stdin(chat_base, two_adapters):
     assert "weights: {'helpful': 0.25}" in result.output
     assert "Error: cannot read 'helpful=abc'" in result.output
     assert "(conversation cleared)" in result.output
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--temperature", "-1", "--temperature must be 0 (greedy) or a positive number, got -1.0"),  # decoded greedily
+        ("--temperature", "nan", "--temperature must be 0 (greedy) or a positive number, got nan"),
+        ("--seed", str(10**23), f"--seed must be a whole number that fits 64 bits, got {10**23}"),  # an OverflowError traceback
+    ],
+)
+def test_generate_refuses_a_temperature_or_seed_it_cannot_use(chat_base, option, value, message):
+    result = run("generate", "--base", chat_base, "--temperature", "1", option, value, "--max-new-tokens", "2", "hi")
+    assert result.exit_code == 1 and result.output.strip().splitlines()[-1] == f"Error: {message}", result.output

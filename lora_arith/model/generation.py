@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence
 import torch
 
 from lora_arith.training.data import Prompt, to_messages
-from lora_arith._internal.errors import LoraArithError
-from lora_arith.lora.numerics import require_count
+from lora_arith._internal.errors import LoraArithError, OptionError
+from lora_arith.lora.numerics import finite_number, require_count
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -21,6 +21,7 @@ __all__ = [
     "context_length",
     "most_characters",
     "check_prompt_lengths",
+    "check_sampling",
     "encode_prompts",
     "generate",
     "reply_logprobs",
@@ -137,6 +138,15 @@ def _device(model) -> torch.device:
 
 
 @torch.no_grad()
+def check_sampling(temperature: float, seed: int) -> None:
+    """A temperature of 0 (greedy) or more, finite, and a seed torch takes (64 bits): -1 or NaN
+    decoded greedily without a word, and a larger seed overflowed inside torch."""
+    if finite_number(temperature) is None or temperature < 0:
+        raise OptionError("temperature", "{} must be 0 (greedy) or a positive number, got {value!r}", value=temperature)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64:
+        raise OptionError("seed", "{} must be a whole number that fits 64 bits, got {value!r}", value=seed)
+
+
 def generate(
     model: "PreTrainedModel",
     tokenizer: "PreTrainedTokenizerBase",
@@ -164,6 +174,7 @@ def generate(
     """
     require_count(batch_size, "batch_size")
     require_count(max_new_tokens, "max_new_tokens")
+    check_sampling(temperature, seed)
     from transformers import LogitsProcessorList
 
     texts = [chat_prompt(tokenizer, prompt) for prompt in prompts]

@@ -60,6 +60,9 @@ def complete(
     with ``seed`` through ``model.generate``, ``batch_size`` prompts a batch. Every prompt is checked
     against the model's context first, named by its entry in ``sources``. ``progress`` shows a
     bar on stderr."""
+    from lora_arith.model.generation import check_sampling
+
+    check_sampling(temperature, seed)
     rows = list(weights) if weights is not None else [None] * len(prompts)
     if temperature > 0:  # model.generate's seeded sampling, batch by batch
         mixed = rows if any(row is not None for row in rows) else None
@@ -105,6 +108,9 @@ def generate_completions(
     from lora_arith.model.base import model_inputs
     from lora_arith.model.mixing import PreferenceMixer
 
+    from lora_arith.model.generation import check_sampling
+
+    check_sampling(options.get("temperature", 0.0), options.get("seed", 0))  # before the base loads
     checked = None
     if output is not None:
         sources = model_inputs(base, [spec.path for spec in named.values()], *inputs)
