@@ -72,8 +72,6 @@ def require_finite(tensor: torch.Tensor, what: str, why: str = "") -> torch.Tens
 def require_count(value: Any, option: str, least: int = 1) -> int:
     """``value`` if it is a whole number (an ``int``, not a bool) of at least ``least``, else an
     :class:`~lora_arith._internal.errors.OptionError` naming ``option`` (a rank, a budget, ...)."""
-    from lora_arith._internal.errors import OptionError
-
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
         raise OptionError(option, "{} must be a whole number of at least {least}, got {value!r}", least=least, value=value)
     return value

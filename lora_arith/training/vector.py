@@ -21,6 +21,7 @@ from lora_arith._internal.atomic import atomic_output, check_output, removed_on_
 from lora_arith.lora.combine import checked_dtype, combine
 from lora_arith.lora.specs import AdapterSpec
 from lora_arith._internal.provenance import METHODS
+from lora_arith.lora.numerics import require_count
 from lora_arith._internal.errors import OptionError
 from lora_arith.training.train import (
     RUN_SETTINGS,
@@ -69,8 +70,10 @@ def train_vector(
     checked_dtype(dtype)
     if method not in METHODS:
         raise OptionError("method", "{} {method!r} is not one of {choices}", method=method, choices=", ".join(METHODS))
-    if rank is not None and (method != "svd" or isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise OptionError(("rank", "method"), "{} must be a whole number of at least 1, with {} svd")
+    if rank is not None:
+        if method != "svd":
+            raise OptionError(("rank", "method"), "{} needs {} svd")
+        require_count(rank, "rank")
     inputs = training_inputs(config)
     output = check_output(output, force=force, inputs=inputs, kind=output_kind(output))
     if keep_runs is not None:
