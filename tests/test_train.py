@@ -219,6 +219,42 @@ def test_cli_unknown_dpo_arg_is_a_one_line_error(pairs_file, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        ({"dpo_arg": ['beta="x"']}, "dpo_arg beta='\"x\"' is not of DPOConfig's type for it (float)"),
+        ({"dpo_arg": ["beta=NaN"]}, "dpo_arg beta='NaN' is not of DPOConfig's type"),
+        ({"dpo_arg": ["max_length=1.5"]}, "dpo_arg max_length='1.5' is not of DPOConfig's type for it (int | None)"),
+        ({"dpo_arg": ["precompute_ref_log_probs=1"]}, "is not of DPOConfig's type for it (bool)"),
+        ({"dpo_arg": ["output_dir=elsewhere"]}, "dpo_arg 'output_dir' is set by lora-arith"),
+        ({"dpo_arg": ["hub_model_id=me/x"]}, "dpo_arg 'hub_model_id' is set by lora-arith"),
+    ],
+)
+def test_dpo_args_of_the_wrong_type_or_owned_by_us_are_refused(change, fragment):
+    with pytest.raises(LoraArithError) as caught:
+        TrainConfig(data=["x.jsonl"], **change)
+    assert fragment in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "option, fragment",
+    [
+        (["--lr-scheduler", "bogus"], "bogus is not a valid SchedulerType"),
+        (["--report-to", "bogus"], "bogus is not supported"),
+        (["--dpo-arg", "lr_scheduler_type=bogus"], "bogus is not a valid SchedulerType"),
+    ],
+)
+def test_settings_transformers_refuses_are_one_line_errors_before_the_base_loads(pairs_file, tmp_path, monkeypatch, option, fragment):
+    import lora_arith.model.base as base
+
+    monkeypatch.setattr(base, "load_base", lambda *a, **k: pytest.fail("the base loaded"))
+    args = ["train", "--data", str(pairs_file), "-o", str(tmp_path / "x"), *option]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith("Error: the training settings are refused by transformers or TRL: " + fragment)
+    assert not (tmp_path / "x").exists()
+
+
 def test_config_fields_all_have_help():
     from dataclasses import fields
 

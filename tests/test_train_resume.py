@@ -182,6 +182,19 @@ def test_resume_errors_are_one_line(chat_base, pairs_file, tmp_path):
     result = CliRunner().invoke(main, [*args, "--resume", "--swap", "--lr", "0.001"])
     assert result.exit_code == 1 and "(swap False -> True)" in result.output
 
+    # damaged files an interrupted run left: one-line errors, not tracebacks inside transformers
+    (checkpoints / RUN_SETTINGS).write_text("[1, 2]")
+    result = CliRunner().invoke(main, [*args, "--resume"])
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert f"its {RUN_SETTINGS} is not a JSON object" in result.output
+    (checkpoints / RUN_SETTINGS).write_text(json.dumps(run_settings(config(pairs_file, chat_base), swap=False)))
+    for damaged in ("[1, 2]", '{"global_step": 2, "no_such_field": 1}', "{cut short"):
+        (checkpoints / "checkpoint-2" / "trainer_state.json").write_text(damaged)
+        result = CliRunner().invoke(main, [*args, "--resume"])
+        assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+        assert "checkpoint-2: its trainer_state.json is damaged" in result.output and "--force starts over" in result.output
+    (checkpoints / RUN_SETTINGS).write_text(json.dumps(settings))
+
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1 and "holds the checkpoints of an interrupted run" in result.output
     assert "--resume" in result.output and (checkpoints / "checkpoint-2").is_dir()

@@ -27,6 +27,8 @@ import re
 import shutil
 import tempfile
 import time
+import types
+import typing
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
@@ -44,7 +46,7 @@ from lora_arith.training.data import (
 )
 from lora_arith._internal.devices import resolve_device, use_bf16
 from lora_arith.lora.numerics import finite_number
-from lora_arith._internal.errors import LoraArithError, OptionError
+from lora_arith._internal.errors import LoraArithError, OptionError, first_line
 from lora_arith._internal.privacy import public_name, scrub
 from lora_arith._internal.provenance import sha256_of, versions
 
@@ -161,7 +163,8 @@ class TrainConfig:
     )
     dpo_arg: list[str] = field(
         default_factory=list,
-        metadata={"help": "KEY=VALUE passed to TRL's DPOConfig (VALUE read as JSON, else as text)."},
+        metadata={"help": "KEY=VALUE passed to TRL's DPOConfig (VALUE read as JSON, else as text, and checked against "
+            "the field's type; output_dir, push_to_hub and hub_* are lora-arith's own)."},
     )
     save_steps: int | None = field(
         default=None,
@@ -232,7 +235,7 @@ class TrainConfig:
             return {}
         from trl import DPOConfig
 
-        known = {item.name for item in fields(DPOConfig)}
+        known = {item.name: item.type for item in fields(DPOConfig)}
         arguments = {}
         for item in self.dpo_arg:
             key, equals, text = item.partition("=")
@@ -241,10 +244,14 @@ class TrainConfig:
                 raise LoraArithError(f"dpo_arg {item!r} is not KEY=VALUE")
             if key not in known:
                 raise LoraArithError(f"dpo_arg {key!r} is not a DPOConfig argument")
+            if key in _OWN_DPO_ARGS or key.startswith("hub_"):
+                raise LoraArithError(f"dpo_arg {key!r} is set by lora-arith (the output folder, no Hub upload); drop it")
             try:
                 arguments[key] = json.loads(text)
             except ValueError:
                 arguments[key] = text
+            if not _fits(arguments[key], known[key]):
+                raise LoraArithError(f"dpo_arg {key}={text.strip()!r} is not of DPOConfig's type for it ({_type_name(known[key])})")
         return arguments
 
     def target_modules(self) -> str | list[str]:
@@ -255,6 +262,39 @@ class TrainConfig:
         if not names:
             raise LoraArithError("targets is empty; use 'all-linear' or module names")
         return names
+
+
+_OWN_DPO_ARGS = ("output_dir", "push_to_hub")
+"""DPOConfig arguments ``dpo_arg`` may not set (nor any ``hub_*``): where checkpoints go is
+``OUTPUT.checkpoints/`` (removed once the output is written), and nothing is uploaded."""
+
+
+def _fits(value: Any, annotation: Any) -> bool:
+    """Whether the JSON ``value`` fits a DPOConfig field's ``annotation`` as far as its plain
+    types say (a finite number for a float, a whole one for an int, a bool, a text, None); other
+    types (lists, enums) are left to TRL."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    for kind in typing.get_args(annotation) if union else (annotation,):
+        if kind is type(None):
+            if value is None:
+                return True
+        elif kind is bool:
+            if isinstance(value, bool):
+                return True
+        elif kind in (int, float):
+            number = not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int)
+            if number and finite_number(value) is not None:
+                return True
+        elif kind is str:
+            if isinstance(value, str):
+                return True
+        else:
+            return True
+    return False
+
+
+def _type_name(annotation: Any) -> str:
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation)
 
 
 FINAL_METRICS = ("loss", "rewards/accuracies", "rewards/margins")
@@ -327,6 +367,7 @@ def train_preference(
             [config.eval_data], label=config.label, swap=swap, skip_invalid=config.skip_invalid, seed=config.seed
         )
     device = resolve_device(config.device)
+    _check_trainer_settings(config, device)
     model, tokenizer = load_base(
         config.base, quantize_4bit=config.quantize_4bit, double_quant=config.double_quant, device=device
     )
@@ -422,9 +463,24 @@ def _resume_point(checkpoints: Path, settings: dict[str, Any], *, resume: bool, 
                 where=checkpoints,
             )
         check_same_settings(checkpoints, settings, last)
+        _check_trainer_state(last)
         return last
     discard_leftovers(checkpoints, "the checkpoints of an interrupted run", force=force)
     return None
+
+
+def _check_trainer_state(checkpoint: Path) -> None:
+    """Raise a one-line :class:`LoraArithError` unless transformers can read ``checkpoint``'s
+    ``trainer_state.json`` (it would fail inside ``train()`` on a damaged one)."""
+    from transformers import TrainerState
+
+    try:
+        TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    except (OSError, ValueError, TypeError, AttributeError) as error:
+        raise OptionError(
+            "force", "cannot resume from {checkpoint}: its trainer_state.json is damaged ({error}); {} starts over",
+            checkpoint=checkpoint, error=first_line(error),
+        ) from None
 
 
 def discard_leftovers(folder: Path, what: str, *, force: bool) -> None:
@@ -448,6 +504,8 @@ def check_same_settings(folder: Path, settings: dict[str, Any], resumed: Path) -
         saved = json.loads((folder / RUN_SETTINGS).read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise LoraArithError(f"cannot resume from {resumed}: its {RUN_SETTINGS} is unreadable ({error})") from None
+    if not isinstance(saved, dict):
+        raise LoraArithError(f"cannot resume from {resumed}: its {RUN_SETTINGS} is not a JSON object")
     changed = sorted(key for key in settings.keys() | saved.keys() if settings.get(key) != saved.get(key))
     if changed:
         details = ", ".join(f"{key} {saved.get(key)!r} -> {settings.get(key)!r}" for key in changed)
@@ -634,6 +692,22 @@ def _dpo_args(config: TrainConfig, work_dir: Path, device: str) -> Any:
         push_to_hub=False,
     )
     return DPOConfig(**(arguments | config.dpo_arguments()))
+
+
+def _check_trainer_settings(config: TrainConfig, device: str) -> None:
+    """Build the ``DPOConfig`` and the reporting callbacks once before the base loads, so that
+    what transformers or TRL refuse (an unknown ``lr_scheduler`` or ``report_to``, a reporter
+    that is not installed, a ``dpo_arg`` TRL rejects) is a one-line error, not a traceback after
+    the model has loaded. The trainer builds its own later, in the run's work folder."""
+    from transformers.integrations import get_reporting_integration_callbacks
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="lora-arith-check-") as scratch:
+            args = _dpo_args(config, Path(scratch), device)
+            for callback in get_reporting_integration_callbacks(args.report_to):
+                callback()
+    except (ValueError, TypeError, RuntimeError, ImportError) as error:
+        raise LoraArithError(f"the training settings are refused by transformers or TRL: {first_line(error)}") from None
 
 
 def _save_args(save_steps: int | None) -> dict[str, Any]:
