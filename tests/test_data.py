@@ -142,6 +142,8 @@ BAD_ROWS = {
     "bad PKU id": (json.dumps(pku(better=2)), "'better_response_id' must be 0 or 1"),
     "float PKU id": (json.dumps(pku(better=1.0)), "'better_response_id' must be 0 or 1"),  # a TypeError before
     "message with a list as role": (json.dumps(pair(prompt=[{"role": ["user"], "content": "hi"}])), "needs a role"),
+    "nested too deeply": ('{"prompt": ' + "[" * 100_000, "invalid JSON (nested too deeply)"),  # a RecursionError before
+    "integer of 5000 digits": ('{"prompt": ' + "9" * 5000 + "}", "invalid JSON (Exceeds the limit (4300 digits)"),
 }
 
 

@@ -451,7 +451,13 @@ def test_a_megabyte_prompt_is_refused_without_tokenizing_it(chat_base, tmp_path,
         ('{"text": "hi"}', "'prompt'"),
         ("[1, 2]", "'prompt'"),
         ("{broken", "invalid JSON"),
+        ('{"prompt": ' + "[" * 100_000, "invalid JSON (nested too deeply)"),
+        ('{"prompt": "hi", "n": ' + "9" * 5000 + "}", "invalid JSON (Exceeds the limit (4300 digits)"),
+        ('{"prompt": "hi", "weights": {"nope": 1}}', "no adapter named nope; attached: helpful"),
+        ('{"prompt": "hi", "weights": {"helpful": "x"}}', "the weight of helpful is not a finite number"),
+        ('{"prompt": "hi", "weights": {"helpful": NaN}}', "the weight of helpful is not a finite number"),
     ],
+    ids=["number", "empty", "no-content", "no-prompt", "list", "broken", "deep", "long-int", "unknown-name", "text-weight", "nan-weight"],
 )
 def test_every_prompt_line_is_checked_before_any_model_loads(tmp_path, monkeypatch, line, fragment):
     import lora_arith.model.base
@@ -461,8 +467,9 @@ def test_every_prompt_line_is_checked_before_any_model_loads(tmp_path, monkeypat
 
     monkeypatch.setattr(lora_arith.model.base, "load_base", forbidden)
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text('{"prompt": "fine"}\n\n{"prompt": "also fine"}\n' + line + "\n")
-    assert_user_error(run("generate", "--prompts", prompts), f"{prompts}:4", fragment)
+    prompts.write_text('{"prompt": "fine"}\n\n{"prompt": "also fine", "weights": {"helpful": 0.5}}\n' + line + "\n")
+    helpful = Path(__file__).resolve().parent.parent / "adapters" / "helpful"
+    assert_user_error(run("generate", "--prompts", prompts, "--adapter", helpful), f"{prompts}:4", fragment)
 
 
 def test_empty_prompts_file_is_an_error(tmp_path, monkeypatch):
@@ -482,6 +489,24 @@ def test_eval_prompt_with_bad_type_fails_before_the_model(tmp_path, monkeypatch)
     prompts = tmp_path / "e.jsonl"
     prompts.write_text('{"prompt": "ok", "should_refuse": false}\n{"prompt": 5, "should_refuse": true}\n')
     assert_user_error(run("eval", "--prompts", prompts, "-o", tmp_path / "ev"), f"{prompts}:2", "prompt must be")
+
+
+@pytest.mark.parametrize(
+    "line, fragment",
+    [
+        ('{"prompt": "ok", "should_refuse": true, "type": ["a"]}', "'type' must be text"),
+        ('{"prompt": "ok", "should_refuse": true, "type": 3}', "'type' must be text"),
+        ('{"prompt": ' + "[" * 100_000, "invalid JSON (nested too deeply)"),
+    ],
+    ids=["list-type", "int-type", "deep"],
+)
+def test_eval_prompt_lines_of_the_wrong_shape_fail_before_the_model(tmp_path, monkeypatch, line, fragment):
+    import lora_arith.model.base
+
+    monkeypatch.setattr(lora_arith.model.base, "load_base", lambda *a, **k: pytest.fail("a model was loaded"))
+    prompts = tmp_path / "e.jsonl"
+    prompts.write_text('{"prompt": "ok", "should_refuse": false, "type": "safe"}\n' + line + "\n")
+    assert_user_error(run("eval", "--prompts", prompts, "-o", tmp_path / "ev"), f"{prompts}:2: {fragment}")
 
 
 def test_inspect_norms_of_a_rank_8000_adapter_stay_within_memory(tmp_path):

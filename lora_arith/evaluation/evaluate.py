@@ -76,7 +76,7 @@ def load_eval_prompts(paths: Sequence[str | Path]) -> list[EvalPrompt]:
             raise LoraArithError(f"{path}: no such file")
         for number, row in read_jsonl(path):
             if isinstance(row, BadLine):
-                raise LoraArithError(f"{path}:{number}: not valid JSON")
+                raise LoraArithError(f"{path}:{number}: {row}")
             ordinary = isinstance(row, dict) and row.get("kind") == "ordinary"
             if ordinary and row.get("should_refuse", False) is not False:
                 raise LoraArithError(f"{path}:{number}: an ordinary prompt cannot have should_refuse true")
@@ -90,6 +90,8 @@ def load_eval_prompts(paths: Sequence[str | Path]) -> list[EvalPrompt]:
                 to_messages(row["prompt"])
             except ValueError as error:
                 raise LoraArithError(f"{path}:{number}: {error}") from None
+            if not isinstance(row.get("type"), (str, type(None))):
+                raise LoraArithError(f"{path}:{number}: 'type' must be text")
             items.append(EvalPrompt(row["prompt"], row["should_refuse"], row.get("type"), f"{path}:{number}", ordinary))
     if not items:
         raise LoraArithError("no evaluation prompts found")

@@ -25,7 +25,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from lora_arith._internal.errors import LoraArithError, OptionError
 from lora_arith._internal.privacy import public_name as _public_name
@@ -252,6 +252,25 @@ def check_mixes(mixes: Mapping[str, Sequence[float]], count: int) -> dict[str, l
         if None in values:
             raise OptionError("mixes", "{} {name}: the weights must be finite numbers", name=name)
         checked[name] = values
+    return checked
+
+
+def check_named_weights(weights: Mapping[str, Any] | None, names: Sequence[str]) -> dict[str, float]:
+    """One row's mix ``weights`` (name → η; ``None``: no change) as floats, each name one of the
+    adapters ``names`` and each weight a finite number. The check of a mix given per prompt
+    (``generate --prompts`` lines, :meth:`~lora_arith.model.mixing.PreferenceMixer.row_mix`)."""
+    if weights is None:
+        return {}
+    if not isinstance(weights, Mapping):
+        raise LoraArithError(f"a mix maps adapter names to weights, e.g. {{'helpful': 1.0}}, not {weights!r}")
+    checked: dict[str, float] = {}
+    for name, value in weights.items():
+        if name not in names:
+            raise LoraArithError(f"no adapter named {name}; attached: {', '.join(names) or 'none'}")
+        number = finite_number(value)
+        if number is None:
+            raise LoraArithError(f"the weight of {name} is not a finite number: {value!r}")
+        checked[name] = number
     return checked
 
 

@@ -18,7 +18,8 @@ import torch
 
 from lora_arith.lora.adapter_io import open_adapter
 from lora_arith._internal.errors import LoraArithError, first_line
-from lora_arith.lora.numerics import dtype_name, finite_number, require_finite_number
+from lora_arith.lora.numerics import dtype_name, require_finite_number
+from lora_arith.lora.specs import check_named_weights
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -347,17 +348,7 @@ class PreferenceMixer:
         """The full mix of one row: the mixer's current weights, overridden by ``weights``.
 
         Raises :class:`LoraArithError` for an unknown name or a weight that is not a finite number."""
-        if weights is not None and not isinstance(weights, Mapping):
-            raise LoraArithError(f"a mix maps adapter names to weights, e.g. {{'helpful': 1.0}}, not {weights!r}")
-        mix = dict(self.weights)
-        for name, value in (weights or {}).items():
-            if name not in self.weights:
-                raise LoraArithError(f"no adapter named {name}; attached: {', '.join(self.names) or 'none'}")
-            number = finite_number(value)
-            if number is None:
-                raise LoraArithError(f"the weight of {name} is not a finite number: {value!r}")
-            mix[name] = number
-        return mix
+        return self.weights | check_named_weights(weights, self.names)
 
     @contextlib.contextmanager
     def row_weights(self, rows: Sequence[Mapping[str, Any] | None], *, fused: bool = False) -> Iterator["RowWeights"]:

@@ -105,16 +105,24 @@ def generate_completions(
     atomically; the output is checked before the base loads, against the base, the adapters and
     the files ``inputs`` (which it must not overwrite)."""
     from lora_arith._internal.atomic import atomic_output, check_output
+    from lora_arith._internal.errors import LoraArithError
+    from lora_arith.lora.specs import check_named_weights
     from lora_arith.model.base import model_inputs
+    from lora_arith.model.generation import check_sampling
     from lora_arith.model.mixing import PreferenceMixer
 
-    from lora_arith.model.generation import check_sampling
-
-    check_sampling(options.get("temperature", 0.0), options.get("seed", 0))  # before the base loads
+    # what can be checked without the model, before the base loads
+    check_sampling(options.get("temperature", 0.0), options.get("seed", 0))
+    sources = options.get("sources")
+    for index, row in enumerate(weights or ()):
+        try:
+            check_named_weights(row, list(named))
+        except LoraArithError as error:
+            raise LoraArithError(f"{sources[index] if sources else f'prompt {index}'}: {error}") from None
     checked = None
     if output is not None:
-        sources = model_inputs(base, [spec.path for spec in named.values()], *inputs)
-        checked = check_output(output, force=force, inputs=sources, kind="file")
+        files = model_inputs(base, [spec.path for spec in named.values()], *inputs)
+        checked = check_output(output, force=force, inputs=files, kind="file")
     mixer = PreferenceMixer.from_specs(base, named, quantize_4bit=quantize_4bit, device=device)
     result = Completions(prompts, complete(mixer, prompts, weights, **options))
     if checked is None:

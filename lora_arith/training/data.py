@@ -320,6 +320,9 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
                     yield number, json.loads(line)
                 except json.JSONDecodeError as error:
                     yield number, _BadRecord(f"invalid JSON ({error.msg})")
+                except (ValueError, RecursionError) as error:  # an integer over 4,300 digits, nesting too deep
+                    reason = "nested too deeply" if isinstance(error, RecursionError) else first_line(error).split(";")[0]
+                    yield number, _BadRecord(f"invalid JSON ({reason})")
     except UnicodeDecodeError as error:
         raise LoraArithError(f"{path}: not UTF-8 text ({error.reason})") from None
     except OSError as error:
