@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -355,6 +356,17 @@ def test_parse_class_and_bad_judge_specs():
     assert raised.value.options == ("judge",)
     with pytest.raises(LoraArithError, match="cannot load the judge"):
         make_judge("no_such_module_xyz:f")
+    with pytest.raises(LoraArithError, match="cannot load the judge .x:y: the 'package' argument"):
+        make_judge(".x:y")  # a relative module name: a TypeError inside importlib before
+    for url, fragment in [
+        ("http://127.0.0.1:abc/v1", "its port is not a number"),
+        ("http://127.0.0.1:99999/v1", "its port is not a number"),
+        ("http://:8080/v1", "give http(s)://HOST[:PORT]/"),
+    ]:
+        with pytest.raises(LoraArithError, match=re.escape(f"cannot read the judge URL {url!r}: {fragment}")):
+            make_judge(url)
+    # the name results record: no credentials, an IPv6 host with its brackets
+    assert make_judge("http://me:secret@[::1]:8000/v1/").name == "http://[::1]:8000/v1 (model judge)"
 
 
 def test_every_form_of_bounds_reads_alike_and_is_checked_once():

@@ -119,14 +119,17 @@ class EndpointJudge(Judge):
 
     def __init__(self, url: str, model: str = "judge", *, timeout: float = 60.0, workers: int = 4) -> None:
         parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise LoraArithError(f"cannot read the judge URL {url!r}")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise LoraArithError(f"cannot read the judge URL {url!r}: give http(s)://HOST[:PORT]/...")
+        try:
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number from 0 to 65535
+        except ValueError:
+            raise LoraArithError(f"cannot read the judge URL {url!r}: its port is not a number from 0 to 65535") from None
         base = url.rstrip("/")
         self.endpoint = base if base.endswith("/chat/completions") else base + "/chat/completions"
         self.model, self.timeout, self.workers = model, timeout, workers
-        public = urllib.parse.urlunsplit(
-            parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))
-        )
+        # the name recorded in results: the URL without credentials (an IPv6 host keeps its brackets)
+        public = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
         self.name = f"{public.rstrip('/')} (model {model})"
 
     def _ask(self, prompt: Any, completion: str) -> str:
@@ -171,7 +174,7 @@ def make_judge(spec: str | None, model: str = "judge") -> Judge:
         raise OptionError("judge", "cannot read {} {spec!r}; use strmatch, MODULE:CALLABLE or an http(s) URL", spec=spec)
     try:
         function = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as error:
+    except (ImportError, AttributeError, TypeError, ValueError) as error:  # TypeError: a relative name (".x")
         raise LoraArithError(f"cannot load the judge {spec}: {error}") from None
     if not callable(function):
         raise LoraArithError(f"the judge {spec} is not callable")
