@@ -622,3 +622,39 @@ def test_a_path_too_long_for_the_file_system_is_a_one_line_error(tmp_path):
     with pytest.raises(LoraArithError, match="File name too long"):
         open_adapter(long)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "option, fragment",
+    [
+        (["--limit", "-1"], "--limit must be a whole number of at least 1, got -1"),  # dropped the last prompt
+        (["--limit", "0"], "--limit must be a whole number of at least 1, got 0"),  # evaluated nothing, exit 0
+        (["--max-pairs", "0"], "--max-pairs must be a whole number of at least 1, got 0"),
+        (["--beta", "nan"], "--beta must be a positive finite number, got nan"),
+        (["--beta", "-1"], "--beta must be a positive finite number, got -1.0"),
+    ],
+    ids=["limit-negative", "limit-zero", "max-pairs-zero", "beta-nan", "beta-negative"],
+)
+def test_eval_counts_and_beta_are_checked_before_the_base_loads(tmp_path, monkeypatch, option, fragment):
+    import lora_arith.model.base
+
+    monkeypatch.setattr(lora_arith.model.base, "load_base", lambda *a, **k: pytest.fail("a model was loaded"))
+    prompts = tmp_path / "e.jsonl"
+    prompts.write_text('{"prompt": "ok", "should_refuse": false}\n{"prompt": "no", "should_refuse": true}\n')
+    assert_user_error(run("eval", "--prompts", prompts, "-o", tmp_path / "ev", *option), fragment)
+
+
+def test_library_eval_settings_are_checked_when_built():
+    from lora_arith import EvalConfig
+    from lora_arith.evaluation.config import load_inputs
+
+    for settings in ({"beta": 0}, {"beta": float("inf")}, {"batch_size": 0}, {"max_new_tokens": 2.5}):
+        with pytest.raises(LoraArithError, match=next(iter(settings))):
+            EvalConfig(**settings)
+    with pytest.raises(LoraArithError, match="max_pairs must be a whole number"):
+        load_inputs(pairs=[], prompts=[], max_pairs=-1)
+
+
+def test_vector_rank_zero_is_a_usage_error_not_the_default(tmp_path):
+    result = run("vector", "--data", tmp_path / "p.jsonl", "--method", "svd", "--vector-rank", "0", "-o", tmp_path / "v.safetensors")
+    assert result.exit_code == 2 and "'--vector-rank': 0 is not in the range x>=1" in result.output

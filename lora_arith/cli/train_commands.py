@@ -112,7 +112,7 @@ def train_command(output: Path, swap: bool, resume: bool, force: bool, **options
     show_default=True,
     help="cat: exact difference (rank 2r). svd: compress it to --vector-rank.",
 )
-@click.option("--vector-rank", type=int, default=None, help="With --method svd: the vector's rank (default: --rank).")
+@click.option("--vector-rank", type=click.IntRange(min=1), default=None, help="With --method svd: the vector's rank (default: --rank).")
 @click.option(
     "--dtype",
     type=click.Choice(DTYPE_NAMES),
@@ -142,7 +142,7 @@ def vector_command(output: Path, keep_runs, method, vector_rank, dtype, resume, 
     if vector_rank is not None and method != "svd":
         raise LoraArithError("--vector-rank needs --method svd")
     config = _config(options)
-    rank = (vector_rank or config.rank) if method == "svd" else None
+    rank = (config.rank if vector_rank is None else vector_rank) if method == "svd" else None
     written = train_vector(
         config, output, keep_runs=keep_runs, method=method, rank=rank, dtype=dtype, force=force, resume=resume
     )

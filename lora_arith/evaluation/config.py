@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence, Union
 from lora_arith._internal.errors import OptionError
 from lora_arith._internal.privacy import public_name
 from lora_arith.evaluation.metrics import KINDS
+from lora_arith.lora.numerics import finite_number, require_count
 
 if TYPE_CHECKING:
     from lora_arith.evaluation.evaluate import EvalPrompt
@@ -47,6 +48,14 @@ class EvalConfig:
     judge: str = "strmatch"
     """``strmatch``, ``MODULE:CALLABLE`` or the URL of an OpenAI-compatible endpoint (see :mod:`lora_arith.evaluation.judge`)."""
     judge_model: str = "judge"
+
+    def __post_init__(self) -> None:
+        """Refuse settings that cannot work before anything loads: counts that are not whole
+        numbers of at least 1, a β that is not a positive finite number."""
+        require_count(self.batch_size, "batch_size")
+        require_count(self.max_new_tokens, "max_new_tokens")
+        if finite_number(self.beta) is None or not self.beta > 0:
+            raise OptionError("beta", "{} must be a positive finite number, got {value!r}", value=self.beta)
 
     @classmethod
     def build(cls, config: EvalConfig | None, settings: Mapping[str, Any], caller: str) -> EvalConfig:
@@ -159,6 +168,9 @@ def load_inputs(
     from lora_arith.evaluation.evaluate import EvalPrompt, load_eval_prompts
     from lora_arith.training.data import PreferencePair, load_pairs
 
+    for option, count in (("limit", limit), ("max_pairs", max_pairs)):
+        if count is not None:
+            require_count(count, option)
     prompt_items, prompt_files = _split(prompts, EvalPrompt)
     pair_items, pair_files = _split(pairs, PreferencePair)
     if not prompt_items and not prompt_files and not pair_items and not pair_files:
