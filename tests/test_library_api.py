@@ -79,6 +79,36 @@ def test_tune_checks_its_arguments_before_loading_a_model(vectors, prompts, monk
         lora_arith.tune(vectors, prompts=prompts, maximize="refusal_rate", subject_to="x>1", max_tokens=3)
 
 
+def test_arguments_of_the_wrong_shape_are_named_before_a_model_loads(vectors, prompts, monkeypatch, tmp_path):
+    """Lists where mappings are wanted, texts where counts are: errors that name the argument
+    (they were AttributeErrors, ValueErrors or TypeErrors from deep inside)."""
+    from lora_arith.evaluation.config import EvalConfig
+
+    monkeypatch.setattr(EvalConfig, "mixer", lambda *a, **k: pytest.fail("a model was loaded"))
+    tune = dict(prompts=prompts, maximize="refusal_rate", subject_to="compliance_rate>=0.5")
+    cases = [
+        (lambda: lora_arith.evaluate(list(vectors.values()), prompts=prompts), "adapters must be a mapping such as"),
+        (lambda: lora_arith.sweep(list(vectors.values()), tmp_path / "s", prompts=prompts), "vectors must be a mapping"),
+        (lambda: lora_arith.sweep(vectors, tmp_path / "s", prompts=prompts, fix=["helpful=1"]), "fix must be a mapping"),
+        (lambda: lora_arith.tune(list(vectors.values()), **tune), "vectors must be a mapping"),
+        (lambda: lora_arith.tune(vectors, compare=["x"], **tune), "compare must be a mapping"),
+        (lambda: lora_arith.tune(vectors, bounds=5, **tune), "bounds is (LOW, HIGH), {NAME: (LOW, HIGH)} or"),
+        (lambda: lora_arith.tune(vectors, bounds={"helpful": 3}, **tune), "bounds is (LOW, HIGH)"),
+        (lambda: lora_arith.tune(vectors, budget="4", **tune), "budget must be a whole number of at least 1, got '4'"),
+        (lambda: lora_arith.tune(vectors, points_per_batch=0, **tune), "points_per_batch must be a whole number"),
+        (lambda: lora_arith.evaluate(vectors, prompts=None), "give prompts and/or pairs"),
+    ]
+    for call, message in cases:
+        with pytest.raises(LoraArithError) as raised:
+            call()
+        assert message in str(raised.value)
+    with pytest.raises(TypeError, match="prompts: expected JSONL paths or EvalPrompt objects, not 5"):
+        lora_arith.evaluate(vectors, prompts=5)
+    # one bounds text is one range, as a list of one
+    with pytest.raises(LoraArithError, match="cannot read bounds 'helpful=x'"):
+        lora_arith.tune(vectors, bounds="helpful=x", **tune)
+
+
 def test_sweep_resumes_in_its_folder_and_matches_the_command(chat_base, vectors, prompts, tmp_path):
     settings = dict(prompts=prompts, grid=[0, 1], base=str(chat_base), max_new_tokens=3, points_per_batch=2)
     first = lora_arith.sweep(vectors, tmp_path / "py", **settings)
@@ -115,3 +145,32 @@ def test_evaluate_on_adapters_or_a_loaded_mixer(chat_base, vectors, prompts, tmp
     assert json.loads((folder / "results.json").read_text())["weights"] == {"helpful": 0.5}
     with pytest.raises(LoraArithError, match="give prompts and/or pairs"):
         lora_arith.evaluate({"helpful": spec})
+
+
+def test_functions_taking_files_take_one_path_as_a_list_of_one(prompts, two_adapters, tmp_path):
+    """One path (text or Path) is one file, not a list of its characters (load_pairs read '/'
+    as a folder, load_eval_prompts found no file 'e', export said 'several adapters')."""
+    from pathlib import Path
+
+    from helpers import PAIRS
+
+    pairs_file = tmp_path / "pairs.jsonl"
+    pairs_file.write_text("".join(json.dumps(row) + "\n" for row in PAIRS))
+    for one in (str(pairs_file), pairs_file):
+        assert len(lora_arith.load_pairs(one)[0]) == len(PAIRS)
+    assert len(lora_arith.load_eval_prompts(str(prompts))) == len(ROWS)
+    written = lora_arith.export(Path(two_adapters[0]), tmp_path / "vllm")
+    assert list(written) == [None] and (tmp_path / "vllm" / "adapter_config.json").is_file()
+    with pytest.raises(TypeError, match="paths: expected a path or a list of paths, not 5"):
+        lora_arith.load_pairs(5)
+
+
+def test_objects_of_the_wrong_type_are_named(tmp_path):
+    from lora_arith.training.train import train_preference
+
+    with pytest.raises(TypeError, match="config must be a TrainConfig, not dict"):
+        train_preference({"data": ["x.jsonl"]}, tmp_path / "run")
+    with pytest.raises(TypeError, match="an output must be a path, not None"):
+        train_preference(lora_arith.TrainConfig(data=["x.jsonl"]), None)
+    spec = lora_arith.AdapterSpec(tmp_path / "a", 2)  # a Path, as its annotation says
+    assert spec.path == str(tmp_path / "a") and spec.weight == 2.0

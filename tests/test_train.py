@@ -183,12 +183,18 @@ def test_unknown_target_module_is_a_user_error(chat_base, pairs_file, tmp_path):
         ({"batch_size": "4"}, "batch_size must be positive, a whole number"),
         ({"seed": -1}, "seed must be a whole number from 0"),
         ({"weight_decay": float("nan")}, "weight_decay must be 0 or positive"),
-        ({"data": "pairs.jsonl"}, "data is a list of data specs"),
     ],
 )
 def test_config_validation(change, message):
     with pytest.raises(LoraArithError, match=message):
         TrainConfig(**{"data": ["x.jsonl"], **change})
+
+
+def test_data_is_one_spec_or_a_list_of_paths_or_texts():
+    assert TrainConfig(data="pairs.jsonl").data == ["pairs.jsonl"]  # was read character by character
+    assert TrainConfig(data=(Path("a.jsonl"), "refusal:b.jsonl")).data == ["a.jsonl", "refusal:b.jsonl"]
+    with pytest.raises(TypeError, match="data: expected a path or a list of paths, not 5"):
+        TrainConfig(data=5)
 
 
 def test_valid_config_builds():

@@ -22,10 +22,12 @@ from lora_arith._internal.errors import LoraArithError
 from lora_arith.lora.factors import single_threaded
 from lora_arith.training.train import (
     RUN_SETTINGS,
+    TRAINING_METADATA,
     TrainConfig,
     checkpoint_folder,
     last_checkpoint,
     run_settings,
+    single_file_name,
     train_preference,
 )
 
@@ -245,3 +247,23 @@ def test_eval_data_metrics_and_precomputed_reference(chat_base, pairs_file, tmp_
     for mine, theirs in zip(log, plain.log):
         assert mine["loss"] == pytest.approx(theirs["loss"], abs=1e-5)
         assert mine["rewards/margins"] == pytest.approx(theirs["rewards/margins"], abs=1e-5)
+
+
+def test_a_resumed_vector_whose_runs_are_done_is_written_by_the_main_process_only(chat_base, pairs_file, tmp_path, monkeypatch):
+    """Under accelerate launch every process resumes; with both runs finished none trains, and
+    only rank 0 may combine and write (every process wrote before)."""
+    import lora_arith.training.vector as vector
+
+    phi = tmp_path / "phi.safetensors"
+    settings = config(pairs_file, chat_base)
+    kept = checkpoint_folder(phi)
+    for name, _ in vector.RUNS:
+        run = kept / name
+        run.mkdir(parents=True)
+        (run / TRAINING_METADATA).write_text("{}")
+        (run / single_file_name(run)).write_text("")
+    (kept / RUN_SETTINGS).write_text(json.dumps(run_settings(settings, swap=False)))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(vector, "train_preference", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    assert vector.train_vector(settings, phi, resume=True) is None
+    assert not phi.exists() and kept.is_dir(), "rank 1 wrote nothing and left the runs to rank 0"

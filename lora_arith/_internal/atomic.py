@@ -171,6 +171,8 @@ def check_output(
     """
     if isinstance(path, Output):
         return path
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"an output must be a path, not {path!r}")
     if kind not in OUTPUT_KINDS:
         raise ValueError(f"unknown output kind {kind!r}")
     text = os.fspath(path)

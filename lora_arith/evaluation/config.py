@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from lora_arith.model.mixing import PreferenceMixer
     from lora_arith.training.data import PreferencePair
 
-__all__ = ["EvalConfig", "EvalInputs", "load_inputs", "Adapters", "adapter_specs"]
+__all__ = ["EvalConfig", "EvalInputs", "load_inputs", "Adapters", "adapter_specs", "require_mapping", "VECTORS_EXAMPLE"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 Adapters = Mapping[str, Union[PathLike, "AdapterSpec"]]
@@ -98,10 +98,23 @@ class EvalConfig:
         return model_inputs(self.base, [os.fspath(path) for path in adapter_paths], *files)
 
 
-def adapter_specs(adapters: Adapters) -> dict[str, AdapterSpec]:
+VECTORS_EXAMPLE = "{'helpful': 'adapters/helpful', 'harmless': 'adapters/harmless'}"
+"""How to give the vectors of ``sweep`` and ``tune``, for their errors."""
+
+
+def require_mapping(value: Any, option: str, example: str) -> Mapping[str, Any]:
+    """``value`` if it is a mapping (name → ...), else an :class:`OptionError` naming ``option``
+    with an ``example`` of one (a list of paths or ``NAME=WEIGHT`` texts is a common slip)."""
+    if not isinstance(value, Mapping):
+        raise OptionError(option, "{} must be a mapping such as {example}, not {value!r}", example=example, value=value)
+    return value
+
+
+def adapter_specs(adapters: Adapters, option: str = "adapters") -> dict[str, AdapterSpec]:
     """``adapters`` with every path made an :class:`~lora_arith.lora.specs.AdapterSpec` of weight 1."""
     from lora_arith.lora.specs import AdapterSpec
 
+    require_mapping(adapters, option, "{'helpful': 'adapters/helpful'}")
     return {
         name: value if isinstance(value, AdapterSpec) else AdapterSpec(os.fspath(value), 1.0)
         for name, value in adapters.items()
@@ -145,10 +158,18 @@ class EvalInputs:
         }
 
 
-def _split(items: Sequence[Any] | PathLike, kind: type) -> tuple[list[Any], list[Path]]:
-    """(objects of ``kind``, paths) from a path or a sequence mixing paths and objects."""
+def _split(items: Sequence[Any] | PathLike | None, kind: type, option: str) -> tuple[list[Any], list[Path]]:
+    """(objects of ``kind``, paths) from a path or a sequence mixing paths and objects (``None``: none)."""
+    if items is None:
+        return [], []
     if isinstance(items, (str, os.PathLike)):
         items = [items]
+    if not isinstance(items, Iterable):
+        raise TypeError(f"{option}: expected JSONL paths or {kind.__name__} objects, not {items!r}")
+    items = list(items)
+    for item in items:
+        if not isinstance(item, (kind, str, os.PathLike)):
+            raise TypeError(f"{option}: expected JSONL paths or {kind.__name__} objects, not {item!r}")
     objects = [item for item in items if isinstance(item, kind)]
     paths = [Path(item) for item in items if not isinstance(item, kind)]
     return objects, paths
@@ -171,8 +192,8 @@ def load_inputs(
     for option, count in (("limit", limit), ("max_pairs", max_pairs)):
         if count is not None:
             require_count(count, option)
-    prompt_items, prompt_files = _split(prompts, EvalPrompt)
-    pair_items, pair_files = _split(pairs, PreferencePair)
+    prompt_items, prompt_files = _split(prompts, EvalPrompt, "prompts")
+    pair_items, pair_files = _split(pairs, PreferencePair, "pairs")
     if not prompt_items and not prompt_files and not pair_items and not pair_files:
         raise OptionError(("prompts", "pairs"), "give {} and/or {}")
     items = prompt_items + (load_eval_prompts(prompt_files) if prompt_files else [])

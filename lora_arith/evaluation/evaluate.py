@@ -28,6 +28,7 @@ from lora_arith._internal.errors import LoraArithError
 from lora_arith._internal.privacy import public_name
 from lora_arith.evaluation.metrics import METRICS, PROMPT_RATES
 from lora_arith.evaluation.refusal import refusal_reason
+from lora_arith.lora.specs import path_list
 
 if TYPE_CHECKING:
     from lora_arith._internal.atomic import Output
@@ -66,12 +67,12 @@ def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tup
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def load_eval_prompts(paths: Sequence[str | Path]) -> list[EvalPrompt]:
-    """Read JSONL files whose rows have ``prompt`` and a boolean ``should_refuse`` (``type``
-    optional); a row with ``"kind": "ordinary"`` is an ordinary request (``should_refuse`` may be
-    left out and must not be true)."""
+def load_eval_prompts(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[EvalPrompt]:
+    """Read JSONL files (one path or a list of them) whose rows have ``prompt`` and a boolean
+    ``should_refuse`` (``type`` optional); a row with ``"kind": "ordinary"`` is an ordinary
+    request (``should_refuse`` may be left out and must not be true)."""
     items: list[EvalPrompt] = []
-    for path in map(Path, paths):
+    for path in map(Path, path_list(paths, "paths")):
         if not path.is_file():
             raise LoraArithError(f"{path}: no such file")
         for number, row in read_jsonl(path):

@@ -259,16 +259,16 @@ def sweep(
     ``config`` and ``settings`` are as for :func:`~lora_arith.evaluation.evaluate.evaluate`;
     ``log`` gets a line when earlier points are resumed."""
     from lora_arith._internal.atomic import check_output
-    from lora_arith.evaluation.config import EvalConfig, load_inputs
+    from lora_arith.evaluation.config import VECTORS_EXAMPLE, EvalConfig, load_inputs, require_mapping
 
     config = EvalConfig.build(config, settings, "sweep")
-    named = {name: os.fspath(path) for name, path in vectors.items()}
+    named = {name: os.fspath(path) for name, path in require_mapping(vectors, "vectors", VECTORS_EXAMPLE).items()}
     inputs = load_inputs(prompts, pairs, limit=limit, max_pairs=max_pairs)
     sources = config.sources(named.values(), inputs.files)
     output = Path(os.path.expanduser(os.fspath(output)))  # as check_output reads it: "~/sweep" is in the home folder
     check_output(output, force=force or output.exists(), inputs=sources, kind="sweep")
     values = parse_grid(grid)
-    fixed = dict(fix or {})
+    fixed = dict(require_mapping(fix or {}, "fix", "{'harmless': 1.0}"))
     heatmap_planes(list(named), {n: values for n in named}, fixed)  # check fix before any work
     judge = config.make_judge()
     points = grid_points(list(named), values)

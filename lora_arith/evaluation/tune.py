@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, Union
 
 from lora_arith._internal.errors import LoraArithError, OptionError
 from lora_arith._internal.privacy import public_name
-from lora_arith.evaluation.config import Adapters, EvalConfig, adapter_specs, load_inputs
+from lora_arith.evaluation.config import VECTORS_EXAMPLE, Adapters, EvalConfig, adapter_specs, load_inputs, require_mapping
 from lora_arith.evaluation.metrics import KINDS, METRICS, PROMPT_RATES, Metric, metric
+from lora_arith.lora.numerics import require_count
 from lora_arith.evaluation.search import (
     Constraint,
     Constraints,
@@ -152,10 +153,12 @@ def tune(
         raise OptionError(("maximize", "minimize"), "give one of {} METRIC or {} METRIC")
     objective = metric_key(maximize or minimize)
     constraint = _constraints(subject_to)
-    named = {name: os.fspath(path) for name, path in vectors.items()}
+    named = {name: os.fspath(path) for name, path in require_mapping(vectors, "vectors", VECTORS_EXAMPLE).items()}
+    require_count(budget, "budget")
+    require_count(points_per_batch, "points_per_batch")
     if not named:
         raise OptionError("vectors", "give at least one of {} to tune (NAME → adapter)")  # no dimension: no search
-    compared = adapter_specs(compare or {})
+    compared = adapter_specs(compare or {}, "compare")
     clash = sorted(set(compared) & set(named))
     if clash:
         raise OptionError(("compare", "vectors"), "{} and {} share the name {name}", name=clash[0])
@@ -259,13 +262,20 @@ def _bounds(bounds: Bounds, names: list[str]) -> dict[str, tuple[float, float]]:
     """The search range of each vector from any of the forms :func:`tune` takes."""
     if bounds is None:
         return {name: DEFAULT_BOUNDS for name in names}
-    if isinstance(bounds, Mapping):
-        ranges = [(name, float(low), float(high), f"{name}={low},{high}") for name, (low, high) in bounds.items()]
-    elif len(bounds) == 2 and not any(isinstance(value, str) for value in bounds):
-        low, high = bounds
-        ranges = [(None, float(low), float(high), f"{low},{high}")]
-    else:
-        return parse_bounds(list(bounds), names, DEFAULT_BOUNDS)  # type: ignore[arg-type]
+    if isinstance(bounds, str):
+        bounds = [bounds]
+    try:
+        if isinstance(bounds, Mapping):
+            ranges = [(name, float(low), float(high), f"{name}={low},{high}") for name, (low, high) in bounds.items()]
+        elif len(bounds) == 2 and not any(isinstance(value, str) for value in bounds):
+            low, high = bounds
+            ranges = [(None, float(low), float(high), f"{low},{high}")]
+        else:
+            return parse_bounds(list(bounds), names, DEFAULT_BOUNDS)  # type: ignore[arg-type]
+    except (TypeError, ValueError):  # not a sequence, a range that is not two numbers
+        raise OptionError(
+            "bounds", "{} is (LOW, HIGH), {{NAME: (LOW, HIGH)}} or texts 'NAME=LOW,HIGH', not {value!r}", value=bounds
+        ) from None
     return search_ranges(ranges, names, DEFAULT_BOUNDS)
 
 

@@ -12,6 +12,7 @@ The forms:
 * ``NAME=WEIGHT`` (:func:`parse_weight`) and ``NAME=W1,W2,...`` (:func:`named_weights`), the one
   reading of a name with weights: the sweep's fixed weights (:func:`fixed_weights`), ``serve``'s
   default weights, ``chat``'s ``/set`` and ``export``'s mixes;
+* one path or a sequence of them (:func:`path_list`), where a function takes several files;
 * Hub references ``org/name[@revision][/subpath]`` (:func:`parse_reference`, resolved by
   :mod:`lora_arith.sharing.hub`).
 
@@ -48,6 +49,8 @@ __all__ = [
     "fixed_weights",
     "MIX_NAME",
     "check_mixes",
+    "check_named_weights",
+    "path_list",
     "HubReference",
     "parse_reference",
 ]
@@ -57,24 +60,25 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 """The file names of a PEFT adapter folder."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class AdapterSpec:
-    """An adapter reference with its weight, parsed from ``PATH[:WEIGHT]``."""
+    """An adapter reference with its weight, parsed from ``PATH[:WEIGHT]``, or made from Python
+    with a path (text or ``os.PathLike``, kept as text) and a finite weight."""
 
     path: str
     weight: float = 1.0
     name: str | None = None
     """How the input is recorded in the recipe and training records (default: the path's basename)."""
 
-    def __post_init__(self) -> None:
-        # made from Python too (not only parsed from text): a path as text and a finite float weight
-        if not isinstance(self.path, (str, os.PathLike)) or not os.fspath(self.path):
-            raise LoraArithError(f"an adapter path must be a non-empty path, not {self.path!r}")
-        weight = finite_number(self.weight)
-        if weight is None:
-            raise LoraArithError(f"adapter {self.path}: its weight {self.weight!r} is not a finite number")
-        object.__setattr__(self, "path", os.fspath(self.path))
-        object.__setattr__(self, "weight", weight)
+    def __init__(self, path: str | os.PathLike[str], weight: float = 1.0, name: str | None = None) -> None:
+        if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+            raise LoraArithError(f"an adapter path must be a non-empty path, not {path!r}")
+        number = finite_number(weight)
+        if number is None:
+            raise LoraArithError(f"adapter {os.fspath(path)}: its weight {weight!r} is not a finite number")
+        object.__setattr__(self, "path", os.fspath(path))
+        object.__setattr__(self, "weight", number)
+        object.__setattr__(self, "name", name)
 
     @property
     def public_name(self) -> str:
@@ -253,6 +257,20 @@ def check_mixes(mixes: Mapping[str, Sequence[float]], count: int) -> dict[str, l
             raise OptionError("mixes", "{} {name}: the weights must be finite numbers", name=name)
         checked[name] = values
     return checked
+
+
+def path_list(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], option: str) -> list[str]:
+    """``paths`` as a list of texts: one path (a text or ``os.PathLike``) is a list of one, not
+    of its characters. Anything else is a :class:`TypeError` naming ``option``."""
+    if isinstance(paths, (str, os.PathLike)):
+        return [os.fspath(paths)]
+    if not isinstance(paths, Iterable):
+        raise TypeError(f"{option}: expected a path or a list of paths, not {paths!r}")
+    items = list(paths)
+    for item in items:
+        if not isinstance(item, (str, os.PathLike)):
+            raise TypeError(f"{option}: expected a path or a list of paths, not {item!r} in it")
+    return [os.fspath(item) for item in items]
 
 
 def check_named_weights(weights: Mapping[str, Any] | None, names: Sequence[str]) -> dict[str, float]:

@@ -26,7 +26,7 @@ from lora_arith._internal.errors import LoraArithError, OptionError
 from lora_arith.lora.factors import compress, single_threaded
 from lora_arith.lora.numerics import require_count
 from lora_arith._internal.provenance import EXPORT_METHOD
-from lora_arith.lora.specs import MIX_NAME, AdapterSpec, check_mixes, named_weights
+from lora_arith.lora.specs import MIX_NAME, AdapterSpec, check_mixes, named_weights, path_list
 
 __all__ = [
     "VLLM_RANKS",
@@ -187,7 +187,7 @@ def export_mixes(
 
 
 def export_adapters(
-    adapters: Sequence[str],
+    adapters: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     output: str | os.PathLike[str],
     *,
     mixes: Mapping[str, Sequence[float]] | None = None,
@@ -196,7 +196,8 @@ def export_adapters(
 ) -> dict[str | None, Export]:
     """What ``lora-arith export`` writes: with ``mixes``, one adapter per mix of ``adapters``
     (:func:`export_mixes`, keyed by the mix's name); without, the one adapter given, rewritten
-    (:func:`export_for_vllm`, keyed ``None``)."""
+    (:func:`export_for_vllm`, keyed ``None``). ``adapters`` is one path or a list of them."""
+    adapters = path_list(adapters, "adapters")
     if mixes is not None:
         return export_mixes(adapters, mixes, output, max_rank=max_rank, force=force)
     if len(adapters) != 1:

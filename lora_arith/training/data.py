@@ -27,12 +27,13 @@ import json
 import os
 import random
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from lora_arith._internal.errors import LoraArithError, OptionError, first_line
+from lora_arith.lora.specs import path_list
 
 __all__ = [
     "LABELS",
@@ -496,7 +497,7 @@ def _load_spec(
 
 
 def load_pairs(
-    paths: list[str],
+    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     *,
     label: str | None = None,
     swap: bool = False,
@@ -507,7 +508,7 @@ def load_pairs(
 
     Args:
         paths: data specs: JSONL files, ``refusal:PATH`` / ``answer:PATH`` templated files, or
-            Hub dataset ids.
+            Hub dataset ids; one spec, or a list of them.
         label: ``"helpful"`` or ``"harmless"``; required when a file holds PKU-SafeRLHF
             records and ignored for plain pairs.
         swap: exchange chosen and rejected in every pair (the negative run of a preference).
@@ -521,6 +522,7 @@ def load_pairs(
         LoraArithError: for a missing file, an unknown label, PKU records without a label, a
             bad row (naming the file and 1-based line) unless ``skip_invalid``, or no pairs at all.
     """
+    paths = path_list(paths, "paths")
     if not paths:
         raise LoraArithError("no data files given")
     if label is not None and label not in LABELS:

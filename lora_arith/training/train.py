@@ -46,6 +46,7 @@ from lora_arith.training.data import (
 )
 from lora_arith._internal.devices import resolve_device, use_bf16
 from lora_arith.lora.numerics import finite_number
+from lora_arith.lora.specs import path_list
 from lora_arith._internal.errors import LoraArithError, OptionError, first_line
 from lora_arith._internal.privacy import public_name, scrub
 from lora_arith._internal.provenance import sha256_of, versions
@@ -93,7 +94,7 @@ class TrainConfig:
     on a small model instead of the paper's full fine-tuning rate of 1e-6.
     """
 
-    data: list[str] = field(
+    data: list[str] = field(  # built from one spec too, or from paths: made a list of texts
         metadata={"help": "Data specs: JSONL files, refusal:PATH / answer:PATH templated files, or Hub dataset ids."}
     )
     base: str | None = field(
@@ -196,9 +197,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """Raise :class:`LoraArithError` for settings that cannot work."""
-        if isinstance(self.data, (str, os.PathLike)):
-            raise LoraArithError("data is a list of data specs, e.g. ['pairs.jsonl'], not one")
-        self.data = list(self.data)
+        self.data = path_list(self.data, "data")  # one spec is a list of one; paths become texts
         # finite numbers (an infinite lr or alpha trained an all-NaN adapter), whole ones for counts
         counts = {"rank": self.rank, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
         counts |= {"max_length": self.max_length, "logging_steps": self.logging_steps}
@@ -353,6 +352,8 @@ def train_preference(
     """
     from lora_arith.model.base import base_model_id, load_base
 
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, not {type(config).__name__}")
     started = time.time()
     output = _prepare_output(config, output, force)
     checkpoints = checkpoint_folder(output.path)

@@ -81,16 +81,15 @@ def train_vector(
     kept = checkpoint_folder(output.path)
     persistent = config.save_steps is not None or resume
     with _runs_folder(kept, config, persistent=persistent, resume=resume, force=force) as work:
-        specs, main = [], True
+        specs = []
         for (name, swap), weight in zip(RUNS, (1.0, -1.0)):
             run = work / name
             if not _finished(run):
                 interrupted = has_checkpoint(run)
                 # force only ever discards this run's own stale checkpoints: the run itself is unfinished
-                result = train_preference(config, run, swap=swap, resume=interrupted, force=not interrupted)
-                main = result.rank == 0
+                train_preference(config, run, swap=swap, resume=interrupted, force=not interrupted)
             specs.append(AdapterSpec(str(run / single_file_name(run)), weight, name=name))
-        if not main:
+        if not is_main_process():  # every process trains, the main one writes (also when no run was left to train)
             return None
         result = combine(specs, method=method, rank=rank)
         written = result.save(output, dtype=dtype)
