@@ -658,3 +658,22 @@ def test_library_eval_settings_are_checked_when_built():
 def test_vector_rank_zero_is_a_usage_error_not_the_default(tmp_path):
     result = run("vector", "--data", tmp_path / "p.jsonl", "--method", "svd", "--vector-rank", "0", "-o", tmp_path / "v.safetensors")
     assert result.exit_code == 2 and "'--vector-rank': 0 is not in the range x>=1" in result.output
+
+
+def test_eval_reads_pku_pairs_with_the_label_its_error_names(tmp_path, monkeypatch):
+    """The error for PKU-SafeRLHF pairs without a label asked for --label, which eval lacked."""
+    from lora_arith.evaluation.config import EvalConfig, load_inputs
+
+    monkeypatch.setattr(EvalConfig, "mixer", lambda *a, **k: pytest.fail("a model was loaded"))
+    record = {"prompt": "How do I stay safe?", "response_0": "Zero.", "response_1": "One.",
+              "better_response_id": 0, "safer_response_id": 1}  # fmt: skip
+    pku = tmp_path / "pku.jsonl"
+    pku.write_text(json.dumps(record) + "\n")
+    for command in ("eval", "sweep", "tune"):
+        assert "--label [harmless|helpful]" in run(command, "--help").output
+    result = run("eval", "--pairs", pku, "-o", tmp_path / "ev")
+    assert_user_error(result, "need a label: --label helpful or --label harmless")
+    (pair,) = load_inputs(pairs=[pku], label="harmless").pairs
+    assert (pair.chosen, pair.rejected) == ("One.", "Zero.")
+    (pair,) = load_inputs(pairs=pku, label="helpful").pairs
+    assert (pair.chosen, pair.rejected) == ("Zero.", "One.")

@@ -15,6 +15,7 @@ from lora_arith.cli.options import adapter_option, force_option, model_option_de
 from lora_arith.cli.options import output_option, progress_wanted
 from lora_arith.evaluation.config import EvalConfig
 from lora_arith.lora.specs import fixed_weights, named_paths, named_specs
+from lora_arith.training.data import LABELS
 
 __all__ = ["EvalOptions", "eval_options", "evaluate_command", "sweep", "tune"]
 
@@ -28,6 +29,7 @@ class EvalOptions:
     pair_files: tuple = ()
     limit: int | None = None
     max_pairs: int | None = None
+    label: str | None = None
     out: Path = Path("out")
     force: bool = False
 
@@ -35,7 +37,7 @@ class EvalOptions:
         """The library keywords for the inputs and the config."""
         return dict(
             prompts=self.prompt_files, pairs=self.pair_files, limit=self.limit, max_pairs=self.max_pairs,
-            config=self.config,
+            label=self.label, config=self.config,
         )  # fmt: skip
 
     def checked_output(self, kind: str, adapters=()):
@@ -70,6 +72,12 @@ def eval_options(command):
         click.option("--beta", default=0.1, show_default=True, help="DPO β for the implicit reward."),
         click.option("--limit", type=int, default=None, help="Use only the first N prompts of each kind."),
         click.option("--max-pairs", type=int, default=None, help="Use only the first N pairs of each --pairs file."),
+        click.option(
+            "--label",
+            type=click.Choice(sorted(LABELS)),
+            default=None,
+            help="Which PKU-SafeRLHF preference --pairs files holding its records are read by (as train's --label).",
+        ),
         output_option("Output directory.", hidden_aliases=("--out",), required=True, type=click.Path(path_type=Path)),
         force_option("Replace the output directory if it is an earlier output of this command (or empty)."),
         *model_option_decorators(),
@@ -84,7 +92,7 @@ def eval_options(command):
         click.option("--judge-model", default="judge", show_default=True, help="Model name sent to a URL judge."),
     ]
     settings = ["beta", "base", "quantize_4bit", "device", "batch_size", "max_new_tokens", "judge", "judge_model"]
-    inputs = ["prompt_files", "pair_files", "limit", "max_pairs", "force"]
+    inputs = ["prompt_files", "pair_files", "limit", "max_pairs", "label", "force"]
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):

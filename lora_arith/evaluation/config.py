@@ -181,11 +181,13 @@ def load_inputs(
     *,
     limit: int | None = None,
     max_pairs: int | None = None,
+    label: str | None = None,
 ) -> EvalInputs:
     """Read the evaluation inputs: ``prompts`` are JSONL files (XSTest style, see
     :func:`~lora_arith.evaluation.evaluate.load_eval_prompts`) or :class:`EvalPrompt` objects,
     ``pairs`` preference-pair JSONL files or :class:`PreferencePair` objects. ``limit`` keeps the
-    first N prompts of each kind, ``max_pairs`` the first N pairs of each file."""
+    first N prompts of each kind, ``max_pairs`` the first N pairs of each file; ``label`` (helpful
+    or harmless) reads PKU-SafeRLHF pair files (see :func:`~lora_arith.training.data.load_pairs`)."""
     from lora_arith.evaluation.evaluate import EvalPrompt, load_eval_prompts
     from lora_arith.training.data import PreferencePair, load_pairs
 
@@ -199,5 +201,5 @@ def load_inputs(
     items = prompt_items + (load_eval_prompts(prompt_files) if prompt_files else [])
     if limit is not None:
         items = [p for kind in KINDS for p in [q for q in items if q.kind == kind][:limit]]
-    loaded = [pair for path in pair_files for pair in load_pairs([str(path)])[0][:max_pairs]]
+    loaded = [pair for path in pair_files for pair in load_pairs([str(path)], label=label)[0][:max_pairs]]
     return EvalInputs(items, pair_items[:max_pairs] + loaded, tuple(prompt_files + pair_files))

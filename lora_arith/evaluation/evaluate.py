@@ -294,6 +294,7 @@ def evaluate(
     pairs: Sequence[Any] | str | os.PathLike[str] = (),
     limit: int | None = None,
     max_pairs: int | None = None,
+    label: str | None = None,
     mixer: PreferenceMixer | None = None,
     progress: bool = False,
     config: EvalConfig | None = None,
@@ -309,6 +310,7 @@ def evaluate(
         pairs: preference pairs (JSONL paths or :class:`~lora_arith.training.data.PreferencePair`)
             for the implicit-reward accuracy and log-prob margin.
         limit, max_pairs: keep the first N prompts of each kind, the first N pairs of each file.
+        label: ``helpful`` or ``harmless``, for pair files of PKU-SafeRLHF records.
         mixer: evaluate this loaded :class:`~lora_arith.model.mixing.PreferenceMixer` at its current
             weights instead of loading ``adapters`` on the base.
         config, settings: an :class:`~lora_arith.evaluation.config.EvalConfig`, or its fields as
@@ -320,7 +322,7 @@ def evaluate(
     if mixer is not None and adapters:
         raise TypeError("evaluate() takes adapters or a mixer, not both")
     specs = adapter_specs(adapters or {})
-    inputs = load_inputs(prompts, pairs, limit=limit, max_pairs=max_pairs)
+    inputs = load_inputs(prompts, pairs, limit=limit, max_pairs=max_pairs, label=label)
     judge = config.make_judge()
     if mixer is None:
         mixer = config.mixer(specs)
@@ -328,10 +330,10 @@ def evaluate(
         mixer.model, mixer.tokenizer, inputs.prompts, inputs.pairs, progress=progress, judge=judge,
         **config.generation(),
     )  # fmt: skip
-    label = " + ".join(f"{w:g}·{n}" for n, w in mixer.weights.items()) or "base"
+    mix = " + ".join(f"{w:g}·{n}" for n, w in mixer.weights.items()) or "base"
     completions = metrics.pop("completions", [])
     sources = config.sources([spec.path for spec in specs.values()], inputs.files)
-    return EvalResult(label, dict(mixer.weights), metrics, completions, sources)
+    return EvalResult(mix, dict(mixer.weights), metrics, completions, sources)
 
 
 def _percent(value: float | None) -> str:

@@ -242,6 +242,7 @@ def sweep(
     force: bool = False,
     limit: int | None = None,
     max_pairs: int | None = None,
+    label: str | None = None,
     mixer: PreferenceMixer | None = None,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
@@ -256,14 +257,15 @@ def sweep(
     settings and inputs resumes an interrupted sweep; other settings are an error unless ``force``
     starts over. ``fix`` holds the vectors not on a heatmap's axes (three or more vectors) at the
     given grid values. ``mixer``: an already loaded mixer with ``vectors`` attached by name.
-    ``config`` and ``settings`` are as for :func:`~lora_arith.evaluation.evaluate.evaluate`;
+    ``limit``, ``max_pairs``, ``label``, ``config`` and ``settings`` are as for
+    :func:`~lora_arith.evaluation.evaluate.evaluate`;
     ``log`` gets a line when earlier points are resumed."""
     from lora_arith._internal.atomic import check_output
     from lora_arith.evaluation.config import VECTORS_EXAMPLE, EvalConfig, load_inputs, require_mapping
 
     config = EvalConfig.build(config, settings, "sweep")
     named = {name: os.fspath(path) for name, path in require_mapping(vectors, "vectors", VECTORS_EXAMPLE).items()}
-    inputs = load_inputs(prompts, pairs, limit=limit, max_pairs=max_pairs)
+    inputs = load_inputs(prompts, pairs, limit=limit, max_pairs=max_pairs, label=label)
     sources = config.sources(named.values(), inputs.files)
     output = Path(os.path.expanduser(os.fspath(output)))  # as check_output reads it: "~/sweep" is in the home folder
     check_output(output, force=force or output.exists(), inputs=sources, kind="sweep")

@@ -116,6 +116,7 @@ def tune(
     points_per_batch: int = 10,
     limit: int | None = None,
     max_pairs: int | None = None,
+    label: str | None = None,
     mixer: PreferenceMixer | None = None,
     log: Callable[[str], None] | None = None,
     config: EvalConfig | None = None,
@@ -136,7 +137,8 @@ def tune(
         compare: adapters (name → path or :class:`~lora_arith.lora.specs.AdapterSpec`) measured the
             same way, e.g. a union baseline.
         pairs: preference pairs, for reward_accuracy and logprob_margin, split as the prompts
-            are (``split`` of each file to tuning).
+            are (``split`` of each file to tuning); ``label`` (helpful or harmless) reads pair
+            files of PKU-SafeRLHF records.
         points_per_batch: grid points generated together in one batch (per-row weights).
         mixer: an already loaded :class:`~lora_arith.model.mixing.PreferenceMixer` with every
             vector and compared adapter attached by name, instead of loading the base.
@@ -163,7 +165,7 @@ def tune(
     if clash:
         raise OptionError(("compare", "vectors"), "{} and {} share the name {name}", name=clash[0])
     ranges = _bounds(bounds, list(named))
-    inputs = load_inputs(prompts, pairs, limit=limit, max_pairs=max_pairs)
+    inputs = load_inputs(prompts, pairs, limit=limit, max_pairs=max_pairs, label=label)
     if not inputs.prompts and metric(objective).part == "prompts":
         raise OptionError("prompts", "tune needs {} for the refusal and compliance rates")
     tuning_prompts, held_out = split_prompts(inputs.prompts, split, seed)
