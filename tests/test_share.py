@@ -288,3 +288,22 @@ def test_no_local_path_in_any_config_field_uploaded_or_converted(adapter_factory
 def test_export_for_vllm_refuses_base_it_would_ignore(adapter_factory, tmp_path):
     result = run("export", adapter_factory(), "--base", "x", "-o", tmp_path / "out")
     assert result.exit_code == 2 and "--base applies to --for llama.cpp only" in result.output
+
+
+def test_model_card_and_include_keep_to_what_may_be_shared(adapter_factory, tmp_path):
+    """Training metadata written by another tool may hold local paths: the card scrubs them (the
+    uploaded metadata was scrubbed, the README was not). ``include`` given as one pattern is one
+    pattern (it was read one character at a time: '*' matched every file)."""
+    from safetensors.torch import load_file, save_file
+
+    from lora_arith.sharing.push import plan_upload
+
+    folder = hub_adapter(adapter_factory, tmp_path)
+    weights = folder / "adapter_model.safetensors"
+    training = {"data": [{"path": "/home/alice/data/pairs.jsonl", "sha256": "y"}],
+                "hyperparameters": {"output_dir": "/home/alice/run"}, "final_metrics": {"loss": 0.1}}  # fmt: skip
+    save_file(load_file(weights), weights, metadata={"lora_arith.training": json.dumps(training)})
+    (folder / ".env").write_text("TOKEN=x")
+    plan = plan_upload(folder, include="training_log.json*")
+    assert "/home/alice" not in plan.generated["README.md"] and "output_dir: run" in plan.generated["README.md"]
+    assert sorted(plan.copied) == ["adapter_config.json", "training_log.json"], sorted(plan.copied)

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-from lora_arith._internal.privacy import public_name
+from lora_arith._internal.privacy import public_name, scrub
 
 __all__ = ["KNOWN_LICENSES", "is_hub_id", "hub_datasets", "base_license", "model_card"]
 
@@ -126,6 +126,7 @@ def model_card(
     """
     from huggingface_hub import ModelCardData  # (huggingface_hub.repocard_data: 0.05 s; ModelCard would import hf_api: 0.3 s)
 
+    recipe, training = scrub(recipe), scrub(training)  # metadata written elsewhere may hold local paths
     base = config.get("base_model_name_or_path")
     hub_base = base if is_hub_id(base) else None
     tags = ["peft", "lora", "preference-vector", "lora-arith"]

@@ -101,13 +101,13 @@ def check_repo_id(repo_id: str) -> str:
 def plan_upload(
     adapter: str | os.PathLike[str],
     license: str | None = None,
-    include: Sequence[str] = (),
+    include: str | Sequence[str] = (),
     *,
     online: bool = False,
 ) -> UploadPlan:
     """The files :func:`push` uploads: ``adapter_config.json``, ``adapter_model.safetensors``
     and a generated ``README.md`` model card, plus the adapter folder's files that match an
-    ``include`` pattern (shell-style, relative to the folder). A single-file adapter is
+    ``include`` pattern (shell-style, relative to the folder; one pattern or a list). A single-file adapter is
     uploaded in the same layout, its config taken from its metadata. The licence is ``license``,
     else the base model's (``online``: also looked up on the Hub), else left out.
     """
@@ -126,6 +126,7 @@ def plan_upload(
         copied[CONFIG_NAME] = config_file
     else:
         generated[CONFIG_NAME] = json.dumps(public, indent=2, sort_keys=True) + "\n"
+    include = [include] if isinstance(include, str) else list(include)  # one pattern, not one per character
     if include:
         if opened.weights_path.name != WEIGHTS_NAME:
             raise OptionError("include", "{} adds files of an adapter folder; this adapter is a single file")
@@ -154,7 +155,7 @@ def push(
     private: bool = False,
     revision: str | None = None,
     license: str | None = None,
-    include: Sequence[str] = (),
+    include: str | Sequence[str] = (),
     commit_message: str | None = None,
     create_pr: bool = False,
 ) -> str:
