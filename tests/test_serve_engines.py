@@ -326,6 +326,12 @@ def test_engine_options_are_checked_before_anything_starts(two_adapters, tmp_pat
         result = runner.invoke(main, ["serve", *args])
         assert result.exit_code == 1 and named in result.output, (args, result.output)
     assert "--engine [lora-arith|vllm|llama.cpp]" in runner.invoke(main, ["serve", "--help"]).output
+    # the mixes' folder inside an input adapter: refused before it is created there
+    inside = Path(helpful) / "mixes"
+    args = ["--engine", "vllm", "--engine-url", "http://127.0.0.1:9", "--adapter", f"h={helpful}", "--adapter-dir", str(inside)]
+    result = runner.invoke(main, ["serve", *args])
+    assert result.exit_code == 1 and "would write inside an input" in result.output, result.output
+    assert not inside.exists()
 
 
 # -- llama.cpp --------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from typing import Iterable, Iterator
 
 from lora_arith._internal.errors import LoraArithError, OptionError
 
-__all__ = ["OUTPUT_KINDS", "Output", "check_output", "remove_stale_temporaries", "removed_on_signal", "atomic_output"]
+__all__ = ["OUTPUT_KINDS", "Output", "check_output", "check_apart", "remove_stale_temporaries", "removed_on_signal", "atomic_output"]
 
 OUTPUT_KINDS: dict[str, tuple[str, tuple[tuple[str, ...], ...]]] = {
     "file": ("a file", ()),
@@ -103,6 +103,24 @@ def _relation(output: Path, source: Path) -> str | None:
     if source in output.parents:
         return f"would write inside an input ({source})"
     return None
+
+
+def check_apart(path: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str] | None], what: str = "output") -> tuple[Path, ...]:
+    """Refuse ``path`` (a place to write, ``what``) when it equals, holds or sits inside one of
+    ``inputs`` (symlinks resolved; inputs that do not exist are left out): inputs are never
+    modified. Returns the inputs that exist, resolved."""
+    given = Path(os.path.expanduser(os.fspath(path)))
+    resolved = _real(given)
+    sources = tuple(_real(s) for s in inputs if s is not None and os.path.lexists(os.path.expanduser(os.fspath(s))))
+    for source in sources:
+        relation = _relation(resolved, source)
+        if relation:
+            if what == "output":  # outputs have a --force, which does not apply to inputs
+                raise OptionError(
+                    "force", "output {given} {relation}; inputs are never modified, not even with {}", given=given, relation=relation
+                )
+            raise LoraArithError(f"{what} {given} {relation}; inputs are never modified")
+    return sources
 
 
 def _listing(folder: Path, limit: int = 3) -> str:
@@ -180,13 +198,7 @@ def check_output(
     if given.name in ("", ".", ".."):
         raise OptionError("output", "output {text!r} names no file or folder of its own; give it a name, e.g. {} out", text=text)
     resolved = _real(given)
-    sources = tuple(_real(s) for s in inputs if s is not None and os.path.lexists(os.path.expanduser(os.fspath(s))))
-    for source in sources:
-        relation = _relation(resolved, source)
-        if relation:
-            raise OptionError(
-                "force", "output {given} {relation}; inputs are never modified, not even with {}", given=given, relation=relation
-            )
+    sources = check_apart(given, inputs)
     for other in outputs:
         if _relation(resolved, _real(other)):
             raise LoraArithError(f"output {given} overlaps the other output {other}; give them separate places")

@@ -47,6 +47,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, AsyncIterator, Mapping
 
+from lora_arith._internal.atomic import check_apart
 from lora_arith._internal.errors import LoraArithError, OptionError, first_line
 from lora_arith.lora.specs import CONFIG_NAME, WEIGHTS_NAME, AdapterSpec, file_stem
 from lora_arith.serving.backends import SSE_DONE, Backend, sse_event
@@ -425,6 +426,7 @@ class VllmBackend(ProxyBackend):
         round_mix({}, eta_step)  # checks the step
         self.adapters, self.eta_step, self.max_loras = dict(adapters), eta_step, max_loras
         self.adapter_dir = Path(adapter_dir).expanduser().resolve()
+        check_apart(self.adapter_dir, self.adapters.values(), "the adapter folder")  # before it is created
         try:
             self.adapter_dir.mkdir(exist_ok=True)
         except OSError as error:
