@@ -677,3 +677,13 @@ def test_eval_reads_pku_pairs_with_the_label_its_error_names(tmp_path, monkeypat
     assert (pair.chosen, pair.rejected) == ("One.", "Zero.")
     (pair,) = load_inputs(pairs=pku, label="helpful").pairs
     assert (pair.chosen, pair.rejected) == ("Zero.", "One.")
+
+
+@pytest.mark.parametrize("base", [5, ["a"], {"x": 1}])
+def test_a_config_whose_base_is_not_text_is_a_one_line_error(adapter_factory, tmp_path, base):
+    adapter = adapter_factory()
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = base
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    for command in (["combine", adapter, "-o", tmp_path / "out"], ["convert", adapter, "-o", tmp_path / "c.safetensors"]):
+        assert_user_error(run(*command), "base_model_name_or_path in the config is")

@@ -100,3 +100,34 @@ def test_push_rewrites_old_metadata_that_holds_local_paths(adapter_factory, tmp_
     assert sorted(staged) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "tensors"]
     assert not any(str(tmp_path).encode() in data for name, data in staged.items() if name != "tensors")
     assert all(torch.equal(staged["tensors"][k], v) for k, v in tensors.items())
+
+
+@pytest.mark.parametrize(
+    "text, public",
+    [
+        ("C:\\Users\\alice\\base", "base"),  # PEFT's record of a base on Windows: kept whole before
+        ("C:/Users/alice/base", "base"),
+        ("\\\\server\\share\\alice\\run", "run"),
+        ("trained in C:\\Users\\alice\\runs", "trained in runs"),
+        ("/home/alice/my models/base", "base"),  # a path with a space: 'my models/base' before
+        ("refusal:/home/alice/my data/x.jsonl", "refusal:x.jsonl"),
+        ("~alice/models/base", "base"),
+        ("made from /home/alice/secret", "made from secret"),
+        ("http://127.0.0.1:8000/v1 (model judge)", "http://127.0.0.1:8000/v1 (model judge)"),  # 'http:127.0.0.1:...' before
+        ("HuggingFaceTB/SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    ],
+)
+def test_scrub_reduces_every_local_path_and_nothing_else(text, public):
+    from lora_arith._internal.privacy import scrub
+
+    assert scrub(text) == public and scrub({"k": [text]}) == {"k": [public]}
+
+
+def test_a_home_folder_of_no_known_user_is_a_path_like_any_other(tmp_path):
+    """``Path.expanduser`` raises RuntimeError for ``~nouser``: the record of such a base, and
+    such a path on the command line, were tracebacks."""
+    from lora_arith._internal.privacy import public_name
+
+    assert public_name("~no_such_user_xyz/models/base") == "base"
+    result = CliRunner().invoke(main, ["inspect", "~no_such_user_xyz/a1"])
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and "Error: " in result.output, result.output

@@ -6,18 +6,29 @@ base model or dataset keeps its name only when it is a Hub id rather than a loca
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
 
 __all__ = ["scrub", "public_name"]
 
-_ABSOLUTE = re.compile(r"(?:(?<=^)|(?<=[\s:=(\[{,'\"`]))(?:~|/)[^\s:'\"`()\[\]{},]*")
+_START = r"(?:~|/(?!/)|[A-Za-z]:[\\/]|\\\\)"
+"""Where a local path starts: ``~``, ``/`` (not a URL's ``//``), a Windows drive (``C:\\``,
+``C:/``) or share (``\\\\server``), as PEFT records them on the machine that trained."""
+_ABSOLUTE = re.compile(r"(?:(?<=^)|(?<=[\s:=(\[{,'\"`]))" + _START + r"[^\s:'\"`()\[\]{},]*")
+"""A local path inside free text: up to the first space or delimiter."""
+_WHOLE = re.compile(r"(?P<kind>[a-z]{2,}:)?(?P<path>" + _START + r"[^\n]*)")
+"""A text that is one local path (spaces and all), after an optional ``KIND:`` (``refusal:/data/x``)."""
+
+
+def _name(path: str) -> str:
+    """The last part of a POSIX or Windows path (the path itself if it has none, e.g. ``~``)."""
+    return re.split(r"[\\/]", path.rstrip("/\\"))[-1] or path
 
 
 def _basename(match: re.Match[str]) -> str:
-    text = match.group(0).rstrip("/")
-    return Path(text).name or text
+    return _name(match.group(0))
 
 
 def scrub(value: Any) -> Any:
@@ -25,6 +36,9 @@ def scrub(value: Any) -> Any:
     string, or a dict key, replaced by its basename: ``/home/me/data/pairs.jsonl`` becomes
     ``pairs.jsonl`` and ``refusal:/data/x.jsonl`` becomes ``refusal:x.jsonl``."""
     if isinstance(value, str):
+        whole = _WHOLE.fullmatch(value)
+        if whole:
+            return (whole["kind"] or "") + _name(whole["path"])
         return _ABSOLUTE.sub(_basename, value)
     if isinstance(value, dict):
         return {scrub(key) if isinstance(key, str) else key: scrub(item) for key, item in value.items()}
@@ -39,9 +53,9 @@ def public_name(text: str | Path) -> str:
     its ``KIND:``), the text itself otherwise (a Hub id, a label)."""
     text = str(text)
     kind, sep, rest = text.partition(":")
-    if sep and re.fullmatch(r"[a-z]+", kind) and rest and Path(rest).expanduser().exists():
+    if sep and re.fullmatch(r"[a-z]+", kind) and rest and Path(os.path.expanduser(rest)).exists():
         return f"{kind}:{public_name(rest)}"
-    path = Path(text).expanduser()
+    path = Path(os.path.expanduser(text))
     if path.exists():
         return path.resolve().name or text
     return scrub(text)

@@ -152,6 +152,9 @@ class AdapterFile:
                 raise LoraArithError(f"{self.label}: {field} in the config is {value}, not a finite number")
         for field in ("rank_pattern", "alpha_pattern"):
             _check_pattern(self.config.get(field), f"{self.label}: {field} in the config")
+        base = self.config.get("base_model_name_or_path")
+        if base is not None and not isinstance(base, str):
+            raise LoraArithError(f"{self.label}: base_model_name_or_path in the config is {base!r}, not a name or path")
 
     def _scaling(self, module: str, rank: int) -> float:
         alpha = pattern_value(self.config.get("alpha_pattern") or {}, module, self.config.get("lora_alpha", 8))
@@ -390,7 +393,7 @@ def adapter_sources(path: str | os.PathLike[str]) -> list[Path]:
     a folder; or a weights file, with its folder when it is a PEFT folder's
     ``adapter_model.safetensors``, and an ``adapter_config.json`` beside it. Empty for a Hub
     reference."""
-    path = Path(path).expanduser()
+    path = Path(os.path.expanduser(path))
     if not path.exists():
         return []
     if path.is_dir():

@@ -89,7 +89,7 @@ class AdapterSpec:
     def weights_file(self) -> Path:
         """The weights file this spec names if it is local: ``PATH/adapter_model.safetensors`` for a
         folder, else ``PATH`` itself (for a Hub reference, a path that does not exist)."""
-        path = Path(self.path).expanduser()
+        path = Path(os.path.expanduser(self.path))
         return path / WEIGHTS_NAME if path.is_dir() else path
 
     def __str__(self) -> str:

@@ -67,9 +67,9 @@ def cache_root() -> Path:
     """The lora-arith cache folder: ``$LORA_ARITH_CACHE``, else ``$XDG_CACHE_HOME/lora-arith``,
     else ``~/.cache/lora-arith``. It is not created here."""
     if os.environ.get("LORA_ARITH_CACHE"):
-        return Path(os.environ["LORA_ARITH_CACHE"]).expanduser()
+        return Path(os.path.expanduser(os.environ["LORA_ARITH_CACHE"]))
     xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "lora-arith"
+    return (Path(os.path.expanduser(xdg)) if xdg else Path.home() / ".cache") / "lora-arith"
 
 
 def embedded_gguf() -> Path:
@@ -189,7 +189,7 @@ def resolve_base(base: str | None) -> str:
     """
     if is_default_base(base):
         return str(default_base_dir())
-    path = Path(base).expanduser()
+    path = Path(os.path.expanduser(base))
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise LoraArithError(f"base model directory {base} has no config.json")
@@ -231,7 +231,7 @@ def base_model_id(base: str | None) -> str:
     """
     if is_default_base(base):
         return DEFAULT_BASE_ID
-    path = Path(base).expanduser()
+    path = Path(os.path.expanduser(base))
     return path.resolve().name if path.exists() else base
 
 
@@ -240,7 +240,7 @@ def base_sources(base: str | None) -> list[Path]:
     output must not touch; empty for a Hub id. Converts and downloads nothing."""
     if is_default_base(base):
         return [cache_root() / CACHE_SUBDIR]
-    path = Path(base).expanduser()
+    path = Path(os.path.expanduser(base))
     return [path] if path.exists() else []
 
 

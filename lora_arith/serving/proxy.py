@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import dataclasses
 import hashlib
 import json
@@ -425,7 +426,7 @@ class VllmBackend(ProxyBackend):
             raise OptionError("max_loras", "{} must be at least 1")
         round_mix({}, eta_step)  # checks the step
         self.adapters, self.eta_step, self.max_loras = dict(adapters), eta_step, max_loras
-        self.adapter_dir = Path(adapter_dir).expanduser().resolve()
+        self.adapter_dir = Path(os.path.expanduser(adapter_dir)).resolve()
         check_apart(self.adapter_dir, self.adapters.values(), "the adapter folder")  # before it is created
         try:
             self.adapter_dir.mkdir(exist_ok=True)

@@ -149,7 +149,7 @@ def _read_config(base: str | None) -> tuple[dict[str, Any], str]:
     name = base_model_id(base)
     if is_default_base(base):
         return default_base_config(), name  # without converting it
-    local = Path(base).expanduser()
+    local = Path(os.path.expanduser(base))
     if local.is_dir():
         path = local / "config.json"
         if not path.is_file():

@@ -17,6 +17,7 @@ local cache only) all apply.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from lora_arith._internal.errors import LoraArithError
@@ -56,7 +57,7 @@ def resolve(text: str) -> Path:
     Returns the path unchanged when it exists locally or is not a Hub reference; otherwise
     downloads (or finds in the cache) the adapter's files and returns their local folder or file.
     """
-    path = Path(text).expanduser()
+    path = Path(os.path.expanduser(text))
     try:
         local = path.exists() or Path(text.split("/", 1)[0]).is_dir()
     except OSError as error:  # a name too long for the file system, say

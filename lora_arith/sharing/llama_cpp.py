@@ -63,7 +63,7 @@ def home() -> Path:
     """Where this version's source and build live: ``$XDG_CACHE_HOME/lora-arith/llama.cpp-<VERSION>``
     (``~/.cache`` without ``XDG_CACHE_HOME``), whatever ``$LORA_ARITH_CACHE`` says."""
     xdg = os.environ.get("XDG_CACHE_HOME")
-    root = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    root = Path(os.path.expanduser(xdg)) if xdg else Path.home() / ".cache"
     return root / "lora-arith" / f"llama.cpp-{VERSION}"
 
 

@@ -9,6 +9,7 @@ licence taken from the caller (``--license``) or from the base model's own card.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -98,7 +99,7 @@ def base_license(base: str | None, *, online: bool = False) -> str | None:
         return None
     if base in KNOWN_LICENSES:
         return KNOWN_LICENSES[base]
-    readme = Path(base).expanduser() / "README.md"
+    readme = Path(os.path.expanduser(base)) / "README.md"
     source = readme if readme.is_file() else base if online and is_hub_id(base) else None
     if source is None:
         return None

@@ -409,7 +409,7 @@ def templated_pairs(
 
 def _existing_file(spec: str) -> Path:
     """``spec`` as a path to an existing file, or a :class:`LoraArithError`."""
-    path = Path(spec).expanduser()
+    path = Path(os.path.expanduser(spec))
     if path.is_dir():
         raise LoraArithError(f"{spec} is a directory, not a JSON Lines file")
     if not path.is_file():
@@ -430,7 +430,7 @@ def _is_hub_id(spec: str) -> bool:
     """
     if not _HUB_ID.match(spec) or spec.lower().endswith((".jsonl", ".json")):
         return False
-    return not Path(spec).expanduser().exists()
+    return not Path(os.path.expanduser(spec)).exists()
 
 
 def _hub_offline() -> bool:
@@ -547,10 +547,10 @@ def spec_file(spec: str) -> Path | None:
     """The local file behind a data spec (also for ``KIND:PATH``), or ``None`` for a Hub dataset."""
     kind = _template_kind(spec)
     if kind is not None:
-        return Path(spec[len(kind) + 1 :]).expanduser()
+        return Path(os.path.expanduser(spec[len(kind) + 1 :]))
     if _is_hub_id(spec):
         return None
-    return Path(spec).expanduser()
+    return Path(os.path.expanduser(spec))
 
 
 def load_prompts(path: str | os.PathLike) -> tuple[list[Prompt], list[str], list[dict[str, Any] | None]]:
