@@ -687,3 +687,15 @@ def test_a_config_whose_base_is_not_text_is_a_one_line_error(adapter_factory, tm
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     for command in (["combine", adapter, "-o", tmp_path / "out"], ["convert", adapter, "-o", tmp_path / "c.safetensors"]):
         assert_user_error(run(*command), "base_model_name_or_path in the config is")
+
+
+def test_extract_of_one_adapter_given_twice_is_refused(adapter_factory, tmp_path):
+    """POS == NEG (or a folder and its own weights file) wrote an all-zero vector and exit 0."""
+    import lora_arith
+
+    adapter = adapter_factory()
+    for negative in (adapter, adapter / "adapter_model.safetensors"):
+        assert_user_error(run("extract", adapter, negative, "-o", tmp_path / "phi"), "are the same adapter")
+        with pytest.raises(LoraArithError, match="are the same adapter"):
+            lora_arith.extract(adapter, negative)
+    assert not (tmp_path / "phi").exists()

@@ -152,6 +152,8 @@ def _first_tensor(header: dict) -> str:
         ({"weight_map": [1, 2]}, "has no weight_map"),
         ({"weight_map": {"model.norm.weight": 5}}, "has no weight_map"),
         ("config", "config.json is not valid JSON"),
+        ("config, no dtype", "config.json is not valid JSON"),  # copied as it was, and the merge said it wrote a model
+        ("config list", "config.json is not a JSON object"),
     ],
 )  # fmt: skip
 def test_a_damaged_base_is_refused_in_one_line_without_partial_output(sharded_base, two_adapters, tmp_path, damage, words):
@@ -162,8 +164,10 @@ def test_a_damaged_base_is_refused_in_one_line_without_partial_output(sharded_ba
     shard = sorted(broken.glob("*.safetensors"))[0]
     if damage == "truncate":
         shard.write_bytes(shard.read_bytes()[:-100])
-    elif damage == "config":
+    elif damage in ("config", "config, no dtype"):
         (broken / "config.json").write_text("{not json")
+    elif damage == "config list":
+        (broken / "config.json").write_text("[1]")
     elif isinstance(damage, dict):
         (broken / "model.safetensors.index.json").write_text(json.dumps(damage))
     else:

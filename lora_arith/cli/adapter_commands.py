@@ -132,8 +132,9 @@ def extract(positive, negative, output, method, rank, energy, dtype, allow_base_
     pairs with chosen and rejected swapped. The difference is exact by default
     (--method cat, rank = rank(POS) + rank(NEG)).
     """
-    specs = [AdapterSpec(positive, 1.0), AdapterSpec(negative, -1.0)]
-    _run_combination(specs, output, method, rank, energy, dtype, allow_base_mismatch, force)
+    from lora_arith.lora.combine import extract_specs
+
+    _run_combination(extract_specs(positive, negative), output, method, rank, energy, dtype, allow_base_mismatch, force)
 
 
 @click.command()

@@ -35,7 +35,7 @@ from lora_arith._internal.privacy import public_name
 from lora_arith._internal.provenance import METHODS, Recipe, RecipeInput
 from lora_arith.lora.specs import AdapterSpec, require_specs
 
-__all__ = ["ModuleResult", "Combination", "combine", "extract", "checked_dtype"]
+__all__ = ["ModuleResult", "Combination", "combine", "extract", "extract_specs", "checked_dtype"]
 
 # Config fields that say which modules are targeted; carried over when all inputs agree.
 _TARGETING_FIELDS = ("layers_to_transform", "layers_pattern", "exclude_modules")
@@ -351,4 +351,13 @@ def extract(positive: str | os.PathLike[str], negative: str | os.PathLike[str], 
     """The preference vector φ = ΔW(positive) − ΔW(negative): ``positive`` trained on the pairs,
     ``negative`` on the same pairs swapped. Exact by default (``method="cat"``, ranks add up);
     ``options`` are those of :func:`combine` (method, rank, energy, dtype, ...)."""
-    return combine([AdapterSpec(os.fspath(positive), 1.0), AdapterSpec(os.fspath(negative), -1.0)], **options)
+    return combine(extract_specs(positive, negative), **options)
+
+
+def extract_specs(positive: str | os.PathLike[str], negative: str | os.PathLike[str]) -> list[AdapterSpec]:
+    """The specs of φ = ΔW(positive) − ΔW(negative), refusing one adapter given twice (perhaps
+    as a folder and its weights file), whose difference is exactly zero."""
+    specs = [AdapterSpec(positive, 1.0), AdapterSpec(negative, -1.0)]
+    if len({os.path.realpath(spec.weights_file) for spec in specs}) == 1:
+        raise LoraArithError(f"{positive} and {negative} are the same adapter: their difference is zero; give θ+ and θ−")
+    return specs

@@ -307,21 +307,30 @@ def _itemsize(dtype: str) -> int:
     return _ITEMSIZES.get(dtype, 1)
 
 
-def _copy_side_files(folder: Path, target: Path, dtype: str | None) -> None:
-    """Copy the base's config, generation config and tokenizer files; with ``dtype``, the config
-    says the new dtype."""
+def _base_config(folder: Path) -> dict[str, Any]:
+    """The base's ``config.json``, read before anything is written: a merged model without a
+    readable config would not load (it was copied as it was, and the merge reported success)."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LoraArithError(f"base model {folder.name}: no config.json") from None
+    except (OSError, ValueError) as error:
+        raise LoraArithError(f"base model {folder.name}: config.json is not valid JSON ({first_line(error)})") from None
+    if not isinstance(config, dict):
+        raise LoraArithError(f"base model {folder.name}: config.json is not a JSON object")
+    return config
+
+
+def _copy_side_files(folder: Path, target: Path, dtype: str | None, config: dict[str, Any]) -> None:
+    """Copy the base's config (``config``, as read by :func:`_base_config`), generation config and
+    tokenizer files; with ``dtype``, the config says the new dtype."""
     for name in COPIED_FILES:
         if not (folder / name).is_file():
             continue
         if name != "config.json" or not dtype:
             shutil.copyfile(folder / name, target / name)
             continue
-        try:
-            config = json.loads((folder / name).read_text())
-        except ValueError as error:
-            raise LoraArithError(f"base model {folder.name}: config.json is not valid JSON ({error})") from None
-        if not isinstance(config, dict):
-            raise LoraArithError(f"base model {folder.name}: config.json is not a JSON object")
+        config = dict(config)
         for key in ("dtype", "torch_dtype"):
             if key in config or key == "dtype":
                 config[key] = _ST_DTYPES[dtype]
@@ -371,6 +380,7 @@ def merge_adapters(
     if device is not None:
         resolve_device(device)  # checked now, not after the merge has streamed
     folder = _base_folder(base)
+    config = _base_config(folder)
     inputs = [folder] + [p for spec in specs for p in adapter_sources(spec.path)]
     output = check_output(output, force=force, inputs=inputs, kind="model")
     shards, sharded = _base_shards(folder)
@@ -381,16 +391,22 @@ def merge_adapters(
         if quantize_4bit:
             staging = temporary / ".full-precision"
             staging.mkdir()
-            _write_model(folder, shards, sharded, plan, st_dtype, staging)
+            _write_model(folder, shards, sharded, plan, st_dtype, staging, config)
             _requantize(staging, temporary, device)
             shutil.rmtree(staging)
         else:
-            _write_model(folder, shards, sharded, plan, st_dtype, temporary)
+            _write_model(folder, shards, sharded, plan, st_dtype, temporary, config)
     return output.path
 
 
 def _write_model(
-    folder: Path, shards: list[_Shard], sharded: bool, plan: dict[str, _Delta], dtype: str | None, target: Path
+    folder: Path,
+    shards: list[_Shard],
+    sharded: bool,
+    plan: dict[str, _Delta],
+    dtype: str | None,
+    target: Path,
+    config: dict[str, Any],
 ) -> None:
     total, weight_map = 0, {}
     for shard in shards:
@@ -399,7 +415,7 @@ def _write_model(
     if sharded:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (target / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    _copy_side_files(folder, target, dtype)
+    _copy_side_files(folder, target, dtype, config)
 
 
 def _requantize(full_precision: Path, folder: Path, device: str | None = None) -> None:
