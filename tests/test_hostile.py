@@ -699,3 +699,23 @@ def test_extract_of_one_adapter_given_twice_is_refused(adapter_factory, tmp_path
         with pytest.raises(LoraArithError, match="are the same adapter"):
             lora_arith.extract(adapter, negative)
     assert not (tmp_path / "phi").exists()
+
+
+def test_prompts_that_are_not_utf8_are_one_line_errors(chat_base, tmp_path):
+    """Bytes that are not UTF-8 on the command line (lone surrogates after Python decodes argv)
+    and a lone surrogate escaped in JSON were TypeErrors inside the tokenizer."""
+    from lora_arith.serving.completions import generate_completions
+
+    with pytest.raises(LoraArithError, match="PROMPT: the prompt is not valid UTF-8 text \\(it holds '\\\\udcff'\\)"):
+        generate_completions(str(chat_base), {}, ["hi \udcff there"], sources=["PROMPT"], max_new_tokens=2)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "fine"}\n{"prompt": "bad \\ud800 one"}\n')
+    result = run("generate", "--base", chat_base, "--prompts", prompts, "--max-new-tokens", "2")
+    assert_user_error(result, f"{prompts}:2: the prompt is not valid UTF-8 text")
+    # chat says so and goes on (stdin decodes bytes that are not UTF-8 to lone surrogates)
+    command = [sys.executable, "-m", "lora_arith", "chat", "--base", str(chat_base), "--max-new-tokens", "2"]
+    chat = subprocess.run(command, input=b"hi \xff\nhello\n/quit\n", capture_output=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8:surrogateescape"})  # fmt: skip
+    output = chat.stdout.decode() + chat.stderr.decode()
+    assert chat.returncode == 0 and "not valid UTF-8 text" in output and "Traceback" not in output, output
+    assert chat.stdout.decode(errors="replace").count("assistant: ") == 1, "the next line got its reply"

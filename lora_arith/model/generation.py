@@ -88,11 +88,16 @@ def most_characters(tokenizer: "PreTrainedTokenizerBase", context: int, longest:
 def check_prompt_lengths(
     model, tokenizer, texts: Sequence[str], max_new_tokens: int, sources: Sequence[str] | None = None
 ) -> None:
-    """Refuse a templated prompt whose tokens plus ``max_new_tokens`` do not fit the model's context."""
+    """Refuse a templated prompt that is not UTF-8 text, or whose tokens plus ``max_new_tokens`` do not
+    fit the model's context."""
     context = context_length(model, tokenizer)
     longest = max((len(token) for token in tokenizer.get_vocab()), default=1) or 1
     for index, text in enumerate(texts):
         where = sources[index] if sources is not None else f"prompt {index + 1}"
+        try:  # a lone surrogate (bytes that are not UTF-8 on the command line, "\ud800" in JSON) fails in the tokenizer
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise LoraArithError(f"{where}: the prompt is not valid UTF-8 text (it holds {text[error.start]!r})") from None
         if len(text) > most_characters(tokenizer, context, longest):
             raise LoraArithError(
                 f"{where}: the prompt is {len(text)} characters, at least {len(text) // longest} tokens; "
