@@ -233,13 +233,23 @@ def test_sweep_2x2_writes_csv_json_and_heatmaps(chat_base, two_adapters, eval_fi
 
 
 def test_chat_driven_through_stdin(chat_base, two_adapters):
-    script = "hi\n/set helpful=0.25\n/weights\n/set helpful=abc\nhow are you?\n/reset\n/quit\n"
+    script = "hi\n/set helpful=0.25\n/weights\n/set helpful=abc\n/sethelpful=2\n/settings\nhow are you?\n/reset\n/quit\n"
     result = run("chat", "--base", chat_base, "--adapter", two_adapters[0], "--max-new-tokens", 3, input=script)
     assert result.exit_code == 0, result.output
     assert result.output.count("assistant:") == 2
     assert "weights: {'helpful': 0.25}" in result.output
     assert "Error: cannot read 'helpful=abc'" in result.output
     assert "(conversation cleared)" in result.output
+    # "/sethelpful=2" set helpful to 2 and "/settings" said "cannot read 'tings'": both are not /set, so the help
+    assert "2.0" not in result.output and "tings" not in result.output and result.output.count("commands: /set") == 3
+
+
+def test_chat_refuses_a_temperature_before_the_base_loads(monkeypatch):
+    import lora_arith.model.base
+
+    monkeypatch.setattr(lora_arith.model.base, "load_base", lambda *a, **k: pytest.fail("the base loaded"))
+    result = run("chat", "--temperature", "-1", input="hi\n")
+    assert result.exit_code == 1 and result.output == "Error: --temperature must be 0 (greedy) or a positive number, got -1.0\n"
 
 
 @pytest.mark.parametrize(

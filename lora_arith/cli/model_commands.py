@@ -108,8 +108,10 @@ def chat(temperature, base, adapters, quantize_4bit, device, batch_size, max_new
       > /set helpful=0.8 harmless=0.5
     """
     from lora_arith._internal.errors import LoraArithError
+    from lora_arith.model.generation import check_sampling
     from lora_arith.model.mixing import PreferenceMixer
 
+    check_sampling(temperature, 0)  # before the base loads (it was refused at every message, and chat exited 0)
     mixer = PreferenceMixer.from_specs(base, named_specs(adapters), quantize_4bit=quantize_4bit, device=device)
     messages: list[dict[str, str]] = []
     interactive = sys.stdin.isatty()
@@ -131,9 +133,10 @@ def chat(temperature, base, adapters, quantize_4bit, device, batch_size, max_new
         if line == "/weights":
             click.echo(f"weights: {mixer.weights}")
             continue
-        if line.startswith("/set"):
+        command, _, rest = line.partition(" ")
+        if command == "/set":  # not "/seta1=2" or "/settings": those get the help
             try:
-                click.echo(f"weights: {mixer.set(**_parse_set_command(line[4:]))}")
+                click.echo(f"weights: {mixer.set(**_parse_set_command(rest))}")
             except LoraArithError as error:
                 click.echo(f"Error: {error}")
             continue
