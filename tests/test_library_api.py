@@ -174,3 +174,34 @@ def test_objects_of_the_wrong_type_are_named(tmp_path):
         train_preference(lora_arith.TrainConfig(data=["x.jsonl"]), None)
     spec = lora_arith.AdapterSpec(tmp_path / "a", 2)  # a Path, as its annotation says
     assert spec.path == str(tmp_path / "a") and spec.weight == 2.0
+
+
+def test_entry_points_name_their_arguments(two_adapters, tmp_path):
+    """Each was a bare TypeError, AttributeError or 'NoneType' error from deep inside (or, for
+    one text where a list is wanted, read per character)."""
+    from pathlib import Path
+
+    a, b = (str(p) for p in two_adapters)
+    assert lora_arith.parse_specs(f"{a}:0.5") == [lora_arith.AdapterSpec(a, 0.5)]  # one text: one spec
+    assert lora_arith.parse_spec(Path(a)) == lora_arith.AdapterSpec(a)
+    cases = [
+        (lambda: lora_arith.parse_spec(None), TypeError, "an adapter spec is PATH[:WEIGHT] text, not None"),
+        (lambda: lora_arith.parse_specs(None), TypeError, "texts: expected a path or a list of paths"),
+        (lambda: lora_arith.combine(lora_arith.AdapterSpec(a)), TypeError, "combine() takes a list of AdapterSpec"),
+        (lambda: lora_arith.combine([lora_arith.AdapterSpec(a)]).save(None), TypeError, "an output must be a path, not None"),
+        (lambda: lora_arith.convert_adapter(a, None), TypeError, "an output must be a path, not None"),
+        (lambda: lora_arith.similarity(None), LoraArithError, "give a list of adapters"),
+        (lambda: lora_arith.similarity([a]), LoraArithError, "give at least two adapters to compare, not 1"),
+        (lambda: lora_arith.interference([a, b], top="3"), LoraArithError, "top must be a whole number of at least 0"),
+        (lambda: lora_arith.interference([a, b], top=-1), LoraArithError, "top must be a whole number of at least 0"),
+        (lambda: lora_arith.export_gguf_adapters(None, tmp_path / "g"), TypeError, "adapters: expected a path"),
+        (lambda: lora_arith.push(a, None), TypeError, "repo_id must be text"),
+        (lambda: lora_arith.merge(5, [lora_arith.AdapterSpec(a)], tmp_path / "m"), TypeError, "base must be a folder"),
+        (lambda: lora_arith.merge(None, [lora_arith.AdapterSpec(a)], tmp_path / "m", requantize=True), LoraArithError,
+         "requantize goes with quantize_4bit"),
+    ]  # fmt: skip
+    for call, kind, message in cases:
+        with pytest.raises(kind) as raised:
+            call()
+        assert message in str(raised.value), (message, raised.value)
+    assert not any(tmp_path.iterdir())

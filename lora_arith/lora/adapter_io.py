@@ -406,6 +406,8 @@ def adapter_sources(path: str | os.PathLike[str]) -> list[Path]:
 
 def output_kind(path: str | os.PathLike[str]) -> str:
     """How :func:`save_adapter` writes ``path``: ``"file"`` (single-file form) or ``"adapter"`` (a PEFT folder)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"an output must be a path, not {path!r}")
     return "file" if Path(path).suffix == ".safetensors" else "adapter"
 
 

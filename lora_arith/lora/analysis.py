@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from itertools import combinations
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
 from lora_arith.lora.adapter_io import AdapterFile, open_adapter
-from lora_arith._internal.errors import LoraArithError
+from lora_arith._internal.errors import LoraArithError, OptionError
+from lora_arith.lora.numerics import require_count
 from lora_arith.lora.factors import frobenius_norm, inner, projected_energy, single_threaded, subspaces
 
 __all__ = ["Similarity", "similarity", "module_norms", "ModuleOverlap", "PairInterference", "interference"]
@@ -40,8 +41,11 @@ def _cosines(gram: torch.Tensor) -> torch.Tensor:
 
 def _opened(adapters: Sequence[AdapterFile | str | os.PathLike[str]]) -> list[AdapterFile]:
     """The adapters, opened where given as paths (or Hub references)."""
-    if isinstance(adapters, (str, os.PathLike)):
-        raise LoraArithError("give a list of adapters (paths or opened adapters), not one path")
+    if isinstance(adapters, (str, os.PathLike, AdapterFile)) or not isinstance(adapters, Iterable):
+        raise LoraArithError(f"give a list of adapters (paths or opened adapters), not {adapters!r}")
+    adapters = list(adapters)
+    if len(adapters) < 2:
+        raise OptionError("adapters", "give at least two adapters to compare, not {count}", count=len(adapters))
     return [adapter if isinstance(adapter, AdapterFile) else open_adapter(adapter) for adapter in adapters]
 
 
@@ -166,6 +170,7 @@ def interference(
     most. Everything comes from the factors (QR of ``B`` and ``Aᵀ`` and an SVD of the small core
     per module, see :func:`lora_arith.lora.factors.subspaces`); no dense ``out × in`` matrix is formed.
     """
+    require_count(top, "top", 0)
     adapters = _opened(adapters)
     count = len(adapters)
     names = _shared_modules(adapters)

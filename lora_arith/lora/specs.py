@@ -99,20 +99,28 @@ class AdapterSpec:
 def require_specs(specs: Sequence[AdapterSpec], function: str) -> None:
     """Raise ``TypeError`` unless ``specs`` are :class:`AdapterSpec` objects (what ``function`` takes),
     saying how to make them from text."""
-    if isinstance(specs, (str, os.PathLike)) or any(not isinstance(spec, AdapterSpec) for spec in specs):
+    if isinstance(specs, AdapterSpec):
+        raise TypeError(f"{function}() takes a list of AdapterSpec objects: [{specs!r}]")
+    if not isinstance(specs, Iterable) or isinstance(specs, (str, os.PathLike)) or any(
+        not isinstance(spec, AdapterSpec) for spec in specs
+    ):
         raise TypeError(
             f"{function}() takes AdapterSpec objects, e.g. [AdapterSpec('adapters/helpful', 1.0)]; "
             "parse text with lora_arith.lora.specs.parse_specs"
         )
 
 
-def parse_spec(text: str) -> AdapterSpec:
+def parse_spec(text: str | os.PathLike[str]) -> AdapterSpec:
     """Parse ``PATH[:WEIGHT]``; the last colon splits the path from the weight.
 
     A weight may be negative (``a.safetensors:-1``) and defaults to 1.0. If the text after
     the last colon is not a number, the whole text is taken as a path only when such a path
-    exists; otherwise the weight is reported as unparsable.
+    exists; otherwise the weight is reported as unparsable. An ``os.PathLike`` is a path, of weight 1.
     """
+    if isinstance(text, os.PathLike):
+        return AdapterSpec(text)
+    if not isinstance(text, str):
+        raise TypeError(f"an adapter spec is PATH[:WEIGHT] text, not {text!r}")
     path, colon, weight_text = text.rpartition(":")
     if not colon:
         return AdapterSpec(text)
@@ -129,9 +137,9 @@ def parse_spec(text: str) -> AdapterSpec:
     return AdapterSpec(path, weight)
 
 
-def parse_specs(texts: Iterable[str]) -> list[AdapterSpec]:
-    """:func:`parse_spec` of each text: ``parse_specs(["a:0.8", "b:0.5"])``."""
-    return [parse_spec(text) for text in texts]
+def parse_specs(texts: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[AdapterSpec]:
+    """:func:`parse_spec` of each text: ``parse_specs(["a:0.8", "b:0.5"])``; one text is a list of one."""
+    return [parse_spec(text) for text in path_list(texts, "texts")]
 
 
 def file_stem(path: str | os.PathLike[str]) -> str:

@@ -189,6 +189,8 @@ def resolve_base(base: str | None) -> str:
     """
     if is_default_base(base):
         return str(default_base_dir())
+    if not isinstance(base, (str, os.PathLike)):
+        raise TypeError(f"base must be a folder, a Hub id or None (the default base), not {base!r}")
     path = Path(os.path.expanduser(base))
     if path.is_dir():
         if not (path / "config.json").is_file():

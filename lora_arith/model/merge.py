@@ -372,6 +372,8 @@ def merge_adapters(
 
     if quantize_4bit and not requantize:
         raise OptionError("requantize", REQUANTIZE_WARNING)
+    if requantize and not quantize_4bit:  # it acknowledges a loss that only the 4-bit output has
+        raise OptionError(("requantize", "quantize_4bit"), "{} goes with {}: without it the merge is not re-quantized")
     if not specs:
         raise OptionError("adapter", "give at least one {} to merge")
     require_specs(specs, "merge_adapters")

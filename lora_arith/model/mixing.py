@@ -450,6 +450,8 @@ class PreferenceMixer:
 
         if isinstance(prompts, str):
             prompts = [prompts]  # not one prompt per character
+        if not isinstance(prompts, Sequence):
+            raise TypeError(f"prompts must be a prompt or a list of prompts (text or chat messages), not {prompts!r}")
         if isinstance(weights, Mapping):
             weights = [weights] * len(prompts)
         if weights is None:

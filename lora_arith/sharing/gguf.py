@@ -47,7 +47,7 @@ from lora_arith._internal.errors import LoraArithError, OptionError, first_line
 from lora_arith._internal.privacy import public_name, scrub
 from lora_arith._internal.provenance import RECIPE_METADATA_KEY
 from lora_arith.lora.adapter_io import EMBEDDING, LINEAR, _read_json, open_adapter
-from lora_arith.lora.specs import AdapterSpec, check_mixes, file_stem
+from lora_arith.lora.specs import AdapterSpec, check_mixes, file_stem, path_list
 from lora_arith.model.base import base_model_id, default_base_config, is_default_base, model_inputs, resolve_base
 
 __all__ = [
@@ -432,7 +432,7 @@ def export_gguf(
 
 
 def export_gguf_adapters(
-    adapters: Sequence[str | os.PathLike[str]],
+    adapters: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     output: str | os.PathLike[str],
     *,
     mixes: Mapping[str, Sequence[float]] | None = None,
@@ -463,7 +463,7 @@ def export_gguf_adapters(
             or a mix without one weight per adapter. Nothing is written then.
     """
     _check_dtype(dtype)
-    adapters = [os.fspath(adapter) for adapter in adapters]
+    adapters = path_list(adapters, "adapters")  # one path is a list of one
     if not adapters:
         raise LoraArithError("give at least one adapter")
     if mixes is not None:

@@ -89,6 +89,8 @@ def check_repo_id(repo_id: str) -> str:
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
+    if not isinstance(repo_id, str):
+        raise TypeError(f"repo_id must be text, NAME or NAMESPACE/NAME, not {repo_id!r}")
     try:
         validate_repo_id(repo_id)
     except HFValidationError:
