@@ -29,7 +29,7 @@ import tempfile
 import time
 import types
 import typing
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -94,7 +94,7 @@ class TrainConfig:
     on a small model instead of the paper's full fine-tuning rate of 1e-6.
     """
 
-    data: list[str] = field(  # built from one spec too, or from paths: made a list of texts
+    data: Sequence[str | os.PathLike[str]] = field(  # one spec, or paths, are taken too: kept as a list of texts
         metadata={"help": "Data specs: JSONL files, refusal:PATH / answer:PATH templated files, or Hub dataset ids."}
     )
     base: str | None = field(
