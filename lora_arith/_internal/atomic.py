@@ -36,7 +36,15 @@ from typing import Iterable, Iterator
 
 from lora_arith._internal.errors import LoraArithError, OptionError
 
-__all__ = ["OUTPUT_KINDS", "Output", "check_output", "check_apart", "remove_stale_temporaries", "removed_on_signal", "atomic_output"]
+__all__ = [
+    "OUTPUT_KINDS",
+    "Output",
+    "check_output",
+    "check_apart",
+    "remove_stale_temporaries",
+    "removed_on_signal",
+    "atomic_output",
+]
 
 OUTPUT_KINDS: dict[str, tuple[str, tuple[tuple[str, ...], ...]]] = {
     "file": ("a file", ()),
@@ -105,7 +113,9 @@ def _relation(output: Path, source: Path) -> str | None:
     return None
 
 
-def check_apart(path: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str] | None], what: str = "output") -> tuple[Path, ...]:
+def check_apart(
+    path: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str] | None], what: str = "output"
+) -> tuple[Path, ...]:
     """Refuse ``path`` (a place to write, ``what``) when it equals, holds or sits inside one of
     ``inputs`` (symlinks resolved; inputs that do not exist are left out): inputs are never
     modified. Returns the inputs that exist, resolved."""
