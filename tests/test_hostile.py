@@ -719,3 +719,14 @@ def test_prompts_that_are_not_utf8_are_one_line_errors(chat_base, tmp_path):
     output = chat.stdout.decode() + chat.stderr.decode()
     assert chat.returncode == 0 and "not valid UTF-8 text" in output and "Traceback" not in output, output
     assert chat.stdout.decode(errors="replace").count("assistant: ") == 1, "the next line got its reply"
+
+
+@pytest.mark.parametrize("name", [5, "", "h.1"])
+def test_mixer_names_are_checked_before_the_base_loads(monkeypatch, adapter_factory, name):
+    """A number gave PEFT's "'in <string>' requires string", a dot torch's ModuleDict KeyError."""
+    import lora_arith.model.base
+    from lora_arith.model.mixing import PreferenceMixer
+
+    monkeypatch.setattr(lora_arith.model.base, "load_base", lambda *a, **k: pytest.fail("the base loaded"))
+    with pytest.raises(LoraArithError, match="an adapter's name must be text without '.'"):
+        PreferenceMixer(None, {name: str(adapter_factory())})

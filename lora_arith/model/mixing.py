@@ -291,6 +291,9 @@ class PreferenceMixer:
     ) -> None:
         if not isinstance(adapters, Mapping):
             raise LoraArithError("adapters maps a name to each adapter, e.g. {'helpful': 'adapters/helpful'}")
+        for name in adapters:  # checked before the base loads; PEFT would fail on a number with its own message
+            if not isinstance(name, str) or not name or "." in name:
+                raise LoraArithError(f"an adapter's name must be text without '.', not {name!r}")
         if base is None or isinstance(base, (str, Path)):
             from lora_arith.model.base import load_base
 
