@@ -22,7 +22,7 @@ import lora_arith
 from lora_arith.cli import main
 from lora_arith._internal.errors import LoraArithError
 from lora_arith.evaluation.evaluate import EvalPrompt, load_eval_prompts, refusal_metrics, wilson_interval
-from lora_arith.evaluation.sweep import PointLog, evaluate_points, grid_points
+from lora_arith.evaluation.sweep import PointLog, evaluate_points, grid_points, point_key
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -473,3 +473,26 @@ def test_a_sweep_into_a_home_folder_writes_there(chat_base, two_adapters, prompt
     assert result.exit_code == 0, result.output
     assert (home / "sweep" / "points.jsonl").is_file() and (home / "sweep" / "sweep.json").is_file()
     assert list(work.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["[1, 2]", '{"point": {"a": "x"}, "result": {}}', '{"point": {"a": 1}, "result": 5}', "{broken", "[" * 100_000],
+    ids=["list", "text-weight", "result-not-object", "broken", "deep"],
+)
+def test_a_damaged_point_log_is_refused_in_one_line(tmp_path, line):
+    """A complete line that is not a finished point was a TypeError, ValueError or RecursionError
+    on resume (or, if not JSON, silently dropped with every point after it); only a last line cut
+    short by a kill (no newline) is dropped."""
+    settings = {"vectors": ["a"], "grid": [0, 1]}
+    log = PointLog(tmp_path / "sweep", settings)
+    log.add({"a": 0.0}, {"prompts": {}})
+    with open(log.path, "a") as handle:
+        handle.write(line + "\n" + json.dumps({"point": {"a": 1.0}, "result": {}}) + "\n")
+    with pytest.raises(LoraArithError, match=r"points.jsonl:3 is not a finished point; pass force to start over"):
+        PointLog(tmp_path / "sweep", settings)
+    cut = tmp_path / "cut"
+    PointLog(cut, settings).add({"a": 0.0}, {"prompts": {}})
+    with open(cut / PointLog.FILE, "a") as handle:
+        handle.write('{"point": {"a": 1')  # a kill mid-write
+    assert list(PointLog(cut, settings).done) == [point_key({"a": 0.0})]

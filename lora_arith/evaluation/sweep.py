@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 from lora_arith._internal.errors import LoraArithError, OptionError
-from lora_arith.lora.numerics import require_count
 from lora_arith.evaluation.metrics import FLAT_RATES, METRICS, metric as find_metric
-from lora_arith.lora.numerics import finite_number
+from lora_arith.lora.numerics import finite_number, require_count
 
 if TYPE_CHECKING:
     from lora_arith.evaluation.config import EvalConfig
@@ -68,6 +67,15 @@ def flatten(result: dict[str, Any]) -> dict[str, Any]:
 def grid_points(names: Sequence[str], grid: Sequence[float]) -> list[dict[str, float]]:
     """Every combination of ``grid`` values over ``names``, as name → η mappings."""
     return [dict(zip(names, point)) for point in itertools.product(grid, repeat=len(names))]
+
+
+def _is_point_record(record: Any) -> bool:
+    """Whether ``record`` is a finished point as :class:`PointLog` writes it: ``{"point": {name:
+    η}, "result": {...}}`` with finite weights."""
+    if not isinstance(record, dict) or not isinstance(record.get("result"), dict):
+        return False
+    point = record.get("point")
+    return isinstance(point, dict) and all(finite_number(value) is not None for value in point.values())
 
 
 def point_key(point: dict[str, float]) -> str:
@@ -327,13 +335,17 @@ class PointLog:
     def _read(self) -> None:
         data = self.path.read_bytes()
         valid, offset = [], 0
-        for line in data.splitlines(keepends=True):
-            if not line.endswith(b"\n"):
+        for number, line in enumerate(data.splitlines(keepends=True), 1):
+            if not line.endswith(b"\n"):  # each record is one write ending in a newline: this one was cut short
                 break
             try:
-                valid.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
+                record = json.loads(line)
+            except (ValueError, RecursionError):
+                record = None
+            if number > 1 and not _is_point_record(record):
+                raise OptionError("force", "{path}:{number} is not a finished point; pass {} to start over",
+                                  path=self.path, number=number)  # fmt: skip
+            valid.append(record)
             offset += len(line)
         if not valid or valid[0] != self.header:
             raise OptionError(
