@@ -730,3 +730,14 @@ def test_mixer_names_are_checked_before_the_base_loads(monkeypatch, adapter_fact
     monkeypatch.setattr(lora_arith.model.base, "load_base", lambda *a, **k: pytest.fail("the base loaded"))
     with pytest.raises(LoraArithError, match="an adapter's name must be text without '.'"):
         PreferenceMixer(None, {name: str(adapter_factory())})
+
+
+def test_library_prompt_weights_name_the_prompt_counting_from_one(monkeypatch):
+    import lora_arith.model.base
+    from lora_arith.lora.specs import AdapterSpec
+    from lora_arith.serving.completions import generate_completions
+
+    monkeypatch.setattr(lora_arith.model.base, "load_base", lambda *a, **k: pytest.fail("a model was loaded"))
+    helpful = AdapterSpec(Path(__file__).resolve().parent.parent / "adapters" / "helpful")
+    with pytest.raises(LoraArithError, match="^prompt 2: no adapter named harmless; attached: helpful$"):
+        generate_completions(None, {"helpful": helpful}, ["hi", "yo"], [None, {"harmless": 1}])

@@ -94,6 +94,9 @@ def test_arguments_of_the_wrong_shape_are_named_before_a_model_loads(vectors, pr
         (lambda: lora_arith.tune(vectors, compare=["x"], **tune), "compare must be a mapping"),
         (lambda: lora_arith.tune(vectors, bounds=5, **tune), "bounds is (LOW, HIGH), {NAME: (LOW, HIGH)} or"),
         (lambda: lora_arith.tune(vectors, bounds={"helpful": 3}, **tune), "bounds is (LOW, HIGH)"),
+        (lambda: lora_arith.tune(vectors, bounds=[5], **tune), "bounds is (LOW, HIGH)"),  # an AttributeError
+        (lambda: lora_arith.sweep(vectors, tmp_path / "s", prompts=prompts, points_per_batch=0),
+         "points_per_batch must be a whole number"),  # found after the base loaded and the output was made
         (lambda: lora_arith.tune(vectors, budget="4", **tune), "budget must be a whole number of at least 1, got '4'"),
         (lambda: lora_arith.tune(vectors, points_per_batch=0, **tune), "points_per_batch must be a whole number"),
         (lambda: lora_arith.evaluate(vectors, prompts=None), "give prompts and/or pairs"),
@@ -102,6 +105,7 @@ def test_arguments_of_the_wrong_shape_are_named_before_a_model_loads(vectors, pr
         with pytest.raises(LoraArithError) as raised:
             call()
         assert message in str(raised.value)
+    assert not (tmp_path / "s").exists()
     with pytest.raises(TypeError, match="prompts: expected JSONL paths or EvalPrompt objects, not 5"):
         lora_arith.evaluate(vectors, prompts=5)
     # one bounds text is one range, as a list of one
@@ -184,9 +188,11 @@ def test_entry_points_name_their_arguments(two_adapters, tmp_path):
     a, b = (str(p) for p in two_adapters)
     assert lora_arith.parse_specs(f"{a}:0.5") == [lora_arith.AdapterSpec(a, 0.5)]  # one text: one spec
     assert lora_arith.parse_spec(Path(a)) == lora_arith.AdapterSpec(a)
+    # a Path is a path, also in a list (parse_specs read Path("x:0.5") as x at 0.5, parse_spec as a path)
+    assert lora_arith.parse_specs([Path("x:0.5")]) == [lora_arith.parse_spec(Path("x:0.5"))] == [lora_arith.AdapterSpec("x:0.5")]
     cases = [
         (lambda: lora_arith.parse_spec(None), TypeError, "an adapter spec is PATH[:WEIGHT] text, not None"),
-        (lambda: lora_arith.parse_specs(None), TypeError, "texts: expected a path or a list of paths"),
+        (lambda: lora_arith.parse_specs(None), TypeError, "texts: expected PATH[:WEIGHT] texts or paths, not None"),
         (lambda: lora_arith.combine(lora_arith.AdapterSpec(a)), TypeError, "combine() takes a list of AdapterSpec"),
         (lambda: lora_arith.combine([lora_arith.AdapterSpec(a)]).save(None), TypeError, "an output must be a path, not None"),
         (lambda: lora_arith.convert_adapter(a, None), TypeError, "an output must be a path, not None"),
@@ -199,6 +205,7 @@ def test_entry_points_name_their_arguments(two_adapters, tmp_path):
         (lambda: lora_arith.merge(5, [lora_arith.AdapterSpec(a)], tmp_path / "m"), TypeError, "base must be a folder"),
         (lambda: lora_arith.merge(None, [lora_arith.AdapterSpec(a)], tmp_path / "m", requantize=True), LoraArithError,
          "requantize goes with quantize_4bit"),
+        (lambda: lora_arith.PreferenceMixer(None, {"h.1": a}), LoraArithError, "an adapter's name must be text without '.'"),
     ]  # fmt: skip
     for call, kind, message in cases:
         with pytest.raises(kind) as raised:

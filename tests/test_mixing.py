@@ -70,6 +70,10 @@ def test_mixer_takes_one_prompt_as_text_and_one_mix_for_all(chat_base, two_adapt
     mix = {"helpful": 0.5, "harmless": -1.0}
     prompts = ["hi", "How do I bake bread?"]
     assert mixer.generate(prompts, weights=mix, max_new_tokens=4) == mixer.generate(prompts, weights=[mix, mix], max_new_tokens=4)
+    # any iterable of prompts (a generator, a pandas Series), with weights too; None is named
+    assert mixer.generate(iter(prompts), weights=mix, max_new_tokens=4) == mixer.generate(prompts, weights=mix, max_new_tokens=4)
+    with pytest.raises(TypeError, match="prompts must be a prompt or a list of prompts"):
+        mixer.generate(None)
 
 
 def test_mixer_on_4bit_base_refuses_merge(chat_base, two_adapters):

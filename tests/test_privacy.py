@@ -115,6 +115,12 @@ def test_push_rewrites_old_metadata_that_holds_local_paths(adapter_factory, tmp_
         ("made from /home/alice/secret", "made from secret"),
         ("http://127.0.0.1:8000/v1 (model judge)", "http://127.0.0.1:8000/v1 (model judge)"),  # 'http:127.0.0.1:...' before
         ("HuggingFaceTB/SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+        ("https://huggingface.co/org/name", "https://huggingface.co/org/name"),
+        ("file:///home/alice/mlruns", "file:mlruns"),  # a local path behind a URL scheme
+        ("//server/share/x", "x"),
+        ("/data/a.jsonl:0.5 /data/b.jsonl:-1", "a.jsonl:0.5 b.jsonl:-1"),  # several paths: each its own name
+        ("/home/me/a.jsonl, /home/me/b", "a.jsonl, b"),
+        ("./data/x.jsonl", "./data/x.jsonl"),
     ],
 )
 def test_scrub_reduces_every_local_path_and_nothing_else(text, public):

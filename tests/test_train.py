@@ -164,25 +164,25 @@ def test_unknown_target_module_is_a_user_error(chat_base, pairs_file, tmp_path):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"rank": 0}, "rank must be positive"),
-        ({"lr": -1.0}, "lr must be positive"),
-        ({"max_steps": 0}, "max_steps must be positive"),
+        ({"rank": 0}, "rank must be a whole number of at least 1, got 0"),
+        ({"lr": -1.0}, "lr must be a positive finite number, got -1.0"),
+        ({"max_steps": 0}, "max_steps must be a whole number of at least 1, got 0"),
         ({"dropout": 1.0}, "dropout"),
         ({"label": "honest"}, "unknown label"),
         ({"targets": " , "}, "targets is empty"),
-        ({"sft_weight": -0.5}, "sft_weight must be 0 or positive"),
+        ({"sft_weight": -0.5}, "sft_weight must be 0 or a positive finite number, got -0.5"),
         ({"data": []}, "no data files"),
         ({"double_quant": True, "quantize_4bit": False}, "double_quant needs the 4-bit base"),
         # an infinite lr, alpha or beta trained an all-NaN adapter and exited 0; the others failed inside TRL
-        ({"lr": float("inf")}, "lr must be positive, a finite number"),
-        ({"alpha": float("inf")}, "alpha must be positive, a finite number"),
-        ({"beta": float("nan")}, "beta must be positive, a finite number"),
-        ({"sft_weight": float("nan")}, "sft_weight must be 0 or positive, a finite number"),
-        ({"epochs": float("inf")}, "epochs must be positive, a finite number"),
-        ({"max_steps": 1.5}, "max_steps must be positive, a whole number"),
-        ({"batch_size": "4"}, "batch_size must be positive, a whole number"),
+        ({"lr": float("inf")}, "lr must be a positive finite number, got inf"),
+        ({"alpha": float("inf")}, "alpha must be a positive finite number, got inf"),
+        ({"beta": float("nan")}, "beta must be a positive finite number, got nan"),
+        ({"sft_weight": float("nan")}, "sft_weight must be 0 or a positive finite number, got nan"),
+        ({"epochs": float("inf")}, "epochs must be a positive finite number, got inf"),
+        ({"max_steps": 1.5}, "max_steps must be a whole number of at least 1, got 1.5"),
+        ({"batch_size": "4"}, "batch_size must be a whole number of at least 1, got '4'"),
         ({"seed": -1}, "seed must be a whole number from 0"),
-        ({"weight_decay": float("nan")}, "weight_decay must be 0 or positive"),
+        ({"weight_decay": float("nan")}, "weight_decay must be 0 or a positive finite number, got nan"),
     ],
 )
 def test_config_validation(change, message):
@@ -219,7 +219,7 @@ def test_dpo_args_report_to_and_checkpointing_reach_dpo_config(tmp_path):
 def test_cli_unknown_dpo_arg_is_a_one_line_error(pairs_file, tmp_path):
     args = ["train", "--data", str(pairs_file), "-o", str(tmp_path / "x"), "--dpo-arg", "nonsense=1"]
     result = CliRunner().invoke(main, args)
-    assert result.exit_code == 1 and result.output == "Error: dpo_arg 'nonsense' is not a DPOConfig argument\n"
+    assert result.exit_code == 1 and result.output == "Error: --dpo-arg 'nonsense' is not a DPOConfig argument\n"
     result = CliRunner().invoke(main, args[:-1] + ["beta"])
     assert result.exit_code == 1 and "is not KEY=VALUE" in result.output
     assert not (tmp_path / "x").exists()
@@ -228,9 +228,9 @@ def test_cli_unknown_dpo_arg_is_a_one_line_error(pairs_file, tmp_path):
 @pytest.mark.parametrize(
     "change, fragment",
     [
-        ({"dpo_arg": ['beta="x"']}, "dpo_arg beta='\"x\"' is not of DPOConfig's type for it (float)"),
-        ({"dpo_arg": ["beta=NaN"]}, "dpo_arg beta='NaN' is not of DPOConfig's type"),
-        ({"dpo_arg": ["max_length=1.5"]}, "dpo_arg max_length='1.5' is not of DPOConfig's type for it (int | None)"),
+        ({"dpo_arg": ['beta="x"']}, 'dpo_arg beta="x" is not of DPOConfig\'s type for it (float)'),
+        ({"dpo_arg": ["beta=NaN"]}, "dpo_arg beta=NaN is not of DPOConfig's type"),
+        ({"dpo_arg": ["max_length=1.5"]}, "dpo_arg max_length=1.5 is not of DPOConfig's type for it (int | None)"),
         ({"dpo_arg": ["precompute_ref_log_probs=1"]}, "is not of DPOConfig's type for it (bool)"),
         ({"dpo_arg": ["output_dir=elsewhere"]}, "dpo_arg 'output_dir' is set by lora-arith"),
         ({"dpo_arg": ["hub_model_id=me/x"]}, "dpo_arg 'hub_model_id' is set by lora-arith"),
@@ -240,6 +240,11 @@ def test_dpo_args_of_the_wrong_type_or_owned_by_us_are_refused(change, fragment)
     with pytest.raises(LoraArithError) as caught:
         TrainConfig(data=["x.jsonl"], **change)
     assert fragment in str(caught.value)
+
+
+def test_dpo_arg_text_that_reads_as_json_goes_to_a_text_field():
+    arguments = TrainConfig(data=["x.jsonl"], dpo_arg=["run_name=2024", "max_length=10000"]).dpo_arguments()
+    assert arguments == {"run_name": "2024", "max_length": 10000}
 
 
 @pytest.mark.parametrize(

@@ -188,7 +188,7 @@ def test_resume_errors_are_one_line(chat_base, pairs_file, tmp_path):
     (checkpoints / RUN_SETTINGS).write_text("[1, 2]")
     result = CliRunner().invoke(main, [*args, "--resume"])
     assert result.exit_code == 1 and result.output.count("\n") == 1
-    assert f"its {RUN_SETTINGS} is not a JSON object" in result.output
+    assert f"its {RUN_SETTINGS} is not a JSON object; --force starts over" in result.output
     (checkpoints / RUN_SETTINGS).write_text(json.dumps(run_settings(config(pairs_file, chat_base), swap=False)))
     for damaged in ("[1, 2]", '{"global_step": 2, "no_such_field": 1}', "{cut short"):
         (checkpoints / "checkpoint-2" / "trainer_state.json").write_text(damaged)

@@ -41,6 +41,7 @@ __all__ = [
     "Output",
     "check_output",
     "check_apart",
+    "require_output_path",
     "remove_stale_temporaries",
     "removed_on_signal",
     "atomic_output",
@@ -113,11 +114,17 @@ def _relation(output: Path, source: Path) -> str | None:
     return None
 
 
+def require_output_path(path: object) -> None:
+    """A :class:`TypeError` naming the mistake unless ``path`` is a path (text, ``os.PathLike``)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"an output must be a path, not {path!r}")
+
+
 def check_apart(
-    path: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str] | None], what: str = "output"
+    path: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str] | None], option: str = "output"
 ) -> tuple[Path, ...]:
-    """Refuse ``path`` (a place to write, ``what``) when it equals, holds or sits inside one of
-    ``inputs`` (symlinks resolved; inputs that do not exist are left out): inputs are never
+    """Refuse ``path`` (a place to write, given as ``option``) when it equals, holds or sits inside
+    one of ``inputs`` (symlinks resolved; inputs that do not exist are left out): inputs are never
     modified. Returns the inputs that exist, resolved."""
     given = Path(os.path.expanduser(os.fspath(path)))
     resolved = _real(given)
@@ -125,11 +132,11 @@ def check_apart(
     for source in sources:
         relation = _relation(resolved, source)
         if relation:
-            if what == "output":  # outputs have a --force, which does not apply to inputs
+            if option == "output":  # outputs have a --force, which does not apply to inputs
                 raise OptionError(
                     "force", "output {given} {relation}; inputs are never modified, not even with {}", given=given, relation=relation
                 )
-            raise LoraArithError(f"{what} {given} {relation}; inputs are never modified")
+            raise OptionError(option, "{} {given} {relation}; inputs are never modified", given=given, relation=relation)
     return sources
 
 
@@ -199,8 +206,7 @@ def check_output(
     """
     if isinstance(path, Output):
         return path
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"an output must be a path, not {path!r}")
+    require_output_path(path)
     if kind not in OUTPUT_KINDS:
         raise ValueError(f"unknown output kind {kind!r}")
     text = os.fspath(path)

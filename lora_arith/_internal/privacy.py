@@ -13,9 +13,11 @@ from typing import Any
 
 __all__ = ["scrub", "public_name"]
 
-_START = r"(?:~|/(?!/)|[A-Za-z]:[\\/]|\\\\)"
-"""Where a local path starts: ``~``, ``/`` (not a URL's ``//``), a Windows drive (``C:\\``,
-``C:/``) or share (``\\\\server``), as PEFT records them on the machine that trained."""
+_NOT_URL = "".join(f"(?<!{scheme}:)" for scheme in ("http", "https", "ws", "wss", "ftp", "s3", "gs", "hf"))
+"""No path starts at a network URL's ``//`` (``file:///home/me`` is a local path)."""
+_START = _NOT_URL + r"(?:~|/|[A-Za-z]:[\\/]|\\\\)"
+"""Where a local path starts: ``~``, ``/`` (``//server`` too), a Windows drive (``C:\\``, ``C:/``)
+or share (``\\\\server``), as PEFT records them on the machine that trained."""
 _ABSOLUTE = re.compile(r"(?:(?<=^)|(?<=[\s:=(\[{,'\"`]))" + _START + r"[^\s:'\"`()\[\]{},]*")
 """A local path inside free text: up to the first space or delimiter."""
 _WHOLE = re.compile(r"(?P<kind>[a-z]{2,}:)?(?P<path>" + _START + r"[^\n]*)")
@@ -37,7 +39,7 @@ def scrub(value: Any) -> Any:
     ``pairs.jsonl`` and ``refusal:/data/x.jsonl`` becomes ``refusal:x.jsonl``."""
     if isinstance(value, str):
         whole = _WHOLE.fullmatch(value)
-        if whole:
+        if whole and len(_ABSOLUTE.findall(value)) == 1:  # one path, with spaces in it: not "/a x, /b y"
             return (whole["kind"] or "") + _name(whole["path"])
         return _ABSOLUTE.sub(_basename, value)
     if isinstance(value, dict):

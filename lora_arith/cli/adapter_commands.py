@@ -185,14 +185,9 @@ def similarity(adapters) -> None:
 
     Computed exactly from the factors: ⟨B₁A₁, B₂A₂⟩ = Σ (B₁ᵀB₂) ∘ (A₁A₂ᵀ).
     """
-    from lora_arith.lora.adapter_io import open_adapter
     from lora_arith.lora.analysis import similarity as compute_similarity
-    from lora_arith._internal.errors import LoraArithError
 
-    if len(adapters) < 2:
-        raise LoraArithError("similarity needs at least two adapters")
-    opened = [open_adapter(path) for path in adapters]
-    result = compute_similarity(opened, progress=progress_wanted())
+    result = compute_similarity(adapters, progress=progress_wanted())
     labels = [f"{i}: {label}" for i, label in enumerate(result.labels, 1)]
     click.echo("overall")
     click.echo("\n".join(_matrix_lines(labels, result.overall)))
@@ -228,14 +223,11 @@ def interference(adapters, top, output, force) -> None:
     from lora_arith.lora.adapter_io import adapter_sources, open_adapter
     from lora_arith.lora.analysis import interference as compute_interference
     from lora_arith._internal.atomic import atomic_output, check_output
-    from lora_arith._internal.errors import LoraArithError
 
-    if len(adapters) < 2:
-        raise LoraArithError("interference needs at least two adapters")
     if output is not None:
         inputs = [source for adapter in adapters for source in adapter_sources(adapter)]
         output = check_output(output, force=force, inputs=inputs, kind="file")
-    opened = [open_adapter(path) for path in adapters]
+    opened = [open_adapter(path) for path in adapters]  # their labels name the pairs in the JSON
     pairs = compute_interference(opened, top=top, progress=progress_wanted())
     for number, pair in enumerate(pairs):
         x, y = pair.first, pair.second

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence, Union
 from lora_arith._internal.errors import OptionError
 from lora_arith._internal.privacy import public_name
 from lora_arith.evaluation.metrics import KINDS
-from lora_arith.lora.numerics import finite_number, require_count
+from lora_arith.lora.numerics import require_count, require_positive
 
 if TYPE_CHECKING:
     from lora_arith.evaluation.evaluate import EvalPrompt
@@ -54,8 +54,7 @@ class EvalConfig:
         numbers of at least 1, a β that is not a positive finite number."""
         require_count(self.batch_size, "batch_size")
         require_count(self.max_new_tokens, "max_new_tokens")
-        if finite_number(self.beta) is None or not self.beta > 0:
-            raise OptionError("beta", "{} must be a positive finite number, got {value!r}", value=self.beta)
+        require_positive(self.beta, "beta")
 
     @classmethod
     def build(cls, config: EvalConfig | None, settings: Mapping[str, Any], caller: str) -> EvalConfig:

@@ -157,8 +157,7 @@ def evaluate_points(
     :func:`~lora_arith.evaluation.evaluate.evaluate_model` results in order."""
     from lora_arith.evaluation.evaluate import evaluate_model, pair_metrics, score_prompts
 
-    if points_per_batch < 1:
-        raise OptionError("points_per_batch", "{} must be at least 1")
+    require_count(points_per_batch, "points_per_batch")
     reference = {} if reference is None else reference
     results: list[dict[str, Any]] = []
     chunks = list(_chunks(list(points), points_per_batch))
@@ -273,6 +272,7 @@ def sweep(
 
     config = EvalConfig.build(config, settings, "sweep")
     named = {name: os.fspath(path) for name, path in require_mapping(vectors, "vectors", VECTORS_EXAMPLE).items()}
+    require_count(points_per_batch, "points_per_batch")  # before the base loads and the output is made
     inputs = load_inputs(prompts, pairs, limit=limit, max_pairs=max_pairs, label=label)
     sources = config.sources(named.values(), inputs.files)
     output = Path(os.path.expanduser(os.fspath(output)))  # as check_output reads it: "~/sweep" is in the home folder

@@ -274,7 +274,7 @@ def _bounds(bounds: Bounds, names: list[str]) -> dict[str, tuple[float, float]]:
             ranges = [(None, float(low), float(high), f"{low},{high}")]
         else:
             return parse_bounds(list(bounds), names, DEFAULT_BOUNDS)  # type: ignore[arg-type]
-    except (TypeError, ValueError):  # not a sequence, a range that is not two numbers
+    except (TypeError, ValueError, AttributeError):  # not a sequence, a range that is not two numbers, not texts
         raise OptionError(
             "bounds", "{} is (LOW, HIGH), {{NAME: (LOW, HIGH)}} or texts 'NAME=LOW,HIGH', not {value!r}", value=bounds
         ) from None

@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lora_arith._internal.atomic import atomic_output
+from lora_arith._internal.atomic import atomic_output, require_output_path
 from lora_arith._internal.devices import DTYPE_NAMES, torch_dtype
 from lora_arith._internal.errors import LoraArithError, first_line
 from lora_arith.lora.factors import LowRankDelta, single_threaded
@@ -406,8 +406,7 @@ def adapter_sources(path: str | os.PathLike[str]) -> list[Path]:
 
 def output_kind(path: str | os.PathLike[str]) -> str:
     """How :func:`save_adapter` writes ``path``: ``"file"`` (single-file form) or ``"adapter"`` (a PEFT folder)."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"an output must be a path, not {path!r}")
+    require_output_path(path)
     return "file" if Path(path).suffix == ".safetensors" else "adapter"
 
 

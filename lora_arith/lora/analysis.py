@@ -10,7 +10,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from lora_arith.lora.adapter_io import AdapterFile, open_adapter
-from lora_arith._internal.errors import LoraArithError, OptionError
+from lora_arith._internal.errors import LoraArithError
 from lora_arith.lora.numerics import require_count
 from lora_arith.lora.factors import frobenius_norm, inner, projected_energy, single_threaded, subspaces
 
@@ -45,7 +45,7 @@ def _opened(adapters: Sequence[AdapterFile | str | os.PathLike[str]]) -> list[Ad
         raise LoraArithError(f"give a list of adapters (paths or opened adapters), not {adapters!r}")
     adapters = list(adapters)
     if len(adapters) < 2:
-        raise OptionError("adapters", "give at least two adapters to compare, not {count}", count=len(adapters))
+        raise LoraArithError(f"give at least two adapters to compare, not {len(adapters)}")
     return [adapter if isinstance(adapter, AdapterFile) else open_adapter(adapter) for adapter in adapters]
 
 

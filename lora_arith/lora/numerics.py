@@ -24,6 +24,7 @@ __all__ = [
     "require_finite_number",
     "finite_number",
     "require_count",
+    "require_positive",
     "parse_finite",
     "all_finite",
     "cast_finite",
@@ -75,6 +76,16 @@ def require_count(value: Any, option: str, least: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
         raise OptionError(option, "{} must be a whole number of at least {least}, got {value!r}", least=least, value=value)
     return value
+
+
+def require_positive(value: Any, option: str, *, zero: bool = False) -> float:
+    """``value`` as a float if it is a finite number above 0 (or 0, with ``zero``), else an
+    :class:`~lora_arith._internal.errors.OptionError` naming ``option`` (a learning rate, a β, ...)."""
+    number = finite_number(value)
+    if number is None or number < 0 or (number == 0 and not zero):
+        least = "0 or a positive" if zero else "a positive"
+        raise OptionError(option, "{} must be {least} finite number, got {value!r}", least=least, value=value)
+    return number
 
 
 def finite_number(value: Any) -> float | None:

@@ -50,6 +50,7 @@ __all__ = [
     "MIX_NAME",
     "check_mixes",
     "check_named_weights",
+    "check_adapter_name",
     "path_list",
     "HubReference",
     "parse_reference",
@@ -138,8 +139,12 @@ def parse_spec(text: str | os.PathLike[str]) -> AdapterSpec:
 
 
 def parse_specs(texts: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[AdapterSpec]:
-    """:func:`parse_spec` of each text: ``parse_specs(["a:0.8", "b:0.5"])``; one text is a list of one."""
-    return [parse_spec(text) for text in path_list(texts, "texts")]
+    """:func:`parse_spec` of each text (or path): ``parse_specs(["a:0.8", "b:0.5"])``; one is a list of one."""
+    if isinstance(texts, (str, os.PathLike)):
+        texts = [texts]
+    if not isinstance(texts, Iterable):
+        raise TypeError(f"texts: expected PATH[:WEIGHT] texts or paths, not {texts!r}")
+    return [parse_spec(text) for text in texts]
 
 
 def file_stem(path: str | os.PathLike[str]) -> str:
@@ -171,6 +176,14 @@ def adapter_names(specs: Sequence[AdapterSpec], taken: Iterable[str] = frozenset
 _NAME_PREFIX = re.compile(r"^([A-Za-z0-9_][A-Za-z0-9_.-]*)=(.+)$")
 
 
+def check_adapter_name(name: object) -> str:
+    """``name`` if it can name an attached adapter: non-empty text without ``.`` (PEFT keeps
+    adapters in torch ModuleDicts, whose keys cannot hold dots), else a :class:`LoraArithError`."""
+    if not isinstance(name, str) or not name or "." in name:
+        raise LoraArithError(f"an adapter's name must be text without '.', not {name!r}")
+    return name
+
+
 def named_specs(texts: Sequence[str]) -> dict[str, AdapterSpec]:
     """Parse ``[NAME=]PATH[:WEIGHT]`` specs (see :func:`parse_spec`) into name → spec, in the
     order given. Without ``NAME=`` an adapter is named by its file or folder stem, as
@@ -181,6 +194,7 @@ def named_specs(texts: Sequence[str]) -> dict[str, AdapterSpec]:
         if match and not os.path.exists(text) and not os.path.exists(text.rpartition(":")[0]):
             if any(name == match.group(1) for name, _ in parsed):
                 raise LoraArithError(f"two adapters are named {match.group(1)!r}")
+            check_adapter_name(match.group(1))
             parsed.append((match.group(1), parse_spec(match.group(2))))
         else:
             parsed.append((None, parse_spec(text)))

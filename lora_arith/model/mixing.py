@@ -12,14 +12,14 @@ import contextlib
 import dataclasses
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
 from lora_arith.lora.adapter_io import open_adapter
 from lora_arith._internal.errors import LoraArithError, first_line
 from lora_arith.lora.numerics import dtype_name, require_finite_number
-from lora_arith.lora.specs import check_named_weights
+from lora_arith.lora.specs import check_adapter_name, check_named_weights
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -291,9 +291,8 @@ class PreferenceMixer:
     ) -> None:
         if not isinstance(adapters, Mapping):
             raise LoraArithError("adapters maps a name to each adapter, e.g. {'helpful': 'adapters/helpful'}")
-        for name in adapters:  # checked before the base loads; PEFT would fail on a number with its own message
-            if not isinstance(name, str) or not name or "." in name:
-                raise LoraArithError(f"an adapter's name must be text without '.', not {name!r}")
+        for name in adapters:  # checked before the base loads (PEFT's own errors are obscure)
+            check_adapter_name(name)
         if base is None or isinstance(base, (str, Path)):
             from lora_arith.model.base import load_base
 
@@ -453,8 +452,9 @@ class PreferenceMixer:
 
         if isinstance(prompts, str):
             prompts = [prompts]  # not one prompt per character
-        if not isinstance(prompts, Sequence):
+        if prompts is None or isinstance(prompts, Mapping) or not isinstance(prompts, Iterable):
             raise TypeError(f"prompts must be a prompt or a list of prompts (text or chat messages), not {prompts!r}")
+        prompts = list(prompts)  # a pandas Series, a generator: iterated once
         if isinstance(weights, Mapping):
             weights = [weights] * len(prompts)
         if weights is None:

@@ -118,7 +118,7 @@ def generate_completions(
         try:
             check_named_weights(row, list(named))
         except LoraArithError as error:
-            raise LoraArithError(f"{sources[index] if sources else f'prompt {index}'}: {error}") from None
+            raise LoraArithError(f"{sources[index] if sources else f'prompt {index + 1}'}: {error}") from None
     checked = None
     if output is not None:
         files = model_inputs(base, [spec.path for spec in named.values()], *inputs)

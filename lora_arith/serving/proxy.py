@@ -427,7 +427,7 @@ class VllmBackend(ProxyBackend):
         round_mix({}, eta_step)  # checks the step
         self.adapters, self.eta_step, self.max_loras = dict(adapters), eta_step, max_loras
         self.adapter_dir = Path(os.path.expanduser(adapter_dir)).resolve()
-        check_apart(self.adapter_dir, self.adapters.values(), "the adapter folder")  # before it is created
+        check_apart(self.adapter_dir, self.adapters.values(), "adapter_dir")  # before it is created
         try:
             self.adapter_dir.mkdir(exist_ok=True)
         except OSError as error:

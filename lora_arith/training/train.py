@@ -45,7 +45,7 @@ from lora_arith.training.data import (
     to_messages,
 )
 from lora_arith._internal.devices import resolve_device, use_bf16
-from lora_arith.lora.numerics import finite_number
+from lora_arith.lora.numerics import finite_number, require_count, require_positive
 from lora_arith.lora.specs import path_list
 from lora_arith._internal.errors import LoraArithError, OptionError, first_line
 from lora_arith._internal.privacy import public_name, scrub
@@ -196,28 +196,23 @@ class TrainConfig:
         return next(f.metadata["help"] for f in fields(cls) if f.name == name)
 
     def __post_init__(self) -> None:
-        """Raise :class:`LoraArithError` for settings that cannot work."""
+        """Raise :class:`LoraArithError` (an :class:`OptionError` naming the setting) for settings
+        that cannot work, and a :class:`TypeError` for ``data`` that is not paths or texts."""
         self.data = path_list(self.data, "data")  # one spec is a list of one; paths become texts
         # finite numbers (an infinite lr or alpha trained an all-NaN adapter), whole ones for counts
-        counts = {"rank": self.rank, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
-        counts |= {"max_length": self.max_length, "logging_steps": self.logging_steps}
-        counts |= {"max_steps": self.max_steps, "save_steps": self.save_steps}
-        for name, value in counts.items():
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise LoraArithError(f"{name} must be positive, a whole number, not {value!r}")
-        for name, value in {"alpha": self.alpha, "beta": self.beta, "lr": self.lr, "epochs": self.epochs}.items():
-            if finite_number(value) is None or not value > 0:
-                raise LoraArithError(f"{name} must be positive, a finite number, not {value!r}")
-        if finite_number(self.sft_weight) is None or self.sft_weight < 0:
-            raise LoraArithError(f"sft_weight must be 0 or positive, a finite number, not {self.sft_weight!r}")
+        for name in ("rank", "batch_size", "grad_accum", "max_length", "logging_steps", "max_steps", "save_steps"):
+            if getattr(self, name) is not None:
+                require_count(getattr(self, name), name)
+        for name in ("alpha", "beta", "lr", "epochs"):  # an infinite lr or alpha trained an all-NaN adapter
+            require_positive(getattr(self, name), name)
+        for name in ("sft_weight", "weight_decay"):
+            require_positive(getattr(self, name), name, zero=True)
         for name in ("dropout", "warmup_ratio"):
             value = getattr(self, name)
             if finite_number(value) is None or not 0 <= value < 1:
-                raise LoraArithError(f"{name} must be in [0, 1), not {value!r}")
-        if finite_number(self.weight_decay) is None or self.weight_decay < 0:
-            raise LoraArithError(f"weight_decay must be 0 or positive, a finite number, not {self.weight_decay!r}")
+                raise OptionError(name, "{} must be in [0, 1), got {value!r}", value=value)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
-            raise LoraArithError(f"seed must be a whole number from 0 to 2**32 - 1, not {self.seed!r}")
+            raise OptionError("seed", "{} must be a whole number from 0 to 2**32 - 1, got {value!r}", value=self.seed)
         if self.label is not None and self.label not in LABELS:
             raise LoraArithError(f"unknown label {self.label!r}; use one of {', '.join(LABELS)}")
         if not self.data:
@@ -229,7 +224,9 @@ class TrainConfig:
         self.target_modules()
 
     def dpo_arguments(self) -> dict[str, Any]:
-        """``dpo_arg`` as keyword arguments of TRL's ``DPOConfig``; an unknown key is an error."""
+        """``dpo_arg`` as keyword arguments of TRL's ``DPOConfig``, each VALUE read as JSON (else as
+        text) and checked against the field's type. An unknown key, a value of the wrong type, and
+        the keys lora-arith sets itself (:data:`_OWN_DPO_ARGS`, ``hub_*``) are errors."""
         if not self.dpo_arg:
             return {}
         from trl import DPOConfig
@@ -240,17 +237,23 @@ class TrainConfig:
             key, equals, text = item.partition("=")
             key = key.strip()
             if not equals or not key:
-                raise LoraArithError(f"dpo_arg {item!r} is not KEY=VALUE")
+                raise OptionError("dpo_arg", "{} {item!r} is not KEY=VALUE", item=item)
             if key not in known:
-                raise LoraArithError(f"dpo_arg {key!r} is not a DPOConfig argument")
+                raise OptionError("dpo_arg", "{} {key!r} is not a DPOConfig argument", key=key)
             if key in _OWN_DPO_ARGS or key.startswith("hub_"):
-                raise LoraArithError(f"dpo_arg {key!r} is set by lora-arith (the output folder, no Hub upload); drop it")
+                raise OptionError("dpo_arg", "{} {key!r} is set by lora-arith (the output folder, no Hub upload); drop it", key=key)
             try:
-                arguments[key] = json.loads(text)
-            except ValueError:
-                arguments[key] = text
-            if not _fits(arguments[key], known[key]):
-                raise LoraArithError(f"dpo_arg {key}={text.strip()!r} is not of DPOConfig's type for it ({_type_name(known[key])})")
+                value = json.loads(text)
+            except (ValueError, RecursionError):
+                value = text
+            if not _fits(value, known[key]) and _fits(text, known[key]):
+                value = text  # a text field given a text that reads as JSON: run_name=2024
+            if not _fits(value, known[key]):
+                raise OptionError(
+                    "dpo_arg", "{} {key}={text} is not of DPOConfig's type for it ({kind})",
+                    key=key, text=text.strip(), kind=_type_name(known[key]),
+                )  # fmt: skip
+            arguments[key] = value
         return arguments
 
     def target_modules(self) -> str | list[str]:
@@ -280,9 +283,11 @@ def _fits(value: Any, annotation: Any) -> bool:
         elif kind is bool:
             if isinstance(value, bool):
                 return True
-        elif kind in (int, float):
-            number = not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int)
-            if number and finite_number(value) is not None:
+        elif kind is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return True
+        elif kind is float:
+            if finite_number(value) is not None:  # an int or a float, finite (not a bool)
                 return True
         elif kind is str:
             if isinstance(value, str):
@@ -503,10 +508,15 @@ def check_same_settings(folder: Path, settings: dict[str, Any], resumed: Path) -
     would have been resumed, for the message."""
     try:
         saved = json.loads((folder / RUN_SETTINGS).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise LoraArithError(f"cannot resume from {resumed}: its {RUN_SETTINGS} is unreadable ({error})") from None
+    except (OSError, ValueError, RecursionError) as error:
+        saved, problem = None, f"is unreadable ({first_line(error)})"
+    else:
+        problem = "is not a JSON object"
     if not isinstance(saved, dict):
-        raise LoraArithError(f"cannot resume from {resumed}: its {RUN_SETTINGS} is not a JSON object")
+        raise OptionError(
+            "force", "cannot resume from {resumed}: its {name} {problem}; {} starts over",
+            resumed=resumed, name=RUN_SETTINGS, problem=problem,
+        )  # fmt: skip
     changed = sorted(key for key in settings.keys() | saved.keys() if settings.get(key) != saved.get(key))
     if changed:
         details = ", ".join(f"{key} {saved.get(key)!r} -> {settings.get(key)!r}" for key in changed)
