@@ -76,7 +76,8 @@ def eval_options(command):
             "--label",
             type=click.Choice(sorted(LABELS)),
             default=None,
-            help="Which PKU-SafeRLHF preference --pairs files holding its records are read by (as train's --label).",
+            help="For --pairs files of PKU-SafeRLHF records: the preference that picks the chosen reply "
+            "(as train's --label).",
         ),
         output_option("Output directory.", hidden_aliases=("--out",), required=True, type=click.Path(path_type=Path)),
         force_option("Replace the output directory if it is an earlier output of this command (or empty)."),
