@@ -277,3 +277,31 @@ def test_fan_in_fan_out_gpt2_merge_equals_peft(tiny_gpt2, tmp_path):
             layer.set_scale("default", -0.8)
     expected = logits(peft_model.merge_and_unload())
     torch.testing.assert_close(logits(load_base(tmp_path / "merged")), expected, rtol=0, atol=1e-5)
+
+
+def test_merge_shows_its_progress_over_the_base_bytes(sharded_base, two_adapters, tmp_path, capsys, monkeypatch):
+    """A long merge said nothing until it ended; with progress, a bar counts the base's bytes to
+    the end, across the shards, and the files are the same as without it."""
+    import tqdm
+
+    from lora_arith.lora.specs import AdapterSpec
+    from lora_arith.model.merge import merge_adapters
+
+    bars = []
+
+    class Recorded(tqdm.tqdm):
+        def close(self):
+            bars.append((self.desc, self.n, self.total))
+            super().close()
+
+    monkeypatch.setattr(tqdm, "tqdm", Recorded)
+    specs = [AdapterSpec(two_adapters[0], 1.0)]
+    merge_adapters(str(sharded_base), specs, tmp_path / "quiet")
+    assert bars == [] and "merging" not in capsys.readouterr().err
+    merge_adapters(str(sharded_base), specs, tmp_path / "shown", progress=True)
+    assert "merging" in capsys.readouterr().err
+    ((desc, done, total),) = set(bars)  # one bar (tqdm closes it once more when collected)
+    data = sum(p.stat().st_size for p in sharded_base.glob("*.safetensors"))
+    assert desc == "merging" and done == total and 0.9 * data < total < data  # the tensors' bytes, not the headers
+    for shard in (tmp_path / "quiet").glob("*.safetensors"):
+        assert shard.read_bytes() == (tmp_path / "shown" / shard.name).read_bytes()

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from lora_arith.cli.options import base_option, device_option, force_option, four_bit_option, output_option
+from lora_arith.cli.options import progress_wanted
 from lora_arith._internal.devices import DTYPE_NAMES
 from lora_arith._internal.provenance import EXPORT_TARGETS
 
@@ -163,5 +164,6 @@ def merge(base, adapters, output, dtype, quantize_4bit, requantize, force, devic
         requantize=requantize,
         force=force,
         device=device,
+        progress=progress_wanted(),
     )
     click.echo(f"wrote merged model to {path}")

@@ -13,6 +13,7 @@ every tensor of a shard in memory at once; the files are ordinary safetensors (r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import mmap
@@ -21,7 +22,7 @@ import shutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from lora_arith._internal.atomic import atomic_output, check_output
 from lora_arith._internal.devices import resolve_device
@@ -271,8 +272,11 @@ def _copy_bytes(source, target, start: int, size: int) -> None:
         size -= len(block)
 
 
-def _write_shard(shard: _Shard, target: Path, plan: dict[str, _Delta], dtype: str | None) -> int:
-    """Stream ``shard`` into ``target`` with the planned deltas added; return the bytes of tensor data."""
+def _write_shard(
+    shard: _Shard, target: Path, plan: dict[str, _Delta], dtype: str | None, advance: Callable[[int], Any] | None = None
+) -> int:
+    """Stream ``shard`` into ``target`` with the planned deltas added; return the bytes of tensor
+    data. ``advance`` is told the bytes of each base tensor done (a progress bar)."""
     names = sorted(shard.tensors)
     out_dtypes = {}
     for name in names:
@@ -295,8 +299,10 @@ def _write_shard(shard: _Shard, target: Path, plan: dict[str, _Delta], dtype: st
             tensor = shard.tensors[name]
             if name not in plan and out_dtypes[name] == tensor.dtype:
                 _copy_bytes(source, out, tensor.start, tensor.end - tensor.start)
-                continue
-            _write_tensor(source, out, tensor, plan.get(name), out_dtypes[name])
+            else:
+                _write_tensor(source, out, tensor, plan.get(name), out_dtypes[name])
+            if advance is not None:
+                advance(tensor.end - tensor.start)
     return offset
 
 
@@ -347,6 +353,7 @@ def merge_adapters(
     requantize: bool = False,
     force: bool = False,
     device: str | None = None,
+    progress: bool = False,
 ) -> Path:
     """Fold ``Σ wᵢ ΔWᵢ`` of the parsed adapter specs into the base, shard by shard, and
     write the model folder (shards, index, config, generation config, tokenizer files) to ``output``,
@@ -362,6 +369,7 @@ def merge_adapters(
         quantize_4bit: store the result in NF4, refused unless ``requantize`` acknowledges the loss.
         device: where the 4-bit requantisation loads the merged model (the merge itself streams on
             the CPU and never loads the base as a model).
+        progress: show a progress bar over the base's bytes on stderr.
 
     Raises:
         LoraArithError: on bad input (a shard missing from the index, an adapter module that matches no
@@ -389,15 +397,22 @@ def merge_adapters(
     plan = _plan(shards, [(open_adapter(spec.path), spec.weight) for spec in specs])
     st_dtype = "F32" if quantize_4bit else (_DTYPE_NAMES[dtype] if dtype else None)
 
-    with atomic_output(output) as temporary:
+    with contextlib.ExitStack() as stack:
+        advance = None
+        if progress:
+            from tqdm import tqdm
+
+            total = sum(t.end - t.start for shard in shards for t in shard.tensors.values())
+            advance = stack.enter_context(tqdm(total=total, desc="merging", unit="B", unit_scale=True, leave=False)).update
+        temporary = stack.enter_context(atomic_output(output))
         if quantize_4bit:
             staging = temporary / ".full-precision"
             staging.mkdir()
-            _write_model(folder, shards, sharded, plan, st_dtype, staging, config)
+            _write_model(folder, shards, sharded, plan, st_dtype, staging, config, advance)
             _requantize(staging, temporary, device)
             shutil.rmtree(staging)
         else:
-            _write_model(folder, shards, sharded, plan, st_dtype, temporary, config)
+            _write_model(folder, shards, sharded, plan, st_dtype, temporary, config, advance)
     return output.path
 
 
@@ -409,10 +424,11 @@ def _write_model(
     dtype: str | None,
     target: Path,
     config: dict[str, Any],
+    advance: Callable[[int], Any] | None = None,
 ) -> None:
     total, weight_map = 0, {}
     for shard in shards:
-        total += _write_shard(shard, target / shard.path.name, plan, dtype)
+        total += _write_shard(shard, target / shard.path.name, plan, dtype, advance)
         weight_map.update({name: shard.path.name for name in shard.tensors})
     if sharded:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
