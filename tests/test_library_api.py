@@ -98,6 +98,7 @@ def test_arguments_of_the_wrong_shape_are_named_before_a_model_loads(vectors, pr
         (lambda: lora_arith.sweep(vectors, tmp_path / "s", prompts=prompts, points_per_batch=0),
          "points_per_batch must be a whole number"),  # found after the base loaded and the output was made
         (lambda: lora_arith.tune(vectors, budget="4", **tune), "budget must be a whole number of at least 1, got '4'"),
+        (lambda: lora_arith.tune(vectors, budget=3, **tune), "budget 3 is too small for 2 vectors; give at least 4"),
         (lambda: lora_arith.tune(vectors, points_per_batch=0, **tune), "points_per_batch must be a whole number"),
         (lambda: lora_arith.evaluate(vectors, prompts=None), "give prompts and/or pairs"),
     ]

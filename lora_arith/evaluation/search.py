@@ -33,6 +33,7 @@ __all__ = [
     "split_pairs",
     "SearchResult",
     "search",
+    "check_budget",
     "pareto_front",
     "eta_text",
 ]
@@ -229,6 +230,15 @@ def _better(
     return score(row) > score(best)
 
 
+def check_budget(budget: int, dimension: int) -> None:
+    """The search evaluates at least the ``2ᵈ`` corners of its coarse grid: refuse a smaller ``budget``."""
+    if budget < 2**dimension:
+        raise OptionError(
+            "budget", "{} {budget} is too small for {dimension} vectors; give at least {least}",
+            budget=budget, dimension=dimension, least=2**dimension,
+        )
+
+
 def search(
     evaluate: Callable[[list[dict[str, float]]], list[dict[str, Any]]],
     bounds: dict[str, tuple[float, float]],
@@ -249,11 +259,7 @@ def search(
     objective = metric_key(objective)
     sign = -1.0 if minimize else 1.0
     dimension = len(names)
-    if budget < 2**dimension:
-        raise OptionError(
-            "budget", "{} {budget} is too small for {dimension} vectors; give at least {least}",
-            budget=budget, dimension=dimension, least=2**dimension,
-        )
+    check_budget(budget, dimension)
     k = 2
     while (k + 1) ** dimension <= budget / 2:
         k += 1

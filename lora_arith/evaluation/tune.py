@@ -23,6 +23,7 @@ from lora_arith.evaluation.config import VECTORS_EXAMPLE, Adapters, EvalConfig, 
 from lora_arith.evaluation.metrics import KINDS, METRICS, PROMPT_RATES, Metric, metric
 from lora_arith.lora.numerics import require_count
 from lora_arith.evaluation.search import (
+    check_budget,
     Constraint,
     Constraints,
     eta_text,
@@ -160,6 +161,7 @@ def tune(
     require_count(points_per_batch, "points_per_batch")
     if not named:
         raise OptionError("vectors", "give at least one of {} to tune (NAME → adapter)")  # no dimension: no search
+    check_budget(budget, len(named))  # before the base loads
     compared = adapter_specs(compare or {}, "compare")
     clash = sorted(set(compared) & set(named))
     if clash:
