@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from helpers import load_base, logits, make_adapter
 
 from lora_arith.lora.adapter_io import open_adapter
+from lora_arith._internal.errors import LoraArithError
 from lora_arith.cli import main
 from lora_arith.lora.combine import combine
 from lora_arith.lora.specs import parse_specs
@@ -307,3 +308,30 @@ def test_model_card_and_include_keep_to_what_may_be_shared(adapter_factory, tmp_
     plan = plan_upload(folder, include="training_log.json*")
     assert "/home/alice" not in plan.generated["README.md"] and "output_dir: run" in plan.generated["README.md"]
     assert sorted(plan.copied) == ["adapter_config.json", "training_log.json"], sorted(plan.copied)
+
+
+NAMES = ["main", "v1.0", "feature/x", "exp-2024_12", "refs/heads/main", "../../x y", "a..b", "a b", "-x", "x/",
+         "x.lock", "a//b", ".hidden", "a/.b", "a@{1}", "x:y", "a~1", "a^", "a?", "a*", "a[", "a\\b", "tab\there"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_push_checks_the_branch_before_uploading_as_git_does(adapter_factory, name):
+    """An invalid --revision was found by the Hub at upload time (and --dry-run accepted it)."""
+    import shutil
+    import subprocess
+
+    from lora_arith.sharing.push import check_revision
+
+    if shutil.which("git") is None:
+        pytest.skip("no git to compare with")
+    # git's rules for a branch name ("@" alone, which --branch reads as the current branch, is refused below)
+    valid = subprocess.run(["git", "check-ref-format", "--branch", name], capture_output=True, cwd="/").returncode == 0
+    result = run("push", adapter_factory(), "me/x", "--dry-run", "--revision", name)
+    if valid:
+        assert check_revision(name) == name and result.exit_code == 0, result.output
+    else:
+        with pytest.raises(LoraArithError, match="cannot name a branch"):
+            check_revision(name)
+        assert result.exit_code == 1 and result.output.startswith("Error: --revision "), result.output
+    with pytest.raises(LoraArithError, match="cannot name a branch"):
+        check_revision("@")

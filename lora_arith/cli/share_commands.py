@@ -45,11 +45,12 @@ def push(adapter, repo_id, private, revision, license_, include, commit_message,
     the recipe (weights and the inputs' sha256) and the training data and metrics when recorded.
     Authentication is huggingface_hub's: HF_TOKEN or `hf auth login`.
     """
-    from lora_arith.sharing.push import check_repo_id, plan_upload
+    from lora_arith.sharing.push import check_repo_id, check_revision, plan_upload
     from lora_arith.sharing.push import push as upload
 
     if dry_run:
         check_repo_id(repo_id)
+        check_revision(revision)
         plan = plan_upload(adapter, license_, include)
         where = f"{repo_id}{'@' + revision if revision else ''}{' (private)' if private else ''}"
         click.echo(f"would {'open a pull request on' if create_pr else 'upload to'} {where}:")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from lora_arith._internal.errors import LoraArithError, OptionError, first_line
 from lora_arith.sharing.model_card import base_license, model_card
 from lora_arith._internal.privacy import scrub
 
-__all__ = ["UPLOADED", "DEFAULT_COMMIT_MESSAGE", "UploadPlan", "check_repo_id", "plan_upload", "push"]
+__all__ = ["UPLOADED", "DEFAULT_COMMIT_MESSAGE", "UploadPlan", "check_repo_id", "check_revision", "plan_upload", "push"]
 
 UPLOADED = (CONFIG_NAME, WEIGHTS_NAME, "README.md")
 """The files an adapter repository gets without ``--include``."""
@@ -100,6 +101,20 @@ def check_repo_id(repo_id: str) -> str:
     return repo_id
 
 
+_BAD_REF = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//|^[/.-]|[/.]$|\.lock$|/\.|\.lock/")
+"""What git's ``check-ref-format`` refuses in a branch name (the Hub's branches are git refs)."""
+
+
+def check_revision(revision: str | None) -> str | None:
+    """``revision`` if it can name a branch (``None``: the default branch), else an
+    :class:`OptionError`, found before anything is uploaded (the Hub refused it only then)."""
+    if revision is None:
+        return None
+    if not isinstance(revision, str) or not revision or revision == "@" or _BAD_REF.search(revision):
+        raise OptionError("revision", "{} {revision!r} cannot name a branch (git's rules for refs)", revision=revision)
+    return revision
+
+
 def plan_upload(
     adapter: str | os.PathLike[str],
     license: str | None = None,
@@ -171,6 +186,7 @@ def push(
     from safetensors.torch import load_file, save_file
 
     check_repo_id(repo_id)
+    check_revision(revision)
     plan = plan_upload(adapter, license, include, online=True)
     api = HfApi()
     with tempfile.TemporaryDirectory() as staging:
