@@ -267,3 +267,24 @@ def test_chat_refuses_a_temperature_before_the_base_loads(monkeypatch):
 def test_generate_refuses_a_temperature_or_seed_it_cannot_use(chat_base, option, value, message):
     result = run("generate", "--base", chat_base, "--temperature", "1", option, value, "--max-new-tokens", "2", "hi")
     assert result.exit_code == 1 and result.output.strip().splitlines()[-1] == f"Error: {message}", result.output
+
+
+def test_generation_runs_without_autograd(chat_base):
+    """generate() lost its torch.no_grad() when check_sampling was written between the decorator
+    and it: every batch then built an autograd graph around the model's own generate."""
+    from transformers import AutoTokenizer
+
+    from lora_arith.model.generation import generate
+
+    model, tokenizer = load_base(chat_base), AutoTokenizer.from_pretrained(chat_base)
+    seen = []
+    original = model.generate
+
+    def recording(*args, **kwargs):
+        seen.append(torch.is_grad_enabled())
+        return original(*args, **kwargs)
+
+    model.generate = recording
+    assert torch.is_grad_enabled()
+    generate(model, tokenizer, ["hi"], max_new_tokens=2)
+    assert seen == [False]

@@ -35,7 +35,7 @@ from lora_arith._internal.privacy import public_name
 from lora_arith._internal.provenance import METHODS, Recipe, RecipeInput
 from lora_arith.lora.specs import AdapterSpec, require_specs
 
-__all__ = ["ModuleResult", "Combination", "combine", "extract", "extract_specs", "checked_dtype"]
+__all__ = ["ModuleResult", "Combination", "combine", "extract", "extract_specs", "check_options", "checked_dtype"]
 
 # Config fields that say which modules are targeted; carried over when all inputs agree.
 _TARGETING_FIELDS = ("layers_to_transform", "layers_pattern", "exclude_modules")
@@ -180,6 +180,26 @@ def checked_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return found
 
 
+def check_options(
+    method: str, rank: int | None = None, energy: float | None = None, dtype: torch.dtype | str | None = None
+) -> None:
+    """:func:`combine`'s ``method``, ``rank``, ``energy`` and ``dtype``, checked before any adapter
+    is read (and by :func:`~lora_arith.training.vector.train_vector` before either DPO run)."""
+    if method not in METHODS:
+        raise OptionError("method", "{} {method!r} is not one of {choices}", method=method, choices=", ".join(METHODS))
+    given = tuple(name for name, value in (("rank", rank), ("energy", energy)) if value is not None)
+    if method == "cat" and given:
+        verb = "needs" if len(given) == 1 else "need"
+        raise OptionError((*given, "method"), " and ".join(["{}"] * len(given)) + f" {verb} {{}} svd")
+    if len(given) == 2:
+        raise OptionError(("rank", "energy"), "give {} or {}, not both")
+    if rank is not None:
+        require_count(rank, "rank")
+    if energy is not None and (finite_number(energy) is None or not 0.0 < energy <= 1.0):
+        raise OptionError("energy", "{} must be in (0, 1], got {energy!r}", energy=energy)
+    checked_dtype(dtype)
+
+
 def _output_dtype(adapters: Sequence[AdapterFile], dtype: torch.dtype | str | None) -> torch.dtype:
     if dtype is not None:
         return checked_dtype(dtype)
@@ -284,16 +304,7 @@ def combine(
     if not specs:
         raise LoraArithError("give at least one adapter")
     require_specs(specs, "combine")
-    if method not in METHODS:
-        raise LoraArithError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if method == "cat" and (rank is not None or energy is not None):
-        raise OptionError(("rank", "energy", "method"), "{} and {} need {} svd")
-    if rank is not None and energy is not None:
-        raise OptionError(("rank", "energy"), "give {} or {}, not both")
-    if rank is not None:
-        require_count(rank, "rank")
-    if energy is not None and (finite_number(energy) is None or not 0.0 < energy <= 1.0):
-        raise OptionError("energy", "{} must be in (0, 1], got {energy!r}", energy=energy)
+    check_options(method, rank, energy, dtype)
 
     adapters = [open_adapter(spec.path) for spec in specs]
     base_model = _check_bases(adapters, allow_base_mismatch)

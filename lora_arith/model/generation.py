@@ -142,7 +142,6 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.no_grad()
 def check_sampling(temperature: float, seed: int) -> None:
     """A temperature of 0 (greedy) or more, finite, and a seed torch takes (64 bits): -1 or NaN
     decoded greedily without a word, and a larger seed overflowed inside torch."""
@@ -152,6 +151,7 @@ def check_sampling(temperature: float, seed: int) -> None:
         raise OptionError("seed", "{} must be a whole number that fits 64 bits, got {value!r}", value=seed)
 
 
+@torch.no_grad()
 def generate(
     model: "PreTrainedModel",
     tokenizer: "PreTrainedTokenizerBase",

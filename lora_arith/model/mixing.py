@@ -452,7 +452,7 @@ class PreferenceMixer:
 
         if isinstance(prompts, str):
             prompts = [prompts]  # not one prompt per character
-        if prompts is None or isinstance(prompts, Mapping) or not isinstance(prompts, Iterable):
+        if isinstance(prompts, Mapping) or not isinstance(prompts, Iterable):
             raise TypeError(f"prompts must be a prompt or a list of prompts (text or chat messages), not {prompts!r}")
         prompts = list(prompts)  # a pandas Series, a generator: iterated once
         if isinstance(weights, Mapping):

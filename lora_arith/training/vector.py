@@ -18,10 +18,8 @@ from pathlib import Path
 
 from lora_arith.lora.adapter_io import output_kind
 from lora_arith._internal.atomic import atomic_output, check_output, removed_on_signal
-from lora_arith.lora.combine import checked_dtype, combine
+from lora_arith.lora.combine import check_options, combine
 from lora_arith.lora.specs import AdapterSpec
-from lora_arith._internal.provenance import METHODS
-from lora_arith.lora.numerics import require_count
 from lora_arith._internal.errors import OptionError
 from lora_arith.training.train import (
     RUN_SETTINGS,
@@ -66,14 +64,7 @@ def train_vector(
     Returns the written output, or None on the processes other than the main one under
     ``accelerate launch`` (they train, the main one writes).
     """
-    # what the final combine is given, checked now rather than after both runs have trained
-    checked_dtype(dtype)
-    if method not in METHODS:
-        raise OptionError("method", "{} {method!r} is not one of {choices}", method=method, choices=", ".join(METHODS))
-    if rank is not None:
-        if method != "svd":
-            raise OptionError(("rank", "method"), "{} needs {} svd")
-        require_count(rank, "rank")
+    check_options(method, rank, dtype=dtype)  # what the final combine is given, before both runs train
     inputs = training_inputs(config)
     output = check_output(output, force=force, inputs=inputs, kind=output_kind(output))
     if keep_runs is not None:
