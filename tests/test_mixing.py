@@ -288,3 +288,67 @@ def test_generation_runs_without_autograd(chat_base):
     assert torch.is_grad_enabled()
     generate(model, tokenizer, ["hi"], max_new_tokens=2)
     assert seen == [False]
+
+
+def test_loading_a_mix_prints_no_dependency_noise(chat_base, two_adapters):
+    """A command that loads the base and wraps it with PEFT prints nothing a user cannot act on:
+    bitsandbytes' kernels-community message (logged when peft imports it on an AVX-512 BF16 CPU,
+    as here; emitted below as well, so the test holds on any CPU) and transformers' deprecation
+    warning about PEFT's read of ``is_gradient_checkpointing`` are dropped, and only they."""
+    import subprocess
+    import sys
+
+    script = f"""
+import logging
+from lora_arith.model.mixing import PreferenceMixer
+import bitsandbytes  # noqa: F401 - what peft imports, and what logs on an AVX-512 BF16 CPU
+log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+log.warning("Failed to load CPU gemm_4bit_forward from kernels-community: offline")
+log.warning("another bitsandbytes message")
+mixer = PreferenceMixer({str(chat_base)!r}, {{"helpful": {str(two_adapters[0])!r}}})
+print(mixer.generate(["hi"], {{"helpful": 1.0}}, max_new_tokens=2)[0] is not None)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"
+    assert "another bitsandbytes message" in done.stderr  # the filter drops one message only
+    assert "gemm_4bit_forward" not in done.stderr
+    assert "is_gradient_checkpointing" not in done.stderr
+    assert "Warning" not in done.stderr, done.stderr
+
+
+def test_generate_writes_nothing_to_stderr_off_a_terminal(chat_base, two_adapters):
+    """``generate`` with its stderr in a pipe (a log file, CI) prints only its reply: no progress
+    bar of transformers' ("Loading weights", carriage returns and all), no dependency noise."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    command = [sys.executable, "-m", "lora_arith", "generate", "--base", str(chat_base),
+               "--adapter", f"{two_adapters[0]}:1", "--max-new-tokens", "2", "hi"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip()
+    assert done.stderr == ""
+
+
+def test_short_adapter_names_load_the_same_factors_without_a_warning(chat_base, two_adapters):
+    """Names inside PEFT's "lora_" prefix ("a", "r", "lo"), which PEFT warns may reinitialize
+    weights when it loads saved keys itself: the mixer sets the factors from the adapter's own
+    tensors, so every name gives the same model, and PEFT's warning is not shown."""
+    import warnings
+
+    def factors(mixer, name):
+        layers = [module for module in mixer.model.modules() if hasattr(module, "lora_A") and name in module.lora_A]
+        return [p for layer in layers for p in (layer.lora_A[name].weight, layer.lora_B[name].weight)]
+
+    reference = PreferenceMixer(str(chat_base), {"helpful": two_adapters[0]})
+    expected = logits(reference.model)
+    for name in ("a", "lo", "r"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mixer = PreferenceMixer(str(chat_base), {name: two_adapters[0]})
+        assert not [w for w in caught if "prefix" in str(w.message)], [str(w.message) for w in caught]
+        assert all(map(torch.equal, factors(mixer, name), factors(reference, "helpful")))
+        torch.testing.assert_close(logits(mixer.model), expected, rtol=0, atol=0)

@@ -110,6 +110,12 @@ def test_cli_trains_swapped_unquantized(chat_base, pairs_file, tmp_path):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert f"Wrote {out}: 4 pairs, 2 steps" in result.output
+    # off a terminal (as here) no progress bar of the trainer's or of the tokenizing's: their
+    # carriage returns fill a log; each step's metrics are printed instead (transformers' own
+    # "Loading weights" bar follows HF_HUB_DISABLE_PROGRESS_BARS, which the CLI sets for a new
+    # process: test_mixing.py::test_generate_writes_nothing_to_stderr_off_a_terminal)
+    assert "| 1/2 [" not in result.output and "examples/s]" not in result.output, result.output
+    assert result.output.count("'loss'") == 2
     info = read_json(out / "training_metadata.json")
     assert info["swap"] is True
     assert info["hyperparameters"]["quantize_4bit"] is False

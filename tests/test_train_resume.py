@@ -155,7 +155,7 @@ def test_vector_resumes_the_interrupted_run_and_skips_the_finished_one(chat_base
     runs = tmp_path / "runs"
     result = CliRunner().invoke(main, [*args, "--save-steps", "1", "-o", str(phi), "--resume", "--keep-runs", str(runs)])
     assert result.exit_code == 0, result.output
-    assert calls == [("negative", {"swap": True, "resume": True, "force": False})], "positive is skipped"
+    assert calls == [("negative", {"swap": True, "resume": True, "force": False, "progress": False})], "positive is skipped"
     assert (runs / "positive" / "adapter_model.safetensors").stat().st_mtime_ns >= finished
     assert not kept.exists()
     from lora_arith.lora.adapter_io import open_adapter

@@ -1,1 +1,2 @@
-"""Private helpers shared by every layer: atomic outputs, errors, privacy, provenance and devices."""
+"""Private helpers shared by every layer: atomic outputs, errors, privacy, provenance, devices and
+quieting dependencies."""

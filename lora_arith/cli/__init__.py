@@ -9,6 +9,7 @@ import atexit
 import errno
 import functools
 import gc
+import os
 import sys
 
 import click
@@ -23,6 +24,7 @@ from lora_arith.cli import (  # the command modules import only lora_arith.cli.o
     train_commands,
 )
 from lora_arith._internal.errors import LoraArithError, OptionError
+from lora_arith.cli.options import progress_wanted
 
 
 def flag(command: click.Command | None, option: str) -> str:
@@ -79,6 +81,10 @@ def main() -> None:
     your own weights. All arithmetic is done exactly on the low-rank factors.
     """
     _freeze_heap_at_exit()
+    if not progress_wanted():
+        # the bars of transformers and huggingface_hub ("Loading weights", downloads) follow the
+        # rule of lora-arith's own: only on a terminal (read when they are imported, later)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 COMMANDS = {

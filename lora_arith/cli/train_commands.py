@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from lora_arith.cli.options import device_option, force_option, four_bit_option, output_option
+from lora_arith.cli.options import device_option, force_option, four_bit_option, output_option, progress_wanted
 from lora_arith.training.data import LABELS
 from lora_arith._internal.devices import DTYPE_NAMES
 from lora_arith._internal.errors import LoraArithError
@@ -93,7 +93,7 @@ def train_command(output: Path, swap: bool, resume: bool, force: bool, **options
     Runs unchanged as several processes: `accelerate launch -m lora_arith train ...` (every
     process prints a line; the main one writes the output).
     """
-    run = train_preference(_config(options), output, swap=swap, force=force, resume=resume)
+    run = train_preference(_config(options), output, swap=swap, force=force, resume=resume, progress=progress_wanted())
     click.echo(_summary(run))
 
 
@@ -144,8 +144,9 @@ def vector_command(output: Path, keep_runs, method, vector_rank, dtype, resume, 
     config = _config(options)
     rank = (config.rank if vector_rank is None else vector_rank) if method == "svd" else None
     written = train_vector(
-        config, output, keep_runs=keep_runs, method=method, rank=rank, dtype=dtype, force=force, resume=resume
-    )
+        config, output, keep_runs=keep_runs, method=method, rank=rank, dtype=dtype, force=force, resume=resume,
+        progress=progress_wanted(),
+    )  # fmt: skip
     if written is not None:
         click.echo(f"wrote preference vector {written}")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -18,6 +19,7 @@ import torch
 
 from lora_arith.lora.adapter_io import open_adapter
 from lora_arith._internal.errors import LoraArithError, first_line
+from lora_arith._internal.privacy import public_name
 from lora_arith.lora.numerics import dtype_name, require_finite_number
 from lora_arith.lora.specs import check_adapter_name, check_named_weights
 
@@ -114,13 +116,24 @@ def _attach(model, name: str, opened, label: str, peak: float | None = None):
     peak = scaled_peak(opened) if peak is None else peak
     _check_scale(label, peak, 1.0, _model_dtype(model))
     config = lora_config_from(opened.config)
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    if config.base_model_name_or_path and public_name(config.base_model_name_or_path) == public_name(
+        getattr(inner, "name_or_path", "") or ""
+    ):
+        # the same base, recorded by its path where the model carries its public name (as
+        # load_base names it): PEFT would warn that the name changed, printing the local path
+        config.base_model_name_or_path = inner.name_or_path
     try:
-        if isinstance(model, PeftModel):
-            if name in model.peft_config:
-                raise LoraArithError(f"an adapter named {name!r} is already attached")
-            model.add_adapter(name, config)
-        else:
-            model = get_peft_model(model, config, adapter_name=name)
+        with warnings.catch_warnings():
+            # PEFT warns of a name inside "lora_" ("a", "r", "lo") for its own loading of saved keys;
+            # the factors here are set from the adapter's tensors below, whatever the name
+            warnings.filterwarnings("ignore", "Adapter name .* should not be contained in the prefix", UserWarning)
+            if isinstance(model, PeftModel):
+                if name in model.peft_config:
+                    raise LoraArithError(f"an adapter named {name!r} is already attached")
+                model.add_adapter(name, config)
+            else:
+                model = get_peft_model(model, config, adapter_name=name)
     except (ValueError, KeyError, TypeError) as error:
         raise LoraArithError(f"{label}: PEFT cannot attach this adapter ({first_line(error)})") from None
     state = opened.state_dict()

@@ -338,6 +338,7 @@ def train_preference(
     swap: bool = False,
     force: bool = False,
     resume: bool = False,
+    progress: bool = True,
 ) -> TrainResult:
     """Train a LoRA adapter with DPO on ``config.data`` and write it to the folder ``output``.
 
@@ -345,6 +346,8 @@ def train_preference(
     adapter folder at ``output`` and discards the checkpoints of an interrupted run; ``resume``
     continues the interrupted run from its last checkpoint in :func:`checkpoint_folder`
     (written with ``config.save_steps``) through transformers' ``resume_from_checkpoint``.
+    ``progress=False`` hides the trainer's and the dataset preparation's progress bars (each
+    logging step's metrics are still printed).
 
     Under several processes (``accelerate launch``) every process trains and returns its
     result, and only the main one writes the output (transformers has each checkpoint written
@@ -379,9 +382,15 @@ def train_preference(
     )
     _check_model(model, tokenizer, config)
     keep_checkpoints = config.save_steps is not None or resume_from is not None
-    with _work_folder(checkpoints if keep_checkpoints else None, settings) as work_dir, _telemetry_disabled():
+    with (
+        _work_folder(checkpoints if keep_checkpoints else None, settings) as work_dir,
+        _telemetry_disabled(),
+        _dataset_bars(progress),
+    ):
         eval_dataset = _to_dataset(eval_pairs) if eval_pairs is not None else None
-        trainer = _make_trainer(config, model, tokenizer, _to_dataset(pairs), work_dir, device, eval_dataset)
+        trainer = _make_trainer(
+            config, model, tokenizer, _to_dataset(pairs), work_dir, device, eval_dataset, progress=progress
+        )
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     metadata = _metadata(config, report, trainer, len(pairs), swap, base_model_id(config.base), device, started)
     if eval_report is not None:
@@ -641,6 +650,8 @@ def _make_trainer(
     work_dir: Path,
     device: str,
     eval_dataset: Dataset | None = None,
+    *,
+    progress: bool = True,
 ) -> DPOTrainer:
     """A ``DPOTrainer`` with a fresh LoRA adapter on ``model``, its parameters kept in fp32."""
     from peft import LoraConfig
@@ -656,7 +667,7 @@ def _make_trainer(
     )
     trainer = DPOTrainer(
         model=model,
-        args=_dpo_args(config, work_dir, device),
+        args=_dpo_args(config, work_dir, device, progress=progress),
         train_dataset=dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
@@ -670,8 +681,9 @@ def _make_trainer(
     return trainer
 
 
-def _dpo_args(config: TrainConfig, work_dir: Path, device: str) -> Any:
-    """TRL ``DPOConfig`` for ``config``: no checkpoints, no reporting, bf16 autocast where it is fast."""
+def _dpo_args(config: TrainConfig, work_dir: Path, device: str, *, progress: bool = True) -> Any:
+    """TRL ``DPOConfig`` for ``config``: no checkpoints, no reporting, bf16 autocast where it is fast;
+    without ``progress``, no progress bar (the metrics of each logging step are printed instead)."""
     from trl import DPOConfig
 
     on_cuda = device.startswith("cuda")
@@ -701,6 +713,7 @@ def _dpo_args(config: TrainConfig, work_dir: Path, device: str) -> Any:
         precompute_ref_log_probs=config.precompute_ref,
         report_to=config.report_to,
         push_to_hub=False,
+        disable_tqdm=not progress,
     )
     return DPOConfig(**(arguments | config.dpo_arguments()))
 
@@ -779,6 +792,21 @@ def _telemetry_disabled() -> Iterator[None]:
         yield
     finally:
         constants.HF_HUB_DISABLE_TELEMETRY = previous
+
+
+@contextlib.contextmanager
+def _dataset_bars(shown: bool) -> Iterator[None]:
+    """Hide the progress bars of ``datasets`` (TRL's tokenizing of the pairs) unless ``shown``."""
+    import datasets
+
+    hidden = not shown and datasets.is_progress_bar_enabled()
+    if hidden:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if hidden:
+            datasets.enable_progress_bars()
 
 
 def _step_logs(trainer: DPOTrainer) -> list[dict[str, Any]]:

@@ -52,6 +52,7 @@ def train_vector(
     dtype: str | None = None,
     force: bool = False,
     resume: bool = False,
+    progress: bool = True,
 ) -> Path | None:
     """Train both DPO runs of ``config`` and write φ = Δ+ − Δ− to ``output`` (a ``.safetensors``
     file or a PEFT folder).
@@ -59,7 +60,8 @@ def train_vector(
     The vector's metadata records both runs' training summaries, which each run's single-file
     form carries. ``keep_runs`` names a folder to keep the two intermediate adapters in (as
     ``positive/`` and ``negative/``). ``resume`` continues an interrupted vector (see the
-    module's docstring); ``force`` also discards one.
+    module's docstring); ``force`` also discards one. ``progress=False`` hides the runs'
+    progress bars (see :func:`train_preference`).
 
     Returns the written output, or None on the processes other than the main one under
     ``accelerate launch`` (they train, the main one writes).
@@ -78,7 +80,9 @@ def train_vector(
             if not _finished(run):
                 interrupted = has_checkpoint(run)
                 # force only ever discards this run's own stale checkpoints: the run itself is unfinished
-                train_preference(config, run, swap=swap, resume=interrupted, force=not interrupted)
+                train_preference(
+                    config, run, swap=swap, resume=interrupted, force=not interrupted, progress=progress
+                )
             specs.append(AdapterSpec(str(run / single_file_name(run)), weight, name=name))
         if not is_main_process():  # every process trains, the main one writes (also when no run was left to train)
             return None
