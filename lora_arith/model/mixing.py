@@ -506,7 +506,10 @@ class PreferenceMixer:
             if type(module) is torch.nn.Linear and "lora_" not in name
         }
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # torch.ao.quantization's move to torchao
+            # torch.ao.quantization's move to torchao: its deprecation of quantize_dynamic, and of the
+            # quantized tensors it makes (a UserWarning; torch is pinned, so they work as measured)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.filterwarnings("ignore", "torch.quantize_per_tensor, torch.quantize_per_channel", UserWarning)
             quantize_dynamic(self.model, {name: default_dynamic_qconfig for name in names}, inplace=True)
         self.quantized = True
         return len(names)
