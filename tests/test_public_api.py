@@ -96,3 +96,40 @@ def test_the_layout_shows_the_layers():
     assert len(top) <= 8, top
     packages = sorted(p.parent.name for p in PACKAGE.glob("*/__init__.py"))
     assert packages == ["_internal", "cli", "evaluation", "lora", "model", "serving", "sharing", "training"]
+
+
+def test_result_objects_show_a_short_summary(chat_base, two_adapters, tmp_path):
+    """In a notebook the last expression of a cell is shown by its repr: a result object shows a
+    summary of one line, not its factors, every module's rank, every step or every point (a
+    Combination of the shipped vectors printed 256,000 characters; an AdapterFile and a
+    PreferenceMixer showed only their address)."""
+    from lora_arith.evaluation.search import parse_constraints
+    from lora_arith.sharing.gguf import GgufExport
+
+    shipped = [str(Path(__file__).resolve().parents[1] / "adapters" / name) for name in ("helpful", "harmless")]
+    many = {f"model.layers.{i}.q_proj": 8 for i in range(2000)}
+    combination = lora_arith.combine(lora_arith.parse_specs([f"{shipped[0]}:1", f"{shipped[1]}:0.5"]))
+    shown = {
+        "Combination(inputs={'helpful': 1.0, 'harmless': 0.5}, method='cat', modules=210, rank=16": combination,
+        "AdapterFile(": lora_arith.open_adapter(shipped[0]),
+        "LowRankDelta(shape=(576, ": combination.deltas["model.layers.0.mlp.down_proj"],
+        "Similarity(labels=": lora_arith.similarity(shipped),
+        "PairInterference(first=": lora_arith.interference(shipped)[0],
+        "Export(path=": lora_arith.Export(tmp_path, many, {name: 0.1 for name in many}),
+        "GgufExport(path=": GgufExport(tmp_path / "a.gguf", many, "llama"),
+        "SweepResult(directory=": lora_arith.SweepResult([{"eta_a": i / 7} for i in range(2000)], [], tmp_path),
+        "TuneResult(eta={'a': 0.5}, objective='refusal_rate', subject_to='compliance_rate>=0.9', evaluated=2000": (
+            lora_arith.TuneResult(
+                {"a": 0.5}, {"points": list(range(2000))}, [{"eta_a": i / 7} for i in range(2000)], {}, {},
+                "refusal_rate", parse_constraints(["compliance_rate>=0.9"]), {"a": "x"},
+            )
+        ),  # fmt: skip
+        "TrainResult(path=": lora_arith.TrainResult(
+            tmp_path, {"training": {"steps": 2000}}, [{"loss": 0.5, "step": i} for i in range(2000)]
+        ),
+        "EvalResult(label=": lora_arith.EvalResult("x", {"a": 1.0}, {}, [{"completion": "y" * 100}] * 2000),
+        "PreferenceMixer(base=": lora_arith.PreferenceMixer(str(chat_base), {"helpful": two_adapters[0]}),
+    }
+    for start, value in shown.items():
+        text = repr(value)
+        assert text.startswith(start) and len(text) < 400, text

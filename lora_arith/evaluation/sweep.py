@@ -231,6 +231,9 @@ class SweepResult:
     directory: Path
     resumed: int = 0
 
+    def __repr__(self) -> str:  # not every point's metrics: see .rows or .csv
+        return f"SweepResult(directory={self.directory!r}, points={len(self.rows)}, resumed={self.resumed})"
+
     @property
     def csv(self) -> str:
         """The rows (without the full results) as CSV text, as in ``sweep.csv``."""

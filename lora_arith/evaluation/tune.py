@@ -67,6 +67,13 @@ class TuneResult:
     vectors: dict[str, str] = field(repr=False)
     sources: list[Path] = field(default_factory=list, repr=False)
 
+    def __repr__(self) -> str:  # not every evaluated point: see .evaluated, .report or .markdown
+        constraint = ", ".join(map(str, self.constraint.items))
+        return (
+            f"TuneResult(eta={self.eta}, objective={self.objective!r}, subject_to={constraint!r}, "
+            f"evaluated={len(self.evaluated)})"
+        )
+
     @property
     def markdown(self) -> str:
         """The report as Markdown (``report.md``): the chosen η and its rates, held-out and tuning."""

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
@@ -45,6 +45,7 @@ __all__ = [
     "ModuleInfo",
     "AdapterFile",
     "pattern_value",
+    "rank_range",
     "adapter_sources",
     "output_kind",
     "open_adapter",
@@ -94,6 +95,14 @@ class ModuleInfo:
     def module_type(self) -> str:
         """The last component of the name (``q_proj``, ``embed_tokens``, …)."""
         return self.name.rsplit(".", 1)[-1]
+
+
+def rank_range(ranks: Iterable[int]) -> str:
+    """How a summary shows the ranks of an adapter's modules: ``16``, or ``8-32`` when they differ."""
+    ranks = sorted(set(ranks))
+    if not ranks:
+        return "0"
+    return str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
 
 
 def pattern_value(patterns: Mapping[str, Any], module_name: str, default: Any) -> Any:
@@ -236,6 +245,10 @@ class AdapterFile:
         return modules, factor_keys, ignored
 
     # -- public API ------------------------------------------------------------------------
+
+    def __repr__(self) -> str:
+        ranks = rank_range(info.rank for info in self.modules.values())
+        return f"AdapterFile({self.label!r}, modules={len(self.modules)}, rank={ranks}, base={self.base_model!r})"
 
     @property
     def sources(self) -> list[Path]:

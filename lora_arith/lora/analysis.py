@@ -30,7 +30,7 @@ class Similarity:
 
     labels: list[str]
     overall: torch.Tensor
-    by_module_type: dict[str, torch.Tensor]
+    by_module_type: dict[str, torch.Tensor] = field(repr=False)  # a matrix per type: too long to show
 
 
 def _cosines(gram: torch.Tensor) -> torch.Tensor:
@@ -137,12 +137,12 @@ class PairInterference:
     first: str
     second: str
     cosine: float
-    cosine_by_module_type: dict[str, float]
+    cosine_by_module_type: dict[str, float] = field(repr=False)  # the details stay off the summary
     column_share: tuple[float, float]
     row_share: tuple[float, float]
     chance_column: tuple[float, float]
     chance_row: tuple[float, float]
-    top_modules: list[ModuleOverlap] = field(default_factory=list)
+    top_modules: list[ModuleOverlap] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -25,6 +25,7 @@ from lora_arith.lora.adapter_io import (
     ModuleInfo,
     factor_tensors,
     open_adapter,
+    rank_range,
     save_adapter,
     unit_scaling_config,
 )
@@ -69,6 +70,14 @@ class Combination:
     training: dict[str, Any] | None = None
     sources: list[Path] = field(default_factory=list, repr=False)
     """The local files and folders the inputs were read from; an output never touches them."""
+
+    def __repr__(self) -> str:  # not every module's factors: they would fill a notebook cell
+        inputs = {entry.path: entry.weight for entry in self.recipe.inputs}
+        ranks = rank_range(delta.rank for delta in self.deltas.values())
+        return (
+            f"Combination(inputs={inputs}, method={self.recipe.method!r}, modules={len(self.deltas)}, "
+            f"rank={ranks}, dtype={self.dtype})"
+        )
 
     @property
     def partial_modules(self) -> list[str]:

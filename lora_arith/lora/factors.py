@@ -86,6 +86,9 @@ class LowRankDelta:
         """The shape ``(out, in)`` of the dense delta."""
         return (self.B.shape[0], self.A.shape[1])
 
+    def __repr__(self) -> str:  # the factors' values would fill a notebook cell
+        return f"LowRankDelta(shape={self.shape}, rank={self.rank}, dtype={self.B.dtype})"
+
     def scaled(self, weight: float) -> "LowRankDelta":
         """Return ``weight · ΔW`` (the weight goes into ``B``; negative weights are fine)."""
         return LowRankDelta(self.B * weight, self.A)

@@ -348,6 +348,14 @@ class PreferenceMixer:
             mixer.set(**{name: spec.weight for name, spec in named.items()})
         return mixer
 
+    def __repr__(self) -> str:
+        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        device = next(self.model.parameters()).device
+        return (
+            f"PreferenceMixer(base={getattr(inner, 'name_or_path', None)!r}, weights={self.weights}, "
+            f"device={str(device)!r}, dtype={self._dtype}, quantized={self.quantized})"
+        )
+
     def set(self, **weights: float) -> dict[str, float]:
         """Set the weights η of the named adapters (others keep theirs); returns the full mix."""
         mix = self.row_mix(weights)  # an unknown name or a weight that is not a finite number is an error

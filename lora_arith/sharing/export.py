@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_arith.lora.adapter_io import adapter_sources, open_adapter, save_adapter, unit_scaling_config
+from lora_arith.lora.adapter_io import adapter_sources, open_adapter, rank_range, save_adapter, unit_scaling_config
 from lora_arith._internal.atomic import atomic_output, check_output
 from lora_arith.lora.combine import combine
 from lora_arith._internal.errors import LoraArithError, OptionError
@@ -65,6 +65,12 @@ class Export:
     def rank(self) -> int:
         """The largest module rank."""
         return max(self.ranks.values())
+
+    def __repr__(self) -> str:  # not every module's rank
+        return (
+            f"Export(path={self.path!r}, modules={len(self.ranks)}, rank={rank_range(self.ranks.values())}, "
+            f"compressed={len(self.compressed)})"
+        )
 
     @property
     def max_lora_rank(self) -> int:

@@ -46,7 +46,7 @@ from lora_arith._internal.devices import DTYPE_NAMES
 from lora_arith._internal.errors import LoraArithError, OptionError, first_line
 from lora_arith._internal.privacy import public_name, scrub
 from lora_arith._internal.provenance import RECIPE_METADATA_KEY
-from lora_arith.lora.adapter_io import EMBEDDING, LINEAR, _read_json, open_adapter
+from lora_arith.lora.adapter_io import EMBEDDING, LINEAR, _read_json, open_adapter, rank_range
 from lora_arith.lora.specs import AdapterSpec, check_mixes, file_stem, path_list
 from lora_arith.model.base import base_model_id, default_base_config, is_default_base, model_inputs, resolve_base
 
@@ -90,6 +90,12 @@ class GgufExport:
     def rank(self) -> int:
         """The largest module rank."""
         return max(self.ranks.values())
+
+    def __repr__(self) -> str:  # not every module's rank
+        return (
+            f"GgufExport(path={self.path!r}, architecture={self.architecture!r}, modules={len(self.ranks)}, "
+            f"rank={rank_range(self.ranks.values())})"
+        )
 
     @property
     def tensors(self) -> int:

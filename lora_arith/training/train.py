@@ -320,6 +320,10 @@ class TrainResult:
         """The single-file form of the adapter inside the run's folder."""
         return self.path / single_file_name(self.path)
 
+    def __repr__(self) -> str:  # not the metadata and every step's log
+        steps, loss = self.metadata.get("training", {}).get("steps"), self.final_metrics.get("loss")
+        return f"TrainResult(path={self.path!r}, steps={steps}, loss={loss}, rank={self.rank})"
+
     @property
     def final_metrics(self) -> dict[str, Any]:
         """The last logged values of :data:`FINAL_METRICS`."""
