@@ -78,3 +78,76 @@ def test_the_result_images_in_the_docs_are_copies_of_examples_results():
         assert original.is_file() and original.read_bytes() == copy.read_bytes(), (
             f"{copy.relative_to(ROOT)} differs from {original.relative_to(ROOT)}: copy it again"
         )
+
+
+COMMAND_LINE = re.compile(r"(?:^|[\s;&|(])(?:lora-arith|-m lora_arith)[ \t]+([^\n]*)")
+
+
+def code_of(text: str) -> str:
+    """The code of a Markdown or help text: its code blocks, code spans and indented example lines."""
+    blocks = [match.group(0).split("\n", 1)[-1].rsplit("\n", 1)[0] for match in FENCE.finditer(text)]
+    prose = FENCE.sub("", text)
+    spans = [span.strip("`") for span in (match.group(0) for match in CODE_SPAN.finditer(prose))]
+    examples = [line for line in prose.splitlines() if re.match(r"\s+(lora-arith|python -m lora_arith)\s", line)]
+    return "\n".join([*blocks, *spans, *examples])
+
+
+def command_lines(text: str) -> list[str]:
+    """The arguments of every ``lora-arith ...`` (or ``python -m lora_arith ...``) in the code of a
+    text (continuation lines joined, comments dropped), up to a ``&&``, ``|`` or ``;``."""
+    code = re.sub(r"\\\n\s*", " ", code_of(text))
+    code = re.sub(r"(^|\s)#.*", "", code, flags=re.M)  # comments
+    found = []
+    for match in COMMAND_LINE.finditer(code):
+        rest = re.split(r"\s(?:&&|\|\||\||;)\s", match.group(1))[0]
+        found.append(" ".join(rest.split()))
+    return found
+
+
+def unknown_options(arguments: str) -> list[str]:
+    """What in one command line the CLI does not know: the command, or an option of it."""
+    import shlex
+
+    from lora_arith.cli import COMMANDS
+
+    try:
+        tokens = shlex.split(arguments)
+    except ValueError:
+        return []  # a fragment in prose, not a command line
+    if not tokens or tokens[0].startswith("-") or tokens[0].isupper():  # --help, --version; COMMAND
+        return []
+    command = COMMANDS.get(tokens[0])
+    if command is None:
+        return [f"no command {tokens[0]!r}"]
+    known = {opt for param in command.params for opt in (*param.opts, *getattr(param, "secondary_opts", []))}
+    known |= {"--help", "-h"}
+    flags = (token.split("=")[0] for token in tokens[1:] if re.match(r"--?[a-zA-Z]", token))
+    return [f"{tokens[0]} has no option {flag}" for flag in flags if flag not in known]
+
+
+def documented_command_lines() -> list[tuple[str, str]]:
+    from lora_arith.cli import COMMANDS
+
+    lines = [(path.name, line) for path in markdown_files() for line in command_lines(path.read_text(encoding="utf-8"))]
+    for name, command in COMMANDS.items():
+        helps = [command.help or "", *(getattr(param, "help", None) or "" for param in command.params)]
+        lines += [(f"lora-arith {name} --help", line) for line in command_lines("\n".join(helps))]
+    return lines
+
+
+def test_every_documented_command_line_uses_options_that_exist():
+    """Every ``lora-arith`` command line in the README, the docs and the commands' --help texts
+    names a registered command and only options it has (a renamed flag is found here)."""
+    lines = documented_command_lines()
+    assert len(lines) > 60
+    problems = [(where, line, unknown) for where, line in lines if (unknown := unknown_options(line))]
+    assert not problems
+
+
+def test_a_wrong_option_in_the_docs_is_found():
+    assert command_lines("```bash\nlora-arith combine a:1 \\\n   --metod svd -o x  # comment\n```") == [
+        "combine a:1 --metod svd -o x"
+    ]
+    assert unknown_options("combine a:1 --metod svd -o x") == ["combine has no option --metod"]
+    assert unknown_options("combnie a:1") == ["no command 'combnie'"]
+    assert unknown_options("combine a:1 --method=svd --rank 4 -o x -f") == []
