@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -265,3 +266,30 @@ def test_convert_from_python_never_writes_over_its_input_even_with_force(adapter
         with pytest.raises(LoraArithError):
             convert_adapter(adapter, adapter, force=True)
         assert {p: p.read_bytes() for p in sorted(Path(adapter).parent.rglob("*")) if p.is_file()} == before
+
+
+def test_a_zero_delta_has_undefined_cosines_not_zero_ones(adapter_factory, tmp_path):
+    """An untrained adapter (PEFT starts B at zero) has a zero delta: its cosines and energy shares
+    are undefined. They read n/a with a note saying why (they read 0.0000 and "chance 0.0%", as if
+    the two were orthogonal), are NaN in Python and null in interference's JSON."""
+    from lora_arith.lora.analysis import interference, similarity
+
+    zero, other = adapter_factory(), adapter_factory()
+    weights = zero / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in tensors.items()}, weights)
+
+    assert torch.isnan(similarity([zero, other]).overall).tolist() == [[True, True], [True, False]]
+    pair = interference([zero, other])[0]
+    assert math.isnan(pair.cosine) and math.isnan(pair.column_share[0]) and pair.column_share[1] == 0.0
+    result = run("similarity", zero, other)
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[2].split()[-2:] == ["n/a", "n/a"]
+    assert "0.0000" not in result.output and f"{zero}: its delta is zero" in result.output
+    out = tmp_path / "interference.json"
+    result = run("interference", zero, other, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "cosine n/a" in result.output and "chance n/a" in result.output and "its delta is zero" in result.output
+    text = out.read_text()
+    assert "NaN" not in text
+    assert json.loads(text)["pairs"][0]["cosine"] is None

@@ -3,6 +3,7 @@ inspect, similarity, interference."""
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -169,12 +170,22 @@ def inspect(adapter) -> None:
         )
 
 
+def _number(value: float, spec: str) -> str:
+    """``value`` formatted by ``spec``; ``n/a`` for an undefined figure (NaN: a zero delta)."""
+    return "n/a" if math.isnan(value) else format(value, spec)
+
+
+def _zero_note(labels: list[str], zero: list[bool]) -> list[str]:
+    """A line for each adapter whose delta is zero, which is why its figures read n/a."""
+    return [f"{label}: its delta is zero (an untrained adapter?), so its figures are n/a" for label, z in zip(labels, zero) if z]
+
+
 def _matrix_lines(labels: list[str], matrix) -> list[str]:
     width = max(len(label) for label in labels)
     header = " " * width + "".join(f"  {i:>7}" for i in range(1, len(labels) + 1))
     rows = [header]
     for i, label in enumerate(labels):
-        rows.append(label.ljust(width) + "".join(f"  {float(matrix[i, j]):>7.4f}" for j in range(len(labels))))
+        rows.append(label.ljust(width) + "".join(f"  {_number(float(matrix[i, j]), '.4f'):>7}" for j in range(len(labels))))
     return rows
 
 
@@ -194,10 +205,13 @@ def similarity(adapters) -> None:
     for module_type, matrix in result.by_module_type.items():
         click.echo(f"\n{module_type}")
         click.echo("\n".join(_matrix_lines(labels, matrix)))
+    notes = _zero_note(result.labels, [math.isnan(float(d)) for d in result.overall.diagonal()])
+    if notes:
+        click.echo("\n" + "\n".join(notes))
 
 
 def _percent(value: float) -> str:
-    return f"{100 * value:.1f}%"
+    return _number(100 * value, ".1f") + ("" if math.isnan(value) else "%")
 
 
 @click.command()
@@ -234,8 +248,8 @@ def interference(adapters, top, output, force) -> None:
         if number:
             click.echo("")
         click.echo(f"{x} × {y}")
-        click.echo(f"  cosine {pair.cosine:+.4f}")
-        types = "  ".join(f"{t} {c:+.4f}" for t, c in pair.cosine_by_module_type.items())
+        click.echo(f"  cosine {_number(pair.cosine, '+.4f')}")
+        types = "  ".join(f"{t} {_number(c, '+.4f')}" for t, c in pair.cosine_by_module_type.items())
         click.echo(f"  by module type: {types}")
         for side, share, chance in (
             ("column (output) space", pair.column_share, pair.chance_column),
@@ -248,7 +262,11 @@ def interference(adapters, top, output, force) -> None:
         if pair.top_modules:
             click.echo("  overlap most in (module: part of the cosine, cosine within the module):")
             for module in pair.top_modules:
-                click.echo(f"    {module.name}: {module.contribution:+.4f}, {module.cosine:+.4f}")
+                click.echo(f"    {module.name}: {_number(module.contribution, '+.4f')}, {_number(module.cosine, '+.4f')}")
+    zero = {label for p in pairs for label, share in zip((p.first, p.second), p.column_share) if math.isnan(share)}
+    notes = _zero_note([o.label for o in opened], [o.label in zero for o in opened])
+    if notes:
+        click.echo("\n" + "\n".join(notes))
     if output is not None:
         shared = {o.label: Path(a).name for o, a in zip(opened, adapters)}  # basenames: no local paths
         rows = [{**p.to_dict(), "first": shared[p.first], "second": shared[p.second]} for p in pairs]

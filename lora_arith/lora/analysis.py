@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -24,7 +25,8 @@ class Similarity:
     Attributes:
         labels: one label per adapter, in order.
         overall: ``(n, n)`` cosines of the whole adapters, every module's delta flattened
-            into one vector (a module missing from an adapter counts as zero).
+            into one vector (a module missing from an adapter counts as zero). A cosine with a
+            delta that is zero (an untrained adapter: PEFT starts ``B`` at zero) is undefined: NaN.
         by_module_type: the same, restricted to each module type (``q_proj``, …).
     """
 
@@ -36,7 +38,7 @@ class Similarity:
 def _cosines(gram: torch.Tensor) -> torch.Tensor:
     norms = gram.diagonal().clamp_min(0).sqrt()
     denominator = norms[:, None] * norms[None, :]
-    return torch.where(denominator > 0, gram / denominator.clamp_min(1e-300), torch.zeros_like(gram))
+    return torch.where(denominator > 0, gram / denominator.clamp_min(1e-300), torch.full_like(gram, math.nan))
 
 
 def _opened(adapters: Sequence[AdapterFile | str | os.PathLike[str]]) -> list[AdapterFile]:
@@ -132,6 +134,9 @@ class PairInterference:
         column_share, row_share: the energy shares described above.
         chance_column, chance_row: their chance levels.
         top_modules: the modules with the largest ``|contribution|``, largest first.
+
+    A figure that involves a delta that is zero (overall, in a module type or in a module: an
+    untrained adapter) is undefined: NaN here, ``None`` in :meth:`to_dict`.
     """
 
     first: str
@@ -145,21 +150,30 @@ class PairInterference:
     top_modules: list[ModuleOverlap] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
+        """The figures as JSON values: an undefined one (NaN) is ``None``."""
         return {
             "first": self.first,
             "second": self.second,
-            "cosine": self.cosine,
-            "cosine_by_module_type": self.cosine_by_module_type,
-            "column_share": list(self.column_share),
-            "row_share": list(self.row_share),
-            "chance_column": list(self.chance_column),
-            "chance_row": list(self.chance_row),
-            "top_modules": [vars(m) for m in self.top_modules],
+            "cosine": _json_number(self.cosine),
+            "cosine_by_module_type": {t: _json_number(c) for t, c in self.cosine_by_module_type.items()},
+            "column_share": [_json_number(v) for v in self.column_share],
+            "row_share": [_json_number(v) for v in self.row_share],
+            "chance_column": [_json_number(v) for v in self.chance_column],
+            "chance_row": [_json_number(v) for v in self.chance_row],
+            "top_modules": [
+                {"name": m.name, "contribution": _json_number(m.contribution), "cosine": _json_number(m.cosine)}
+                for m in self.top_modules
+            ],
         }
 
 
 def _ratio(numerator: float, denominator: float) -> float:
-    return numerator / denominator if denominator > 0 else 0.0
+    """``numerator / denominator``; NaN (undefined) where a zero delta makes the denominator zero."""
+    return numerator / denominator if denominator > 0 else math.nan
+
+
+def _json_number(value: float) -> float | None:
+    return None if math.isnan(value) else value
 
 
 def interference(
