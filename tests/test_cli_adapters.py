@@ -290,6 +290,7 @@ def test_a_zero_delta_has_undefined_cosines_not_zero_ones(adapter_factory, tmp_p
     result = run("interference", zero, other, "-o", out)
     assert result.exit_code == 0, result.output
     assert "cosine n/a" in result.output and "chance n/a" in result.output and "its delta is zero" in result.output
+    assert "overlap most in" not in result.output  # every module's part is n/a: none overlaps more
     text = out.read_text()
     assert "NaN" not in text
     assert json.loads(text)["pairs"][0]["cosine"] is None

@@ -84,10 +84,15 @@ COMMAND_LINE = re.compile(r"(?:^|[\s;&|(])(?:lora-arith|-m lora_arith)[ \t]+([^\
 
 
 def code_of(text: str) -> str:
-    """The code of a Markdown or help text: its code blocks, code spans and indented example lines."""
+    """The code of a Markdown or help text: its code blocks, its code spans (one that starts with a
+    command's name, as in the README's table, is read as a command line) and its indented example
+    lines (continuation lines joined)."""
+    from lora_arith.cli import COMMANDS
+
     blocks = [match.group(0).split("\n", 1)[-1].rsplit("\n", 1)[0] for match in FENCE.finditer(text)]
-    prose = FENCE.sub("", text)
+    prose = re.sub(r"\\\n\s*", " ", FENCE.sub("", text))
     spans = [span.strip("`") for span in (match.group(0) for match in CODE_SPAN.finditer(prose))]
+    spans = [f"lora-arith {span}" if span.split(" ", 1)[0] in COMMANDS and " " in span else span for span in spans]
     examples = [line for line in prose.splitlines() if re.match(r"\s+(lora-arith|python -m lora_arith)\s", line)]
     return "\n".join([*blocks, *spans, *examples])
 
@@ -112,8 +117,8 @@ def unknown_options(arguments: str) -> list[str]:
 
     try:
         tokens = shlex.split(arguments)
-    except ValueError:
-        return []  # a fragment in prose, not a command line
+    except ValueError:  # an unbalanced quote
+        tokens = arguments.split()
     if not tokens or tokens[0].startswith("-") or tokens[0].isupper():  # --help, --version; COMMAND
         return []
     command = COMMANDS.get(tokens[0])
@@ -121,7 +126,9 @@ def unknown_options(arguments: str) -> list[str]:
         return [f"no command {tokens[0]!r}"]
     known = {opt for param in command.params for opt in (*param.opts, *getattr(param, "secondary_opts", []))}
     known |= {"--help", "-h"}
-    flags = (token.split("=")[0] for token in tokens[1:] if re.match(r"--?[a-zA-Z]", token))
+    # "[--api-key KEY]", "--method cat|svd": the flags of a synopsis too
+    words = (part.strip("[](){}") for token in tokens[1:] for part in token.split("|"))
+    flags = (word.split("=")[0] for word in words if re.match(r"--?[a-zA-Z]", word))
     return [f"{tokens[0]} has no option {flag}" for flag in flags if flag not in known]
 
 
@@ -151,3 +158,14 @@ def test_a_wrong_option_in_the_docs_is_found():
     assert unknown_options("combine a:1 --metod svd -o x") == ["combine has no option --metod"]
     assert unknown_options("combnie a:1") == ["no command 'combnie'"]
     assert unknown_options("combine a:1 --method=svd --rank 4 -o x -f") == []
+    # an example in a --help text, continued over lines; a synopsis in brackets; a table's code span
+    assert command_lines("Example:\n  lora-arith sweep --vector a=b \\\n      --gird=-1,0,1 -o x/\n") == [
+        "sweep --vector a=b --gird=-1,0,1 -o x/"
+    ]
+    assert unknown_options("combine [--bogus 1] [-o|--outptu X]") == [
+        "combine has no option --bogus",
+        "combine has no option --outptu",
+    ]
+    assert command_lines("| `combine SPEC... -o OUT [--metod cat|svd]` | combine |") == [
+        "combine SPEC... -o OUT [--metod cat|svd]"
+    ]

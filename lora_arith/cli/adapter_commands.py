@@ -177,7 +177,7 @@ def _number(value: float, spec: str) -> str:
 
 def _zero_note(labels: list[str], zero: list[bool]) -> list[str]:
     """A line for each adapter whose delta is zero, which is why its figures read n/a."""
-    return [f"{label}: its delta is zero (an untrained adapter?), so its figures are n/a" for label, z in zip(labels, zero) if z]
+    return [f"{label}: its delta is zero (an untrained adapter?), so cosines with it are n/a" for label, z in zip(labels, zero) if z]
 
 
 def _matrix_lines(labels: list[str], matrix) -> list[str]:
@@ -259,7 +259,7 @@ def interference(adapters, top, output, force) -> None:
                 f"  energy in the other's {side}: {x} in {y} {_percent(share[0])}, "
                 f"{y} in {x} {_percent(share[1])} (chance {_percent(chance[0])}, {_percent(chance[1])})"
             )
-        if pair.top_modules:
+        if pair.top_modules and not math.isnan(pair.cosine):  # with a zero delta no module overlaps more
             click.echo("  overlap most in (module: part of the cosine, cosine within the module):")
             for module in pair.top_modules:
                 click.echo(f"    {module.name}: {_number(module.contribution, '+.4f')}, {_number(module.cosine, '+.4f')}")

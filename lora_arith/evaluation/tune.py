@@ -68,9 +68,8 @@ class TuneResult:
     sources: list[Path] = field(default_factory=list, repr=False)
 
     def __repr__(self) -> str:  # not every evaluated point: see .evaluated, .report or .markdown
-        constraint = ", ".join(map(str, self.constraint.items))
         return (
-            f"TuneResult(eta={self.eta}, objective={self.objective!r}, subject_to={constraint!r}, "
+            f"TuneResult(eta={self.eta}, objective={self.objective!r}, subject_to={str(self.constraint)!r}, "
             f"evaluated={len(self.evaluated)})"
         )
 

@@ -12,7 +12,7 @@ import torch
 
 from lora_arith.lora.adapter_io import AdapterFile, open_adapter
 from lora_arith._internal.errors import LoraArithError
-from lora_arith.lora.numerics import require_count
+from lora_arith.lora.numerics import finite_number, require_count
 from lora_arith.lora.factors import frobenius_norm, inner, projected_energy, single_threaded, subspaces
 
 __all__ = ["Similarity", "similarity", "module_norms", "ModuleOverlap", "PairInterference", "interference"]
@@ -154,14 +154,14 @@ class PairInterference:
         return {
             "first": self.first,
             "second": self.second,
-            "cosine": _json_number(self.cosine),
-            "cosine_by_module_type": {t: _json_number(c) for t, c in self.cosine_by_module_type.items()},
-            "column_share": [_json_number(v) for v in self.column_share],
-            "row_share": [_json_number(v) for v in self.row_share],
-            "chance_column": [_json_number(v) for v in self.chance_column],
-            "chance_row": [_json_number(v) for v in self.chance_row],
+            "cosine": finite_number(self.cosine),
+            "cosine_by_module_type": {t: finite_number(c) for t, c in self.cosine_by_module_type.items()},
+            "column_share": [finite_number(v) for v in self.column_share],
+            "row_share": [finite_number(v) for v in self.row_share],
+            "chance_column": [finite_number(v) for v in self.chance_column],
+            "chance_row": [finite_number(v) for v in self.chance_row],
             "top_modules": [
-                {"name": m.name, "contribution": _json_number(m.contribution), "cosine": _json_number(m.cosine)}
+                {"name": m.name, "contribution": finite_number(m.contribution), "cosine": finite_number(m.cosine)}
                 for m in self.top_modules
             ],
         }
@@ -171,9 +171,6 @@ def _ratio(numerator: float, denominator: float) -> float:
     """``numerator / denominator``; NaN (undefined) where a zero delta makes the denominator zero."""
     return numerator / denominator if denominator > 0 else math.nan
 
-
-def _json_number(value: float) -> float | None:
-    return None if math.isnan(value) else value
 
 
 def interference(

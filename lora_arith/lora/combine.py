@@ -72,7 +72,7 @@ class Combination:
     """The local files and folders the inputs were read from; an output never touches them."""
 
     def __repr__(self) -> str:  # not every module's factors: they would fill a notebook cell
-        inputs = {entry.path: entry.weight for entry in self.recipe.inputs}
+        inputs = [f"{entry.path}:{entry.weight:g}" for entry in self.recipe.inputs]  # a name may repeat
         ranks = rank_range(delta.rank for delta in self.deltas.values())
         return (
             f"Combination(inputs={inputs}, method={self.recipe.method!r}, modules={len(self.deltas)}, "

@@ -20,6 +20,7 @@ import torch
 from lora_arith.lora.adapter_io import open_adapter
 from lora_arith._internal.errors import LoraArithError, first_line
 from lora_arith._internal.privacy import public_name
+from lora_arith._internal.quiet import peft_warnings_hidden
 from lora_arith.lora.numerics import dtype_name, require_finite_number
 from lora_arith.lora.specs import check_adapter_name, check_named_weights
 
@@ -124,10 +125,7 @@ def _attach(model, name: str, opened, label: str, peak: float | None = None):
         # load_base names it): PEFT would warn that the name changed, printing the local path
         config.base_model_name_or_path = inner.name_or_path
     try:
-        with warnings.catch_warnings():
-            # PEFT warns of a name inside "lora_" ("a", "r", "lo") for its own loading of saved keys;
-            # the factors here are set from the adapter's tensors below, whatever the name
-            warnings.filterwarnings("ignore", "Adapter name .* should not be contained in the prefix", UserWarning)
+        with peft_warnings_hidden():  # the factors are set from the adapter's tensors below, whatever the name
             if isinstance(model, PeftModel):
                 if name in model.peft_config:
                     raise LoraArithError(f"an adapter named {name!r} is already attached")
@@ -500,8 +498,6 @@ class PreferenceMixer:
         bases), and a row's reply can depend on what it is batched with (the activations' scale is
         the batch's). The adapters and their per-row weights stay in full precision. Returns the
         number of layers quantized. CPU only; not for a 4-bit base."""
-        import warnings
-
         from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
 
         if self.quantized:

@@ -232,8 +232,7 @@ def export_report(exports: Mapping[str | None, Export], max_rank: int | None = N
 
 def ranks_text(ranks: Mapping[str, int]) -> str:
     """``"rank 8"``, or ``"ranks 4-12"`` when the modules' ranks differ: how reports state them."""
-    values = sorted(set(ranks.values()))
-    return f"rank {values[0]}" if len(values) == 1 else f"ranks {values[0]}-{values[-1]}"
+    return ("ranks " if len(set(ranks.values())) > 1 else "rank ") + rank_range(ranks.values())
 
 
 def lora_modules_line(exports: Mapping[str, Export]) -> str:

@@ -49,6 +49,7 @@ from lora_arith.lora.numerics import finite_number, require_count, require_posit
 from lora_arith.lora.specs import path_list
 from lora_arith._internal.errors import LoraArithError, OptionError, first_line
 from lora_arith._internal.privacy import public_name, scrub
+from lora_arith._internal.quiet import peft_warnings_hidden
 from lora_arith._internal.provenance import sha256_of, versions
 
 if TYPE_CHECKING:
@@ -321,8 +322,11 @@ class TrainResult:
         return self.path / single_file_name(self.path)
 
     def __repr__(self) -> str:  # not the metadata and every step's log
-        steps, loss = self.metadata.get("training", {}).get("steps"), self.final_metrics.get("loss")
-        return f"TrainResult(path={self.path!r}, steps={steps}, loss={loss}, rank={self.rank})"
+        training = self.metadata.get("training") if isinstance(self.metadata, dict) else None
+        steps = training.get("steps") if isinstance(training, dict) else None
+        loss = self.final_metrics.get("loss") if isinstance(self.log, list) else None
+        process = f", process={self.rank}" if self.rank else ""  # under accelerate launch
+        return f"TrainResult(path={self.path!r}, steps={steps}, loss={loss}{process})"
 
     @property
     def final_metrics(self) -> dict[str, Any]:
@@ -390,6 +394,7 @@ def train_preference(
         _work_folder(checkpoints if keep_checkpoints else None, settings) as work_dir,
         _telemetry_disabled(),
         _dataset_bars(progress),
+        peft_warnings_hidden(),
     ):
         eval_dataset = _to_dataset(eval_pairs) if eval_pairs is not None else None
         trainer = _make_trainer(
