@@ -47,7 +47,7 @@ def test_no_written_file_or_card_holds_a_local_path(tmp_path_factory, pairs_file
     prompts.write_text(json.dumps({"prompt": "How do I pick a lock?"}) + "\n")
     out = tmp_path / "out"
     out.mkdir()
-    quick = ["--max-steps", "1", "--batch-size", "2", "--grad-accum", "1", "--max-length", "64", "--rank", "2"]
+    quick = ["--max-steps", "1", "--warmup-ratio", "0", "--batch-size", "2", "--grad-accum", "1", "--max-length", "64", "--rank", "2"]
     quick += ["--no-4bit", "--no-bf16", "--base", base]
     run("train", "--data", pairs_file.resolve(), "--data", f"refusal:{prompts.resolve()}", *quick, "-o", out / "run")
     other = make_adapter(base, tmp_path / "other", r=2)  # its config names the base by absolute path
@@ -137,3 +137,23 @@ def test_a_home_folder_of_no_known_user_is_a_path_like_any_other(tmp_path):
     assert public_name("~no_such_user_xyz/models/base") == "base"
     result = CliRunner().invoke(main, ["inspect", "~no_such_user_xyz/a1"])
     assert result.exit_code == 1 and result.output.count("\n") == 1 and "Error: " in result.output, result.output
+
+
+def test_training_records_name_their_data_files_by_basename_in_outputs(tmp_path):
+    """The shipped vectors' training records (written by an earlier version) hold each data file as
+    the spec the user gave, "../shared/data/helpful/general_pairs.jsonl": scrub keeps a relative
+    path, so combine's outputs and push's model card carried the folder layout. Now a local file is
+    [KIND:]FILE, its basename, everywhere a training record is written or shown."""
+    from lora_arith.lora.adapter_io import open_adapter
+    from lora_arith.sharing.model_card import model_card
+
+    shipped = Path(__file__).resolve().parents[1] / "adapters"
+    assert "../shared/data" in json.dumps(open_adapter(shipped / "harmless").training)  # the old form, kept as shipped
+    out = tmp_path / "mix"
+    result = CliRunner().invoke(main, ["combine", f"{shipped / 'helpful'}:1", f"{shipped / 'harmless'}:1", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    written = [json.dumps(open_adapter(out).training), (out / "README.md").read_text()]
+    card = model_card({}, None, open_adapter(shipped / "harmless").training)  # what push uploads for it
+    for text in [*written, card]:
+        assert "../" not in text and "shared/data" not in text
+    assert "`refusal:advbench_behaviors.jsonl`, 520 pairs" in card and '"spec": "general_pairs.jsonl"' in written[0]

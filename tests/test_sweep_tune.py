@@ -496,3 +496,17 @@ def test_a_damaged_point_log_is_refused_in_one_line(tmp_path, line):
     with open(cut / PointLog.FILE, "a") as handle:
         handle.write('{"point": {"a": 1')  # a kill mid-write
     assert list(PointLog(cut, settings).done) == [point_key({"a": 0.0})]
+
+
+def test_a_python_judge_is_found_in_the_current_folder(tmp_path):
+    """`--judge myjudge:f` with myjudge.py where the user runs the command: the `lora-arith`
+    script (unlike `python -m`) has no current folder on sys.path, so it was "No module named
+    'myjudge'". -P runs Python as that script does, without the current folder."""
+    import subprocess
+    import sys
+
+    (tmp_path / "myjudge_xyz.py").write_text("def refuses(prompt, completion):\n    return 'no' in completion\n")
+    script = "from lora_arith.evaluation.judge import make_judge; print(make_judge('myjudge_xyz:refuses').name)"
+    done = subprocess.run([sys.executable, "-P", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "python:myjudge_xyz:refuses"

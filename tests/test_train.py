@@ -109,7 +109,7 @@ def test_cli_trains_swapped_unquantized(chat_base, pairs_file, tmp_path):
     args += ["--max-steps", "2", "--batch-size", "2", "--max-length", "64", "--rank", "2", "--no-bf16"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    assert f"Wrote {out}: 4 pairs, 2 steps" in result.output
+    assert f"wrote {out}: 4 pairs, 2 steps" in result.output
     # off a terminal (as here) no progress bar of the trainer's or of the tokenizing's: their
     # carriage returns fill a log; each step's metrics are printed instead (transformers' own
     # "Loading weights" bar follows HF_HUB_DISABLE_PROGRESS_BARS, which the CLI sets for a new
@@ -130,9 +130,9 @@ def test_cli_refuses_existing_output_unless_forced(chat_base, pairs_file, tmp_pa
     (out / "adapter_config.json").write_text("{}")
     (out / "adapter_model.safetensors").write_bytes(b"")  # an earlier adapter: --force may replace it
     base = ["train", "--data", str(pairs_file), "-o", str(out), "--base", str(chat_base), "--no-4bit"]
-    result = CliRunner().invoke(main, base + ["--max-steps", "1"])
+    result = CliRunner().invoke(main, base + ["--max-steps", "1", "--warmup-ratio", "0"])
     assert result.exit_code == 1 and "exists" in result.output and "--force" in result.output
-    result = CliRunner().invoke(main, base + ["--max-steps", "1", "--batch-size", "2", "--max-length", "48", "--force"])
+    result = CliRunner().invoke(main, base + ["--max-steps", "1", "--warmup-ratio", "0", "--batch-size", "2", "--max-length", "48", "--force"])
     assert result.exit_code == 0, result.output
     assert read_json(out / "adapter_config.json")["peft_type"] == "LORA"
 
@@ -442,3 +442,35 @@ def test_vector_end_to_end_then_extract_combine_and_load_into_peft(chat_base, pa
     mixed, base = logits(model), logits(load_tiny(chat_base))
     torch.testing.assert_close(mixed, expected, rtol=1e-5, atol=1e-6)
     assert (mixed - base).abs().max() > 1e3 * (mixed - expected).abs().max()  # the vector really moves the logits
+
+
+def test_a_run_that_leaves_the_adapter_at_zero_is_refused(chat_base, pairs_file, tmp_path):
+    """--max-steps 1 at the default warm-up ratio trains at learning rate 0 (a linear warm-up
+    starts at 0), so B stays at PEFT's zero start: the run wrote an all-zero adapter, exit 0.
+    Now it is a one-line error naming the two flags, and nothing is written."""
+    out = tmp_path / "run"
+    args = ["train", "--data", str(pairs_file), "-o", str(out), "--base", str(chat_base), "--no-4bit"]
+    result = CliRunner().invoke(main, args + ["--max-steps", "1", "--batch-size", "2", "--max-length", "48"])
+    assert result.exit_code == 1, result.output
+    assert "Error: the learning rate was 0 at every step of the run (1 step" in result.output
+    assert "raise --max-steps or lower --warmup-ratio" in result.output and not out.exists()
+    result = CliRunner().invoke(main, args + ["--max-steps", "1", "--batch-size", "2", "--max-length", "48", "--warmup-ratio", "0"])
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output and "1 step," in result.output
+
+
+def test_checkpoints_ask_the_hub_nothing(chat_base, pairs_file, tmp_path):
+    """The trainer's checkpoints (--save-steps) were saved with PEFT's save_embedding_layers="auto",
+    which looks the base's config.json up on the Hub at every checkpoint: a network request, and
+    offline (as here) two warnings each time. The adapter never targets the embeddings."""
+    import warnings
+
+    out = tmp_path / "run"
+    args = ["train", "--data", str(pairs_file), "-o", str(out), "--base", str(chat_base), "--no-4bit"]
+    args += ["--max-steps", "2", "--save-steps", "1", "--batch-size", "2", "--max-length", "48"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    hub = [str(w.message) for w in caught if "config file" in str(w.message) or "remote file" in str(w.message)]
+    assert not hub, hub

@@ -75,7 +75,7 @@ def test_accelerate_launch_two_cpu_processes(chat_base, pairs_file, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     lines = done.stdout.splitlines()
-    assert any(line.startswith(f"Wrote {out}: 4 pairs, 2 steps") and "rank 0 of 2 processes" in line for line in lines)
+    assert any(line.startswith(f"wrote {out}: 4 pairs, 2 steps") and "rank 0 of 2 processes" in line for line in lines)
     assert f"rank 1 of 2: trained 2 steps; rank 0 writes {out}" in lines
     info = json.loads((out / "training_metadata.json").read_text())
     assert info["training"]["processes"] == 2 and info["training"]["steps"] == 2

@@ -207,7 +207,7 @@ def test_resume_errors_are_one_line(chat_base, pairs_file, tmp_path):
     same = config(pairs_file, chat_base, lr=1e-3, save_steps=7, logging_steps=2)
     assert run_settings(same, swap=False) == settings
 
-    result = CliRunner().invoke(main, [*args, "--max-steps", "1", "--force"])
+    result = CliRunner().invoke(main, [*args, "--max-steps", "1", "--warmup-ratio", "0", "--force"])
     assert result.exit_code == 0, result.output
     assert not checkpoints.exists(), "--force started over and discarded the old checkpoints"
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
-__all__ = ["scrub", "public_name"]
+__all__ = ["scrub", "public_name", "public_data_spec", "public_training"]
 
 _NOT_URL = "".join(f"(?<!{scheme}:)" for scheme in ("http", "https", "ws", "wss", "ftp", "s3", "gs", "hf"))
 """No path starts at a network URL's ``//`` (``file:///home/me`` is a local path)."""
@@ -61,3 +61,31 @@ def public_name(text: str | Path) -> str:
     if path.exists():
         return path.resolve().name or text
     return scrub(text)
+
+
+def public_data_spec(entry: Mapping[str, Any]) -> Any:
+    """How a training record's data entry names its source in shareable output: a Hub dataset by
+    its id, a local file as ``[KIND:]FILE`` with the file's basename. A record written by an
+    earlier version holds the spec as the user gave it (``../shared/data/x.jsonl``), which
+    :func:`scrub` keeps (it is not an absolute path)."""
+    spec = entry.get("spec")
+    if entry.get("hub_dataset") or not isinstance(entry.get("file"), str) or not isinstance(spec, str):
+        return spec if entry.get("hub_dataset") or not isinstance(spec, str) else public_name(spec)
+    kind, colon, _ = spec.partition(":")
+    return (f"{kind}:" if colon and re.fullmatch(r"[a-z]+", kind) else "") + Path(entry["file"]).name
+
+
+def public_training(record: Any) -> Any:
+    """A training record (one run, or runs nested by name) as shared: :func:`scrub`, and each
+    ``data`` entry's ``spec`` named by :func:`public_data_spec`."""
+    if isinstance(record, list):
+        return [public_training(value) for value in record]
+    if not isinstance(record, Mapping):
+        return scrub(record)
+    public = {key: public_training(value) for key, value in record.items()}
+    if isinstance(record.get("data"), list):
+        public["data"] = [
+            {**scrub(dict(entry)), "spec": public_data_spec(entry)} if isinstance(entry, Mapping) and "spec" in entry else scrub(entry)
+            for entry in record["data"]
+        ]
+    return public

@@ -87,7 +87,7 @@ def eval_options(command):
             default="strmatch",
             show_default=True,
             help="Who decides what is a refusal: strmatch (lora_arith/evaluation/refusal.py), MODULE:CALLABLE "
-            "(f(prompt, completion) -> bool or XSTest class), or the URL of an OpenAI-compatible endpoint "
+            "(f(prompt, completion) -> bool or XSTest class; MODULE installed or MODULE.py in the current folder), or the URL of an OpenAI-compatible endpoint "
             "(http://HOST:PORT/v1) asked to classify each reply with XSTest's three classes.",
         ),
         click.option("--judge-model", default="judge", show_default=True, help="Model name sent to a URL judge."),

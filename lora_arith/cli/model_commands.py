@@ -17,6 +17,7 @@ from lora_arith.cli.options import (
     progress_wanted,
 )
 from lora_arith.lora.specs import named_specs, parse_weight
+from lora_arith._internal.wording import plural
 
 __all__ = ["generate", "chat", "CHAT_HELP", "SET_USAGE"]
 
@@ -78,7 +79,7 @@ def generate(prompt, prompts_file, output, temperature, seed, force, base, adapt
         **model,
     )
     if made.path is not None:
-        click.echo(f"wrote {len(made.texts)} completions to {made.path}", err=True)
+        click.echo(f"wrote {plural(len(made.texts), 'completion')} to {made.path}", err=True)
     else:
         click.echo(made.texts[0] if prompt is not None else "\n".join(made.lines()))
 

@@ -11,6 +11,7 @@ from lora_arith.cli.options import device_option, force_option, four_bit_option,
 from lora_arith.training.data import LABELS
 from lora_arith._internal.devices import DTYPE_NAMES
 from lora_arith._internal.errors import LoraArithError
+from lora_arith._internal.wording import plural
 from lora_arith._internal.provenance import METHODS
 from lora_arith.training.train import TrainConfig, TrainResult, train_preference
 
@@ -157,11 +158,11 @@ def _summary(run: TrainResult) -> str:
     info, last = run.metadata, run.final_metrics
     processes = info["training"]["processes"]
     if run.rank != 0:
-        return f"rank {run.rank} of {processes}: trained {info['training']['steps']} steps; rank 0 writes {run.path}"
+        return f"rank {run.rank} of {processes}: trained {plural(info['training']['steps'], 'step')}; rank 0 writes {run.path}"
     skipped = sum(entry["skipped"] for entry in info["data"])
     parts = [
-        f"{info['pairs']['used']} pairs" + (f" ({skipped} rows skipped)" if skipped else ""),
-        f"{info['training']['steps']} steps",
+        plural(info["pairs"]["used"], "pair") + (f" ({plural(skipped, 'row')} skipped)" if skipped else ""),
+        plural(info["training"]["steps"], "step"),
         f"final loss {last.get('loss', float('nan')):.4f}",
         f"reward accuracy {last.get('rewards/accuracies', float('nan')):.2f}",
         f"{info['wall_time_s']:.0f} s",
@@ -171,4 +172,4 @@ def _summary(run: TrainResult) -> str:
     evaluation = info["training"].get("eval")
     if evaluation:
         parts.append(f"eval loss {evaluation['eval_loss']:.4f}")
-    return f"Wrote {run.path}: " + ", ".join(parts)
+    return f"wrote {run.path}: " + ", ".join(parts)

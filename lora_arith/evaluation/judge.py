@@ -20,6 +20,7 @@ import importlib
 import json
 import os
 import re
+import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -164,7 +165,8 @@ class EndpointJudge(Judge):
 
 
 def make_judge(spec: str | None, model: str = "judge") -> Judge:
-    """The judge named by ``--judge``: ``strmatch`` (or None), ``MODULE:CALLABLE`` or a URL."""
+    """The judge named by ``--judge``: ``strmatch`` (or None), ``MODULE:CALLABLE`` (``MODULE``
+    installed or a ``MODULE.py`` in the current folder) or a URL."""
     if spec is None or spec == "strmatch":
         return StringMatchJudge()
     if spec.startswith(("http://", "https://")):
@@ -172,6 +174,8 @@ def make_judge(spec: str | None, model: str = "judge") -> Judge:
     module_name, colon, attribute = spec.partition(":")
     if not colon or not module_name or not attribute:
         raise OptionError("judge", "cannot read {} {spec!r}; use strmatch, MODULE:CALLABLE or an http(s) URL", spec=spec)
+    if os.getcwd() not in sys.path:  # MODULE may be a file in the current folder, as with python -m
+        sys.path.append(os.getcwd())  # after the installed packages: it shadows none of them
     try:
         function = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError, TypeError, ValueError) as error:  # TypeError: a relative name (".x")

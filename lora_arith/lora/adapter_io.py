@@ -33,7 +33,7 @@ from lora_arith.lora.factors import LowRankDelta, single_threaded
 from lora_arith.sharing.hub import resolve
 from lora_arith.sharing.model_card import model_card
 from lora_arith.lora.numerics import DTYPE_HINT, all_finite, cast_finite, finite_number, require_finite
-from lora_arith._internal.privacy import scrub
+from lora_arith._internal.privacy import public_training, scrub
 from lora_arith._internal.provenance import CONFIG_METADATA_KEY, RECIPE_METADATA_KEY, TRAINING_METADATA_KEY, sha256_of
 from lora_arith.lora.specs import CONFIG_NAME, WEIGHTS_NAME
 
@@ -535,7 +535,7 @@ def save_adapter(
     otherwise it is checked here against ``inputs`` (see :func:`~lora_arith._internal.atomic.check_output`).
     """
     single_file = output_kind(path) == "file"
-    config, recipe, training = public_config(config), scrub(recipe), scrub(training)
+    config, recipe, training = public_config(config), scrub(recipe), public_training(training)
     metadata = _metadata(config, recipe, training, single_file)
     with atomic_output(path, kind=output_kind(path), force=force, inputs=inputs) as temporary:
         if single_file:

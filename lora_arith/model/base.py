@@ -127,7 +127,7 @@ def _convert_into(gguf: Path, target: Path) -> None:
     its result is kept.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    logger.warning("Converting the embedded %s to %s (once; about 30 s) ...", DEFAULT_BASE, target)
+    logger.warning("Converting the %s to %s (once; about 30 s) ...", DEFAULT_BASE, target)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
     try:

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-from lora_arith._internal.privacy import public_name, scrub
+from lora_arith._internal.privacy import public_data_spec, public_name, scrub
 
 __all__ = ["KNOWN_LICENSES", "is_hub_id", "hub_datasets", "base_license", "model_card"]
 
@@ -48,7 +48,8 @@ def _run_lines(run: Mapping[str, Any]) -> list[str]:
         where = item.get("hub_dataset") or item.get("file") or item.get("spec")
         sha = f" (sha256 `{item['sha256']}`)" if item.get("sha256") else ""
         count = f", {item['pairs']} pairs" if "pairs" in item else ""
-        lines.append(f"- data: `{public_name(item.get('spec', where))}`{count}{sha}")
+        name = public_data_spec(item) if "spec" in item else public_name(where)
+        lines.append(f"- data: `{name}`{count}{sha}")
     if "swap" in run:
         lines.append(f"- chosen/rejected swapped: {run['swap']}")
     for key, value in sorted((run.get("hyperparameters") or {}).items()):

@@ -21,6 +21,7 @@ renamed into place at the end, so a failed run leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -50,6 +51,7 @@ from lora_arith.lora.specs import path_list
 from lora_arith._internal.errors import LoraArithError, OptionError, first_line
 from lora_arith._internal.privacy import public_name, scrub
 from lora_arith._internal.quiet import peft_warnings_hidden
+from lora_arith._internal.wording import plural
 from lora_arith._internal.provenance import sha256_of, versions
 
 if TYPE_CHECKING:
@@ -401,6 +403,7 @@ def train_preference(
             config, model, tokenizer, _to_dataset(pairs), work_dir, device, eval_dataset, progress=progress
         )
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    _check_trained(trainer)
     metadata = _metadata(config, report, trainer, len(pairs), swap, base_model_id(config.base), device, started)
     if eval_report is not None:
         metadata["eval_data"] = _data_entries(eval_report)
@@ -572,6 +575,24 @@ def _work_folder(checkpoints: Path | None, settings: dict[str, Any]) -> Iterator
         yield Path(work_dir)
 
 
+def _check_trained(trainer: DPOTrainer) -> None:
+    """Refuse to write an adapter that training left as it started: PEFT starts ``B`` at zero, so
+    such an adapter is a zero delta. The usual cause is a run no longer than its linear warm-up,
+    whose learning rate starts at 0 (``--max-steps 1`` at the default warm-up ratio)."""
+    if any(parameter.any() for name, parameter in trainer.model.named_parameters() if "lora_B" in name):
+        return
+    rates = [entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry]
+    steps = trainer.state.global_step
+    if rates and not any(rates):
+        raise OptionError(
+            ("max_steps", "warmup_ratio"),
+            "the learning rate was 0 at every step of the run ({steps}: a linear warm-up starts at 0), so the "
+            "adapter is still zero and was not written; raise {} or lower {}",
+            steps=plural(steps, "step"),
+        )
+    raise LoraArithError(f"after {plural(steps, 'step')} the adapter is still zero (every lora_B), so it was not written")
+
+
 def _write_run(model: Any, folder: Path, result: TrainResult) -> None:
     """Write a finished run into ``folder``, each file once: the PEFT adapter and its single-file
     form (from the same in-memory tensors and config), the log, the metadata and the model card."""
@@ -687,6 +708,11 @@ def _make_trainer(
             "max_length", "every pair's prompt fills max_length {length}; raise {}", length=config.max_length
         )
     _adapter_to_fp32(trainer.model)
+    # the trainer's checkpoints save with PEFT's save_embedding_layers="auto", which asks the Hub
+    # for the base's config.json at every checkpoint (a network request, and two warnings when
+    # offline); the adapter never targets the embeddings, as the final write says too
+    model = trainer.model
+    model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False)
     return trainer
 
 
