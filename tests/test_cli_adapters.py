@@ -294,3 +294,17 @@ def test_a_zero_delta_has_undefined_cosines_not_zero_ones(adapter_factory, tmp_p
     text = out.read_text()
     assert "NaN" not in text
     assert json.loads(text)["pairs"][0]["cosine"] is None
+
+
+def test_inspect_shows_the_training_runs_and_the_layers_in_order():
+    """adapters/README.md says `inspect` shows the vectors' training records: it showed only the
+    recipe, as "1·positive run + -1·negative run", and listed layers.10 before layers.2."""
+    shipped = Path(__file__).resolve().parents[1] / "adapters" / "helpful"
+    result = run("inspect", shipped)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "recipe      svd: 1·positive run − 1·negative run" in lines
+    assert any(line.startswith("training    negative (swapped): xstest_safe_pairs.jsonl, general_pairs.jsonl; 335 pairs, 30 steps") for line in lines)
+    assert any(line.startswith("            positive: xstest_safe_pairs.jsonl") for line in lines)
+    layers = [int(line.split(".")[2]) for line in lines if line.startswith("model.layers.")]
+    assert layers == sorted(layers) and len(layers) == 210

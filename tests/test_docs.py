@@ -92,7 +92,8 @@ def code_of(text: str) -> str:
     blocks = [match.group(0).split("\n", 1)[-1].rsplit("\n", 1)[0] for match in FENCE.finditer(text)]
     prose = re.sub(r"\\\n\s*", " ", FENCE.sub("", text))
     spans = [span.strip("`") for span in (match.group(0) for match in CODE_SPAN.finditer(prose))]
-    spans = [f"lora-arith {span}" if span.split(" ", 1)[0] in COMMANDS and " " in span else span for span in spans]
+    command = re.compile(rf"(?:{'|'.join(COMMANDS)}) (?![A-Z_][A-Z0-9_]*=)")  # not the shell's `export NAME=`
+    spans = [f"lora-arith {span}" if command.match(span) else span for span in spans]
     examples = [line for line in prose.splitlines() if re.match(r"\s+(lora-arith|python -m lora_arith)\s", line)]
     return "\n".join([*blocks, *spans, *examples])
 

@@ -308,6 +308,8 @@ def test_model_card_and_include_keep_to_what_may_be_shared(adapter_factory, tmp_
     plan = plan_upload(folder, include="training_log.json*")
     assert "/home/alice" not in plan.generated["README.md"] and "output_dir: run" in plan.generated["README.md"]
     assert sorted(plan.copied) == ["adapter_config.json", "training_log.json"], sorted(plan.copied)
+    with pytest.raises(LoraArithError, match="include 'traning_log.json' matches no file of the adapter folder"):
+        plan_upload(folder, include=["training_log.json", "traning_log.json"])  # a typo added nothing, silently
 
 
 NAMES = ["main", "v1.0", "feature/x", "exp-2024_12", "refs/heads/main", "../../x y", "a..b", "a b", "-x", "x/",

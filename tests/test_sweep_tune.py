@@ -64,6 +64,8 @@ def test_wilson_interval_known_values():
     low, high = wilson_interval(0, 10)
     assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-4)
     assert wilson_interval(0, 0) is None
+    # none or all succeeded: the bound is exactly 0 or 1 (it was 5.55e-17 for 0 of 3)
+    assert all(wilson_interval(0, n)[0] == 0.0 and wilson_interval(n, n)[1] == 1.0 for n in range(1, 200))
 
 
 def test_rates_carry_n_and_interval_and_ordinary_kind(prompts_file):
@@ -148,6 +150,7 @@ def test_sweep_resume_checks_settings_and_force_starts_over(chat_base, two_adapt
     assert len(lines) == 10
     again = run(*base_args)
     assert again.exit_code == 0 and "9 of 9 points already done" in again.output
+    assert "evaluated 0 grid points (9 done by an earlier run); wrote" in again.output  # was "evaluated 9"
     other = run(*base_args, "--max-new-tokens", "5")
     assert other.exit_code == 1 and "other settings or inputs" in other.output
     forced = run(*base_args, "--max-new-tokens", "5", "--force")

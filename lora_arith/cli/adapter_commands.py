@@ -4,6 +4,7 @@ inspect, similarity, interference."""
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -93,8 +94,7 @@ def _run_combination(specs: list[AdapterSpec], output, method, rank, energy, dty
 
     ranks = Counter(m.rank for m in result.modules)
     rank_text = ", ".join(f"{r}×{n}" for r, n in sorted(ranks.items()))
-    inputs = " + ".join(f"{s.weight:g}·{s.path}" for s in specs)
-    click.echo(f"combined {inputs}")
+    click.echo(f"combined {_sum_text((s.weight, s.path) for s in specs)}")
     click.echo(f"  method {method}; {len(result.modules)} modules; ranks (rank×modules): {rank_text}")
     if result.max_relative_error is not None:
         errors = [m.relative_error for m in result.modules]
@@ -158,16 +158,47 @@ def inspect(adapter) -> None:
         click.echo(f"ignored     {len(opened.ignored_keys)} saved base-layer weights (not deltas)")
     recipe = opened.recipe
     if recipe:
-        parts = " + ".join(f"{item['weight']:g}·{item['path']}" for item in recipe.get("inputs", []))
+        parts = _sum_text((item["weight"], item["path"]) for item in recipe.get("inputs", []))
         click.echo(f"recipe      {recipe.get('method')}: {parts}")
+    for number, line in enumerate(_training_lines(opened.training)):
+        click.echo(("training    " if number == 0 else " " * 12) + line)
     width = max(len(name) for name in opened.modules)
     click.echo("")
     click.echo(f"{'module'.ljust(width)}  {'kind':9}  {'shape':>13}  {'rank':>4}  {'scaling':>8}  {'norm':>10}")
-    for name, info in opened.modules.items():
+    # layers in their order (layers.2 before layers.10), as the model holds them
+    ordered = sorted(opened.modules.items(), key=lambda item: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", item[0])])
+    for name, info in ordered:
         shape = f"{info.shape[0]}×{info.shape[1]}"
         click.echo(
             f"{name.ljust(width)}  {info.kind:9}  {shape:>13}  {info.rank:>4}  {info.scaling:>8.4g}  {norms[name]:>10.4g}"
         )
+
+
+def _training_lines(training) -> list[str]:
+    """One line per recorded DPO run: its name, data files, pairs, steps and final loss."""
+    from lora_arith._internal.privacy import public_data_spec
+    from lora_arith.sharing.model_card import training_runs
+
+    lines = []
+    for name, run in training_runs(training or {}):
+        data = ", ".join(str(public_data_spec(item)) for item in run.get("data", []) if isinstance(item, dict))
+        pairs = (run.get("pairs") or {}).get("used") if isinstance(run.get("pairs"), dict) else None
+        steps = (run.get("training") or {}).get("steps") if isinstance(run.get("training"), dict) else None
+        loss = (run.get("final_metrics") or {}).get("loss") if isinstance(run.get("final_metrics"), dict) else None
+        facts = [f"{pairs} pairs" if pairs is not None else None, f"{steps} steps" if steps is not None else None]
+        facts.append(f"final loss {loss:.4g}" if isinstance(loss, (int, float)) else None)
+        swapped = " (swapped)" if run.get("swap") else ""
+        lines.append(f"{name or 'run'}{swapped}: {data}; " + ", ".join(fact for fact in facts if fact))
+    return lines
+
+
+def _sum_text(terms) -> str:
+    """A weighted sum as read aloud: ``1·helpful − 1·harmless`` (not ``+ -1·``)."""
+    text = ""
+    for weight, name in terms:
+        sign = ("− " if text else "−") if weight < 0 else ("+ " if text else "")
+        text += (" " if text else "") + f"{sign}{abs(weight):g}·{name}"
+    return text
 
 
 def _number(value: float, spec: str) -> str:

@@ -16,6 +16,7 @@ from lora_arith.cli.options import output_option, progress_wanted
 from lora_arith.evaluation.config import EvalConfig
 from lora_arith.lora.specs import fixed_weights, named_paths, named_specs
 from lora_arith.training.data import LABELS
+from lora_arith._internal.wording import plural
 
 __all__ = ["EvalOptions", "eval_options", "evaluate_command", "sweep", "tune"]
 
@@ -174,7 +175,9 @@ def sweep(vectors, grid, fix, points_per_batch, options: EvalOptions):
         force=options.force, progress=progress_wanted(), log=_log, **options.inputs(),
     )  # fmt: skip
     names = ", ".join(path.name for path in result.files)
-    click.echo(f"evaluated {len(result.rows)} grid points; wrote {names} to {options.out}")
+    done = len(result.rows) - result.resumed
+    before = f" ({result.resumed} done by an earlier run)" if result.resumed else ""
+    click.echo(f"evaluated {plural(done, 'grid point')}{before}; wrote {names} to {options.out}")
 
 
 _tune_options = [

@@ -64,7 +64,8 @@ def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tup
     denominator = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denominator
     half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denominator
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # exactly 0 (1) when no (every) item succeeded, not centre - half's rounding (5.55e-17)
+    return (0.0 if successes == 0 else max(0.0, centre - half), 1.0 if successes == n else min(1.0, centre + half))
 
 
 def load_eval_prompts(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[EvalPrompt]:

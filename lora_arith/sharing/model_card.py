@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 from lora_arith._internal.privacy import public_data_spec, public_name, scrub
 
-__all__ = ["KNOWN_LICENSES", "is_hub_id", "hub_datasets", "base_license", "model_card"]
+__all__ = ["KNOWN_LICENSES", "is_hub_id", "hub_datasets", "base_license", "model_card", "training_runs"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -59,7 +59,7 @@ def _run_lines(run: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def _runs(training: Mapping[str, Any], name: str = "") -> list[tuple[str, Mapping[str, Any]]]:
+def training_runs(training: Mapping[str, Any], name: str = "") -> list[tuple[str, Mapping[str, Any]]]:
     """The training runs in ``training``: one run (it has ``data``), or runs nested by name
     (a vector's ``positive``/``negative`` runs, the inputs of a combination)."""
     if "data" in training:
@@ -67,13 +67,13 @@ def _runs(training: Mapping[str, Any], name: str = "") -> list[tuple[str, Mappin
     runs = []
     for key, value in training.items():
         if isinstance(value, Mapping):
-            runs += _runs(value, f"{name} / {key}" if name else key)
+            runs += training_runs(value, f"{name} / {key}" if name else key)
     return runs
 
 
 def _training_section(training: Mapping[str, Any]) -> list[str]:
     lines = ["## Training", ""]
-    for name, run in _runs(training):
+    for name, run in training_runs(training):
         if name:
             lines += [f"### {public_name(name)}", ""]
         lines += _run_lines(run) + [""]
@@ -83,7 +83,7 @@ def _training_section(training: Mapping[str, Any]) -> list[str]:
 def hub_datasets(training: Mapping[str, Any] | None) -> list[str]:
     """The Hub dataset ids (without config, revision or split) the training data came from."""
     names: list[str] = []
-    for _, run in _runs(training or {}):
+    for _, run in training_runs(training or {}):
         for item in run.get("data", []):
             dataset = item.get("hub_dataset")
             if isinstance(dataset, str):

@@ -76,12 +76,11 @@ def _public_metadata(metadata: dict[str, str]) -> dict[str, str]:
 
 def _included(folder: Path, patterns: Sequence[str]) -> dict[str, Path]:
     """Files of ``folder`` (relative names) that match any of ``patterns``."""
-    found: dict[str, Path] = {}
-    for path in sorted(folder.rglob("*")):
-        name = path.relative_to(folder).as_posix()
-        if path.is_file() and any(fnmatch.fnmatch(name, pattern) for pattern in patterns):
-            found[name] = path
-    return found
+    files = {path.relative_to(folder).as_posix(): path for path in sorted(folder.rglob("*")) if path.is_file()}
+    for pattern in patterns:  # a pattern that adds nothing is a typo, not an empty wish
+        if not any(fnmatch.fnmatch(name, pattern) for name in files):
+            raise OptionError("include", "{} {pattern!r} matches no file of the adapter folder", pattern=pattern)
+    return {name: path for name, path in files.items() if any(fnmatch.fnmatch(name, p) for p in patterns)}
 
 
 def check_repo_id(repo_id: str) -> str:
