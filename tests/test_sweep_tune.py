@@ -224,7 +224,7 @@ def test_tune_reports_every_constraint_that_cannot_hold(chat_base, two_adapters,
     result = run(
         "tune", "--base", chat_base, "--vector", f"helpful={two_adapters[0]}", "--prompts", prompts_file,
         "--maximize", "refusal_rate", "--subject-to", "compliance_rate>=0", "--subject-to",
-        "ordinary_compliance_rate>1", "--budget", "2", "--max-new-tokens", "2", "-o", tmp_path / "t",
+        "ordinary_compliance_rate>=1", "--subject-to", "ordinary_compliance_rate<=0", "--budget", "2", "--max-new-tokens", "2", "-o", tmp_path / "t",
     )  # fmt: skip
     last = result.output.strip().splitlines()[-1]
     assert result.exit_code == 1 and last.startswith("Error: no evaluated point satisfies compliance_rate>=0 and ")
@@ -266,7 +266,7 @@ def test_tune_writes_report_adapter_and_frontier(chat_base, two_adapters, prompt
     [
         ({"--maximize": "refusal"}, "valid metrics: refusal_rate, compliance_rate, ordinary_compliance_rate"),
         ({"--subject-to": "compliance_rate=>0.9"}, "cannot read the constraint"),
-        ({"--subject-to": "compliance_rate>1"}, "no evaluated point satisfies compliance_rate>1: the best"),
+        ({"--subject-to": "compliance_rate>1"}, "the constraint 'compliance_rate>1' can never hold"),
         ({"--split": "0.1"}, "empty on one side"),
     ],
 )
@@ -403,6 +403,13 @@ def test_tune_takes_one_constraint_as_it_takes_several():
     assert _constraints(one).keys == [one.key]
     several = parse_constraints(["compliance_rate>=0.5", "refusal_rate<=0.9"])
     assert _constraints(several) is several
+    # a rate lies in [0, 1]: a constraint no rate can meet was found only after the whole search
+    for never in ("compliance_rate>=1.5", "refusal_rate>1", "refusal_rate<0", "reward_accuracy<=-0.1"):
+        with pytest.raises(LoraArithError, match=f"the constraint '{re.escape(never)}' can never hold"):
+            parse_constraint(never)
+    assert [str(parse_constraint(t)) for t in ("refusal_rate>=1", "refusal_rate<=0", "logprob_margin>=5")] == [
+        "refusal_rate>=1", "refusal_rate<=0", "logprob_margin>=5"
+    ]  # fmt: skip
 
 
 def test_tune_holds_out_pairs_and_computes_their_reference_once(chat_base, two_adapters, pairs_file, monkeypatch, tmp_path):

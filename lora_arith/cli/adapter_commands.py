@@ -117,7 +117,7 @@ def combine(specs, output, method, rank, energy, dtype, allow_base_mismatch, for
 
     \b
     Example:
-      lora-arith combine helpful.safetensors:0.8 harmless.safetensors:0.5 -o mix/
+      lora-arith combine adapters/helpful:0.8 adapters/harmless:0.5 -o mix/
     """
     _run_combination(parse_specs(specs), output, method, rank, energy, dtype, allow_base_mismatch, force)
 
@@ -324,7 +324,7 @@ def convert(adapter, output, force) -> None:
 
     \b
     Example:
-      lora-arith convert helpful.safetensors -o helpful/
+      lora-arith convert adapters/helpful -o helpful.safetensors
     """
     from lora_arith.lora.adapter_io import convert_adapter
 

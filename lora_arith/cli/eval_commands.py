@@ -68,6 +68,7 @@ def eval_options(command):
             "--pairs",
             "pair_files",
             multiple=True,
+            metavar="SPEC",
             help="Preference-pair JSONL (prompt/chosen/rejected) for reward accuracy and log-prob margin. Repeatable.",
         ),
         click.option("--beta", default=0.1, show_default=True, help="DPO β for the implicit reward."),
@@ -130,7 +131,7 @@ _vector_option = click.option(
     multiple=True,
     required=True,
     metavar="NAME=PATH",
-    help="A preference vector (repeatable; two, three or more).",
+    help="A preference vector (repeatable; one or more).",
 )
 _points_per_batch_option = click.option(
     "--points-per-batch",
@@ -149,8 +150,8 @@ _points_per_batch_option = click.option(
     "fix",
     multiple=True,
     metavar="NAME=WEIGHT",
-    help="With three or more vectors: the weight at which the vectors not on a heatmap's axes are held "
-    "(repeatable; default: the grid value nearest 0).",
+    help="With three or more vectors: the weight, one of --grid's, at which the vectors not on a heatmap's "
+    "axes are held (repeatable; default: the grid value nearest 0).",
 )
 @_points_per_batch_option
 @eval_options

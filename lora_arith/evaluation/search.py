@@ -120,8 +120,11 @@ def parse_constraint(text: str) -> Constraint:
     value = parse_finite(match.group(3))
     if value is None:
         raise LoraArithError(f"cannot read the number in the constraint {text!r}")
-    metric_key(match.group(1))
-    return Constraint(match.group(1), match.group(2), value)
+    name, operator = match.group(1), match.group(2)
+    never = {">=": value > 1, ">": value >= 1, "<=": value < 0, "<": value <= 0}[operator]
+    if metric(name).is_rate and never:  # found only after the whole search otherwise
+        raise LoraArithError(f"the constraint {text.strip()!r} can never hold: {name} is a rate, between 0 and 1")
+    return Constraint(name, operator, value)
 
 
 def parse_bounds(
