@@ -213,13 +213,14 @@ def test_vllm_export_keeps_embedding_lora(adapter_factory, tmp_path):
         torch.testing.assert_close(vllm_view(tmp_path / "vllm", name), to_dense(original.delta(name)))
 
 
-def test_vllm_export_writes_one_adapter_per_mix(adapter_factory, tmp_path):
+def test_vllm_export_writes_one_adapter_per_mix(adapter_factory, tiny_llama, tmp_path):
     a, b = adapter_factory(r=4), adapter_factory(r=2, lora_alpha=5)
     out = tmp_path / "mixes"
     result = run("export", a, b, "--for", "vllm", "--mix", "balanced=1,1", "--mix", "safer=0.5,-2", "-o", out)
     assert result.exit_code == 0, result.output
     assert f"--lora-modules balanced={out / 'balanced'} safer={out / 'safer'}" in result.output
     assert "--max-lora-rank 8" in result.output
+    assert f"serve with: vllm serve {tiny_llama.name} --enable-lora" in result.output  # the recorded base, not BASE
     for name, weights in {"balanced": (1, 1), "safer": (0.5, -2)}.items():
         expected = combine(parse_specs([f"{a}:{weights[0]}", f"{b}:{weights[1]}"]))
         exported = open_adapter(out / name)

@@ -19,7 +19,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_arith.lora.adapter_io import adapter_sources, open_adapter, rank_range, save_adapter, unit_scaling_config
+from lora_arith.lora.adapter_io import (
+    adapter_sources,
+    open_adapter,
+    public_config,
+    rank_range,
+    save_adapter,
+    unit_scaling_config,
+)
 from lora_arith._internal.atomic import atomic_output, check_output
 from lora_arith.lora.combine import combine
 from lora_arith._internal.errors import LoraArithError, OptionError
@@ -55,11 +62,13 @@ class Export:
         ranks: every module's rank in the output.
         compressed: modules whose rank was reduced by optimal SVD truncation (above
             ``max_rank``), with the relative error of each; the others are exact.
+        base: the base model the adapter records (its Hub id or folder name), if any.
     """
 
     path: Path
     ranks: dict[str, int]
     compressed: dict[str, float]
+    base: str | None = None
 
     @property
     def rank(self) -> int:
@@ -134,7 +143,7 @@ def _write(
         output = check_output(output, force=force, inputs=combination.sources, kind="adapter")
     hint = "its scaling, folded into the factors, does not fit the adapter's dtype; convert it to fp32 first"
     path = save_adapter(output, combination.tensors(hint=hint), config, recipe.to_dict(), training=combination.training)
-    return Export(path, ranks, compressed)
+    return Export(path, ranks, compressed, public_config(config).get("base_model_name_or_path"))
 
 
 def export_for_vllm(
@@ -188,7 +197,7 @@ def export_mixes(
         for name, weights in mixes.items():
             specs = [AdapterSpec(str(a), w) for a, w in zip(adapters, weights)]
             written = _write(specs, folder / name, max_rank, force, checked=True)
-            exports[name] = Export(Path(output) / name, written.ranks, written.compressed)
+            exports[name] = dataclasses.replace(written, path=Path(output) / name)
     return exports
 
 
@@ -226,7 +235,8 @@ def export_report(exports: Mapping[str | None, Export], max_rank: int | None = N
         if name is None:
             lines.append(f"  serve with --max-lora-rank {result.max_lora_rank} (the smallest that serves it)")
     if None not in exports:
-        lines.append(f"serve with: vllm serve BASE {lora_modules_line(exports)}")
+        base = next((export.base for export in exports.values() if export.base), "BASE")
+        lines.append(f"serve with: vllm serve {base} {lora_modules_line(exports)}")
     return lines
 
 
