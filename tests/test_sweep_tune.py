@@ -345,6 +345,8 @@ def test_eval_with_an_endpoint_judge_and_a_python_judge(chat_base, prompts_file,
                "--judge", "http://127.0.0.1:9/v1", "-o", tmp_path / "down")  # fmt: skip
     last = down.output.strip().splitlines()[-1]
     assert down.exit_code == 1 and last.startswith("Error: the judge at http://127.0.0.1:9/v1/chat/completions")
+    # found before the base loads and every reply is generated, not after
+    assert "cannot be reached" in last and "nothing was generated" in last and "Loading weights" not in down.output
 
 
 def test_parse_class_and_bad_judge_specs():
@@ -368,8 +370,13 @@ def test_parse_class_and_bad_judge_specs():
     ]:
         with pytest.raises(LoraArithError, match=re.escape(f"cannot read the judge URL {url!r}: {fragment}")):
             make_judge(url)
-    # the name results record: no credentials, an IPv6 host with its brackets
-    assert make_judge("http://me:secret@[::1]:8000/v1/").name == "http://[::1]:8000/v1 (model judge)"
+    # the name results record: no credentials, an IPv6 host with its brackets; nor do errors show them
+    from lora_arith.evaluation.judge import EndpointJudge
+
+    assert EndpointJudge("http://me:secret@[::1]:8000/v1/").name == "http://[::1]:8000/v1 (model judge)"
+    with pytest.raises(LoraArithError, match=re.escape("the judge at http://127.0.0.1:9/v1/chat/completions cannot")) as down:
+        make_judge("http://me:secret@127.0.0.1:9/v1")  # nothing listens there: found before any work
+    assert "secret" not in str(down.value)
 
 
 def test_every_form_of_bounds_reads_alike_and_is_checked_once():

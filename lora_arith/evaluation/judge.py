@@ -20,6 +20,7 @@ import importlib
 import json
 import os
 import re
+import socket
 import sys
 import urllib.error
 import urllib.parse
@@ -129,9 +130,22 @@ class EndpointJudge(Judge):
         base = url.rstrip("/")
         self.endpoint = base if base.endswith("/chat/completions") else base + "/chat/completions"
         self.model, self.timeout, self.workers = model, timeout, workers
-        # the name recorded in results: the URL without credentials (an IPv6 host keeps its brackets)
+        # the name recorded in results and errors: the URL without credentials (an IPv6 host keeps its brackets)
         public = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
         self.name = f"{public.rstrip('/')} (model {model})"
+        self._shown = public.rstrip("/") + self.endpoint[len(base):]  # the endpoint, as errors name it
+
+    def check_reachable(self) -> None:
+        """Refuse a judge that nothing answers at (connection refused, unknown host, no answer in
+        10 s) before any reply is generated; behind a proxy (``$HTTP_PROXY``...) the proxy decides."""
+        parts = urllib.parse.urlsplit(self.endpoint)
+        host = parts.hostname or ""
+        if parts.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(host):
+            return
+        try:
+            socket.create_connection((host, parts.port or (443 if parts.scheme == "https" else 80)), timeout=10).close()
+        except OSError as error:
+            raise LoraArithError(f"the judge at {self._shown} cannot be reached ({error}); nothing was generated") from None
 
     def _ask(self, prompt: Any, completion: str) -> str:
         body = {
@@ -151,11 +165,11 @@ class EndpointJudge(Judge):
                 reply = json.loads(response.read())
             text = reply["choices"][0]["message"]["content"] or ""
         except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError) as error:
-            raise LoraArithError(f"the judge at {self.endpoint} failed: {error}") from None
+            raise LoraArithError(f"the judge at {self._shown} failed: {error}") from None
         verdict = parse_class(text)
         if verdict is None:
             raise LoraArithError(
-                f"the judge at {self.endpoint} answered {text[:60]!r}, not one of {', '.join(CLASSES)}"
+                f"the judge at {self._shown} answered {text[:60]!r}, not one of {', '.join(CLASSES)}"
             )
         return verdict
 
@@ -170,7 +184,9 @@ def make_judge(spec: str | None, model: str = "judge") -> Judge:
     if spec is None or spec == "strmatch":
         return StringMatchJudge()
     if spec.startswith(("http://", "https://")):
-        return EndpointJudge(spec, model)
+        judge = EndpointJudge(spec, model)
+        judge.check_reachable()  # before the base loads and replies are generated, not after
+        return judge
     module_name, colon, attribute = spec.partition(":")
     if not colon or not module_name or not attribute:
         raise OptionError("judge", "cannot read {} {spec!r}; use strmatch, MODULE:CALLABLE or an http(s) URL", spec=spec)
