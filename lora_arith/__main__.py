@@ -1,5 +1,5 @@
 """``python -m lora_arith`` runs the CLI."""
 
-from lora_arith.cli import main
+from lora_arith.cli import run
 
-main()
+run()

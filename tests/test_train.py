@@ -474,3 +474,22 @@ def test_checkpoints_ask_the_hub_nothing(chat_base, pairs_file, tmp_path):
     assert result.exit_code == 0, result.output
     hub = [str(w.message) for w in caught if "config file" in str(w.message) or "remote file" in str(w.message)]
     assert not hub, hub
+
+
+def test_train_off_a_terminal_prints_no_progress_bar(chat_base, pairs_file, tmp_path):
+    """`lora-arith train --precompute-ref` with stderr in a pipe: TRL's "Computing reference log
+    probs" bar (its own tqdm, outside the trainer's disable_tqdm) wrote carriage returns into the
+    log; the script's process now disables every tqdm bar off a terminal, as lora-arith's own."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    env["OMP_NUM_THREADS"] = "1"
+    command = [sys.executable, "-m", "lora_arith", "train", "--data", str(pairs_file), "-o", str(tmp_path / "run"),
+               "--base", str(chat_base), "--no-4bit", "--max-steps", "2", "--batch-size", "2", "--max-length", "48",
+               "--precompute-ref"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "\r" not in done.stderr and "log probs" not in done.stderr, done.stderr
+    assert "wrote" in done.stdout

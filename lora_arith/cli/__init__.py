@@ -81,10 +81,21 @@ def main() -> None:
     your own weights. All arithmetic is done exactly on the low-rank factors.
     """
     _freeze_heap_at_exit()
+
+
+def run() -> None:
+    """The ``lora-arith`` script and ``python -m lora_arith``: :func:`main` in a process of its own.
+
+    Off a terminal (stderr a pipe or a file) the libraries' progress bars follow the rule of
+    lora-arith's own, which show only on a terminal: transformers' and huggingface_hub's
+    ("Loading weights", downloads; read when they are imported, later) and every other tqdm bar
+    (TRL's reference log-probs, the default base's first conversion). Set here, in the process's
+    environment, not in :func:`main`, which tests call in-process; a variable the user set wins.
+    """
     if not progress_wanted():
-        # the bars of transformers and huggingface_hub ("Loading weights", downloads) follow the
-        # rule of lora-arith's own: only on a terminal (read when they are imported, later)
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    main()
 
 
 COMMANDS = {
