@@ -240,6 +240,7 @@ def test_tune_writes_report_adapter_and_frontier(chat_base, two_adapters, prompt
         f"union={two_adapters[0]}:0.5", "--max-new-tokens", "4", "-o", out,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
+    assert f"wrote report.json, report.md, frontier.png and adapter/ to {out}" in result.output
     report = json.loads((out / "report.json").read_text())
     assert len(report["evaluated"]) <= 6 and report["judge"] == "strmatch"
     held = report["chosen"]["held_out"]
@@ -326,6 +327,7 @@ def test_eval_with_an_endpoint_judge_and_a_python_judge(chat_base, prompts_file,
     result = run("eval", "--base", chat_base, "--prompts", prompts_file, "--max-new-tokens", 3,
                  "--judge", stub_endpoint, "--judge-model", "stub", "-o", tmp_path / "url")  # fmt: skip
     assert result.exit_code == 0, result.output
+    assert f"wrote results.json, summary.md and completions.jsonl to {tmp_path / 'url'}" in result.output  # as every command
     prompts = json.loads((tmp_path / "url" / "results.json").read_text())["prompts"]
     assert prompts["judge"] == f"{stub_endpoint} (model stub)"
     assert prompts["refusal_rate_unsafe"] == pytest.approx(2 / 3) and prompts["compliance_rate_safe"] == 1.0

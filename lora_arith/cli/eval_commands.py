@@ -123,6 +123,7 @@ def evaluate_command(options: EvalOptions, adapters):
     result = evaluate(named, progress=progress_wanted(), **options.inputs())
     result.save(output)
     click.echo(result.table)
+    click.echo(f"wrote results.json, summary.md and completions.jsonl to {options.out}")
 
 
 _vector_option = click.option(
@@ -234,3 +235,4 @@ def tune(vectors, compare, options: EvalOptions, **search):
     result = run_tune(named, compare=compared, log=_log if progress_wanted() else None, **search, **options.inputs())
     result.save(output)
     click.echo(result.markdown)
+    click.echo(f"wrote report.json, report.md, frontier.png and adapter/ to {options.out}")
