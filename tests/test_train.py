@@ -493,3 +493,31 @@ def test_train_off_a_terminal_prints_no_progress_bar(chat_base, pairs_file, tmp_
     assert done.returncode == 0, done.stderr
     assert "\r" not in done.stderr and "log probs" not in done.stderr, done.stderr
     assert "wrote" in done.stdout
+
+
+def test_a_4bit_base_stays_differentiable_after_an_evaluation_pass(chat_base, pairs_file, tmp_path):
+    """On a CPU with AVX-512 BF16 (this project's machines), bitsandbytes repacks a 4-bit layer for
+    a faster kernel the first time it runs in eval mode without gradients (--precompute-ref's
+    reference pass, each --eval-data evaluation), and that kernel has no backward: for the rest of
+    the run no gradient passed through the base's layers (only through the LoRA branches). The
+    reference log-probs are the same computed first or on the fly, so a run with --precompute-ref
+    must train the same adapter as one without (it differed by up to twice the factors' size)."""
+    import warnings
+
+    import bitsandbytes.functional
+
+    from lora_arith.lora.adapter_io import open_adapter
+
+    if not bitsandbytes.functional.has_avx512bf16():
+        pytest.skip("bitsandbytes repacks 4-bit layers only on a CPU with AVX-512 BF16")
+    args = ["train", "--data", str(pairs_file), "--base", str(chat_base), "--4bit", "--max-steps", "2",
+            "--warmup-ratio", "0", "--batch-size", "2", "--max-length", "48", "--no-bf16"]  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for name, extra in (("plain", []), ("precomputed", ["--precompute-ref"])):
+            result = CliRunner().invoke(main, [*args, *extra, "-o", str(tmp_path / name)])
+            assert result.exit_code == 0, result.output
+    assert not [w for w in caught if "autograd kernel was not registered" in str(w.message)]
+    plain, precomputed = open_adapter(tmp_path / "plain"), open_adapter(tmp_path / "precomputed")
+    for module in plain.modules:
+        torch.testing.assert_close(precomputed.delta(module).B, plain.delta(module).B, rtol=1e-4, atol=1e-6)

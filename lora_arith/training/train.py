@@ -391,6 +391,7 @@ def train_preference(
         config.base, quantize_4bit=config.quantize_4bit, double_quant=config.double_quant, device=device
     )
     _check_model(model, tokenizer, config)
+    _keep_4bit_differentiable(model)
     keep_checkpoints = config.save_steps is not None or resume_from is not None
     with (
         _work_folder(checkpoints if keep_checkpoints else None, settings) as work_dir,
@@ -641,6 +642,20 @@ def _prepare_output(config: TrainConfig, output: str | Path | Output, force: boo
     if isinstance(output, Output):
         return output
     return check_output(output, force=force, inputs=training_inputs(config), kind="adapter", create_parents=True)
+
+
+def _keep_4bit_differentiable(model: PreTrainedModel) -> None:
+    """Keep a 4-bit base's layers differentiable for the whole run on a CPU.
+
+    On a CPU with AVX-512 BF16, bitsandbytes repacks a 4-bit layer's weights for a faster kernel
+    the first time the layer runs in eval mode without gradients (TRL's reference log-probs with
+    ``precompute_ref``, every ``eval_data`` evaluation), for good, and that kernel has no backward:
+    every later training step passed no gradient through the base's layers (the LoRA factors
+    before them stopped learning; torch warned "an autograd kernel was not registered"). The
+    repacking is an inference speed-up; training keeps the differentiable kernel."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes' Linear4bit
+            module.support_avx512bf16_for_cpu = False
 
 
 def _check_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: TrainConfig) -> None:
