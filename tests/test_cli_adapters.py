@@ -308,3 +308,8 @@ def test_inspect_shows_the_training_runs_and_the_layers_in_order():
     assert any(line.startswith("            positive: xstest_safe_pairs.jsonl") for line in lines)
     layers = [int(line.split(".")[2]) for line in lines if line.startswith("model.layers.")]
     assert layers == sorted(layers) and len(layers) == 210
+    from lora_arith.cli.adapter_commands import _training_lines  # records of other shapes read as well
+
+    assert _training_lines({"data": [{"hub_dataset": "org/ds"}]}) == ["run: org/ds"]
+    one = {"data": [{"spec": "refusal:../d/a.jsonl", "file": "a.jsonl"}], "pairs": {"used": 1}, "training": {"steps": 1}}
+    assert _training_lines(one) == ["run: refusal:a.jsonl; 1 pair, 1 step"]

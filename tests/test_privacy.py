@@ -157,3 +157,15 @@ def test_training_records_name_their_data_files_by_basename_in_outputs(tmp_path)
     for text in [*written, card]:
         assert "../" not in text and "shared/data" not in text
     assert "`refusal:advbench_behaviors.jsonl`, 520 pairs" in card and '"spec": "general_pairs.jsonl"' in written[0]
+    # push uploads the weights with their metadata made public too, not as shipped
+    from lora_arith.sharing.push import _metadata, _public_metadata, plan_upload
+
+    assert "adapter_model.safetensors" in plan_upload(shipped / "harmless").rewritten
+    uploaded = _public_metadata(_metadata(open_adapter(shipped / "harmless").weights_path))
+    assert "../" not in uploaded["lora_arith.training"] and "refusal:advbench_behaviors.jsonl" in uploaded["lora_arith.training"]
+    # a spec that is not text is scrubbed like the rest; "c:" is a drive, not a data kind
+    from lora_arith._internal.privacy import public_data_spec, public_training
+
+    assert public_training({"data": [{"spec": ["/home/me/secret.jsonl"]}]}) == {"data": [{"spec": ["secret.jsonl"]}]}
+    assert public_data_spec({"spec": "/home/me/x.jsonl", "hub_dataset": "o/d"}) == "x.jsonl"
+    assert public_data_spec({"spec": "c:/d/x.jsonl", "file": "x.jsonl"}) == "x.jsonl"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -220,7 +221,11 @@ def test_vllm_export_writes_one_adapter_per_mix(adapter_factory, tiny_llama, tmp
     assert result.exit_code == 0, result.output
     assert f"--lora-modules balanced={out / 'balanced'} safer={out / 'safer'}" in result.output
     assert "--max-lora-rank 8" in result.output
-    assert f"serve with: vllm serve {tiny_llama.name} --enable-lora" in result.output  # the recorded base, not BASE
+    # a local base is recorded by its folder's name, which vllm serve cannot load: BASE stays a placeholder
+    assert "serve with: vllm serve BASE --enable-lora" in result.output
+    shipped = [Path(__file__).resolve().parents[1] / "adapters" / name for name in ("helpful", "harmless")]
+    hub = run("export", *shipped, "--mix", "both=1,1", "-o", tmp_path / "hub")
+    assert "serve with: vllm serve HuggingFaceTB/SmolLM2-135M-Instruct --enable-lora" in hub.output  # a Hub id: as is
     for name, weights in {"balanced": (1, 1), "safer": (0.5, -2)}.items():
         expected = combine(parse_specs([f"{a}:{weights[0]}", f"{b}:{weights[1]}"]))
         exported = open_adapter(out / name)

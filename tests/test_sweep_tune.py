@@ -379,6 +379,10 @@ def test_parse_class_and_bad_judge_specs():
     with pytest.raises(LoraArithError, match=re.escape("the judge at http://127.0.0.1:9/v1/chat/completions cannot")) as down:
         make_judge("http://me:secret@127.0.0.1:9/v1")  # nothing listens there: found before any work
     assert "secret" not in str(down.value)
+    # a query would have been sent before /chat/completions and recorded in results.json (an api_key=...)
+    with pytest.raises(LoraArithError, match=re.escape("cannot read the judge URL http://h:8000/v1?...: a query")) as query:
+        EndpointJudge("http://h:8000/v1?api_key=SECRET")
+    assert "SECRET" not in str(query.value)
 
 
 def test_every_form_of_bounds_reads_alike_and_is_checked_once():
@@ -524,6 +528,8 @@ def test_a_python_judge_is_found_in_the_current_folder(tmp_path):
     import subprocess
     import sys
 
+    if sys.version_info < (3, 11):
+        pytest.skip("python -P (no current folder on sys.path) is new in Python 3.11")
     (tmp_path / "myjudge_xyz.py").write_text("def refuses(prompt, completion):\n    return 'no' in completion\n")
     script = "from lora_arith.evaluation.judge import make_judge; print(make_judge('myjudge_xyz:refuses').name)"
     done = subprocess.run([sys.executable, "-P", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)

@@ -454,6 +454,9 @@ def test_a_run_that_leaves_the_adapter_at_zero_is_refused(chat_base, pairs_file,
     assert result.exit_code == 1, result.output
     assert "Error: the learning rate was 0 at every step of the run (1 step" in result.output
     assert "raise --max-steps or lower --warmup-ratio" in result.output and not out.exists()
+    # with --save-steps it leaves no checkpoints behind that would refuse the next run without --resume
+    result = CliRunner().invoke(main, args + ["--max-steps", "1", "--batch-size", "2", "--max-length", "48", "--save-steps", "1"])
+    assert result.exit_code == 1 and not (tmp_path / "run.checkpoints").exists(), result.output
     result = CliRunner().invoke(main, args + ["--max-steps", "1", "--batch-size", "2", "--max-length", "48", "--warmup-ratio", "0"])
     assert result.exit_code == 0, result.output
     assert "wrote" in result.output and "1 step," in result.output

@@ -69,10 +69,12 @@ def public_data_spec(entry: Mapping[str, Any]) -> Any:
     earlier version holds the spec as the user gave it (``../shared/data/x.jsonl``), which
     :func:`scrub` keeps (it is not an absolute path)."""
     spec = entry.get("spec")
-    if entry.get("hub_dataset") or not isinstance(entry.get("file"), str) or not isinstance(spec, str):
-        return spec if entry.get("hub_dataset") or not isinstance(spec, str) else public_name(spec)
-    kind, colon, _ = spec.partition(":")
-    return (f"{kind}:" if colon and re.fullmatch(r"[a-z]+", kind) else "") + Path(entry["file"]).name
+    if not isinstance(spec, str):
+        return scrub(spec)
+    if entry.get("hub_dataset") or not isinstance(entry.get("file"), str):
+        return public_name(spec)
+    kind, colon, _ = spec.partition(":")  # a data kind has a name of its own; "c:" is a drive
+    return (f"{kind}:" if colon and re.fullmatch(r"[a-z]{2,}", kind) else "") + Path(entry["file"]).name
 
 
 def public_training(record: Any) -> Any:

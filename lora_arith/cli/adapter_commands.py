@@ -13,6 +13,7 @@ import click
 from lora_arith.cli.options import force_option, option_group, output_option, progress_wanted
 from lora_arith._internal.devices import DTYPE_NAMES
 from lora_arith._internal.provenance import METHODS
+from lora_arith._internal.wording import plural
 from lora_arith.lora.specs import AdapterSpec, parse_specs
 
 __all__ = ["combine", "extract", "inspect", "similarity", "interference", "convert"]
@@ -179,16 +180,20 @@ def _training_lines(training) -> list[str]:
     from lora_arith._internal.privacy import public_data_spec
     from lora_arith.sharing.model_card import training_runs
 
+    def part(record, key):
+        return record.get(key) if isinstance(record, dict) else None
+
     lines = []
     for name, run in training_runs(training or {}):
-        data = ", ".join(str(public_data_spec(item)) for item in run.get("data", []) if isinstance(item, dict))
-        pairs = (run.get("pairs") or {}).get("used") if isinstance(run.get("pairs"), dict) else None
-        steps = (run.get("training") or {}).get("steps") if isinstance(run.get("training"), dict) else None
-        loss = (run.get("final_metrics") or {}).get("loss") if isinstance(run.get("final_metrics"), dict) else None
-        facts = [f"{pairs} pairs" if pairs is not None else None, f"{steps} steps" if steps is not None else None]
+        names = [public_data_spec(item) if "spec" in item else item.get("hub_dataset") or item.get("file")
+                 for item in run.get("data") or [] if isinstance(item, dict)]  # fmt: skip
+        pairs, steps = part(part(run, "pairs"), "used"), part(part(run, "training"), "steps")
+        loss = part(part(run, "final_metrics"), "loss")
+        facts = [plural(pairs, "pair") if isinstance(pairs, int) else None, plural(steps, "step") if isinstance(steps, int) else None]
         facts.append(f"final loss {loss:.4g}" if isinstance(loss, (int, float)) else None)
+        parts = [", ".join(str(n) for n in names if n), ", ".join(fact for fact in facts if fact)]
         swapped = " (swapped)" if run.get("swap") else ""
-        lines.append(f"{name or 'run'}{swapped}: {data}; " + ", ".join(fact for fact in facts if fact))
+        lines.append(f"{name or 'run'}{swapped}: " + "; ".join(p for p in parts if p))
     return lines
 
 

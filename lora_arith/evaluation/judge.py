@@ -16,6 +16,7 @@ counts as a refusal in the rates.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -127,6 +128,11 @@ class EndpointJudge(Judge):
             parts.port  # noqa: B018 - raises ValueError for a port that is not a number from 0 to 65535
         except ValueError:
             raise LoraArithError(f"cannot read the judge URL {url!r}: its port is not a number from 0 to 65535") from None
+        if parts.query or parts.fragment:  # it would land before /chat/completions, and in results.json
+            raise LoraArithError(
+                f"cannot read the judge URL {parts._replace(query='', fragment='').geturl()}?...: a query or fragment is "
+                "not sent; give the endpoint's path only (a key goes in $OPENAI_API_KEY)"
+            )
         base = url.rstrip("/")
         self.endpoint = base if base.endswith("/chat/completions") else base + "/chat/completions"
         self.model, self.timeout, self.workers = model, timeout, workers
@@ -190,8 +196,9 @@ def make_judge(spec: str | None, model: str = "judge") -> Judge:
     module_name, colon, attribute = spec.partition(":")
     if not colon or not module_name or not attribute:
         raise OptionError("judge", "cannot read {} {spec!r}; use strmatch, MODULE:CALLABLE or an http(s) URL", spec=spec)
-    if os.getcwd() not in sys.path:  # MODULE may be a file in the current folder, as with python -m
-        sys.path.append(os.getcwd())  # after the installed packages: it shadows none of them
+    with contextlib.suppress(OSError):  # a current folder that was deleted meanwhile adds nothing
+        if os.getcwd() not in sys.path:  # MODULE may be a file in the current folder, as with python -m
+            sys.path.append(os.getcwd())  # after the installed packages: it shadows none of them
     try:
         function = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError, TypeError, ValueError) as error:  # TypeError: a relative name (".x")

@@ -28,6 +28,7 @@ from lora_arith.lora.adapter_io import (
     unit_scaling_config,
 )
 from lora_arith._internal.atomic import atomic_output, check_output
+from lora_arith.sharing.model_card import is_hub_id
 from lora_arith.lora.combine import combine
 from lora_arith._internal.errors import LoraArithError, OptionError
 from lora_arith.lora.factors import compress, single_threaded
@@ -235,7 +236,8 @@ def export_report(exports: Mapping[str | None, Export], max_rank: int | None = N
         if name is None:
             lines.append(f"  serve with --max-lora-rank {result.max_lora_rank} (the smallest that serves it)")
     if None not in exports:
-        base = next((export.base for export in exports.values() if export.base), "BASE")
+        # a Hub id serves as written; a local base is recorded by its folder's name only
+        base = next((export.base for export in exports.values() if export.base and is_hub_id(export.base)), "BASE")
         lines.append(f"serve with: vllm serve {base} {lora_modules_line(exports)}")
     return lines
 

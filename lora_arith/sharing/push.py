@@ -20,7 +20,8 @@ from typing import Sequence
 from lora_arith.lora.adapter_io import CONFIG_NAME, WEIGHTS_NAME, open_adapter, public_config
 from lora_arith._internal.errors import LoraArithError, OptionError, first_line
 from lora_arith.sharing.model_card import base_license, model_card
-from lora_arith._internal.privacy import scrub
+from lora_arith._internal.privacy import public_training, scrub
+from lora_arith._internal.provenance import TRAINING_METADATA_KEY
 
 __all__ = ["UPLOADED", "DEFAULT_COMMIT_MESSAGE", "UploadPlan", "check_repo_id", "check_revision", "plan_upload", "push"]
 
@@ -69,7 +70,7 @@ def _public_metadata(metadata: dict[str, str]) -> dict[str, str]:
         except json.JSONDecodeError:
             public[key] = scrub(value)
             continue
-        cleaned = scrub(parsed)
+        cleaned = public_training(parsed) if key == TRAINING_METADATA_KEY else scrub(parsed)
         public[key] = value if cleaned == parsed else json.dumps(cleaned, sort_keys=True)
     return public
 

@@ -404,7 +404,12 @@ def train_preference(
             config, model, tokenizer, _to_dataset(pairs), work_dir, device, eval_dataset, progress=progress
         )
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    _check_trained(trainer)
+    try:
+        _check_trained(trainer)
+    except LoraArithError:
+        if keep_checkpoints and trainer.accelerator.is_main_process:
+            shutil.rmtree(checkpoints, ignore_errors=True)  # a run that trained nothing leaves nothing to resume
+        raise
     metadata = _metadata(config, report, trainer, len(pairs), swap, base_model_id(config.base), device, started)
     if eval_report is not None:
         metadata["eval_data"] = _data_entries(eval_report)
