@@ -67,8 +67,11 @@ def public_data_spec(entry: Mapping[str, Any]) -> Any:
     """How a training record's data entry names its source in shareable output: a Hub dataset by
     its id, a local file as ``[KIND:]FILE`` with the file's basename. A record written by an
     earlier version holds the spec as the user gave it (``../shared/data/x.jsonl``), which
-    :func:`scrub` keeps (it is not an absolute path)."""
-    spec = entry.get("spec")
+    :func:`scrub` keeps (it is not an absolute path). An entry without a spec is named by its Hub
+    dataset or file."""
+    if "spec" not in entry:
+        return public_name(entry.get("hub_dataset") or entry.get("file") or "")
+    spec = entry["spec"]
     if not isinstance(spec, str):
         return scrub(spec)
     if entry.get("hub_dataset") or not isinstance(entry.get("file"), str):

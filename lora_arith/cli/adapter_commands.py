@@ -185,8 +185,7 @@ def _training_lines(training) -> list[str]:
 
     lines = []
     for name, run in training_runs(training or {}):
-        names = [public_data_spec(item) if "spec" in item else item.get("hub_dataset") or item.get("file")
-                 for item in run.get("data") or [] if isinstance(item, dict)]  # fmt: skip
+        names = [public_data_spec(item) for item in run.get("data") or [] if isinstance(item, dict)]
         pairs, steps = part(part(run, "pairs"), "used"), part(part(run, "training"), "steps")
         loss = part(part(run, "final_metrics"), "loss")
         facts = [plural(pairs, "pair") if isinstance(pairs, int) else None, plural(steps, "step") if isinstance(steps, int) else None]

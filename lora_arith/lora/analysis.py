@@ -172,7 +172,6 @@ def _ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator > 0 else math.nan
 
 
-
 def interference(
     adapters: Sequence[AdapterFile | str | os.PathLike[str]], top: int = 5, progress: bool = False
 ) -> list[PairInterference]:

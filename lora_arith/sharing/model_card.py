@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-from lora_arith._internal.privacy import public_data_spec, public_name, scrub
+from lora_arith._internal.privacy import public_data_spec, public_name, public_training, scrub
 
 __all__ = ["KNOWN_LICENSES", "is_hub_id", "hub_datasets", "base_license", "model_card", "training_runs"]
 
@@ -45,11 +45,9 @@ def _recipe_section(recipe: Mapping[str, Any]) -> list[str]:
 def _run_lines(run: Mapping[str, Any]) -> list[str]:
     lines = []
     for item in run.get("data", []):
-        where = item.get("hub_dataset") or item.get("file") or item.get("spec")
         sha = f" (sha256 `{item['sha256']}`)" if item.get("sha256") else ""
         count = f", {item['pairs']} pairs" if "pairs" in item else ""
-        name = public_data_spec(item) if "spec" in item else public_name(where)
-        lines.append(f"- data: `{name}`{count}{sha}")
+        lines.append(f"- data: `{public_data_spec(item)}`{count}{sha}")
     if "swap" in run:
         lines.append(f"- chosen/rejected swapped: {run['swap']}")
     for key, value in sorted((run.get("hyperparameters") or {}).items()):
@@ -128,7 +126,7 @@ def model_card(
     """
     from huggingface_hub import ModelCardData  # (huggingface_hub.repocard_data: 0.05 s; ModelCard would import hf_api: 0.3 s)
 
-    recipe, training = scrub(recipe), scrub(training)  # metadata written elsewhere may hold local paths
+    recipe, training = scrub(recipe), public_training(training)  # metadata written elsewhere may hold local paths
     base = config.get("base_model_name_or_path")
     hub_base = base if is_hub_id(base) else None
     tags = ["peft", "lora", "preference-vector", "lora-arith"]
