@@ -128,13 +128,13 @@ class TrainConfig:
         },
     )
     lr: float = field(default=5e-4, metadata={"help": "Peak learning rate (AdamW)."})
-    epochs: float = field(default=2.0, metadata={"help": "Passes over the pairs (ignored when max_steps is set)."})
+    epochs: float = field(default=2.0, metadata={"help": "Passes over the pairs (ignored when a step limit is set)."})
     max_steps: int | None = field(
         default=None, metadata={"help": "Stop after this many optimizer steps (overrides epochs)."}
     )
     batch_size: int = field(default=4, metadata={"help": "Pairs per forward pass."})
     grad_accum: int = field(
-        default=4, metadata={"help": "Forward passes per optimizer step (effective batch = batch_size × this)."}
+        default=4, metadata={"help": "Forward passes per optimizer step (effective batch = batch size × this)."}
     )
     max_length: int = field(
         default=512,
