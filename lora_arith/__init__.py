@@ -76,10 +76,21 @@ _LAZY: dict[str, tuple[str, str]] = {
     "push": ("sharing.push", "push"),
     # errors
     "LoraArithError": ("_internal.errors", "LoraArithError"),
+    "OptionError": ("_internal.errors", "OptionError"),
 }
 """Each public name → (its module under ``lora_arith``, its name there)."""
 
-__all__ = ["__version__", *_LAZY]
+__all__ = [
+    "__version__", "AdapterFile", "open_adapter", "load_adapter", "save_adapter", "convert_adapter",
+    "AdapterSpec", "parse_spec", "parse_specs", "Combination", "combine", "extract", "LowRankDelta",
+    "Similarity", "similarity", "PairInterference", "interference", "load_base", "PreferenceMixer", "merge",
+    "merge_adapters", "PreferencePair", "load_pairs", "TrainConfig", "TrainResult", "train_preference",
+    "train_vector", "EvalConfig", "EvalPrompt", "EvalResult", "evaluate", "load_eval_prompts", "SweepResult",
+    "sweep", "TuneResult", "tune", "Engine", "Export", "export", "GgufExport", "export_gguf",
+    "export_gguf_adapters", "push", "LoraArithError", "OptionError",
+]
+"""Written out for type checkers (``mypy --strict`` reads only a literal ``__all__``); the same
+names as ``_LAZY``, in its order (``tests/test_public_api.py``)."""
 
 
 def __getattr__(name: str) -> Any:
@@ -93,30 +104,54 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    """The public names and the subpackages imported so far (not this module's own imports)."""
+    loaded = {name for name, value in globals().items() if getattr(value, "__name__", "").startswith(f"{__name__}.")}
+    return sorted(set(__all__) | {name for name in loaded if not name.startswith("_") and name not in _LAZY})
 
 
-if TYPE_CHECKING:  # what type checkers and IDEs see; tests/test_public_api.py checks it matches _LAZY
-    from lora_arith._internal.errors import LoraArithError
-    from lora_arith.evaluation.config import EvalConfig
-    from lora_arith.evaluation.evaluate import EvalPrompt, EvalResult, evaluate, load_eval_prompts
-    from lora_arith.evaluation.sweep import SweepResult, sweep
-    from lora_arith.evaluation.tune import TuneResult, tune
-    from lora_arith.lora.adapter_io import AdapterFile, convert_adapter, open_adapter, save_adapter
+if TYPE_CHECKING:  # what type checkers and IDEs see (each `X as X`: an explicit re-export, for mypy --strict);
+    # tests/test_public_api.py checks it matches _LAZY
+    from lora_arith._internal.errors import LoraArithError as LoraArithError
+    from lora_arith._internal.errors import OptionError as OptionError
+    from lora_arith.evaluation.config import EvalConfig as EvalConfig
+    from lora_arith.evaluation.evaluate import EvalPrompt as EvalPrompt
+    from lora_arith.evaluation.evaluate import EvalResult as EvalResult
+    from lora_arith.evaluation.evaluate import evaluate as evaluate
+    from lora_arith.evaluation.evaluate import load_eval_prompts as load_eval_prompts
+    from lora_arith.evaluation.sweep import SweepResult as SweepResult
+    from lora_arith.evaluation.sweep import sweep as sweep
+    from lora_arith.evaluation.tune import TuneResult as TuneResult
+    from lora_arith.evaluation.tune import tune as tune
+    from lora_arith.lora.adapter_io import AdapterFile as AdapterFile
+    from lora_arith.lora.adapter_io import convert_adapter as convert_adapter
+    from lora_arith.lora.adapter_io import open_adapter as open_adapter
+    from lora_arith.lora.adapter_io import save_adapter as save_adapter
     from lora_arith.lora.adapter_io import open_adapter as load_adapter
-    from lora_arith.lora.analysis import PairInterference, Similarity, interference, similarity
-    from lora_arith.lora.combine import Combination, combine, extract
-    from lora_arith.lora.factors import LowRankDelta
-    from lora_arith.lora.specs import AdapterSpec, parse_spec, parse_specs
-    from lora_arith.model.base import load_base
-    from lora_arith.model.merge import merge_adapters
+    from lora_arith.lora.analysis import PairInterference as PairInterference
+    from lora_arith.lora.analysis import Similarity as Similarity
+    from lora_arith.lora.analysis import interference as interference
+    from lora_arith.lora.analysis import similarity as similarity
+    from lora_arith.lora.combine import Combination as Combination
+    from lora_arith.lora.combine import combine as combine
+    from lora_arith.lora.combine import extract as extract
+    from lora_arith.lora.factors import LowRankDelta as LowRankDelta
+    from lora_arith.lora.specs import AdapterSpec as AdapterSpec
+    from lora_arith.lora.specs import parse_spec as parse_spec
+    from lora_arith.lora.specs import parse_specs as parse_specs
+    from lora_arith.model.base import load_base as load_base
+    from lora_arith.model.merge import merge_adapters as merge_adapters
     from lora_arith.model.merge import merge_adapters as merge
-    from lora_arith.model.mixing import PreferenceMixer
-    from lora_arith.serving.engine import Engine
-    from lora_arith.sharing.export import Export
+    from lora_arith.model.mixing import PreferenceMixer as PreferenceMixer
+    from lora_arith.serving.engine import Engine as Engine
+    from lora_arith.sharing.export import Export as Export
     from lora_arith.sharing.export import export_adapters as export
-    from lora_arith.sharing.gguf import GgufExport, export_gguf, export_gguf_adapters
-    from lora_arith.sharing.push import push
-    from lora_arith.training.data import PreferencePair, load_pairs
-    from lora_arith.training.train import TrainConfig, TrainResult, train_preference
-    from lora_arith.training.vector import train_vector
+    from lora_arith.sharing.gguf import GgufExport as GgufExport
+    from lora_arith.sharing.gguf import export_gguf as export_gguf
+    from lora_arith.sharing.gguf import export_gguf_adapters as export_gguf_adapters
+    from lora_arith.sharing.push import push as push
+    from lora_arith.training.data import PreferencePair as PreferencePair
+    from lora_arith.training.data import load_pairs as load_pairs
+    from lora_arith.training.train import TrainConfig as TrainConfig
+    from lora_arith.training.train import TrainResult as TrainResult
+    from lora_arith.training.train import train_preference as train_preference
+    from lora_arith.training.vector import train_vector as train_vector

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 import lora_arith
@@ -213,3 +214,24 @@ def test_entry_points_name_their_arguments(two_adapters, tmp_path):
             call()
         assert message in str(raised.value), (message, raised.value)
     assert not any(tmp_path.iterdir())
+
+
+def test_specs_may_come_from_a_generator(chat_base, two_adapters, tmp_path):
+    """A generator of specs was used up by the type check: ``merge`` then wrote the base unchanged
+    and reported success, ``combine`` failed with "max() arg is an empty sequence"."""
+    from safetensors.torch import load_file
+
+    paths = [str(p) for p in two_adapters]
+    listed = lora_arith.combine([lora_arith.AdapterSpec(p, 0.5) for p in paths])
+    generated = lora_arith.combine(lora_arith.AdapterSpec(p, 0.5) for p in paths)
+    assert repr(generated) == repr(listed) and generated.deltas.keys() == listed.deltas.keys()
+    assert all(torch.equal(generated.deltas[m].B, listed.deltas[m].B) for m in listed.deltas)
+    lora_arith.merge(str(chat_base), (lora_arith.AdapterSpec(p) for p in paths[:1]), tmp_path / "from-generator")
+    lora_arith.merge(str(chat_base), [lora_arith.AdapterSpec(p) for p in paths[:1]], tmp_path / "from-list")
+    merged, expected = (load_file(tmp_path / name / "model.safetensors") for name in ("from-generator", "from-list"))
+    base = load_file(chat_base / "model.safetensors")
+    assert merged.keys() == expected.keys()
+    assert all(torch.equal(merged[key], expected[key]) for key in merged)
+    assert any(not torch.equal(merged[key], base[key]) for key in merged)
+    with pytest.raises(TypeError, match="takes AdapterSpec objects"):
+        lora_arith.combine(path for path in paths)

@@ -7,10 +7,13 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import os
 import pkgutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import lora_arith
 
@@ -49,6 +52,62 @@ def test_every_public_name_resolves_and_type_checkers_see_the_same_names():
         for alias in node.names:
             seen[alias.asname or alias.name] = (node.module.removeprefix("lora_arith."), alias.name)
     assert seen == lora_arith._LAZY
+
+
+def test_all_is_literal_and_reexports_are_explicit():
+    """``mypy --strict`` sees a public name only in a literal ``__all__`` or as an explicit
+    re-export (``from M import X as X``); ``["__version__", *_LAZY]`` hid every name from it."""
+    tree = ast.parse((PACKAGE / "__init__.py").read_text())
+    assigned = next(n for n in tree.body if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "__all__")
+    assert ast.literal_eval(assigned.value) == ["__version__", *lora_arith._LAZY]
+    block = next(n for n in tree.body if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING")
+    plain = [alias.name for node in block.body for alias in node.names if alias.asname is None]
+    assert plain == []
+
+
+USER_SCRIPT = """
+from __future__ import annotations
+
+import lora_arith as la
+from lora_arith import AdapterSpec, OptionError, combine
+
+
+def mix(paths: list[str]) -> la.Combination:
+    try:
+        return combine([AdapterSpec(path, 1.0) for path in paths], method="svd", rank=8)
+    except OptionError as error:
+        raise SystemExit(str(error)) from None
+
+
+def mixer(base: str, adapters: dict[str, str]) -> la.PreferenceMixer:
+    return la.PreferenceMixer(base, adapters)
+"""
+
+
+def test_a_users_code_passes_mypy_strict(tmp_path):
+    """A notebook user's typed code that uses the public API passes ``mypy --strict`` (the names
+    are exported, the results typed), and a wrong use of a result is caught."""
+    pytest.importorskip("mypy")
+    config = tmp_path / "mypy.ini"
+    heavy = "torch,transformers,peft,trl,datasets,accelerate,bitsandbytes,huggingface_hub,safetensors,numpy"
+    skipped = ",".join(f"{name}.*" for name in heavy.split(","))
+    # lora_arith is read from this checkout (an editable install's import hook is invisible to
+    # mypy), as an installed package's errors would be: not reported; heavy dependencies unread
+    config.write_text(f"[mypy]\ncache_dir = {tmp_path / 'cache'}\n[mypy-lora_arith.*]\nignore_errors = True\n"
+                      f"[mypy-{skipped}]\nfollow_imports = skip\n")  # fmt: skip
+    good, bad = tmp_path / "good.py", tmp_path / "bad.py"
+    good.write_text(USER_SCRIPT)
+    bad.write_text(USER_SCRIPT + "\n\nnumber: int = mix([])\n")
+    env = {**os.environ, "MYPYPATH": str(PACKAGE.parent)}
+    runs = {
+        path.name: subprocess.run(
+            [sys.executable, "-m", "mypy", "--strict", "--config-file", str(config), str(path)],
+            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+        )
+        for path in (good, bad)
+    }  # fmt: skip
+    assert runs["good.py"].returncode == 0, runs["good.py"].stdout
+    assert runs["bad.py"].returncode == 1 and '"Combination"' in runs["bad.py"].stdout, runs["bad.py"].stdout
 
 
 def test_unknown_names_are_attribute_errors():

@@ -287,7 +287,7 @@ def _in_order(pool: Executor, work: Callable[[str], _T], names: Sequence[str]) -
 
 
 def combine(
-    specs: Sequence[AdapterSpec],
+    specs: Iterable[AdapterSpec],
     *,
     method: str = "cat",
     rank: int | None = None,
@@ -310,9 +310,9 @@ def combine(
 
     Modules present in only some adapters are combined as a union (missing = zero).
     """
+    specs = require_specs(specs, "combine")
     if not specs:
         raise LoraArithError("give at least one adapter")
-    require_specs(specs, "combine")
     check_options(method, rank, energy, dtype)
 
     adapters = [open_adapter(spec.path) for spec in specs]

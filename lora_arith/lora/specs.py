@@ -97,18 +97,22 @@ class AdapterSpec:
         return f"{self.path}:{self.weight:g}"
 
 
-def require_specs(specs: Sequence[AdapterSpec], function: str) -> None:
-    """Raise ``TypeError`` unless ``specs`` are :class:`AdapterSpec` objects (what ``function`` takes),
+def require_specs(specs: Iterable[AdapterSpec], function: str) -> list[AdapterSpec]:
+    """``specs`` as a list, after checking they are :class:`AdapterSpec` objects (what ``function``
+    takes; any iterable, a generator too, which is read once here); ``TypeError`` otherwise,
     saying how to make them from text."""
     if isinstance(specs, AdapterSpec):
         raise TypeError(f"{function}() takes a list of AdapterSpec objects: [{specs!r}]")
-    if not isinstance(specs, Iterable) or isinstance(specs, (str, os.PathLike)) or any(
-        not isinstance(spec, AdapterSpec) for spec in specs
-    ):
-        raise TypeError(
-            f"{function}() takes AdapterSpec objects, e.g. [AdapterSpec('adapters/helpful', 1.0)]; "
-            "parse text with lora_arith.lora.specs.parse_specs"
-        )
+    wrong = TypeError(
+        f"{function}() takes AdapterSpec objects, e.g. [AdapterSpec('adapters/helpful', 1.0)]; "
+        "parse text with lora_arith.lora.specs.parse_specs"
+    )
+    if isinstance(specs, (str, bytes, os.PathLike)) or not isinstance(specs, Iterable):
+        raise wrong
+    listed = list(specs)
+    if any(not isinstance(spec, AdapterSpec) for spec in listed):
+        raise wrong
+    return listed
 
 
 def parse_spec(text: str | os.PathLike[str]) -> AdapterSpec:

@@ -22,7 +22,7 @@ import shutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from lora_arith._internal.atomic import atomic_output, check_output
 from lora_arith._internal.devices import resolve_device
@@ -345,7 +345,7 @@ def _copy_side_files(folder: Path, target: Path, dtype: str | None, config: dict
 
 def merge_adapters(
     base: str | None,
-    specs: Sequence[AdapterSpec],
+    specs: Iterable[AdapterSpec],
     output: str | os.PathLike[str],
     *,
     dtype: str | None = None,
@@ -382,9 +382,9 @@ def merge_adapters(
         raise OptionError("requantize", REQUANTIZE_WARNING)
     if requantize and not quantize_4bit:  # it acknowledges a loss that only the 4-bit output has
         raise OptionError(("requantize", "quantize_4bit"), "{} goes with {}: without it the merge is not re-quantized")
+    specs = require_specs(specs, "merge_adapters")
     if not specs:
         raise OptionError("adapter", "give at least one {} to merge")
-    require_specs(specs, "merge_adapters")
     if dtype is not None and dtype not in _DTYPE_NAMES:
         raise LoraArithError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPE_NAMES)}")
     if device is not None:
