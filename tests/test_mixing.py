@@ -97,6 +97,20 @@ def test_generate_batched_matches_one_by_one(chat_base, two_adapters):
     )
 
 
+def test_generate_leaves_the_callers_random_state_alone(chat_base, two_adapters):
+    """Every call reseeded torch's global generator for good (greedy ones too): a notebook's own
+    torch.rand gave the same numbers after each generate."""
+    mixer = PreferenceMixer(str(chat_base), {"helpful": two_adapters[0]})
+    torch.manual_seed(123)
+    expected = torch.rand(3), torch.rand(3)
+    torch.manual_seed(123)
+    first = torch.rand(3)
+    sampled = mixer.generate(["hi"], max_new_tokens=3, temperature=1.0, seed=5)
+    mixer.generate(["hi"], max_new_tokens=3)
+    assert torch.equal(first, expected[0]) and torch.equal(torch.rand(3), expected[1])
+    assert mixer.generate(["hi"], max_new_tokens=3, temperature=1.0, seed=5) == sampled
+
+
 def run(*args, input=None):
     return CliRunner().invoke(main, [str(a) for a in args], input=input, catch_exceptions=False)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
 
@@ -194,31 +194,43 @@ def generate(
         from tqdm import tqdm
 
         batches = tqdm(batches, desc="generating", unit="batch", leave=False)
-    torch.manual_seed(seed)
-    try:
-        for batch in batches:
-            encoded = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False)
-            encoded = encoded.to(_device(model))
-            sampling = (
-                dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
-                if temperature > 0
-                else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-            )
-            with batch_context(batch) if batch_context is not None else contextlib.nullcontext():
-                output = model.generate(
-                    **encoded,
-                    max_new_tokens=max_new_tokens,
-                    eos_token_id=stop_ids,
-                    pad_token_id=tokenizer.pad_token_id,
-                    logits_processor=LogitsProcessorList([_RequireFiniteLogits()]),
-                    **sampling,
+    # sampling draws from torch's global generator (transformers): seeded here, and restored after
+    with _seeded(seed, _device(model)) if temperature > 0 else contextlib.nullcontext():
+        try:
+            for batch in batches:
+                encoded = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False)
+                encoded = encoded.to(_device(model))
+                sampling = (
+                    dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
+                    if temperature > 0
+                    else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
                 )
-            new_tokens = output[:, encoded["input_ids"].shape[1] :]
-            for i, tokens in zip(batch, new_tokens):
-                completions[i] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
-    finally:
-        tokenizer.padding_side = padding_side
+                with batch_context(batch) if batch_context is not None else contextlib.nullcontext():
+                    output = model.generate(
+                        **encoded,
+                        max_new_tokens=max_new_tokens,
+                        eos_token_id=stop_ids,
+                        pad_token_id=tokenizer.pad_token_id,
+                        logits_processor=LogitsProcessorList([_RequireFiniteLogits()]),
+                        **sampling,
+                    )
+                new_tokens = output[:, encoded["input_ids"].shape[1] :]
+                for i, tokens in zip(batch, new_tokens):
+                    completions[i] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        finally:
+            tokenizer.padding_side = padding_side
     return completions
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """torch's global random state seeded with ``seed`` inside, and the caller's restored after
+    (every call used to reseed it for good, greedy ones too)."""
+    accelerated = device.type in ("cuda", "mps")
+    devices = [device.index if device.index is not None else 0] if accelerated else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if accelerated else "cuda"):
+        torch.manual_seed(seed)
+        yield
 
 
 @torch.no_grad()
