@@ -235,3 +235,29 @@ def test_specs_may_come_from_a_generator(chat_base, two_adapters, tmp_path):
     assert any(not torch.equal(merged[key], base[key]) for key in merged)
     with pytest.raises(TypeError, match="takes AdapterSpec objects"):
         lora_arith.combine(path for path in paths)
+
+
+def test_a_given_mixer_keeps_its_weights_through_tune(chat_base, vectors, prompts):
+    """tune(mixer=m) left the user's mixer at all-zero weights (sweep restored them); the search
+    does not depend on the weights the mixer had."""
+    mixer = lora_arith.PreferenceMixer(str(chat_base), vectors)
+    mixer.set(**dict(zip(vectors, (0.7, -0.3))))
+    options = dict(maximize="refusal_rate", subject_to=["compliance_rate>=0"], bounds=(-1, 1), budget=4, seed=3,
+                   max_new_tokens=3)  # fmt: skip
+    given = lora_arith.tune(vectors, prompts=prompts, mixer=mixer, **options)
+    assert mixer.weights == dict(zip(vectors, (0.7, -0.3)))
+    own = lora_arith.tune(vectors, prompts=prompts, base=str(chat_base), **options)
+    assert given.eta == own.eta and given.evaluated == own.evaluated
+
+
+def test_a_mixer_is_closed_once_merged_and_its_weights_are_read_only(chat_base, two_adapters):
+    """After merged_model() the mixer kept generating at the merged weights while reporting
+    others; its weights dict could be changed without changing the model."""
+    mixer = lora_arith.PreferenceMixer(str(chat_base), {"helpful": two_adapters[0]})
+    mixer.weights["helpful"] = 0.0
+    assert mixer.weights == {"helpful": 1.0}
+    mixer.merged_model()
+    for call in (lambda: mixer.set(helpful=0.0), lambda: mixer.generate(["hi"], max_new_tokens=1),
+                 lambda: mixer.merged_model()):  # fmt: skip
+        with pytest.raises(LoraArithError, match="folded into its base by merged_model"):
+            call()

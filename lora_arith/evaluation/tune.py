@@ -187,8 +187,7 @@ def tune(
     judge = config.make_judge()
     if mixer is None:
         mixer = config.mixer({**named, **compared})
-    zeros = {name: 0.0 for name in mixer.names}
-    mixer.set(**zeros)
+    zeros = {name: 0.0 for name in mixer.names}  # every point names every adapter: a given mixer keeps its weights
 
     references: dict[int, dict] = {}  # the reference log-probs of each part's pairs, computed once
 

@@ -327,8 +327,9 @@ class PreferenceMixer:
         self.names = list(adapters)
         if self.names:
             self.model.base_model.set_adapter(self.names, inference_mode=True)
-        self.weights: dict[str, float] = {name: 1.0 for name in self.names}
+        self._weights: dict[str, float] = {name: 1.0 for name in self.names}
         self._lora_layers = _lora_layers(self.model)
+        self._merged = False
 
     @classmethod
     def from_specs(
@@ -346,6 +347,17 @@ class PreferenceMixer:
             mixer.set(**{name: spec.weight for name, spec in named.items()})
         return mixer
 
+    @property
+    def weights(self) -> dict[str, float]:
+        """The current weight η of each adapter (a copy: change them with :meth:`set`)."""
+        return dict(self._weights)
+
+    def _check_open(self) -> None:
+        if self._merged:
+            raise LoraArithError(
+                "this mixer's adapters were folded into its base by merged_model(); make a new PreferenceMixer"
+            )
+
     def __repr__(self) -> str:
         inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         device = next(self.model.parameters()).device
@@ -359,17 +371,19 @@ class PreferenceMixer:
         mix = self.row_mix(weights)  # an unknown name or a weight that is not a finite number is an error
         for name in weights:
             _check_scale(self._labels[name], self._peaks[name], mix[name], self._dtype)
-        self.weights.update(mix)
+        self._weights.update(mix)
         for layer in self._lora_layers:
             for name in weights:
-                layer.set_scale(name, self.weights[name])
-        return dict(self.weights)
+                layer.set_scale(name, self._weights[name])
+        return dict(self._weights)
 
     def row_mix(self, weights: Mapping[str, Any] | None) -> dict[str, float]:
         """The full mix of one row: the mixer's current weights, overridden by ``weights``.
 
-        Raises :class:`LoraArithError` for an unknown name or a weight that is not a finite number."""
-        return self.weights | check_named_weights(weights, self.names)
+        Raises :class:`LoraArithError` for an unknown name or a weight that is not a finite number,
+        or once :meth:`merged_model` has folded the adapters into the base."""
+        self._check_open()
+        return self._weights | check_named_weights(weights, self.names)
 
     @contextlib.contextmanager
     def row_weights(self, rows: Sequence[Mapping[str, Any] | None], *, fused: bool = False) -> Iterator["RowWeights"]:
@@ -407,6 +421,7 @@ class PreferenceMixer:
     def row_handle(self, *, fused: bool = False) -> "RowWeights":
         """Put per-row weights on the LoRA layers, for :meth:`RowWeights.assign` to fill; the caller
         must call its ``restore()`` (:meth:`row_weights` is the context manager that does)."""
+        self._check_open()
         handle = RowWeights()
         try:
             for layer in self._lora_layers:
@@ -469,6 +484,7 @@ class PreferenceMixer:
         """
         from lora_arith.model.generation import generate
 
+        self._check_open()
         if isinstance(prompts, str):
             prompts = [prompts]  # not one prompt per character
         if isinstance(prompts, Mapping) or not isinstance(prompts, Iterable):
@@ -500,6 +516,7 @@ class PreferenceMixer:
         number of layers quantized. CPU only; not for a 4-bit base."""
         from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
 
+        self._check_open()
         if self.quantized:
             raise LoraArithError("the base is already quantized (4-bit); load it in full precision for int8")
         if next(self.model.parameters()).device.type != "cpu":
@@ -523,12 +540,15 @@ class PreferenceMixer:
         """The base with the current mix folded into its weights (a plain transformers model).
 
         Faster at inference; only for a base that is not quantized. This unloads the
-        adapters: the mixer cannot be used afterwards.
+        adapters: the mixer cannot be used afterwards (its methods raise :class:`LoraArithError`).
         """
+        self._check_open()
         if not self.names:
             return self.model
         if self.quantized:
             raise LoraArithError(
                 "cannot fold adapters into a 4-bit base without rounding; load it with quantize_4bit=False"
             )
-        return self.model.merge_and_unload(adapter_names=self.names)
+        merged = self.model.merge_and_unload(adapter_names=self.names)
+        self._merged = True
+        return merged
