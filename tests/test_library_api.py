@@ -261,3 +261,22 @@ def test_a_mixer_is_closed_once_merged_and_its_weights_are_read_only(chat_base, 
                  lambda: mixer.merged_model()):  # fmt: skip
         with pytest.raises(LoraArithError, match="folded into its base by merged_model"):
             call()
+
+
+def test_a_run_on_a_given_mixer_records_the_mixers_base(chat_base, vectors, prompts, tmp_path):
+    """With mixer=, tune recorded the default base and a sweep resumed the points of a run on
+    another base; base/quantize_4bit/device were silently ignored; a mixer lacking a vector
+    failed after the sweep's folder was made."""
+    mixer = lora_arith.PreferenceMixer(str(chat_base), vectors)
+    options = dict(maximize="refusal_rate", subject_to=["compliance_rate>=0"], bounds=(-1, 1), budget=4,
+                   max_new_tokens=2)  # fmt: skip
+    assert lora_arith.tune(vectors, prompts=prompts, mixer=mixer, **options).report["base"] == chat_base.name
+    settings = dict(prompts=prompts, grid=[0], max_new_tokens=2)
+    lora_arith.sweep(vectors, tmp_path / "sweep", mixer=mixer, **settings)
+    with pytest.raises(LoraArithError, match="settings"):  # the default base: not a resume of the tiny one's points
+        lora_arith.sweep(vectors, tmp_path / "sweep", **settings)
+    with pytest.raises(LoraArithError, match="the mixer holds its base already: leave out base"):
+        lora_arith.evaluate(mixer=mixer, prompts=prompts, base=str(chat_base))
+    with pytest.raises(LoraArithError, match="the mixer has no adapter named 'other'"):
+        lora_arith.sweep({**vectors, "other": next(iter(vectors.values()))}, tmp_path / "missing", mixer=mixer, **settings)
+    assert not (tmp_path / "missing").exists()

@@ -79,6 +79,29 @@ class EvalConfig:
             self.base, adapter_specs(adapters), quantize_4bit=self.quantize_4bit, device=self.device
         )
 
+    def on_mixer(self, mixer: PreferenceMixer | None, names: Iterable[str] = ()) -> EvalConfig:
+        """This config for a run on ``mixer`` (``None``: unchanged), with the base the mixer holds,
+        which is what a report records and what a sweep resumes by. The base, 4-bit and device
+        settings are the mixer's, so giving them too is an error, as is a name of ``names`` (the
+        run's adapters) that the mixer lacks: both are checked before anything is written."""
+        from lora_arith.model.base import is_default_base
+
+        if mixer is None:
+            return self
+        for name in ("base", "quantize_4bit", "device"):
+            if getattr(self, name) != getattr(EvalConfig, name):
+                raise OptionError(("mixer", name), "the {} holds its base already: leave out {}")
+        missing = [name for name in names if name not in mixer.names]
+        if missing:
+            raise OptionError("mixer", "the {} has no adapter named {name!r}", name=missing[0])
+        inner = mixer.model.get_base_model() if hasattr(mixer.model, "get_base_model") else mixer.model
+        base = getattr(inner.config, "name_or_path", None) or None
+        return replace(
+            self,
+            base=None if is_default_base(base) else base,
+            quantize_4bit=getattr(inner, "hf_quantizer", None) is not None,
+        )
+
     def generation(self) -> dict[str, Any]:
         """The keywords of the evaluation calls: max_new_tokens, batch_size and beta."""
         return dict(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, beta=self.beta)

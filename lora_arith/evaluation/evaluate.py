@@ -313,7 +313,8 @@ def evaluate(
         limit, max_pairs: keep the first N prompts of each kind, the first N pairs of each file.
         label: ``helpful`` or ``harmless``, for pair files of PKU-SafeRLHF records.
         mixer: evaluate this loaded :class:`~lora_arith.model.mixing.PreferenceMixer` at its current
-            weights instead of loading ``adapters`` on the base.
+            weights instead of loading ``adapters`` on the base (``base``, ``quantize_4bit`` and
+            ``device`` are the mixer's then, and left out).
         config, settings: an :class:`~lora_arith.evaluation.config.EvalConfig`, or its fields as
             keywords (``base=``, ``max_new_tokens=``, ``judge=``, ...).
     """
@@ -323,6 +324,7 @@ def evaluate(
     if mixer is not None and adapters:
         raise TypeError("evaluate() takes adapters or a mixer, not both")
     specs = adapter_specs(adapters or {})
+    config = config.on_mixer(mixer)
     inputs = load_inputs(prompts, pairs, limit=limit, max_pairs=max_pairs, label=label)
     judge = config.make_judge()
     if mixer is None:

@@ -266,7 +266,8 @@ def sweep(
     Each finished point is appended to ``output/points.jsonl``, so calling again with the same
     settings and inputs resumes an interrupted sweep; other settings are an error unless ``force``
     starts over. ``fix`` holds the vectors not on a heatmap's axes (three or more vectors) at the
-    given grid values. ``mixer``: an already loaded mixer with ``vectors`` attached by name.
+    given grid values. ``mixer``: an already loaded mixer with ``vectors`` attached by name (its base is the
+    one a later call resumes by; ``base``, ``quantize_4bit`` and ``device`` are then left out).
     ``limit``, ``max_pairs``, ``label``, ``config`` and ``settings`` are as for
     :func:`~lora_arith.evaluation.evaluate.evaluate`;
     ``log`` gets a line when earlier points are resumed."""
@@ -275,6 +276,7 @@ def sweep(
 
     config = EvalConfig.build(config, settings, "sweep")
     named = {name: os.fspath(path) for name, path in require_mapping(vectors, "vectors", VECTORS_EXAMPLE).items()}
+    config = config.on_mixer(mixer, named)
     require_count(points_per_batch, "points_per_batch")  # before the base loads and the output is made
     inputs = load_inputs(prompts, pairs, limit=limit, max_pairs=max_pairs, label=label)
     sources = config.sources(named.values(), inputs.files)

@@ -148,7 +148,8 @@ def tune(
             files of PKU-SafeRLHF records.
         points_per_batch: grid points generated together in one batch (per-row weights).
         mixer: an already loaded :class:`~lora_arith.model.mixing.PreferenceMixer` with every
-            vector and compared adapter attached by name, instead of loading the base.
+            vector and compared adapter attached by name, instead of loading the base (the report
+            records the mixer's base; ``base``, ``quantize_4bit`` and ``device`` are then left out).
         log: called with a line per search round (e.g. ``print``).
         config, settings: how mixes are evaluated: an :class:`EvalConfig`, or its fields as
             keywords (``base=``, ``max_new_tokens=``, ``judge=``, ``batch_size=``, ...).
@@ -184,6 +185,7 @@ def tune(
             raise OptionError("prompts", "{key} needs {kind} prompts, and {} has none", key=key, kind=kind)
         if metric(key).part == "pairs" and not inputs.pairs:  # found only after the whole search before
             raise OptionError("pairs", "{key} is measured on preference pairs: give {}", key=metric(key).name)
+    config = config.on_mixer(mixer, [*named, *compared])
     judge = config.make_judge()
     if mixer is None:
         mixer = config.mixer({**named, **compared})
