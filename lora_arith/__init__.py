@@ -67,6 +67,8 @@ _LAZY: dict[str, tuple[str, str]] = {
     "tune": ("evaluation.tune", "tune"),
     # serving/
     "Engine": ("serving.engine", "Engine"),
+    "RowRequest": ("serving.protocol", "RowRequest"),
+    "RowResult": ("serving.protocol", "RowResult"),
     # sharing/
     "Export": ("sharing.export", "Export"),
     "export": ("sharing.export", "export_adapters"),
@@ -86,8 +88,8 @@ __all__ = [
     "Similarity", "similarity", "PairInterference", "interference", "load_base", "PreferenceMixer", "merge",
     "merge_adapters", "PreferencePair", "load_pairs", "TrainConfig", "TrainResult", "train_preference",
     "train_vector", "EvalConfig", "EvalPrompt", "EvalResult", "evaluate", "load_eval_prompts", "SweepResult",
-    "sweep", "TuneResult", "tune", "Engine", "Export", "export", "GgufExport", "export_gguf",
-    "export_gguf_adapters", "push", "LoraArithError", "OptionError",
+    "sweep", "TuneResult", "tune", "Engine", "RowRequest", "RowResult", "Export", "export", "GgufExport",
+    "export_gguf", "export_gguf_adapters", "push", "LoraArithError", "OptionError",
 ]
 """Written out for type checkers (``mypy --strict`` reads only a literal ``__all__``); the same
 names as ``_LAZY``, in its order (``tests/test_public_api.py``)."""
@@ -143,6 +145,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see (each `X as X`: an explicit
     from lora_arith.model.merge import merge_adapters as merge
     from lora_arith.model.mixing import PreferenceMixer as PreferenceMixer
     from lora_arith.serving.engine import Engine as Engine
+    from lora_arith.serving.protocol import RowRequest as RowRequest
+    from lora_arith.serving.protocol import RowResult as RowResult
     from lora_arith.sharing.export import Export as Export
     from lora_arith.sharing.export import export_adapters as export
     from lora_arith.sharing.gguf import GgufExport as GgufExport

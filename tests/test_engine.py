@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 
+from lora_arith._internal.errors import LoraArithError
 from lora_arith.model.mixing import PreferenceMixer
 from lora_arith.serving.engine import Engine, SlotCache
 from lora_arith.serving.protocol import EngineClosed, EngineFull, RowRequest
@@ -80,11 +81,15 @@ def test_unwritten_cache_memory_never_reaches_a_row(reference, mixer, monkeypatc
     assert [result.text for result in first + results] == expected
 
 
-def test_a_row_that_fails_fails_alone(reference, engine):
+def test_a_row_that_fails_fails_alone(reference, engine, monkeypatch):
     """A temperature far below the protocol's floor overflows the softmax: that row fails, the
-    rows batched with it finish with the text they get alone."""
+    rows batched with it finish with the text they get alone (such a request is refused by
+    Engine.check now; the worker's own isolation is tested past it)."""
     good = [request(engine, PROMPTS[i], MIXES[i % 3], max_tokens=8) for i in range(3)]
     bad = request(engine, PROMPTS[0], MIXES[0], max_tokens=8, temperature=1e-300, seed=2**64 - 1)
+    with pytest.raises(LoraArithError, match="temperature must be 0"):
+        engine.check(bad)
+    monkeypatch.setattr(engine, "check", lambda request: None)
     outcomes: dict[int, object] = {}
     done = threading.Semaphore(0)
     for index, row in enumerate([good[0], bad, good[1], good[2]]):
@@ -260,3 +265,53 @@ def test_the_context_length_is_decided_in_one_place_with_one_fallback(mixer, mon
     assert Engine(mixer).context_length == DEFAULT_CONTEXT_LENGTH
     with pytest.raises(LoraArithError, match="context of 2048 tokens"):
         check_prompt_lengths(mixer.model, mixer.tokenizer, ["hi"], max_new_tokens=2048)
+
+
+def test_a_library_callers_malformed_request_is_refused_at_submit(engine, mixer):
+    """From Python, a RowRequest with text for token ids killed the worker thread (every later
+    request then failed or waited for ever); others ran wrong (max_tokens=0 gave a token). Each
+    is refused at submit, naming its field, and the engine goes on serving."""
+    ids = engine.encode([{"role": "user", "content": "hi"}])
+    bad = [
+        (RowRequest("hello", max_tokens=3), "prompt_ids must be a non-empty list of token ids"),
+        (RowRequest([], max_tokens=3), "prompt_ids must be"),
+        (RowRequest([10**9], max_tokens=3), "prompt_ids must be"),
+        (RowRequest(ids, max_tokens=0), "max_tokens must be a whole number of at least 1"),
+        (RowRequest(ids, max_tokens=10**9), "exceed the model's context"),
+        (RowRequest(ids, {"nope": 1.0}), "no adapter named nope"),
+        (RowRequest(ids, temperature=-1.0), "temperature must be 0"),
+        (RowRequest(ids, temperature=0.7, top_p=0.0), "top_p must be above 0"),
+        (RowRequest(ids, temperature=0.7, seed=2**64), "seed must be a whole number within int64"),
+        (RowRequest(ids, stop="x"), "stop must be a list of strings"),
+    ]
+    for row, message in bad:
+        with pytest.raises(LoraArithError, match=message):
+            engine.submit(row, print, print)
+    with pytest.raises(TypeError, match="RowRequest objects, not str"):
+        engine.generate(["hello"])
+    assert engine.generate([RowRequest(ids, max_tokens=2)], timeout=30)[0].completion_tokens >= 1
+    assert repr(engine).startswith("Engine(running, rows=0/4")
+
+    waiting = Engine(mixer)
+    with pytest.raises(LoraArithError, match="call its start"):  # it waited for ever
+        waiting.generate([RowRequest(ids, max_tokens=2)])
+    for option, value in (("max_batch_size", "4"), ("max_batch_tokens", 0), ("max_prefill_tokens", -1),
+                          ("max_queue", -1)):  # fmt: skip
+        with pytest.raises(LoraArithError, match=f"{option} must be a whole number"):
+            Engine(mixer, **{option: value})
+
+
+def test_a_running_engine_holds_its_mixer(mixer):
+    """While an engine ran, the mixer's own generate gave the engine's per-row mixes or a raw
+    torch shape error; a second engine on the same mixer mixed both batches' weights."""
+    engine = Engine(mixer).start()
+    try:
+        with pytest.raises(LoraArithError, match="a running Engine holds this mixer"):
+            mixer.generate(["hi"], max_new_tokens=1)
+        with pytest.raises(LoraArithError, match="a running Engine holds this mixer"):
+            Engine(mixer).start()
+        ids = engine.encode([{"role": "user", "content": "hi"}])
+        assert engine.generate([RowRequest(ids, max_tokens=2)], timeout=30)
+    finally:
+        engine.close(timeout=10)
+    assert mixer.generate(["hi"], max_new_tokens=1)  # closed: the mixer is the caller's again

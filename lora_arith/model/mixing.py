@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import threading
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -330,6 +331,7 @@ class PreferenceMixer:
         self._weights: dict[str, float] = {name: 1.0 for name in self.names}
         self._lora_layers = _lora_layers(self.model)
         self._merged = False
+        self._owner: threading.Thread | None = None  # a running Engine's worker, which alone may use the mixer
 
     @classmethod
     def from_specs(
@@ -357,6 +359,10 @@ class PreferenceMixer:
             raise LoraArithError(
                 "this mixer's adapters were folded into its base by merged_model(); make a new PreferenceMixer"
             )
+        owner = self._owner
+        if owner is not None and owner is not threading.current_thread() and owner.is_alive():
+            # its layers hold the engine's per-row weights: another caller would get the engine's mixes
+            raise LoraArithError("a running Engine holds this mixer: generate through the engine, or close() it first")
 
     def __repr__(self) -> str:
         inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 
 from lora_arith._internal.errors import LoraArithError, OptionError
+from lora_arith.lora.numerics import finite_number, require_count
 from lora_arith.serving.protocol import EngineClosed, EngineFull, RowRequest, RowResult
 
 if TYPE_CHECKING:
@@ -352,10 +353,10 @@ class Engine:
     ) -> None:
         from lora_arith.model.generation import context_length, end_of_turn_ids, most_characters
 
-        if max_batch_size < 1:
-            raise OptionError("max_batch_size", "{} must be at least 1")
-        if max_queue < 0:
-            raise OptionError("max_queue", "{} must not be negative")
+        require_count(max_batch_size, "max_batch_size")
+        require_count(max_prefill_tokens, "max_prefill_tokens")
+        require_count(max_batch_tokens, "max_batch_tokens")
+        require_count(max_queue, "max_queue", least=0)
         self.mixer, self.tokenizer = mixer, mixer.tokenizer
         self.max_batch_size, self.max_queue, self.max_prefill_tokens = max_batch_size, max_queue, max_prefill_tokens
         self.max_batch_tokens = max_batch_tokens
@@ -364,6 +365,7 @@ class Engine:
         self.pad_id = pad if pad is not None else min(self.stop_ids, default=0)
         self.context_length = context_length(mixer.model, self.tokenizer)
         self.device = next(mixer.model.parameters()).device
+        self._vocabulary = mixer.model.get_input_embeddings().num_embeddings
         self.observe = observe
         self._pending: collections.deque[_Row] = collections.deque()
         self._rows: list[_Row] = []
@@ -405,9 +407,53 @@ class Engine:
             shared += 1
         return first[:shared]
 
+    def __repr__(self) -> str:
+        state = "closed" if self._closing else "running" if self._thread.is_alive() else "not started"
+        return (
+            f"Engine({state}, rows={len(self._rows)}/{self.max_batch_size}, queued={len(self._pending)}, "
+            f"steps={self.steps}, tokens={self.generated_tokens})"
+        )
+
     def start(self) -> "Engine":
+        """Start the worker thread (once); returns the engine. The mixer is the engine's until
+        :meth:`close`: use its :meth:`generate`, not the mixer's."""
+        self.mixer._check_open()  # not merged, not held by another running engine
+        self.mixer._owner = self._thread
         self._thread.start()
         return self
+
+    def check(self, request: RowRequest) -> None:
+        """Refuse a request the worker could not run, before it joins a batch (the server's own
+        requests are checked by ``serving.protocol`` first; this catches a library caller's):
+        :class:`TypeError` for another object, :class:`OptionError` naming the field otherwise."""
+        from lora_arith.lora.specs import check_named_weights
+        from lora_arith.serving.protocol import INT64, MIN_TEMPERATURE
+
+        if not isinstance(request, RowRequest):
+            raise TypeError(f"the engine runs RowRequest objects, not {type(request).__name__}")
+        ids, size = request.prompt_ids, self._vocabulary
+        if (
+            isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence) or not ids
+            or not all(type(token) is int and 0 <= token < size for token in ids)
+        ):  # fmt: skip
+            raise OptionError("prompt_ids", "{} must be a non-empty list of token ids from 0 to {last}", last=size - 1)
+        tokens = require_count(request.max_tokens, "max_tokens")
+        if len(ids) + tokens > self.context_length:
+            raise OptionError(
+                "max_tokens", "the prompt's {count} tokens and {} {value} exceed the model's context of {context}",
+                count=len(ids), value=tokens, context=self.context_length,
+            )  # fmt: skip
+        check_named_weights(request.weights, self.mixer.names)
+        temperature, top_p, seed = request.temperature, request.top_p, request.seed
+        if finite_number(temperature) is None or not (temperature == 0 or MIN_TEMPERATURE <= temperature):
+            raise OptionError("temperature", "{} must be 0 (greedy) or at least {low}, not {value!r}",
+                              low=MIN_TEMPERATURE, value=temperature)  # fmt: skip
+        if finite_number(top_p) is None or not 0 < top_p <= 1:
+            raise OptionError("top_p", "{} must be above 0 and at most 1, not {value!r}", value=top_p)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not INT64[0] <= seed <= INT64[1]):
+            raise OptionError("seed", "{} must be a whole number within int64 or None, not {value!r}", value=seed)
+        if isinstance(request.stop, (str, bytes)) or not all(isinstance(stop, str) for stop in request.stop):
+            raise OptionError("stop", "{} must be a list of strings, not {value!r}", value=request.stop)
 
     def submit(
         self,
@@ -416,7 +462,9 @@ class Engine:
         on_error: Callable[[BaseException], None],
     ) -> None:
         """Queue ``request``; ``on_done(result)`` or ``on_error(error)`` is called from the
-        engine's thread when it ends. Raises :class:`EngineFull` or :class:`EngineClosed`."""
+        engine's thread when it ends. Raises :class:`EngineFull` or :class:`EngineClosed`, and
+        what :meth:`check` raises for a request that could not run."""
+        self.check(request)
         row = _Row(request, self, on_done, on_error)
         with self._condition:
             if self._closing:
@@ -428,6 +476,8 @@ class Engine:
 
     def generate(self, requests: Sequence[RowRequest], timeout: float | None = None) -> list[RowResult]:
         """Run ``requests`` to the end and return their results (in order); the first error raises."""
+        if not self._thread.is_alive() and not self._closing:  # it would wait for ever
+            raise LoraArithError("the engine is not running: call its start() first")
         results: list[Any] = [None] * len(requests)
         done = threading.Semaphore(0)
 
@@ -450,9 +500,11 @@ class Engine:
 
     @property
     def running(self) -> int:
+        """How many rows the batch decodes now."""
         return len(self._rows)
 
     def queued(self) -> int:
+        """How many requests wait to join the batch."""
         return len(self._pending)
 
     def close(self, timeout: float = 30.0) -> None:
@@ -525,6 +577,8 @@ class Engine:
             raise
         finally:
             handle.restore()
+            if self.mixer._owner is self._thread:
+                self.mixer._owner = None
             with self._condition:
                 self._closing = True
                 leftover, self._rows = list(self._pending) + self._rows, []
