@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import lora_arith
 
@@ -187,6 +188,12 @@ def test_result_objects_show_a_short_summary(chat_base, two_adapters, tmp_path):
             tmp_path, {"training": {"steps": 2000}}, [{"loss": 0.5, "step": i} for i in range(2000)]
         ),
         "EvalResult(label=": lora_arith.EvalResult("x", {"a": 1.0}, {}, [{"completion": "y" * 100}] * 2000),
+        "EvalResult(label='y', metrics={'m0': 0.5": lora_arith.EvalResult(
+            "y", {}, {f"m{i}": 0.5 for i in range(40)} | {"m0_ci": [0.1, 0.9]}, []
+        ),
+        "Similarity(labels=['a0', ": lora_arith.Similarity(  # 12 adapters: a 12×12 tensor printed over lines
+            [f"a{i}" for i in range(12)], torch.rand(12, 12), {"q_proj": torch.rand(12, 12)}
+        ),
         "PreferenceMixer(base=": lora_arith.PreferenceMixer(str(chat_base), {"helpful": two_adapters[0]}),
     }
     for start, value in shown.items():

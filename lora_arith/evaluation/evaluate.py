@@ -268,6 +268,18 @@ class EvalResult:
     completions: list[dict[str, Any]] = field(repr=False)
     sources: list[Path] = field(default_factory=list, repr=False)
 
+    def __repr__(self) -> str:
+        """One line: the rates (not their intervals or counts); the rest is in :attr:`metrics`."""
+        rates = {
+            key: round(value, 4) for key, value in self.metrics.items()
+            if isinstance(value, float) and not key.startswith("n_") and not key.endswith("_ci")
+        }  # fmt: skip
+        shown = dict(list(rates.items())[:6])
+        more = f", +{len(rates) - len(shown)} more" if len(rates) > len(shown) else ""
+        return (
+            f"EvalResult(label={self.label!r}, metrics={shown}{more}, completions={len(self.completions)})"
+        )
+
     @property
     def table(self) -> str:
         """The headline metrics as a Markdown table (``summary.md``)."""

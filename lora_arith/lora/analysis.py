@@ -32,7 +32,13 @@ class Similarity:
 
     labels: list[str]
     overall: torch.Tensor
-    by_module_type: dict[str, torch.Tensor] = field(repr=False)  # a matrix per type: too long to show
+    by_module_type: dict[str, torch.Tensor]
+
+    def __repr__(self) -> str:
+        """One line: the overall cosines when there are at most four adapters, else their shape."""
+        n = len(self.labels)
+        shown = [[round(float(v), 4) for v in row] for row in self.overall] if n <= 4 else f"<{n}×{n} cosines>"
+        return f"Similarity(labels={self.labels}, overall={shown}, module_types={sorted(self.by_module_type)})"
 
 
 def _cosines(gram: torch.Tensor) -> torch.Tensor:
