@@ -208,6 +208,7 @@ def test_entry_points_name_their_arguments(two_adapters, tmp_path):
         (lambda: lora_arith.merge(None, [lora_arith.AdapterSpec(a)], tmp_path / "m", requantize=True), LoraArithError,
          "requantize goes with quantize_4bit"),
         (lambda: lora_arith.PreferenceMixer(None, {"h.1": a}), LoraArithError, "an adapter's name must be text without '.'"),
+        (lambda: lora_arith.save_adapter(tmp_path / "empty", {}, {}), LoraArithError, "tensors holds no LoRA factors"),
     ]  # fmt: skip
     for call, kind, message in cases:
         with pytest.raises(kind) as raised:

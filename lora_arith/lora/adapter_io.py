@@ -534,6 +534,11 @@ def save_adapter(
     writing fails. ``path`` may be an :class:`~lora_arith._internal.atomic.Output` already checked;
     otherwise it is checked here against ``inputs`` (see :func:`~lora_arith._internal.atomic.check_output`).
     """
+    if not isinstance(tensors, Mapping) or not any(isinstance(key, str) and _KEY_PATTERN.match(key) for key in tensors):
+        raise LoraArithError(  # open_adapter would refuse what is written
+            "tensors holds no LoRA factors (PEFT's names, e.g. "
+            "'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'); nothing to save"
+        )
     single_file = output_kind(path) == "file"
     config, recipe, training = public_config(config), scrub(recipe), public_training(training)
     metadata = _metadata(config, recipe, training, single_file)
