@@ -141,6 +141,12 @@ def test_one_name_weight_parser_with_each_options_message(tmp_path):
     )
     assert error("serve", "--adapter", f"h={nowhere}:5") == "Error: the default weight of h (5) is above --max-eta 4"
     assert error("serve", "--api-key", "") == "Error: --api-key (or LORA_ARITH_API_KEY) must not be empty"
+    # a non-ASCII key could never match what clients send; an empty variable served with no key
+    assert error("serve", "--api-key", "clé", "--port", "-1") == "Error: --api-key must be printable ASCII without spaces"
+    unset = CliRunner().invoke(main, ["serve", "--port", "-1"], env={"LORA_ARITH_API_KEY": ""})
+    assert unset.exit_code == 1 and unset.output.strip() == (
+        "Error: LORA_ARITH_API_KEY is set but empty: set it to a key, or unset it to serve without one"
+    )
     assert error("export", nowhere, nowhere, "--mix", "m=1,y", "-o", nowhere) == (
         "Error: --mix 'm=1,y': the weights must be numbers separated by commas"
     )

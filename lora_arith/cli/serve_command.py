@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import click
 
@@ -108,6 +109,8 @@ def serve(base, adapters, weights, api_key, **options):
     from lora_arith._internal.errors import OptionError
     from lora_arith.serving.launch import parse_default_weights, serve as serve_adapters
 
+    if api_key is None and os.environ.get("LORA_ARITH_API_KEY") == "":  # click reads an empty variable as unset
+        raise OptionError("api_key", "LORA_ARITH_API_KEY is set but empty: set it to a key, or unset it to serve without one")
     if api_key is not None and not api_key:
         raise OptionError("api_key", "{} (or LORA_ARITH_API_KEY) must not be empty")
     serve_adapters(

@@ -67,6 +67,9 @@ class AccessSettings:
     ) -> None:
         if api_key is not None and not api_key:
             raise OptionError("api_key", "{} must not be empty")
+        if api_key is not None and not (api_key.isascii() and api_key.isprintable() and " " not in api_key):
+            # an HTTP header carries bytes that clients send as ASCII: another key could never match
+            raise OptionError("api_key", "{} must be printable ASCII without spaces")
         if max_request_bytes < 1:
             raise OptionError("max_request_bytes", "{} must be at least 1")
         if finite_number(request_timeout) is None or request_timeout <= 0:
@@ -360,9 +363,12 @@ def create_app(
     async def chat_completions(http: Request):
         try:
             chat, prepared = await asyncio.to_thread(prepare, await http.body())
-            reply = await backend.complete(chat, prepared, settings.model_id)
+            completing = asyncio.ensure_future(backend.complete(chat, prepared, settings.model_id))
+            reply = await (completing if chat.stream else _unless_disconnected(completing, http))
         except RequestError as error:
             return error_response(error)
+        if reply is None:  # the client went away: nobody reads this
+            return Response(status_code=499)
         if isinstance(reply, dict):
             return reply
         return StreamingResponse(reply, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -380,6 +386,27 @@ def create_app(
     if access.loopback_only is not False:  # first of all, CORS preflights included
         guarded = _HostCheck(guarded, metrics)
     return guarded
+
+
+async def _unless_disconnected(work: "asyncio.Future[Any]", http: Any) -> Any:
+    """``work``'s result, or ``None`` once the client has gone away. A stream learns it when a
+    write fails; a non-streamed reply writes nothing until it is done, so its connection is
+    watched here (after the body, the next ASGI message is the disconnect), and ``work`` is
+    cancelled: the request's row leaves the batch at the next step instead of generating for
+    nobody."""
+
+    async def gone() -> None:
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+
+    watch = asyncio.ensure_future(gone())
+    try:
+        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():  # the client went away, or this handler was cancelled (shutdown)
+            work.cancel()
+    return work.result() if work in done else None
 
 
 def _protocol(request_timeout: float):
