@@ -126,12 +126,19 @@ def test_short_requests_do_not_wait_for_a_long_one(engine):
 def test_the_queue_is_bounded_and_close_fails_what_is_left(mixer):
     engine = Engine(mixer, max_batch_size=2, max_queue=3)  # not started: nothing leaves the queue
     errors: list[BaseException] = []
-    for _ in range(3):
+    for _ in range(2 + 3):  # two for the free rows, three waiting
         engine.submit(request(engine, "hi", {}, max_tokens=4), print, errors.append)
     with pytest.raises(EngineFull, match="3 requests are already waiting"):
         engine.submit(request(engine, "hi", {}, max_tokens=4), print, errors.append)
     engine.start().close(timeout=0)
-    assert len(errors) == 3 and all(isinstance(error, EngineClosed) for error in errors)
+    assert len(errors) == 5 and all(isinstance(error, EngineClosed) for error in errors)
+    # --max-queue 0: nothing waits, but a free row is taken (it answered 429 to every request)
+    alone = Engine(mixer, max_batch_size=1, max_queue=0).start()
+    try:
+        ids = engine.encode([{"role": "user", "content": "hi"}])
+        assert alone.generate([RowRequest(ids, max_tokens=2)], timeout=30)[0].completion_tokens >= 1
+    finally:
+        alone.close(timeout=10)
     with pytest.raises(EngineClosed):
         engine.submit(request(engine, "hi", {}, max_tokens=4), print, print)
 

@@ -38,7 +38,7 @@ _SERVER_OPTIONS = option_group(
     ),
     _limit("--max-batch-size", 32, click.IntRange(min=1), "Rows decoded together at most (--engine lora-arith)."),
     _limit("--max-batch-tokens", 32768, click.IntRange(min=1), "Rows x tokens of the batch's KV cache at most (--engine lora-arith)."),
-    _limit("--max-queue", 256, click.IntRange(min=0), "Requests waiting at most; beyond, 429 with Retry-After (--engine lora-arith)."),
+    _limit("--max-queue", 256, click.IntRange(min=0), "Requests waiting for a free row at most; beyond, 429 with Retry-After (--engine lora-arith)."),
     _limit("--max-request-bytes", 4 * 2**20, click.IntRange(min=1), "Largest body; larger ones get 413 unread."),
     _limit("--request-timeout", 30.0, click.FloatRange(min=0, min_open=True), "Seconds to send a whole request."),
     _limit("--max-eta", 4.0, click.FloatRange(min=0, min_open=True), "Largest |weight| a request may ask for."),

@@ -325,7 +325,8 @@ class Engine:
     Args:
         mixer: the base with its adapters; the engine owns it while it runs.
         max_batch_size: rows decoded together at most.
-        max_queue: requests waiting to join at most; :meth:`submit` raises :class:`EngineFull` beyond.
+        max_queue: requests waiting for a free row at most (a request a free row takes does
+            not wait: 0 admits only those); :meth:`submit` raises :class:`EngineFull` beyond.
         max_prefill_tokens: prompt tokens prefilled at one step boundary at most (at least one
             request is always admitted when a row is free).
         max_batch_tokens: rows × columns of the batch's KV cache at most (its memory: about 46 KB
@@ -469,8 +470,10 @@ class Engine:
         with self._condition:
             if self._closing:
                 raise EngineClosed("the server is shutting down")
-            if len(self._pending) >= self.max_queue:
-                raise EngineFull(f"{len(self._pending)} requests are already waiting; try again shortly")
+            free = max(0, self.max_batch_size - len(self._rows))  # requests for these rows do not wait
+            if len(self._pending) >= self.max_queue + free:
+                waiting = len(self._pending) - free
+                raise EngineFull(f"{waiting} requests are already waiting; try again shortly")
             self._pending.append(row)
             self._condition.notify()
 
