@@ -253,6 +253,25 @@ def test_a_long_prompt_does_not_make_the_batch_outgrow_its_token_budget(mixer, r
     assert [result.text for result in results] == expected
 
 
+def test_the_token_budget_counts_each_row_at_its_longest(mixer, reference):
+    """Admission counted prompts only, so rows of short prompts and long replies grew the cache
+    far past --max-batch-tokens (8 rows of ~404 columns against a budget of 300): each row counts
+    with all of its max_tokens now, and the cache's buffers stop growing at the longest row's end."""
+    length = len(Engine(mixer).encode([{"role": "user", "content": PROMPTS[1]}]))
+    budget = 2 * (length + 40)  # two rows at their longest
+    engine = Engine(mixer, max_batch_size=4, max_batch_tokens=budget).start()
+    try:
+        jobs = [request(engine, PROMPTS[1], MIXES[i % 3], max_tokens=40, stop=["\x00never"]) for i in range(4)]
+        results = engine.generate(jobs, timeout=60)
+        sizes = list(engine.batch_sizes)
+        capacity = engine._cache.mask.shape[1]
+    finally:
+        engine.close(timeout=10)
+    assert max(sizes) == 2 and capacity <= length + 40 + 1
+    expected = [reference.generate([PROMPTS[1]], weights=[MIXES[i % 3]], max_new_tokens=40)[0] for i in range(4)]
+    assert [result.text for result in results] == expected
+
+
 def test_the_context_length_is_decided_in_one_place_with_one_fallback(mixer, monkeypatch):
     """The model's config, else its tokenizer, else 2048: for the engine (and so the server's
     settings) and for the check of ``generate``'s and ``sweep``'s prompts alike."""

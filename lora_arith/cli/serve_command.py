@@ -94,8 +94,9 @@ def serve(base, adapters, weights, api_key, **options):
 
     Bounds: a request must arrive whole within --request-timeout (else its connection is closed,
     or it gets 408); it joins the batch only while rows x tokens of the KV cache stay within
-    --max-batch-tokens (all rows share one time axis, so a long prompt waits rather than make
-    every row as long); beyond --max-queue waiting requests, 429.
+    --max-batch-tokens, each row counted at its longest, prompt and max_tokens (all rows share one
+    time axis, so a long request waits rather than make every row as long); beyond --max-queue
+    requests waiting for a free row, 429.
 
     With --engine vllm or llama.cpp, the same front end forwards each request to that engine:
     vLLM gets one exact adapter per mix (rounded to --eta-step), loaded at run time;

@@ -182,6 +182,12 @@ def _slot_layer_class() -> type:
     return SlotLayer
 
 
+def _longest(row: "_Row") -> int:
+    """The most columns ``row`` can span on the batch's time axis: its prompt and every token it
+    may generate (the axis is right-aligned, so no row makes it longer than its own end)."""
+    return len(row.request.prompt_ids) + row.request.max_tokens
+
+
 class SlotCache:
     """The KV cache of a batch that rows join and leave: per layer, buffers of
     ``(max_rows, heads, capacity, head_dim)``, row ``i`` of the batch in slot ``i``, every row on
@@ -202,6 +208,8 @@ class SlotCache:
         self.rows = 0
         self.length = 0
         self.mask = torch.zeros((0, 0), dtype=torch.long)
+        self.column_limit: int | None = None
+        """The longest the time axis can get (the engine's rows' ends): growth stops there."""
 
     def reserve(self, rows: int, columns: int) -> None:
         """Make room for ``rows`` rows of ``columns`` columns, doubling what is short (so that growth
@@ -210,7 +218,9 @@ class SlotCache:
         if rows <= slots and columns <= capacity:
             return
         slots = slots if rows <= slots else min(self.max_rows, max(rows, 2 * slots))
-        capacity = capacity if columns <= capacity else max(columns, 2 * capacity, 64)
+        if columns > capacity:
+            grown = max(2 * capacity, 64)
+            capacity = max(columns, grown if self.column_limit is None else min(grown, self.column_limit))
         used = (slice(0, self.rows), slice(None), slice(0, self.length))
         mask = self.mask.new_zeros((slots, capacity))
         mask[: self.rows, : self.length] = self.mask[: self.rows, : self.length]
@@ -330,9 +340,10 @@ class Engine:
         max_prefill_tokens: prompt tokens prefilled at one step boundary at most (at least one
             request is always admitted when a row is free).
         max_batch_tokens: rows × columns of the batch's KV cache at most (its memory: about 46 KB
-            a token for the default base): a request joins only while the batch, its prompt
-            included, stays within it (a request alone always runs). All rows share one time axis,
-            so one long prompt makes every row as long.
+            a token for the default base): a request joins only while the batch stays within it
+            with every row at its longest, its prompt and all of its ``max_tokens`` (a request
+            alone always runs). All rows share one time axis, so one long row makes every row as
+            long.
         share_prefix: run the tokens every chat prompt starts with (the chat template's system
             turn and the user header) once per mix and keep their keys and values, instead of
             prefilling them for every request. The same computation up to float rounding.
@@ -541,12 +552,14 @@ class Engine:
                 row.finish()
                 continue
             size = len(row.request.prompt_ids)
-            span = max(self._cache.length, size, *(len(r.request.prompt_ids) for r in admitted)) + 1
+            span = max(self._cache.length + 1, _longest(row), *map(_longest, self._rows), *map(_longest, admitted))
             rows = len(self._rows) + len(admitted) + 1
             if (self._rows or admitted) and (size > budget or rows * span > self.max_batch_tokens):
                 break
             budget -= size
             admitted.append(self._pending.popleft())
+        if admitted:  # the cache's buffers need not grow past the longest row's end
+            self._cache.column_limit = max(self._cache.length + 1, *map(_longest, self._rows), *map(_longest, admitted))
         return admitted
 
     def _loop(self) -> None:
