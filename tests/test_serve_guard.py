@@ -11,6 +11,7 @@ import signal
 import socket
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -184,6 +185,15 @@ def test_openai_conformance(server, openai):
     for path in ("/v1/completions", "/nope"):
         status, reply, _ = server.request(path, None, AUTH)
         assert status == 404 and reply["error"]["type"] == "not_found_error", path
+    # max_completion_tokens: null falls back to max_tokens (the server's limit of 480 was taken)
+    status, reply, _ = post(server, {**GOOD, "max_completion_tokens": None, "max_tokens": 3})
+    assert status == 200 and reply["usage"]["completion_tokens"] <= 3
+    assert server.client(api_key=KEY).models.retrieve("lora-arith").id == "lora-arith"  # was 404
+    with pytest.raises(openai.NotFoundError):
+        server.client(api_key=KEY).models.retrieve("gpt-4o")
+    head = urllib.request.Request(server.url + "/health", method="HEAD")  # monitors' probe: was 405
+    with urllib.request.urlopen(head, timeout=10) as response:
+        assert response.status == 200
 
 
 def test_a_full_queue_answers_429_with_retry_after(server):

@@ -327,7 +327,7 @@ def create_app(
         message = f"no route {request.method} {request.url.path[:100]}" if error.status_code in (404, 405) else str(error.detail)
         return error_response(RequestError(message, status=error.status_code, kind=kind, code=str(error.status_code)))
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # monitors often probe with HEAD
     def health():
         return {"status": "ok", "model": settings.model_id, "preferences": settings.defaults, **backend.health()}
 
@@ -336,10 +336,19 @@ def create_app(
         body, content_type = metrics.text()
         return Response(body, media_type=content_type)
 
+    card = {"id": settings.model_id, "object": "model", "created": started, "owned_by": "lora-arith"}
+
     @app.get("/v1/models")
     def models():
-        card = {"id": settings.model_id, "object": "model", "created": started, "owned_by": "lora-arith"}
         return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model:path}")  # the openai client's models.retrieve
+    def model(model: str):
+        if model != settings.model_id:
+            shown = json.dumps(model)[:80]
+            message = f"the model {shown} does not exist; this server serves {settings.model_id!r}"
+            return error_response(RequestError(message, param="model", code="model_not_found", status=404))
+        return card
 
     @app.get("/", response_class=HTMLResponse)
     def playground():

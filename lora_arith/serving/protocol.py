@@ -229,7 +229,9 @@ def parse_chat_request(body: Any, settings: ServerSettings) -> ChatRequest:
     weights = _weights(body, settings)
     if body.get("n", 1) not in (1, None):
         raise RequestError("only n=1 is supported", param="n")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:  # absent or null: the older name, then the server's limit
+        max_tokens = body.get("max_tokens")
     if max_tokens is None:
         max_tokens = settings.max_tokens
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 0 < max_tokens <= settings.max_tokens:
