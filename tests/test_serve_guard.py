@@ -290,3 +290,44 @@ def test_shutdown_answers_what_is_still_running_then_exits_0(server):
     assert events[-1] == "data: [DONE]" and "shutting_down" in events[-2], events[-3:]
     assert server.stop(signal.SIGTERM) == 0
     assert not any("Traceback" in line for line in server.lines), "".join(server.lines)
+
+
+def test_a_second_ctrl_c_answers_what_runs_then_exits_0(chat_base, two_adapters):
+    """uvicorn's second SIGINT cancelled every handler at once: plain-text 500s, streams cut
+    without [DONE], a traceback each, and an exit long before --shutdown-timeout. The second
+    Ctrl-C ends the grace period instead: JSON 503s, an error event and [DONE], exit 0."""
+    server = Server(
+        "--base", str(chat_base), "--adapter", f"helpful={two_adapters[0]}",
+        "--max-tokens", "480", "--shutdown-timeout", "60",
+    ).wait()  # fmt: skip
+    try:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 480, "stop": ["\u0000never"]}
+        port = int(server.url.rsplit(":", 1)[1])
+        connections = []
+        for stream in (False, True) * 3:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            connection.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": stream}),
+                               {"Content-Type": "application/json"})  # fmt: skip
+            connections.append((stream, connection))
+        deadline = time.monotonic() + 20
+        while server.request("/health")[1]["running"] < 6 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        server.process.send_signal(signal.SIGINT)
+        time.sleep(0.1)
+        server.process.send_signal(signal.SIGINT)
+        refused = 0
+        for stream, connection in connections:
+            response = connection.getresponse()
+            text = response.read().decode()
+            if stream:
+                events = [event for event in text.split("\n\n") if event.strip()]
+                assert events[-1] == "data: [DONE]", events[-2:]
+                refused += "shutting_down" in events[-2]
+            else:
+                assert response.status in (200, 503), (response.status, text)
+                refused += json.loads(text).get("error", {}).get("code") == "shutting_down"
+        assert refused >= 1  # the second Ctrl-C came while rows ran
+        assert server.process.wait(30) == 0
+    finally:
+        server.stop(signal.SIGKILL)
+    assert not any("Traceback" in line for line in server.lines), "".join(server.lines)

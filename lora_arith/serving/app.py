@@ -524,6 +524,17 @@ def run_backend(
             threading.Thread(target=backend.close, args=(shutdown_timeout,), daemon=True).start()
             await super().shutdown(sockets)
 
+        def handle_exit(self, sig, frame) -> None:
+            # uvicorn's second Ctrl-C cancels every handler at once: plain-text 500s, streams cut
+            # without [DONE], a traceback each. Here it ends the grace period instead (what still
+            # runs gets its JSON error or error event now); a third one forces the exit.
+            interrupts = self._captured_signals.count(signal.SIGINT) + (sig == signal.SIGINT)
+            if self.should_exit and sig == signal.SIGINT and interrupts == 2:
+                self._captured_signals.append(sig)
+                threading.Thread(target=backend.close, args=(0,), daemon=True).start()
+                return
+            super().handle_exit(sig, frame)
+
     config = uvicorn.Config(
         app,
         log_level="warning",
