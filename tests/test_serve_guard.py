@@ -91,7 +91,9 @@ def test_only_json_is_served_and_only_to_loopback_hosts(server):
 
 
 def test_cors_only_for_the_allowed_origin(server):
-    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+    # the openai SDKs' own headers too (they got 400 "Disallowed CORS headers")
+    preflight = {"Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type,x-stainless-os,openai-organization"}
     port = int(server.url.rsplit(":", 1)[1])
     for origin, allowed in (("http://allowed.example", True), ("http://evil.example", False)):
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -99,6 +101,7 @@ def test_cors_only_for_the_allowed_origin(server):
         response = connection.getresponse()
         response.read()
         assert (response.getheader("access-control-allow-origin") == origin) is allowed, origin
+        assert (response.status == 200) is allowed, (origin, response.status)
         connection.close()
         _, _, headers = post(server, GOOD, {**AUTH, "Origin": origin})
         assert (headers.get("access-control-allow-origin") == origin) is allowed
@@ -133,6 +136,19 @@ MALFORMED = [
     (json.dumps({**GOOD, "seed": 2**64}).encode(), "int64"),
     (json.dumps({**GOOD, "seed": 10**30}).encode(), "int64"),
     (b"\xff\xfe{}", "not valid JSON"),
+    # each was accepted and then answered without what it asked for, or taken as a default
+    *((json.dumps({**GOOD, name: value}).encode(), f"'{name}' is not supported") for name, value in (
+        ("logprobs", True), ("top_logprobs", 2), ("tools", [{"type": "function", "function": {"name": "f"}}]),
+        ("tool_choice", "required"), ("response_format", {"type": "json_object"}), ("logit_bias", {"1": 5}),
+        ("presence_penalty", 0.5), ("frequency_penalty", 1),
+    )),  # fmt: skip
+    *((json.dumps({**GOOD, "n": value}).encode(), "only n=1") for value in (True, 1.0, 2)),
+    *((json.dumps({**GOOD, "stop": value}).encode(), "'stop' must be") for value in ("", False, 0)),
+    *((json.dumps({**GOOD, "preferences": value}).encode(), "'preferences' must be") for value in ([], 0, False, "")),
+    (json.dumps({**GOOD, "messages": [*GOOD["messages"], {"role": "system", "content": "x"}]}).encode(),
+     "the last message must come from the user, not the system"),
+    (json.dumps({**GOOD, "messages": [{"role": "system", "content": " "}, *GOOD["messages"]]}).encode(),
+     "messages[0].content must not be empty"),
 ]
 
 
@@ -331,3 +347,14 @@ def test_a_second_ctrl_c_answers_what_runs_then_exits_0(chat_base, two_adapters)
     finally:
         server.stop(signal.SIGKILL)
     assert not any("Traceback" in line for line in server.lines), "".join(server.lines)
+
+
+def test_a_row_failing_on_its_own_mix_is_a_client_error():
+    """A weight the server allows (a large --max-eta) that overflows the logits failed that row
+    with 500 server_error; it is the request's doing: 400. A fault of the server stays 500."""
+    from lora_arith._internal.errors import LoraArithError
+    from lora_arith.serving.backends import _failure
+
+    mix = _failure(LoraArithError("the model's logits are NaN or Inf: an adapter weight is too large"))
+    assert (mix.status, mix.kind, mix.code) == (400, "invalid_request_error", "generation_failed")
+    assert _failure(RuntimeError("CUDA error")).status == 500

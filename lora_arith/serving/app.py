@@ -390,7 +390,7 @@ def create_app(
             guarded,
             allow_origins=access.allowed_origins,
             allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type"],
+            allow_headers=["*"],  # the openai SDKs send their own (x-stainless-*, openai-organization)
         )
     if access.loopback_only is not False:  # first of all, CORS preflights included
         guarded = _HostCheck(guarded, metrics)
@@ -548,7 +548,8 @@ def run_backend(
     # process ends normally, with status 0.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
     backend.start()
-    announce(f"serving {settings.model_id} with {settings.defaults or 'no adapters'} on http://{host}:{bound}")
+    shown = f"[{host}]" if ":" in host else host  # an IPv6 address, bracketed as in a URL
+    announce(f"serving {settings.model_id} with {settings.defaults or 'no adapters'} on http://{shown}:{bound}")
     try:
         server.run(sockets=[sock])
     finally:

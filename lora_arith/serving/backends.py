@@ -96,6 +96,8 @@ def _failure(error: BaseException) -> RequestError:
     """The error a client gets when its row failed in the engine."""
     if isinstance(error, EngineClosed):
         return RequestError(str(error), status=503, code="shutting_down", kind="server_error")
+    if isinstance(error, LoraArithError):  # the row's own mix or sampling (logits that overflow): the request's
+        return RequestError(f"generation failed: {first_line(error)[:200]}", code="generation_failed")
     return RequestError(f"generation failed: {first_line(error)[:200]}", status=500, kind="server_error")
 
 

@@ -187,14 +187,40 @@ def _messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
                 f"messages[{index}].role must be one of {', '.join(ROLES)}, not {json.dumps(role)[:40]}",
                 param=f"messages[{index}].role",
             )
-        parsed.append({"role": ROLES[role], "content": _text(message.get("content"), f"messages[{index}].content")})
-    if parsed[-1]["role"] == "assistant":
-        raise RequestError("the last message must come from the user or the system", param="messages")
+        content = _text(message.get("content"), f"messages[{index}].content")
+        if not content.strip():  # the chat template's check (to_messages) would refuse it, less clearly
+            raise RequestError(f"messages[{index}].content must not be empty", param=f"messages[{index}].content")
+        parsed.append({"role": ROLES[role], "content": content})
+    if parsed[-1]["role"] != "user":
+        raise RequestError(f"the last message must come from the user, not the {parsed[-1]['role']}", param="messages")
     return parsed
 
 
+UNSUPPORTED = {
+    "logprobs": lambda value: value not in (None, False),
+    "top_logprobs": lambda value: value not in (None, 0),
+    "tools": lambda value: value not in (None, []),
+    "functions": lambda value: value not in (None, []),
+    "tool_choice": lambda value: value not in (None, "none", "auto"),
+    "response_format": lambda value: value is not None and value != {"type": "text"},
+    "logit_bias": lambda value: value not in (None, {}),
+    "presence_penalty": lambda value: value not in (None, 0),
+    "frequency_penalty": lambda value: value not in (None, 0),
+}
+"""OpenAI request fields this server does not implement, and which of their values would ask
+for what it does not do (the others, defaults a client may send, are accepted)."""
+
+
+def _refuse_unsupported(body: Mapping[str, Any]) -> None:
+    """A 400 for a field asking for what this server does not do, rather than a reply without it."""
+    for name, asks in UNSUPPORTED.items():
+        if name in body and asks(body[name]):
+            raise RequestError(f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
+
+
 def _weights(body: Mapping[str, Any], settings: ServerSettings) -> dict[str, float]:
-    preferences = body.get("preferences") or {}
+    preferences = body.get("preferences")
+    preferences = {} if preferences is None else preferences
     if not isinstance(preferences, dict):
         raise RequestError("'preferences' must be an object NAME: WEIGHT", param="preferences")
     weights = dict(settings.defaults)
@@ -227,8 +253,10 @@ def parse_chat_request(body: Any, settings: ServerSettings) -> ChatRequest:
         )
     messages = _messages(body)
     weights = _weights(body, settings)
-    if body.get("n", 1) not in (1, None):
+    n = body.get("n")
+    if n is not None and (type(n) is not int or n != 1):
         raise RequestError("only n=1 is supported", param="n")
+    _refuse_unsupported(body)
     max_tokens = body.get("max_completion_tokens")
     if max_tokens is None:  # absent or null: the older name, then the server's limit
         max_tokens = body.get("max_tokens")
@@ -236,9 +264,8 @@ def parse_chat_request(body: Any, settings: ServerSettings) -> ChatRequest:
         max_tokens = settings.max_tokens
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 0 < max_tokens <= settings.max_tokens:
         raise RequestError(f"'max_tokens' must be an integer from 1 to {settings.max_tokens}", param="max_tokens")
-    stop = body.get("stop") or []
-    if isinstance(stop, str):
-        stop = [stop]
+    stop = body.get("stop")
+    stop = [] if stop is None else [stop] if isinstance(stop, str) and stop else stop
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise RequestError("'stop' must be a string or a list of up to 4 non-empty strings", param="stop")
     stop = [_text(s, "stop") for s in stop]
