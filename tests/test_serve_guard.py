@@ -358,3 +358,16 @@ def test_a_row_failing_on_its_own_mix_is_a_client_error():
     mix = _failure(LoraArithError("the model's logits are NaN or Inf: an adapter weight is too large"))
     assert (mix.status, mix.kind, mix.code) == (400, "invalid_request_error", "generation_failed")
     assert _failure(RuntimeError("CUDA error")).status == 500
+
+
+def test_host_headers_are_read_strictly():
+    """A malformed Host header ("[::1]evil.com", "localhost..") passed as loopback; an IPv4-mapped
+    loopback address was refused."""
+    from lora_arith.serving.app import _host_name, _is_loopback_host
+
+    def loopback(header: str) -> bool:
+        return _is_loopback_host(_host_name(header))
+
+    assert all(map(loopback, ["localhost", "localhost.", "LOCALHOST:8000", "[::1]:80", "[::1]", "a.localhost",
+                              "127.0.0.1:5", "[::ffff:127.0.0.1]:1"]))  # fmt: skip
+    assert not any(map(loopback, ["[::1]evil.com", "localhost..", "[::1]:x", "evil.com", "127.0.0.1.evil.com"]))

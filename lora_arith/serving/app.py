@@ -84,19 +84,28 @@ class AccessSettings:
 
 def _is_loopback_host(host: str) -> bool:
     """Whether ``host`` (an address or a name, without the port) is this machine's loopback."""
-    host = host.strip("[]").lower().rstrip(".")
+    host = host.lower()
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    host = host[:-1] if host.endswith(".") else host  # one final dot: the fully qualified name
     if host in LOOPBACK_NAMES or host.endswith(".localhost"):
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def _host_name(header: str) -> str:
-    """The host of a ``Host`` header, without its port."""
+    """The host of a ``Host`` header, without its port (the header itself when it is malformed,
+    which no loopback name matches)."""
     if header.startswith("["):
-        return header[1 : header.find("]")] if "]" in header else header
+        end = header.find("]")
+        rest = header[end + 1 :]
+        if end < 0 or (rest and not (rest[:1] == ":" and rest[1:].isdigit())):
+            return header
+        return header[: end + 1]
     return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
