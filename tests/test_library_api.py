@@ -209,6 +209,7 @@ def test_entry_points_name_their_arguments(two_adapters, tmp_path):
          "requantize goes with quantize_4bit"),
         (lambda: lora_arith.PreferenceMixer(None, {"h.1": a}), LoraArithError, "an adapter's name must be text without '.'"),
         (lambda: lora_arith.save_adapter(tmp_path / "empty", {}, {}), LoraArithError, "tensors holds no LoRA factors"),
+        (lambda: lora_arith.load_eval_prompts(["How are you?"]), LoraArithError, "JSONL files or EvalPrompt objects, not"),
     ]  # fmt: skip
     for call, kind, message in cases:
         with pytest.raises(kind) as raised:

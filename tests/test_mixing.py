@@ -57,6 +57,8 @@ def test_mixer_refuses_unknown_names(chat_base, two_adapters):
     assert mixer.weights == {"helpful": 1.0}  # a refused set changes nothing
     with pytest.raises(LoraArithError, match="a mix maps adapter names to weights"):
         mixer.generate(["hi"], weights=[5], max_new_tokens=1)
+    with pytest.raises(TypeError, match="weights is a mapping name → η"):  # was "5 weight rows for 1 prompts"
+        mixer.generate(["hi"], weights="helpful=1", max_new_tokens=1)
     with pytest.raises(LoraArithError, match="adapters maps a name to each adapter"):
         PreferenceMixer(str(chat_base), [two_adapters[0]])
 

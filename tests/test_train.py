@@ -189,6 +189,10 @@ def test_unknown_target_module_is_a_user_error(chat_base, pairs_file, tmp_path):
         ({"batch_size": "4"}, "batch_size must be a whole number of at least 1, got '4'"),
         ({"seed": -1}, "seed must be a whole number from 0"),
         ({"weight_decay": float("nan")}, "weight_decay must be 0 or a positive finite number, got nan"),
+        # "no" is truthy: it turned 4-bit on; a list of ints is no module names
+        ({"quantize_4bit": "no"}, "quantize_4bit must be True or False, not 'no'"),
+        ({"bf16": 1}, "bf16 must be True or False, not 1"),
+        ({"targets": [1, 2]}, "targets must be 'all-linear' or module names"),
     ],
 )
 def test_config_validation(change, message):
@@ -205,6 +209,9 @@ def test_data_is_one_spec_or_a_list_of_paths_or_texts():
 
 def test_valid_config_builds():
     assert TrainConfig(data=["x.jsonl"], targets=" q_proj, v_proj ").target_modules() == ["q_proj", "v_proj"]
+    # as PEFT takes them (a list was an AttributeError), and one dpo_arg as a list of one (read per character)
+    assert TrainConfig(data=["x.jsonl"], targets=["q_proj", "v_proj"]).target_modules() == ["q_proj", "v_proj"]
+    assert TrainConfig(data=["x.jsonl"], dpo_arg="label_smoothing=0.1").dpo_arguments() == {"label_smoothing": 0.1}
 
 
 def test_dpo_args_report_to_and_checkpointing_reach_dpo_config(tmp_path):

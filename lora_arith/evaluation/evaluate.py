@@ -75,7 +75,8 @@ def load_eval_prompts(paths: str | os.PathLike[str] | Sequence[str | os.PathLike
     items: list[EvalPrompt] = []
     for path in map(Path, path_list(paths, "paths")):
         if not path.is_file():
-            raise LoraArithError(f"{path}: no such file")
+            hint = "" if path.suffix else " (prompts are JSONL files or EvalPrompt objects, not prompt texts)"
+            raise LoraArithError(f"{path}: no such file{hint}")
         for number, row in read_jsonl(path):
             if isinstance(row, BadLine):
                 raise LoraArithError(f"{path}:{number}: {row}")
@@ -329,6 +330,14 @@ def evaluate(
             ``device`` are the mixer's then, and left out).
         config, settings: an :class:`~lora_arith.evaluation.config.EvalConfig`, or its fields as
             keywords (``base=``, ``max_new_tokens=``, ``judge=``, ...).
+
+    Returns:
+        an :class:`EvalResult` (``.metrics``, ``.table``, ``.save(directory)``).
+
+    Raises:
+        TypeError: arguments of the wrong kind (both ``adapters`` and ``mixer``, prompts that are
+            not paths or :class:`EvalPrompt` objects).
+        LoraArithError: unreadable prompts, pairs or adapters, or a setting that cannot work.
     """
     from lora_arith.evaluation.config import EvalConfig, adapter_specs, load_inputs
 

@@ -270,7 +270,11 @@ def sweep(
     one a later call resumes by; ``base``, ``quantize_4bit`` and ``device`` are then left out).
     ``limit``, ``max_pairs``, ``label``, ``config`` and ``settings`` are as for
     :func:`~lora_arith.evaluation.evaluate.evaluate`;
-    ``log`` gets a line when earlier points are resumed."""
+    ``log`` gets a line when earlier points are resumed.
+
+    Returns a :class:`SweepResult` (``.rows``, ``.files``, ``.resumed``); raises
+    :class:`LoraArithError` for a grid, ``fix`` or input that cannot work, or a folder holding a
+    sweep of other settings (without ``force``)."""
     from lora_arith._internal.atomic import check_output
     from lora_arith.evaluation.config import VECTORS_EXAMPLE, EvalConfig, load_inputs, require_mapping
 

@@ -113,7 +113,7 @@ def tune(
     prompts: Sequence[Any] | str | os.PathLike[str] = (),
     maximize: str | None = None,
     minimize: str | None = None,
-    subject_to: str | Sequence[str] | Constraint | Constraints = (),
+    subject_to: str | Sequence[str] | Constraint | Constraints,
     bounds: Bounds = None,
     budget: int = 40,
     split: float = 0.5,

@@ -426,7 +426,9 @@ def output_kind(path: str | os.PathLike[str]) -> str:
 def open_adapter(path: str | os.PathLike[str]) -> AdapterFile:
     """Open an adapter in any accepted form: a PEFT directory, a weights file with its
     ``adapter_config.json`` beside it, or a single self-describing ``.safetensors`` file —
-    locally, or as a Hub reference ``org/name[@revision][/subfolder]`` (see :mod:`lora_arith.sharing.hub`)."""
+    locally, or as a Hub reference ``org/name[@revision][/subfolder]`` (see :mod:`lora_arith.sharing.hub`).
+    Returns an :class:`AdapterFile` (its factors are read lazily, module by module); raises
+    :class:`LoraArithError` for a path that holds no adapter or an adapter that is malformed."""
     label = str(path)
     path = resolve(label)
     if path.is_dir():
@@ -567,7 +569,8 @@ def convert_adapter(
     single-file form, anything else a PEFT folder (``adapter_config.json``,
     ``adapter_model.safetensors``, a model card). Tensors (names, dtypes, values) and the LoRA
     config are kept exactly; the recipe and training records are kept with local paths reduced
-    to basenames. Saved copies of base weights (not deltas) are dropped."""
+    to basenames. Saved copies of base weights (not deltas) are dropped. Returns the written path;
+    raises :class:`LoraArithError` for an unreadable adapter or an existing output without ``force``."""
     opened = open_adapter(adapter)
     return save_adapter(
         output, opened.state_dict(), opened.config, opened.recipe, training=opened.training, force=force, inputs=opened.sources

@@ -73,7 +73,8 @@ def _shared_modules(adapters: Sequence[AdapterFile]) -> list[str]:
 
 def similarity(adapters: Sequence[AdapterFile | str | os.PathLike[str]], progress: bool = False) -> Similarity:
     """Cosine similarity matrices of the adapters' deltas (opened adapters or paths), computed
-    module by module from the factors."""
+    module by module from the factors. Returns a :class:`Similarity`; raises
+    :class:`LoraArithError` for fewer than two adapters or one that cannot be read."""
     adapters = _opened(adapters)
     count = len(adapters)
     names = _shared_modules(adapters)
@@ -185,6 +186,8 @@ def interference(
     energy inside the other's column and row spaces, and the ``top`` modules where they overlap
     most. Everything comes from the factors (QR of ``B`` and ``Aᵀ`` and an SVD of the small core
     per module, see :func:`lora_arith.lora.factors.subspaces`); no dense ``out × in`` matrix is formed.
+    Returns one :class:`PairInterference` per pair; raises :class:`LoraArithError` for fewer than
+    two adapters, one that cannot be read, or a ``top`` that is not a whole number.
     """
     require_count(top, "top", 0)
     adapters = _opened(adapters)

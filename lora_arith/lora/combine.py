@@ -309,6 +309,15 @@ def combine(
         progress: show a progress bar over modules.
 
     Modules present in only some adapters are combined as a union (missing = zero).
+
+    Returns:
+        a :class:`Combination` held in memory (``.deltas``, ``.modules``; ``.save(path)`` writes it).
+
+    Raises:
+        TypeError: ``specs`` that are not :class:`~lora_arith.lora.specs.AdapterSpec` objects.
+        LoraArithError: an adapter that cannot be read, adapters of different bases (without
+            ``allow_base_mismatch``) or shapes, or an option that cannot work (an
+            :class:`~lora_arith._internal.errors.OptionError` naming it).
     """
     specs = require_specs(specs, "combine")
     if not specs:
@@ -370,7 +379,9 @@ def combine(
 def extract(positive: str | os.PathLike[str], negative: str | os.PathLike[str], **options: Any) -> Combination:
     """The preference vector φ = ΔW(positive) − ΔW(negative): ``positive`` trained on the pairs,
     ``negative`` on the same pairs swapped. Exact by default (``method="cat"``, ranks add up);
-    ``options`` are those of :func:`combine` (method, rank, energy, dtype, ...)."""
+    ``options`` are those of :func:`combine` (method, rank, energy, dtype, ...).
+
+    Returns a :class:`Combination` (``.save(path)`` writes it); raises what :func:`combine` raises."""
     return combine(extract_specs(positive, negative), **options)
 
 

@@ -276,7 +276,7 @@ def _load_kwargs(quantize_4bit: bool, double_quant: bool, device: str) -> dict[s
 def load_base(
     base: str | None,
     *,
-    quantize_4bit: bool,
+    quantize_4bit: bool = False,
     double_quant: bool = False,
     device: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

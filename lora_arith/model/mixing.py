@@ -283,7 +283,9 @@ class PreferenceMixer:
 
     Args:
         base: a base model id or directory (``None`` = the embedded default), or an already
-            loaded transformers model (then ``tokenizer`` is required).
+            loaded transformers model (then ``tokenizer`` is required). A loaded model is changed
+            in place, as PEFT's ``get_peft_model`` changes it: the adapters' LoRA layers are
+            injected into it (give each mixer a model of its own).
         adapters: name → adapter path (may be empty: then this is the plain base).
         tokenizer: the tokenizer, when ``base`` is a loaded model.
         quantize_4bit: load the base in NF4 (bitsandbytes).
@@ -496,6 +498,8 @@ class PreferenceMixer:
         if isinstance(prompts, Mapping) or not isinstance(prompts, Iterable):
             raise TypeError(f"prompts must be a prompt or a list of prompts (text or chat messages), not {prompts!r}")
         prompts = list(prompts)  # a pandas Series, a generator: iterated once
+        if isinstance(weights, (str, bytes)):  # a sequence too: read per character, it was "3 weight rows"
+            raise TypeError(f"weights is a mapping name → η, or one per prompt, e.g. {{'helpful': 1.0}}, not {weights!r}")
         if isinstance(weights, Mapping):
             weights = [weights] * len(prompts)
         if weights is None:

@@ -212,7 +212,9 @@ def export_adapters(
 ) -> dict[str | None, Export]:
     """What ``lora-arith export`` writes: with ``mixes``, one adapter per mix of ``adapters``
     (:func:`export_mixes`, keyed by the mix's name); without, the one adapter given, rewritten
-    (:func:`export_for_vllm`, keyed ``None``). ``adapters`` is one path or a list of them."""
+    (:func:`export_for_vllm`, keyed ``None``). ``adapters`` is one path or a list of them.
+    Returns ``{name: Export}``; raises :class:`LoraArithError` (an ``OptionError`` naming the
+    option) for mixes that do not fit the adapters, or an existing output without ``force``."""
     adapters = path_list(adapters, "adapters")
     if mixes is not None:
         return export_mixes(adapters, mixes, output, max_rank=max_rank, force=force)

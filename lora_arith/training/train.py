@@ -220,7 +220,15 @@ class TrainConfig:
             raise LoraArithError(f"unknown label {self.label!r}; use one of {', '.join(LABELS)}")
         if not self.data:
             raise LoraArithError("no data files given")
-        self.dpo_arg = list(self.dpo_arg)
+        for name in ("quantize_4bit", "double_quant", "skip_invalid", "precompute_ref", "bf16", "gradient_checkpointing"):
+            value = getattr(self, name)  # "no" is truthy: it turned 4-bit on
+            if not isinstance(value, bool) and not (value is None and name in ("bf16", "gradient_checkpointing")):
+                raise OptionError(name, "{} must be True or False, not {value!r}", value=value)
+        if isinstance(self.targets, (list, tuple)) and all(isinstance(name, str) for name in self.targets):
+            self.targets = ",".join(self.targets)  # as PEFT takes them: a list of module names
+        if not isinstance(self.targets, str):
+            raise OptionError("targets", "{} must be 'all-linear' or module names, not {value!r}", value=self.targets)
+        self.dpo_arg = [self.dpo_arg] if isinstance(self.dpo_arg, str) else list(self.dpo_arg)  # one: a list of one
         self.dpo_arguments()
         if self.double_quant and not self.quantize_4bit:
             raise LoraArithError("double_quant needs the 4-bit base (quantize_4bit)")
