@@ -76,6 +76,8 @@ _LAZY: dict[str, tuple[str, str]] = {
     "export_gguf": ("sharing.gguf", "export_gguf"),
     "export_gguf_adapters": ("sharing.gguf", "export_gguf_adapters"),
     "push": ("sharing.push", "push"),
+    "plan_upload": ("sharing.push", "plan_upload"),
+    "UploadPlan": ("sharing.push", "UploadPlan"),
     # errors
     "LoraArithError": ("_internal.errors", "LoraArithError"),
     "OptionError": ("_internal.errors", "OptionError"),
@@ -89,7 +91,8 @@ __all__ = [
     "merge_adapters", "PreferencePair", "load_pairs", "TrainConfig", "TrainResult", "train_preference",
     "train_vector", "EvalConfig", "EvalPrompt", "EvalResult", "evaluate", "load_eval_prompts", "SweepResult",
     "sweep", "TuneResult", "tune", "Engine", "RowRequest", "RowResult", "Export", "export", "GgufExport",
-    "export_gguf", "export_gguf_adapters", "push", "LoraArithError", "OptionError",
+    "export_gguf", "export_gguf_adapters", "push", "plan_upload", "UploadPlan", "LoraArithError",
+    "OptionError",
 ]
 """Written out for type checkers (``mypy --strict`` reads only a literal ``__all__``); the same
 names as ``_LAZY``, in its order (``tests/test_public_api.py``)."""
@@ -153,6 +156,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see (each `X as X`: an explicit
     from lora_arith.sharing.gguf import export_gguf as export_gguf
     from lora_arith.sharing.gguf import export_gguf_adapters as export_gguf_adapters
     from lora_arith.sharing.push import push as push
+    from lora_arith.sharing.push import plan_upload as plan_upload
+    from lora_arith.sharing.push import UploadPlan as UploadPlan
     from lora_arith.training.data import PreferencePair as PreferencePair
     from lora_arith.training.data import load_pairs as load_pairs
     from lora_arith.training.train import TrainConfig as TrainConfig

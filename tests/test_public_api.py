@@ -195,6 +195,7 @@ def test_result_objects_show_a_short_summary(chat_base, two_adapters, tmp_path):
             [f"a{i}" for i in range(12)], torch.rand(12, 12), {"q_proj": torch.rand(12, 12)}
         ),
         "PreferenceMixer(base=": lora_arith.PreferenceMixer(str(chat_base), {"helpful": two_adapters[0]}),
+        "UploadPlan(files=['README.md', ": lora_arith.plan_upload(shipped[0]),  # not its whole model card
     }
     for start, value in shown.items():
         text = repr(value)

@@ -52,6 +52,9 @@ class UploadPlan:
         """Every repository path, sorted."""
         return sorted({*self.copied, *self.generated, *self.rewritten})
 
+    def __repr__(self) -> str:  # not the whole model card
+        return f"UploadPlan(files={self.names}, model_card={len(self.generated.get('README.md', ''))} characters)"
+
 
 def _metadata(weights: Path) -> dict[str, str]:
     from safetensors import safe_open
@@ -127,6 +130,8 @@ def plan_upload(
     ``include`` pattern (shell-style, relative to the folder; one pattern or a list). A single-file adapter is
     uploaded in the same layout, its config taken from its metadata. The licence is ``license``,
     else the base model's (``online``: also looked up on the Hub), else left out.
+
+    What ``push --dry-run`` shows; nothing is uploaded. ``plan.generated["README.md"]`` is the card.
     """
     opened = open_adapter(adapter)
     copied: dict[str, Path] = {}
