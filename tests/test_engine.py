@@ -259,10 +259,15 @@ def test_the_token_budget_counts_each_row_at_its_longest(mixer, reference):
     with all of its max_tokens now, and the cache's buffers stop growing at the longest row's end."""
     length = len(Engine(mixer).encode([{"role": "user", "content": PROMPTS[1]}]))
     budget = 2 * (length + 40)  # two rows at their longest
-    engine = Engine(mixer, max_batch_size=4, max_batch_tokens=budget).start()
+    engine = Engine(mixer, max_batch_size=4, max_batch_tokens=budget)
+    done = threading.Semaphore(0)
+    results: list = [None] * 4
+    for index in range(4):  # all queued before the worker starts: they join together, two by two
+        report = lambda value, index=index: (results.__setitem__(index, value), done.release())  # noqa: E731
+        engine.submit(request(engine, PROMPTS[1], MIXES[index % 3], max_tokens=40, stop=["\x00never"]), report, report)
+    engine.start()
     try:
-        jobs = [request(engine, PROMPTS[1], MIXES[i % 3], max_tokens=40, stop=["\x00never"]) for i in range(4)]
-        results = engine.generate(jobs, timeout=60)
+        assert all(done.acquire(timeout=60) for _ in range(4))
         sizes = list(engine.batch_sizes)
         capacity = engine._cache.mask.shape[1]
     finally:
@@ -270,6 +275,34 @@ def test_the_token_budget_counts_each_row_at_its_longest(mixer, reference):
     assert max(sizes) == 2 and capacity <= length + 40 + 1
     expected = [reference.generate([PROMPTS[1]], weights=[MIXES[i % 3]], max_new_tokens=40)[0] for i in range(4)]
     assert [result.text for result in results] == expected
+
+
+def test_a_row_joining_a_longer_axis_does_not_regrow_the_cache_every_step(mixer, monkeypatch):
+    """A row that joins an axis longer than its prompt ends at that axis plus its max_tokens: the
+    limit the cache's growth stopped at was its prompt plus max_tokens, so past it the buffers
+    of every layer were copied once per step (22 times here), one column at a time."""
+    grown: list[int] = []
+    reserve = SlotCache.reserve
+
+    def counted(self, rows, columns):
+        before = self.mask.shape[1]
+        reserve(self, rows, columns)
+        if self.mask.shape[1] != before:
+            grown.append(self.mask.shape[1])
+
+    monkeypatch.setattr(SlotCache, "reserve", counted)
+    engine = Engine(mixer, max_batch_size=4).start()
+    try:
+        ids = engine.encode([{"role": "user", "content": "word " * 22}])
+        first: list = []
+        engine.submit(RowRequest(ids, max_tokens=40, stop=["\x00never"]), first.append, first.append)
+        deadline = time.monotonic() + 30
+        while engine.generated_tokens < 20 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        engine.generate([RowRequest(ids, max_tokens=40, stop=["\x00never"])], timeout=60)
+    finally:
+        engine.close(timeout=10)
+    assert len(grown) <= 4 and grown[-1] <= len(ids) + 2 * 40, grown
 
 
 def test_the_context_length_is_decided_in_one_place_with_one_fallback(mixer, monkeypatch):

@@ -277,6 +277,8 @@ def test_a_run_on_a_given_mixer_records_the_mixers_base(chat_base, vectors, prom
     lora_arith.sweep(vectors, tmp_path / "sweep", mixer=mixer, **settings)
     with pytest.raises(LoraArithError, match="settings"):  # the default base: not a resume of the tiny one's points
         lora_arith.sweep(vectors, tmp_path / "sweep", **settings)
+    # the same base given by path resumes the mixer's points (the mixer recorded only the folder's name)
+    assert lora_arith.sweep(vectors, tmp_path / "sweep", base=str(chat_base), **settings).resumed == 1
     with pytest.raises(LoraArithError, match="the mixer holds its base already: leave out base"):
         lora_arith.evaluate(mixer=mixer, prompts=prompts, base=str(chat_base))
     with pytest.raises(LoraArithError, match="the mixer has no adapter named 'other'"):

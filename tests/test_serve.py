@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import threading
 import time
 import urllib.error
@@ -263,23 +262,6 @@ def test_disconnected_stream_frees_its_slot_then_sigterm_exits_0(server, client)
         time.sleep(0.02)
     assert health(server)["running"] == 0
     assert 0 < health(server)["generated_tokens"] - before < 64  # the row stopped early
-    # a non-streamed request whose client goes away leaves too (it generated all 64 tokens for nobody)
-    before = health(server)["generated_tokens"]
-    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 64}).encode()
-    port = int(server.url.rsplit(":", 1)[1])
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
-        connection.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-        )
-        deadline = time.monotonic() + 30
-        while not health(server)["running"] and time.monotonic() < deadline:
-            time.sleep(0.005)
-    deadline = time.monotonic() + 30
-    while health(server)["running"] and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert health(server)["running"] == 0
-    assert health(server)["generated_tokens"] - before < 64
     # SIGTERM while a request streams: it finishes, then the server exits 0
     chunks = iter(chat(client, "How do I bake bread?", max_tokens=48, stream=True))
     first = next(chunks)

@@ -145,10 +145,18 @@ MALFORMED = [
     *((json.dumps({**GOOD, "n": value}).encode(), "only n=1") for value in (True, 1.0, 2)),
     *((json.dumps({**GOOD, "stop": value}).encode(), "'stop' must be") for value in ("", False, 0)),
     *((json.dumps({**GOOD, "preferences": value}).encode(), "'preferences' must be") for value in ([], 0, False, "")),
+    # what this model's chat template cannot take, said in the protocol's words (it was "bad prompt:
+    # prompt message 1 ...", counted from 1)
     (json.dumps({**GOOD, "messages": [*GOOD["messages"], {"role": "system", "content": "x"}]}).encode(),
-     "the last message must come from the user, not the system"),
-    (json.dumps({**GOOD, "messages": [{"role": "system", "content": " "}, *GOOD["messages"]]}).encode(),
-     "messages[0].content must not be empty"),
+     "this model needs the last message to come from the user"),
+    (json.dumps({**GOOD, "messages": [{"role": "user", "content": " "}]}).encode(), "messages[0].content must not be empty"),
+]
+ACCEPTED = [  # what clients send by default, or asks for nothing this server lacks
+    {**GOOD, "messages": [{"role": "system", "content": ""}, *GOOD["messages"]]},
+    {**GOOD, "messages": [*GOOD["messages"], {"role": "assistant", "content": ""}, *GOOD["messages"]]},  # playground
+    {**GOOD, "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "none"},
+    {**GOOD, "response_format": {"type": "text"}, "logprobs": False, "top_logprobs": 0, "presence_penalty": 0},
+    {**GOOD, "n": 1, "stop": None, "preferences": None, "max_completion_tokens": None},
 ]
 
 
@@ -157,6 +165,9 @@ def test_client_mistakes_get_400_and_leave_no_traceback(server):
     for body, message in MALFORMED:
         status, reply, _ = post(server, body)
         assert status == 400 and message in reply["error"]["message"], (body[:60], reply)
+    for body in ACCEPTED:
+        status, reply, _ = post(server, body)
+        assert status == 200, (body, reply)
     assert not any("Traceback" in line for line in server.lines), "".join(server.lines)
 
 
@@ -280,6 +291,30 @@ def test_the_playground_works_with_a_key(server):
         driver.quit()
     api = post(server, {**GOOD, "max_tokens": 6})[1]["choices"][0]["message"]["content"]
     assert shown == api and shown
+
+
+def test_a_plain_request_whose_client_goes_away_leaves_the_batch(server):
+    """Only streams were watched: a non-streamed request went on generating all its tokens for
+    nobody after its client closed the connection (8 such requests held every row)."""
+    whole = {**GOOD, "max_tokens": 480}
+    uncut = post(server, whole)[1]["usage"]["completion_tokens"]
+    assert uncut > 100  # what it generates when its client waits
+    before = server.request("/health")[1]["generated_tokens"]
+    body = json.dumps(whole).encode()
+    port = int(server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        connection.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s" % (KEY.encode(), len(body), body)
+        )
+        deadline = time.monotonic() + 30
+        while server.request("/health")[1]["generated_tokens"] - before < 5 and time.monotonic() < deadline:
+            time.sleep(0.005)  # it is generating (480 tokens take a few seconds here)
+    deadline = time.monotonic() + 30
+    while server.request("/health")[1]["running"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.request("/health")[1]["running"] == 0
+    assert 5 <= server.request("/health")[1]["generated_tokens"] - before < uncut
 
 
 def test_shutdown_answers_what_is_still_running_then_exits_0(server):

@@ -95,11 +95,10 @@ class EvalConfig:
         if missing:
             raise OptionError("mixer", "the {} has no adapter named {name!r}", name=missing[0])
         inner = mixer.model.get_base_model() if hasattr(mixer.model, "get_base_model") else mixer.model
-        base = getattr(inner.config, "name_or_path", None) or None
         return replace(
             self,
-            base=None if is_default_base(base) else base,
-            quantize_4bit=getattr(inner, "hf_quantizer", None) is not None,
+            base=None if is_default_base(mixer.base) else mixer.base,  # as the mixer was given it, as a config holds it
+            quantize_4bit=getattr(inner, "hf_quantizer", None) is not None,  # 4-bit, not int8 (not a config setting)
         )
 
     def generation(self) -> dict[str, Any]:

@@ -318,6 +318,11 @@ class PreferenceMixer:
         else:
             model = base
         self.quantized = getattr(model, "hf_quantizer", None) is not None
+        self.base: str | None = None if base is None else str(base) if isinstance(base, (str, Path)) else (
+            getattr(getattr(model, "config", None), "name_or_path", None) or None
+        )
+        """The base as given (``None``: the embedded default; a loaded model: its ``name_or_path``),
+        which a run on this mixer records."""
         self._peaks: dict[str, float] = {}
         self._labels: dict[str, str] = {}
         for name, path in adapters.items():

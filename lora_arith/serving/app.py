@@ -538,7 +538,8 @@ def run_backend(
             # without [DONE], a traceback each. Here it ends the grace period instead (what still
             # runs gets its JSON error or error event now); a third one forces the exit.
             interrupts = self._captured_signals.count(signal.SIGINT) + (sig == signal.SIGINT)
-            if self.should_exit and sig == signal.SIGINT and interrupts == 2:
+            ends_early = type(backend).close is not Backend.close  # a proxy has no grace period of its own
+            if ends_early and self.should_exit and sig == signal.SIGINT and interrupts == 2:
                 self._captured_signals.append(sig)
                 threading.Thread(target=backend.close, args=(0,), daemon=True).start()
                 return

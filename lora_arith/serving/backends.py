@@ -129,8 +129,16 @@ class EngineBackend(Backend):
         }
 
     def prepare(self, chat: ChatRequest) -> list[int]:
+        # the chat template needs text in every turn and a user turn last; an empty system or
+        # assistant turn (the playground's after an empty reply) has no text to lose
+        messages = [m for m in chat.messages if m["content"].strip() or m["role"] == "user"]
+        for index, message in enumerate(chat.messages):
+            if message["role"] == "user" and not message["content"].strip():
+                raise RequestError(f"messages[{index}].content must not be empty", param=f"messages[{index}].content")
+        if not messages or messages[-1]["role"] != "user":
+            raise RequestError("this model needs the last message to come from the user", param="messages")
         try:
-            prompt_ids = self.engine.encode(chat.messages)
+            prompt_ids = self.engine.encode(messages)
         except (LoraArithError, ValueError, UnicodeError) as error:
             raise RequestError(first_line(error)[:200], param="messages") from None
         context = self.engine.context_length

@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import functools
 import secrets
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -182,12 +183,6 @@ def _slot_layer_class() -> type:
     return SlotLayer
 
 
-def _longest(row: "_Row") -> int:
-    """The most columns ``row`` can span on the batch's time axis: its prompt and every token it
-    may generate (the axis is right-aligned, so no row makes it longer than its own end)."""
-    return len(row.request.prompt_ids) + row.request.max_tokens
-
-
 class SlotCache:
     """The KV cache of a batch that rows join and leave: per layer, buffers of
     ``(max_rows, heads, capacity, head_dim)``, row ``i`` of the batch in slot ``i``, every row on
@@ -220,7 +215,8 @@ class SlotCache:
         slots = slots if rows <= slots else min(self.max_rows, max(rows, 2 * slots))
         if columns > capacity:
             grown = max(2 * capacity, 64)
-            capacity = max(columns, grown if self.column_limit is None else min(grown, self.column_limit))
+            limit = self.column_limit if self.column_limit is not None and self.column_limit >= columns else None
+            capacity = max(columns, grown if limit is None else min(grown, limit))  # past the limit: doubling again
         used = (slice(0, self.rows), slice(None), slice(0, self.length))
         mask = self.mask.new_zeros((slots, capacity))
         mask[: self.rows, : self.length] = self.mask[: self.rows, : self.length]
@@ -439,7 +435,7 @@ class Engine:
         requests are checked by ``serving.protocol`` first; this catches a library caller's):
         :class:`TypeError` for another object, :class:`OptionError` naming the field otherwise."""
         from lora_arith.lora.specs import check_named_weights
-        from lora_arith.serving.protocol import INT64, MIN_TEMPERATURE
+        from lora_arith.serving.protocol import MIN_TEMPERATURE, seed_fits
 
         if not isinstance(request, RowRequest):
             raise TypeError(f"the engine runs RowRequest objects, not {type(request).__name__}")
@@ -462,7 +458,7 @@ class Engine:
                               low=MIN_TEMPERATURE, value=temperature)  # fmt: skip
         if finite_number(top_p) is None or not 0 < top_p <= 1:
             raise OptionError("top_p", "{} must be above 0 and at most 1, not {value!r}", value=top_p)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not INT64[0] <= seed <= INT64[1]):
+        if not seed_fits(seed):
             raise OptionError("seed", "{} must be a whole number within int64 or None, not {value!r}", value=seed)
         if isinstance(request.stop, (str, bytes)) or not all(isinstance(stop, str) for stop in request.stop):
             raise OptionError("stop", "{} must be a list of strings, not {value!r}", value=request.stop)
@@ -492,6 +488,8 @@ class Engine:
         """Run ``requests`` to the end and return their results (in order); the first error raises."""
         if not self._thread.is_alive() and not self._closing:  # it would wait for ever
             raise LoraArithError("the engine is not running: call its start() first")
+        for request in requests:  # all before any is queued: none runs for nobody
+            self.check(request)
         results: list[Any] = [None] * len(requests)
         done = threading.Semaphore(0)
 
@@ -526,7 +524,8 @@ class Engine:
         then fail those left with :class:`EngineClosed`, and stop the worker."""
         with self._condition:
             self._closing = True
-            self._deadline = time.monotonic() + timeout
+            deadline = time.monotonic() + timeout  # a later close never extends an earlier one's deadline
+            self._deadline = deadline if self._deadline is None else min(self._deadline, deadline)
             self._condition.notify()
         if self._thread.is_alive():
             self._thread.join(timeout + 10)
@@ -552,15 +551,25 @@ class Engine:
                 row.finish()
                 continue
             size = len(row.request.prompt_ids)
-            span = max(self._cache.length + 1, _longest(row), *map(_longest, self._rows), *map(_longest, admitted))
             rows = len(self._rows) + len(admitted) + 1
-            if (self._rows or admitted) and (size > budget or rows * span > self.max_batch_tokens):
+            if (self._rows or admitted) and (size > budget or rows * self._span([*admitted, row]) > self.max_batch_tokens):
                 break
             budget -= size
             admitted.append(self._pending.popleft())
-        if admitted:  # the cache's buffers need not grow past the longest row's end
-            self._cache.column_limit = max(self._cache.length + 1, *map(_longest, self._rows), *map(_longest, admitted))
+        if admitted:  # the cache's buffers need not grow past it
+            self._cache.column_limit = self._span(admitted)
         return admitted
+
+    def _span(self, joining: Sequence[_Row]) -> int:
+        """The most columns the batch's time axis can reach once ``joining`` join the running rows:
+        every row steps along one right-aligned axis, so it reaches the axis as it will be after
+        their prefill, plus the most tokens any row may still generate (trimming only shortens it)."""
+        axis = max(self._cache.length, *(len(row.request.prompt_ids) for row in joining))
+        rest = max(
+            [row.request.max_tokens for row in joining]
+            + [row.request.max_tokens - row.generated for row in self._rows]
+        )
+        return axis + rest
 
     def _loop(self) -> None:
         from lora_arith.model.decode import FastDecoder
@@ -793,6 +802,7 @@ def greedy_completions(
         max_batch_size=max(1, max_batch_size),
         max_queue=len(prompt_ids),
         max_prefill_tokens=max(2048, sum(len(ids) for ids in prompt_ids)),
+        max_batch_tokens=sys.maxsize,  # the caller's batch size bounds the batch, as it did before the engine
         share_prefix=share_prefix,
     )
     requests = [RowRequest(list(ids), dict(row or {}), max_tokens=max_new_tokens) for ids, row in zip(prompt_ids, weights)]

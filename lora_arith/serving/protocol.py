@@ -28,6 +28,7 @@ __all__ = [
     "check_defaults",
     "parse_body",
     "parse_chat_request",
+    "seed_fits",
 ]
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -106,6 +107,11 @@ class ServerSettings:
 
     def __post_init__(self) -> None:
         check_defaults(self.defaults, self.max_eta)
+
+
+def seed_fits(seed: Any) -> bool:
+    """Whether ``seed`` is ``None`` or an integer (not a bool) within int64, vLLM's bound."""
+    return seed is None or (type(seed) is int and INT64[0] <= seed <= INT64[1])
 
 
 def check_defaults(defaults: dict[str, float], max_eta: float) -> None:
@@ -187,22 +193,17 @@ def _messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
                 f"messages[{index}].role must be one of {', '.join(ROLES)}, not {json.dumps(role)[:40]}",
                 param=f"messages[{index}].role",
             )
-        content = _text(message.get("content"), f"messages[{index}].content")
-        if not content.strip():  # the chat template's check (to_messages) would refuse it, less clearly
-            raise RequestError(f"messages[{index}].content must not be empty", param=f"messages[{index}].content")
-        parsed.append({"role": ROLES[role], "content": content})
-    if parsed[-1]["role"] != "user":
-        raise RequestError(f"the last message must come from the user, not the {parsed[-1]['role']}", param="messages")
+        parsed.append({"role": ROLES[role], "content": _text(message.get("content"), f"messages[{index}].content")})
+    if parsed[-1]["role"] == "assistant":
+        raise RequestError("the last message must come from the user or the system", param="messages")
     return parsed
 
 
 UNSUPPORTED = {
     "logprobs": lambda value: value not in (None, False),
     "top_logprobs": lambda value: value not in (None, 0),
-    "tools": lambda value: value not in (None, []),
-    "functions": lambda value: value not in (None, []),
-    "tool_choice": lambda value: value not in (None, "none", "auto"),
-    "response_format": lambda value: value is not None and value != {"type": "text"},
+    "tool_choice": lambda value: value not in (None, "none", "auto"),  # tools the model may not call: text
+    "response_format": lambda value: value is not None and not (isinstance(value, dict) and value.get("type") == "text"),
     "logit_bias": lambda value: value not in (None, {}),
     "presence_penalty": lambda value: value not in (None, 0),
     "frequency_penalty": lambda value: value not in (None, 0),
@@ -215,6 +216,9 @@ def _refuse_unsupported(body: Mapping[str, Any]) -> None:
     """A 400 for a field asking for what this server does not do, rather than a reply without it."""
     for name, asks in UNSUPPORTED.items():
         if name in body and asks(body[name]):
+            raise RequestError(f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
+    for name in ("tools", "functions"):  # tools offered, unless the model is told not to call them
+        if body.get(name) not in (None, []) and body.get("tool_choice", "auto") != "none":
             raise RequestError(f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
 
 
@@ -270,7 +274,7 @@ def parse_chat_request(body: Any, settings: ServerSettings) -> ChatRequest:
         raise RequestError("'stop' must be a string or a list of up to 4 non-empty strings", param="stop")
     stop = [_text(s, "stop") for s in stop]
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not INT64[0] <= seed <= INT64[1]):
+    if not seed_fits(seed):
         raise RequestError("'seed' must be an integer within int64", param="seed")
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
