@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import warnings
@@ -349,7 +350,7 @@ def test_a_library_callers_malformed_request_is_refused_at_submit(engine, mixer)
     with pytest.raises(TypeError, match="RowRequest objects, not str"):
         engine.generate(["hello"])
     assert engine.generate([RowRequest(ids, max_tokens=2)], timeout=30)[0].completion_tokens >= 1
-    assert repr(engine).startswith("Engine(running, rows=0/4")
+    assert re.fullmatch(r"Engine\(running, rows=[01]/4, queued=0, steps=\d+, tokens=\d+\)", repr(engine)), repr(engine)
 
     waiting = Engine(mixer)
     with pytest.raises(LoraArithError, match="call its start"):  # it waited for ever
