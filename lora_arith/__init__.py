@@ -55,6 +55,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "TrainResult": ("training.train", "TrainResult"),
     "train_preference": ("training.train", "train_preference"),
     "train_vector": ("training.vector", "train_vector"),
+    "VectorResult": ("training.vector", "VectorResult"),
     # evaluation/
     "EvalConfig": ("evaluation.config", "EvalConfig"),
     "EvalPrompt": ("evaluation.evaluate", "EvalPrompt"),
@@ -89,8 +90,8 @@ __all__ = [
     "AdapterSpec", "parse_spec", "parse_specs", "Combination", "combine", "extract", "LowRankDelta",
     "Similarity", "similarity", "PairInterference", "interference", "load_base", "PreferenceMixer", "merge",
     "merge_adapters", "PreferencePair", "load_pairs", "TrainConfig", "TrainResult", "train_preference",
-    "train_vector", "EvalConfig", "EvalPrompt", "EvalResult", "evaluate", "load_eval_prompts", "SweepResult",
-    "sweep", "TuneResult", "tune", "Engine", "RowRequest", "RowResult", "Export", "export", "GgufExport",
+    "train_vector", "VectorResult", "EvalConfig", "EvalPrompt", "EvalResult", "evaluate", "load_eval_prompts",
+    "SweepResult", "sweep", "TuneResult", "tune", "Engine", "RowRequest", "RowResult", "Export", "export", "GgufExport",
     "export_gguf", "export_gguf_adapters", "push", "plan_upload", "UploadPlan", "LoraArithError",
     "OptionError",
 ]
@@ -164,3 +165,4 @@ if TYPE_CHECKING:  # what type checkers and IDEs see (each `X as X`: an explicit
     from lora_arith.training.train import TrainResult as TrainResult
     from lora_arith.training.train import train_preference as train_preference
     from lora_arith.training.vector import train_vector as train_vector
+    from lora_arith.training.vector import VectorResult as VectorResult

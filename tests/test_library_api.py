@@ -284,3 +284,17 @@ def test_a_run_on_a_given_mixer_records_the_mixers_base(chat_base, vectors, prom
     with pytest.raises(LoraArithError, match="the mixer has no adapter named 'other'"):
         lora_arith.sweep({**vectors, "other": next(iter(vectors.values()))}, tmp_path / "missing", mixer=mixer, **settings)
     assert not (tmp_path / "missing").exists()
+
+
+def test_train_vector_returns_the_vector_and_both_runs(chat_base, pairs_file, tmp_path):
+    """train_vector returned a bare path: the two runs' logs and metadata were gone with their
+    temporary folder. It returns a VectorResult with both runs' TrainResult."""
+    config = lora_arith.TrainConfig(data=[str(pairs_file)], base=str(chat_base), quantize_4bit=False, max_steps=2,
+                                    batch_size=2, max_length=48, warmup_ratio=0.0, rank=2)  # fmt: skip
+    result = lora_arith.train_vector(config, tmp_path / "phi.safetensors", keep_runs=tmp_path / "runs", progress=False)
+    assert isinstance(result, lora_arith.VectorResult) and result.path == tmp_path / "phi.safetensors"
+    assert lora_arith.open_adapter(result.path).training.keys() == result.runs.keys() == {"positive", "negative"}
+    for name, run in result.runs.items():
+        assert run.path == tmp_path / "runs" / name and run.path.is_dir()  # where the kept run is
+        assert run.metadata["swap"] is (name == "negative") and run.log
+    assert repr(result).startswith("VectorResult(path=") and "negative=(steps=2" in repr(result)

@@ -149,7 +149,7 @@ def vector_command(output: Path, keep_runs, method, vector_rank, dtype, resume, 
         progress=progress_wanted(),
     )  # fmt: skip
     if written is not None:
-        click.echo(f"wrote preference vector {written}")
+        click.echo(f"wrote preference vector {written.path}")
 
 
 def _summary(run: TrainResult) -> str:

@@ -10,6 +10,7 @@ from its last checkpoint. The folder is removed once the vector is written.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -23,8 +24,10 @@ from lora_arith.lora.specs import AdapterSpec
 from lora_arith._internal.errors import OptionError
 from lora_arith.training.train import (
     RUN_SETTINGS,
+    TRAINING_LOG,
     TRAINING_METADATA,
     TrainConfig,
+    TrainResult,
     check_same_settings,
     discard_leftovers,
     checkpoint_folder,
@@ -36,10 +39,27 @@ from lora_arith.training.train import (
     training_inputs,
 )
 
-__all__ = ["RUNS", "train_vector"]
+__all__ = ["RUNS", "VectorResult", "train_vector"]
 
 RUNS = (("positive", False), ("negative", True))
 """The two DPO runs of a vector: their names (in the recipe and under ``--keep-runs``) and swap flags."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VectorResult:
+    """A written preference vector: its path, and the two DPO runs it was made of (``positive``
+    and ``negative``, each a :class:`~lora_arith.training.train.TrainResult` with its metadata and
+    per-step log; their folders are gone unless ``keep_runs`` kept them, where their ``path`` points)."""
+
+    path: Path
+    runs: dict[str, TrainResult]
+
+    def __repr__(self) -> str:
+        runs = ", ".join(
+            f"{name}=(steps={(run.metadata.get('training') or {}).get('steps')}, loss={run.final_metrics.get('loss')})"
+            for name, run in self.runs.items()
+        )
+        return f"VectorResult(path={self.path!r}, {runs})"
 
 
 def train_vector(
@@ -53,7 +73,7 @@ def train_vector(
     force: bool = False,
     resume: bool = False,
     progress: bool = True,
-) -> Path | None:
+) -> VectorResult | None:
     """Train both DPO runs of ``config`` and write φ = Δ+ − Δ− to ``output`` (a ``.safetensors``
     file or a PEFT folder).
 
@@ -63,8 +83,8 @@ def train_vector(
     module's docstring); ``force`` also discards one. ``progress=False`` hides the runs'
     progress bars (see :func:`train_preference`).
 
-    Returns the written output, or None on the processes other than the main one under
-    ``accelerate launch`` (they train, the main one writes).
+    Returns a :class:`VectorResult` (the written output and both runs' logs), or None on the
+    processes other than the main one under ``accelerate launch`` (they train, the main one writes).
     """
     check_options(method, rank, dtype=dtype)  # what the final combine is given, before both runs train
     inputs = training_inputs(config)
@@ -74,27 +94,38 @@ def train_vector(
     kept = checkpoint_folder(output.path)
     persistent = config.save_steps is not None or resume
     with _runs_folder(kept, config, persistent=persistent, resume=resume, force=force) as work:
-        specs = []
+        specs, runs = [], {}
         for (name, swap), weight in zip(RUNS, (1.0, -1.0)):
             run = work / name
             if not _finished(run):
                 interrupted = has_checkpoint(run)
                 # force only ever discards this run's own stale checkpoints: the run itself is unfinished
-                train_preference(
+                runs[name] = train_preference(
                     config, run, swap=swap, resume=interrupted, force=not interrupted, progress=progress
                 )
             specs.append(AdapterSpec(str(run / single_file_name(run)), weight, name=name))
         if not is_main_process():  # every process trains, the main one writes (also when no run was left to train)
             return None
+        for name, _ in RUNS:  # a run finished by an earlier, interrupted call: its record as it wrote it
+            runs[name] = runs.get(name) or _recorded(work / name)
         result = combine(specs, method=method, rank=rank)
         written = result.save(output, dtype=dtype)
         if keep_runs is not None:
             with atomic_output(keep_runs) as folder:
                 for name, _ in RUNS:
                     shutil.copytree(work / name, folder / name)
+            runs = {name: dataclasses.replace(run, path=Path(keep_runs.path) / name) for name, run in runs.items()}
     if persistent:
         shutil.rmtree(kept, ignore_errors=True)
-    return written
+    return VectorResult(Path(written), runs)
+
+
+def _recorded(run: Path) -> TrainResult:
+    """The result of a finished run, read back from its folder."""
+    log = run / TRAINING_LOG
+    return TrainResult(
+        run, json.loads((run / TRAINING_METADATA).read_text()), json.loads(log.read_text()) if log.is_file() else []
+    )
 
 
 def _finished(run: Path) -> bool:
