@@ -297,6 +297,8 @@ def test_load_errors_and_an_unreachable_engine(standin, two_adapters, chat_base,
         assert status == 500 and reply["error"]["message"] == "LoRA rank 20 is greater than max_lora_rank 16."
         assert reply["error"]["type"] == "InternalServerError"
         assert ask(too_big, {"big": 0.5}, headers={})[0] == 500  # tried again, not cached as loaded
+        # a refused load left its folder behind (one per mix asked for: a full disk in the end)
+        assert not list((tmp_path / "a").glob("*big0.50*")), list((tmp_path / "a").iterdir())
         nowhere.wait()
         for status, text in (ask(nowhere, headers={}), stream(nowhere, headers={})):
             error = text["error"] if isinstance(text, dict) else json.loads(text[0])["error"]
@@ -471,6 +473,80 @@ class _FakeLlamaServer(ThreadingHTTPServer):
                             "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]})
 
         super().__init__(("127.0.0.1", 0), Handler)
+
+
+class _HostileLlamaServer(_FakeLlamaServer):
+    """The fake llama-server, answering chat requests as :attr:`mode` says: ``nested`` (JSON
+    nested too deeply), ``junk`` (a stream with events that are not OpenAI chunks) or ``slow``
+    (a reply after 20 s; a stream of a piece every 0.2 s)."""
+
+    mode = "nested"
+
+    def __init__(self) -> None:
+        super().__init__()
+        outer = self
+        base = self.RequestHandlerClass
+
+        class Handler(base):  # type: ignore[misc,valid-type]
+            def do_POST(self) -> None:
+                request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if outer.mode == "nested" and not request.get("stream"):
+                    data = b"[" * 100000 + b"]" * 100000
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
+                if outer.mode == "slow" and not request.get("stream"):
+                    time.sleep(20)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+                chunk = {"object": "chat.completion.chunk", "model": "m", "choices": [{"index": 0, "delta": {"content": "a"}}]}
+                events = ["data: {not json", "data: [1, 2]", 'data: "text"', f"data: {json.dumps(chunk)}"]
+                for event in (events if outer.mode == "junk" else [f"data: {json.dumps(chunk)}"] * 100):
+                    self.wfile.write(event.encode() + b"\n\n")
+                    self.wfile.flush()
+                    if outer.mode == "slow":
+                        time.sleep(0.2)
+                self.wfile.write(b"data: [DONE]\n\n")
+
+        self.RequestHandlerClass = Handler
+
+
+def test_a_hostile_engine_gets_no_500s_and_shutdown_answers_what_waits_on_it():
+    """What a proxied engine sends is never trusted: JSON nested too deeply gave a plain 500 and
+    a traceback (now 502), events that are not OpenAI chunks reached the client (an SDK raises on
+    them). At shutdown, requests waiting on the engine got plain-text 500s and cut streams when
+    uvicorn's own deadline cancelled them (--shutdown-timeout + 5 s): now a JSON 503 and an error
+    event with [DONE] at --shutdown-timeout, exit 0."""
+    fake = _HostileLlamaServer()
+    threading.Thread(target=fake.serve_forever, daemon=True).start()
+    front = Server("--engine", "llama.cpp", "--engine-url", f"http://127.0.0.1:{fake.server_address[1]}",
+                   "--shutdown-timeout", "1")  # fmt: skip
+    try:
+        front.wait()
+        status, reply = ask(front, headers={})
+        assert status == 502 and reply["error"]["type"] == "server_error", reply
+        fake.mode = "junk"
+        status, events = stream(front, headers={})
+        assert status == 200 and len(events) == 2 and events[1] == "[DONE]", events  # only the OpenAI chunk
+        assert json.loads(events[0])["choices"][0]["delta"]["content"] == "a"
+        fake.mode = "slow"
+        with ThreadPoolExecutor(2) as pool:
+            plain, streamed = pool.submit(ask, front, None, {}), pool.submit(stream, front, None, {})
+            wait_for(lambda: front.request("/health")[1]["running"] == 2, what="both requests at the engine")
+            front.process.send_signal(signal.SIGTERM)
+            (status, reply), (_, events) = plain.result(timeout=30), streamed.result(timeout=30)
+        assert status == 503 and reply["error"]["code"] == "shutting_down", reply
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "shutting_down", events[-3:]
+        assert front.process.wait(30) == 0
+    finally:
+        front.stop(signal.SIGKILL)
+        fake.shutdown()
+        fake.server_close()
+    assert not any("Traceback" in line for line in front.lines), "".join(front.lines)
 
 
 def test_the_llama_cpp_front_end_runs_without_torch():

@@ -382,7 +382,7 @@ def create_app(
         try:
             chat, prepared = await asyncio.to_thread(prepare, await http.body())
             completing = asyncio.ensure_future(backend.complete(chat, prepared, settings.model_id))
-            reply = await (completing if chat.stream else _unless_disconnected(completing, http))
+            reply = await _unless_disconnected(completing, http)  # a stream: until its first event
         except RequestError as error:
             return error_response(error)
         if reply is None:  # the client went away: nobody reads this

@@ -50,6 +50,7 @@ from typing import Any, AsyncIterator, Mapping
 
 from lora_arith._internal.atomic import check_apart
 from lora_arith._internal.errors import LoraArithError, OptionError, first_line
+from lora_arith._internal.privacy import scrub
 from lora_arith.lora.specs import CONFIG_NAME, WEIGHTS_NAME, AdapterSpec, file_stem
 from lora_arith.serving.backends import SSE_DONE, Backend, sse_event
 from lora_arith.serving.protocol import ChatRequest, RequestError, RowResult
@@ -82,9 +83,10 @@ def upstream_error(status: int, body: bytes, engine: str) -> RequestError:
         message, kind, param, code = (error.get(key) for key in ("message", "type", "param", "code"))
     elif isinstance(error, str):
         message = error
-    if not isinstance(message, str) or not message:
-        text = body.decode("utf-8", "replace").strip()
-        message = f"{engine} answered {status}" + (f": {text[:300]}" if text else "")
+    if not isinstance(message, str) or not message:  # not an OpenAI error: its first line, paths reduced
+        lines = body.decode("utf-8", "replace").strip().splitlines()
+        text = scrub(lines[0].strip()[:300]) if lines else ""
+        message = f"{engine} answered {status}" + (f": {text}" if text else "")
     if not isinstance(kind, str):
         kind = "server_error" if status >= 500 else "invalid_request_error"
     return RequestError(
@@ -160,6 +162,37 @@ class ProxyBackend(Backend):
     def __init__(self, url: str) -> None:
         self.upstream = _Upstream(url, self.engine)
         self.running, self.waiting = 0, 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped = asyncio.Event()  # set at the shutdown deadline: what still waits on the engine ends
+
+    def close(self, timeout: float) -> None:
+        """At shutdown (called from another thread): requests still waiting on the engine after
+        ``timeout`` seconds end with the JSON 503 or the error event and ``[DONE]`` that our own
+        engine gives, before uvicorn's own deadline cancels them (plain-text 500s, cut streams)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return  # no request came: nothing waits
+        try:
+            loop.call_soon_threadsafe(lambda: loop.call_later(max(timeout, 0.0), self._stopped.set))
+        except RuntimeError:  # the loop has stopped
+            pass
+
+    def _shutting_down(self) -> RequestError:
+        return RequestError("the server is shutting down", status=503, code="shutting_down", kind="server_error")
+
+    async def _or_shutdown(self, awaitable: Any) -> Any:
+        """``awaitable``'s result, unless the shutdown deadline comes first (it is then cancelled)."""
+        work = asyncio.ensure_future(awaitable)
+        stop = asyncio.ensure_future(self._stopped.wait())
+        try:
+            done, _ = await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not work.done():
+                work.cancel()
+        if work in done:
+            return work.result()
+        raise self._shutting_down()
 
     def state(self) -> tuple[int, int]:
         return self.running, self.waiting
@@ -201,9 +234,12 @@ class ProxyBackend(Backend):
 
     async def complete(self, chat: ChatRequest, prepared: Any, model_id: str) -> "dict[str, Any] | AsyncIterator[str]":
         started = time.monotonic()
+        self._loop = asyncio.get_running_loop()
+        if self._stopped.is_set():
+            raise self._shutting_down()
         self.waiting += 1
         try:
-            lease = await self.acquire(chat)
+            lease = await self._or_shutdown(self.acquire(chat))
         except RequestError as error:
             self._failed(error)
             raise
@@ -237,8 +273,8 @@ class ProxyBackend(Backend):
             body = {**self.upstream_body(chat), **lease.fields}
             try:
                 if chat.stream:
-                    return await self._open(body)
-                reply = await self._reply(body, lease, model_id, started)
+                    return await self._or_shutdown(self._open(body))
+                reply = await self._or_shutdown(self._reply(body, lease, model_id, started))
                 self._end(lease)
                 return reply
             except RequestError as error:
@@ -256,7 +292,7 @@ class ProxyBackend(Backend):
             raise upstream_error(status, content, self.upstream.engine)
         try:
             reply = json.loads(content)
-        except ValueError:
+        except (ValueError, RecursionError):  # nested too deeply is not a reply either
             reply = None
         if not isinstance(reply, dict):
             raise RequestError(f"{self.upstream.engine} sent a reply that is not a JSON object", status=502, kind="server_error")
@@ -293,6 +329,8 @@ class ProxyBackend(Backend):
         an error event and ``[DONE]``."""
         finished: dict[str, Any] = {}
         first = True
+        stop = asyncio.ensure_future(self._stopped.wait())  # the deadline closes the engine's stream
+        stop.add_done_callback(lambda _: None if stop.cancelled() else asyncio.ensure_future(response.aclose()))
         try:
             async for line in response.aiter_lines():
                 if not line.startswith("data:"):
@@ -302,40 +340,45 @@ class ProxyBackend(Backend):
                     break
                 try:
                     event = json.loads(data)
-                except ValueError:
-                    yield f"data: {data}\n\n"
+                except (ValueError, RecursionError):
+                    event = None
+                if not isinstance(event, dict):  # not an OpenAI chunk: an SDK would raise on it
                     continue
-                if isinstance(event, dict):
-                    if "model" in event:
-                        event["model"] = model_id
-                    choices = event.get("choices")
-                    if isinstance(event.get("usage"), dict):
-                        finished["usage"] = event["usage"]
-                        if not chat.include_usage:
-                            if not choices:
-                                continue
-                            event.pop("usage")
-                    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-                        choice = choices[0]
-                        if first and (choice.get("delta") or {}).get("content"):
-                            first = False
-                            self._observe("first_token", time.monotonic() - started)
-                        if choice.get("finish_reason"):
-                            finished["finish_reason"] = choice["finish_reason"]
+                if "model" in event:
+                    event["model"] = model_id
+                choices = event.get("choices")
+                if isinstance(event.get("usage"), dict):
+                    finished["usage"] = event["usage"]
+                    if not chat.include_usage:
+                        if not choices:
+                            continue
+                        event.pop("usage")
+                if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+                    choice = choices[0]
+                    if first and (choice.get("delta") or {}).get("content"):
+                        first = False
+                        self._observe("first_token", time.monotonic() - started)
+                    if choice.get("finish_reason"):
+                        finished["finish_reason"] = choice["finish_reason"]
                 yield sse_event(event)
             else:
+                if self._stopped.is_set():  # the deadline closed the engine's stream
+                    raise ConnectionError("closed at the shutdown deadline")
                 cut = RequestError(f"the {self.upstream.engine} stream ended without [DONE]", status=502, kind="server_error")
                 self._failed(cut)
                 yield sse_event(cut.body())
+                yield SSE_DONE
+                return  # counted once, as an error
             if "finish_reason" in finished:
                 self._finished(finished, started, finished["finish_reason"])
             yield SSE_DONE
-        except Exception as error:  # the connection to the engine broke mid-stream
-            cut = self.upstream.unreachable(error)
+        except Exception as error:  # the connection to the engine broke mid-stream, or the deadline closed it
+            cut = self._shutting_down() if self._stopped.is_set() else self.upstream.unreachable(error)
             self._failed(cut)
             yield sse_event(cut.body())
             yield SSE_DONE
         finally:  # ended, failed, or the client went away: close the engine's stream (it stops generating)
+            stop.cancel()
             self._end(lease)
             await response.aclose()
 
@@ -438,9 +481,9 @@ class VllmBackend(ProxyBackend):
         self.unloading: dict[str, asyncio.Future] = {}
         self.loads, self.unloads = 0, 0
 
-    def health(self) -> dict[str, Any]:
+    def health(self) -> dict[str, Any]:  # open without the API key: no local folder in it
         loaded = [mix.name for mix in self.mixes.values() if mix.ready is not None and mix.ready.done() and not _failed(mix.ready)]
-        return {**super().health(), "adapter_dir": str(self.adapter_dir), "loaded": loaded, "loads": self.loads, "unloads": self.unloads}
+        return {**super().health(), "loaded": loaded, "loads": self.loads, "unloads": self.unloads}
 
     def mix_for(self, weights: Mapping[str, float]) -> _Mix:
         """The (not yet loaded) mix that serves ``weights``: rounded, named, its folder."""
@@ -502,15 +545,21 @@ class VllmBackend(ProxyBackend):
             await asyncio.wait([previous])
         try:
             await asyncio.to_thread(self.write, mix)
-        except LoraArithError as error:
-            raise RequestError(f"cannot write the adapter of this mix: {first_line(error)[:300]}", status=500, kind="server_error") from None
-        status, content = await self.upstream.post("/v1/load_lora_adapter", {"lora_name": mix.name, "lora_path": str(mix.path)})
+        except LoraArithError as error:  # its folder is the server's business: named by its basename only
+            message = f"cannot write the adapter of this mix: {scrub(first_line(error))[:300]}"
+            raise RequestError(message, status=500, kind="server_error") from None
+        try:
+            status, content = await self.upstream.post("/v1/load_lora_adapter", {"lora_name": mix.name, "lora_path": str(mix.path)})
+        except BaseException:
+            await asyncio.to_thread(shutil.rmtree, mix.path, True)  # not loaded: nothing will unload it
+            raise
         if status == 200:
             self.loads += 1
             return
         error = upstream_error(status, content, self.engine)
         if status == 400 and "has already been loaded" in error.message:
             return  # loaded before (by an earlier run of this front end): the name says it is this adapter
+        await asyncio.to_thread(shutil.rmtree, mix.path, True)  # a refused load leaves no folder behind
         raise error
 
     def _evict(self) -> None:
