@@ -323,6 +323,11 @@ def test_engine_options_are_checked_before_anything_starts(two_adapters, tmp_pat
         (["--engine", "vllm", "--int8", "--engine-url", "http://127.0.0.1:9", "--adapter-dir", str(tmp_path)], "--int8"),
         (["--engine-url", "http://127.0.0.1:9"], "--engine-url"),
         (["--engine", "vllm", "--engine-url", "ftp://x", "--adapter", f"h={helpful}", "--adapter-dir", str(tmp_path)], "--engine-url"),
+        # a request for 4 was served at 5.0; a step of 1e-12 named 0.0001 and 0.0002 alike
+        (["--engine", "vllm", "--engine-url", "http://127.0.0.1:9", "--adapter", f"h={helpful}", "--adapter-dir",
+          str(tmp_path), "--eta-step", "2.5"], "--max-eta must be a whole multiple of --eta-step"),
+        (["--engine", "vllm", "--engine-url", "http://127.0.0.1:9", "--adapter", f"h={helpful}", "--adapter-dir",
+          str(tmp_path), "--eta-step", "1e-12"], "--eta-step must be a number of at least 1e-06"),
     ]  # fmt: skip
     for args, named in cases:
         result = runner.invoke(main, ["serve", *args])

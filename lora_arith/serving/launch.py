@@ -135,7 +135,7 @@ def serve_proxy(
     from lora_arith.serving.app import run_backend
     from lora_arith.serving.protocol import ServerSettings
     from lora_arith.serving import ENGINES
-    from lora_arith.serving.proxy import LlamaCppBackend, VllmBackend
+    from lora_arith.serving.proxy import LlamaCppBackend, VllmBackend, check_step
 
     if engine not in ENGINES[1:]:
         raise OptionError("engine", "{} must be one of {choices}, not {engine!r}", choices=", ".join(ENGINES), engine=engine)
@@ -148,6 +148,7 @@ def serve_proxy(
         if adapter_dir is None:
             raise OptionError(("adapter_dir", "engine"), "{} is needed with {} vllm: a folder vLLM reads the mixes from")
         defaults = default_weights(named, weights, max_eta)
+        check_step(eta_step, max_eta)
         backend = VllmBackend(
             engine_url, {name: spec.path for name, spec in named.items()}, adapter_dir, eta_step=eta_step, max_loras=max_loras
         )

@@ -61,6 +61,7 @@ __all__ = [
     "VllmBackend",
     "LlamaCppBackend",
     "round_mix",
+    "check_step",
     "mix_name",
     "upstream_error",
 ]
@@ -393,10 +394,23 @@ async def _chain(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
 # -- vLLM ------------------------------------------------------------------------------------
 
 
+MIN_ETA_STEP = 1e-6
+"""The finest ``eta_step``: a mix's name writes its weights with up to 10 decimals."""
+
+
+def check_step(step: float, max_eta: float) -> None:
+    """``max_eta`` must be a whole multiple of ``step``: a weight within the limit, rounded to
+    the step, could otherwise be served above it (4 with a step of 2.5 was served at 5)."""
+    round_mix({}, step)
+    multiple = max_eta / step
+    if abs(multiple - round(multiple)) > 1e-9 * max(1.0, multiple):
+        raise OptionError(("max_eta", "eta_step"), "{} must be a whole multiple of {} (a rounded weight could pass it)")
+
+
 def round_mix(weights: Mapping[str, float], step: float) -> dict[str, float]:
     """Each weight rounded to the nearest multiple of ``step`` (so within ``step / 2`` of it)."""
-    if not step > 0 or not math.isfinite(step):
-        raise OptionError("eta_step", "{} must be a positive number")
+    if not step >= MIN_ETA_STEP or not math.isfinite(step):  # finer steps are not told apart by the names
+        raise OptionError("eta_step", "{} must be a number of at least {least:g}", least=MIN_ETA_STEP)
     places = _decimals(step)
     return {name: round(round(value / step) * step, places) + 0.0 for name, value in weights.items()}
 
