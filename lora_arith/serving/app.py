@@ -535,11 +535,10 @@ def run_backend(
 
         def handle_exit(self, sig, frame) -> None:
             # uvicorn's second Ctrl-C cancels every handler at once: plain-text 500s, streams cut
-            # without [DONE], a traceback each. Here it ends the grace period instead (what still
-            # runs gets its JSON error or error event now); a third one forces the exit.
+            # without [DONE], a traceback each. Here it ends the backend's grace period instead
+            # (what still runs gets its JSON error or error event now); a third one forces the exit.
             interrupts = self._captured_signals.count(signal.SIGINT) + (sig == signal.SIGINT)
-            ends_early = type(backend).close is not Backend.close  # a proxy has no grace period of its own
-            if ends_early and self.should_exit and sig == signal.SIGINT and interrupts == 2:
+            if self.should_exit and sig == signal.SIGINT and interrupts == 2:
                 self._captured_signals.append(sig)
                 threading.Thread(target=backend.close, args=(0,), daemon=True).start()
                 return

@@ -22,7 +22,7 @@ from lora_arith.serving.protocol import ChatRequest, EngineClosed, EngineFull, R
 if TYPE_CHECKING:
     from lora_arith.serving.engine import Engine
 
-__all__ = ["Backend", "EngineBackend", "completion_head", "sse_event", "usage_of"]
+__all__ = ["Backend", "EngineBackend", "completion_head", "shutting_down", "sse_event", "usage_of"]
 
 
 def completion_head(model_id: str) -> dict[str, Any]:
@@ -92,10 +92,15 @@ def _finish_reason(result: RowResult) -> str:
     return "length" if result.finish_reason == "length" else "stop"
 
 
+def shutting_down(message: str = "the server is shutting down") -> RequestError:
+    """The 503 of a request the server stopped before it ended (at the shutdown deadline)."""
+    return RequestError(message, status=503, code="shutting_down", kind="server_error")
+
+
 def _failure(error: BaseException) -> RequestError:
     """The error a client gets when its row failed in the engine."""
     if isinstance(error, EngineClosed):
-        return RequestError(str(error), status=503, code="shutting_down", kind="server_error")
+        return shutting_down(str(error))
     if isinstance(error, LoraArithError):  # the row's own mix or sampling (logits that overflow): the request's
         return RequestError(f"generation failed: {first_line(error)[:200]}", code="generation_failed")
     return RequestError(f"generation failed: {first_line(error)[:200]}", status=500, kind="server_error")

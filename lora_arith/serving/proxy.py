@@ -52,7 +52,7 @@ from lora_arith._internal.atomic import check_apart
 from lora_arith._internal.errors import LoraArithError, OptionError, first_line
 from lora_arith._internal.privacy import scrub
 from lora_arith.lora.specs import CONFIG_NAME, WEIGHTS_NAME, AdapterSpec, file_stem
-from lora_arith.serving.backends import SSE_DONE, Backend, sse_event
+from lora_arith.serving.backends import SSE_DONE, Backend, shutting_down, sse_event
 from lora_arith.serving.protocol import ChatRequest, RequestError, RowResult
 
 __all__ = [
@@ -178,9 +178,6 @@ class ProxyBackend(Backend):
         except RuntimeError:  # the loop has stopped
             pass
 
-    def _shutting_down(self) -> RequestError:
-        return RequestError("the server is shutting down", status=503, code="shutting_down", kind="server_error")
-
     async def _or_shutdown(self, awaitable: Any) -> Any:
         """``awaitable``'s result, unless the shutdown deadline comes first (it is then cancelled)."""
         work = asyncio.ensure_future(awaitable)
@@ -193,7 +190,7 @@ class ProxyBackend(Backend):
                 work.cancel()
         if work in done:
             return work.result()
-        raise self._shutting_down()
+        raise shutting_down()
 
     def state(self) -> tuple[int, int]:
         return self.running, self.waiting
@@ -237,7 +234,7 @@ class ProxyBackend(Backend):
         started = time.monotonic()
         self._loop = asyncio.get_running_loop()
         if self._stopped.is_set():
-            raise self._shutting_down()
+            raise shutting_down()
         self.waiting += 1
         try:
             lease = await self._or_shutdown(self.acquire(chat))
@@ -374,7 +371,7 @@ class ProxyBackend(Backend):
                 self._finished(finished, started, finished["finish_reason"])
             yield SSE_DONE
         except Exception as error:  # the connection to the engine broke mid-stream, or the deadline closed it
-            cut = self._shutting_down() if self._stopped.is_set() else self.upstream.unreachable(error)
+            cut = shutting_down() if self._stopped.is_set() else self.upstream.unreachable(error)
             self._failed(cut)
             yield sse_event(cut.body())
             yield SSE_DONE
